@@ -1,0 +1,6 @@
+"""specforge-vocab: choose an EAGLE-3 draft vocabulary from exactly the tokens SpecForge trains on."""
+from .counting import count_tokens
+from .errors import InputError, SpecForgeVocabError
+
+__version__ = "0.1.0"
+__all__ = ["count_tokens", "InputError", "SpecForgeVocabError", "__version__"]

@@ -1,0 +1,216 @@
+"""Streamed dataset reading: .jsonl, .json (a list of records) and their .gz.
+
+Records are yielded one at a time with their file and line, so a bad line can
+be named and memory stays flat however large the data is.
+
+>>> import json, tempfile, os
+>>> d = tempfile.mkdtemp(); p = os.path.join(d, "a.jsonl")
+>>> _ = open(p, "w").write(json.dumps({"text": "hi"}) + "\\n")
+>>> [(r.line, r.data) for r in iter_records([p])]
+[(1, {'text': 'hi'})]
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence
+
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
+
+SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Record:
+    """One dataset record: its file, 1-based line, position among all records, and JSON value."""
+
+    source: str
+    line: int
+    index: int
+    data: Any
+
+
+@dataclass
+class ReadStats:
+    """What reading saw: invalid lines skipped under ``skip_invalid`` (with the first few named)."""
+
+    invalid_skipped: int = 0
+    examples: List[str] = field(default_factory=list)
+
+    def skip(self, message: str) -> None:
+        self.invalid_skipped += 1
+        if len(self.examples) < 5:
+            self.examples.append(message)
+        logger.warning("skipped: %s", message)
+
+
+def dataset_files(paths: Sequence[str], *, flag: str = "--dataset-path") -> List[str]:
+    """Expand files and directories (searched recursively, sorted) into data files, in order."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: List[str] = []
+    for path in paths:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            found = sorted(
+                os.path.join(root, name)
+                for root, _, names in os.walk(path)
+                for name in names
+                if name.endswith(SUFFIXES) and not name.startswith(".")
+            )
+            if not found:
+                raise InputError(
+                    f"{flag} {path} is a directory with no dataset files; expected files ending in "
+                    f"{', '.join(SUFFIXES)}. Point {flag} at your .jsonl/.json files."
+                )
+            files.extend(found)
+        elif os.path.isfile(path):
+            if not path.endswith(SUFFIXES):
+                raise InputError(
+                    f"{flag} {path} must be a .jsonl, .json, .jsonl.gz or .json.gz file, but its name ends "
+                    f"in {os.path.splitext(path)[1] or 'nothing'}. Rename it or convert it to JSON Lines."
+                )
+            files.append(path)
+        else:
+            raise InputError(f"{flag} {path} does not exist. Check the path (relative paths start at {os.getcwd()}).")
+    if not files:
+        raise InputError(f"{flag} must name at least one dataset file or directory, but got none.")
+    return files
+
+
+def _open_text(path: str) -> io.TextIOBase:
+    try:
+        if path.endswith(".gz"):
+            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+        return open(path, encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"Cannot read dataset {path}: {exc.strerror}. Check the file's permissions.") from exc
+
+
+def _iter_jsonl(handle, path: str, stats: ReadStats, skip_invalid: bool) -> Iterator[tuple]:
+    for number, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            message = (
+                f"{path}, line {number}: malformed JSON ({exc.msg} at column {exc.colno}). "
+                "Each line of a .jsonl file must be one complete JSON object; fix or remove this line, "
+                "or pass --skip-invalid to skip bad lines."
+            )
+            if skip_invalid:
+                stats.skip(message)
+                continue
+            raise InputError(message) from None
+
+
+def _iter_json_array(handle, path: str) -> Iterator[tuple]:
+    """Yield (line, value) for each element of a top-level JSON list, reading in chunks."""
+    decoder = json.JSONDecoder()
+    buf = ""
+    pos = 0
+    line = 1
+    eof = False
+
+    def fill() -> bool:
+        nonlocal buf, pos, eof
+        if eof:
+            return False
+        chunk = handle.read(_CHUNK)
+        if not chunk:
+            eof = True
+            return False
+        buf = buf[pos:] + chunk
+        pos = 0
+        return True
+
+    def skip_ws() -> None:
+        nonlocal pos, line
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                if buf[pos] == "\n":
+                    line += 1
+                pos += 1
+            if pos < len(buf) or not fill():
+                return
+
+    def fail(expected: str) -> None:
+        found = repr(buf[pos]) if pos < len(buf) else "the end of the file"
+        raise InputError(
+            f"{path}, line {line}: malformed JSON: expected {expected} but found {found}. A .json dataset "
+            "must be one list of records ([{...}, {...}]); fix the file or convert it to JSON Lines."
+        )
+
+    skip_ws()
+    if pos >= len(buf) or buf[pos] != "[":
+        fail("'[' opening a list of records")
+    pos += 1
+    first = True
+    while True:
+        skip_ws()
+        if pos < len(buf) and buf[pos] == "]":
+            return
+        if not first:
+            if pos >= len(buf) or buf[pos] != ",":
+                fail("',' or ']'")
+            pos += 1
+            skip_ws()
+        first = False
+        while True:
+            try:
+                value, end = decoder.raw_decode(buf, pos)
+                # A number or literal cut by the chunk edge decodes "successfully": make sure it is whole.
+                if end >= len(buf) and not eof:
+                    raise ValueError
+                break
+            except (json.JSONDecodeError, ValueError):
+                if not fill():
+                    fail("a complete JSON record")
+        yield line, value
+        line += buf.count("\n", pos, end)
+        pos = end
+
+
+def iter_records(
+    paths: Sequence[str],
+    *,
+    sample_size: Optional[int] = None,
+    skip_invalid: bool = False,
+    stats: Optional[ReadStats] = None,
+    flag: str = "--dataset-path",
+) -> Iterator[Record]:
+    """Yield every record of ``paths`` in order (the first ``sample_size`` overall if given)."""
+    stats = stats if stats is not None else ReadStats()
+    index = 0
+    for path in dataset_files(paths, flag=flag):
+        with _open_text(path) as handle:
+            try:
+                is_array = path.endswith((".json", ".json.gz")) and _peek_is_array(handle)
+                values = _iter_json_array(handle, path) if is_array else _iter_jsonl(handle, path, stats, skip_invalid)
+                for line, value in values:
+                    if sample_size is not None and index >= sample_size:
+                        return
+                    yield Record(path, line, index, value)
+                    index += 1
+            except UnicodeDecodeError as exc:
+                raise InputError(
+                    f"{path}: not valid UTF-8 text ({exc.reason} at byte {exc.start} of a chunk). "
+                    "Datasets must be UTF-8 JSON; re-encode the file."
+                ) from None
+            except (OSError, EOFError, gzip.BadGzipFile) as exc:
+                raise InputError(f"{path}: cannot be read to the end ({exc}). The file may be truncated or corrupt.") from None
+
+
+def _peek_is_array(handle) -> bool:
+    """True if the first non-space character is '['; the handle is rewound."""
+    start = handle.read(4096).lstrip()
+    handle.seek(0)
+    return start.startswith("[")

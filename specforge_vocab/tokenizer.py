@@ -1,0 +1,40 @@
+"""Load a Hugging Face fast tokenizer from a local directory, never running remote code by default."""
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, flag: str = "--tokenizer-path"):
+    """AutoTokenizer.from_pretrained(path) with a clear error when it cannot be loaded."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise InputError(
+            f"{flag} {path} must be a local directory holding tokenizer.json (and tokenizer_config.json), "
+            "but it does not exist or is not a directory. Download the target model's tokenizer and point "
+            f"{flag} at that folder."
+        )
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        raise InputError(
+            f"{flag} {path} has no tokenizer.json; a fast tokenizer is required. Save one with "
+            "AutoTokenizer.from_pretrained(...).save_pretrained(dir) and point to that dir."
+        )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as exc:  # transformers raises many types here
+        hint = " It asks to run its own code: pass --trust-remote-code if you trust it." if "trust_remote_code" in str(exc) else ""
+        raise InputError(f"{flag} {path}: the tokenizer cannot be loaded ({type(exc).__name__}: {exc}).{hint}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise InputError(f"{flag} {path}: a fast tokenizer is required, but {type(tokenizer).__name__} was loaded.")
+    return tokenizer
