@@ -72,6 +72,38 @@ class CountSettings:
         if problems:
             raise SettingsError(problems)
 
+    @staticmethod
+    def add_arguments(parser, *, datasets_required: bool = True) -> None:
+        """The data and tokenizer flags (one per field), in argparse groups."""
+        from .cli import positive_int
+
+        data = parser.add_argument_group("data (what SpecForge trains on)")
+        data.add_argument("--dataset-path", nargs="+", required=datasets_required, default=None, metavar="PATH",
+                          help="dataset files (.jsonl, .json, optionally .gz) or directories, read in order")
+        data.add_argument("--is-preformatted", action="store_true",
+                          help="records hold rendered 'text' instead of 'conversations'")
+        data.add_argument("--train-only-last-turn", action="store_true", help="count only the last assistant turn")
+        data.add_argument("--sample-size", type=positive_int, default=None, help="count only the first N records")
+        data.add_argument("--skip-invalid", action="store_true",
+                          help="skip malformed records (reported) instead of stopping at the first")
+        tok = parser.add_argument_group("tokenizer and template")
+        tok.add_argument("--tokenizer-path", default=None, help="the target model's tokenizer directory")
+        tok.add_argument("--chat-template", default="llama3", help="SpecForge chat template name (default llama3)")
+        tok.add_argument("--max-length", type=positive_int, default=2048, help="truncation length (SpecForge: 2048)")
+        tok.add_argument("--target-vocab-size", type=positive_int, default=None,
+                         help="V, the target vocabulary size (default: the tokenizer's length)")
+        tok.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizer to run its own code")
+
+    @classmethod
+    def from_args(cls, args) -> "CountSettings":
+        return cls(
+            dataset_paths=list(args.dataset_path or []), tokenizer_path=args.tokenizer_path or "",
+            chat_template=args.chat_template, max_length=args.max_length, is_preformatted=args.is_preformatted,
+            train_only_last_turn=args.train_only_last_turn, sample_size=args.sample_size,
+            target_vocab_size=args.target_vocab_size, skip_invalid=args.skip_invalid,
+            trust_remote_code=args.trust_remote_code,
+        )
+
 
 @dataclass
 class CountResult:
@@ -87,6 +119,7 @@ class CountResult:
     invalid_examples: List[str] = field(default_factory=list)
     tokens_counted: int = 0
     files: List[Dict[str, object]] = field(default_factory=list)
+    tallies: List["Tally"] = field(default_factory=list)
 
     @property
     def vocab_size(self) -> int:
@@ -142,22 +175,38 @@ def file_infos(paths: Sequence[str]) -> List[Dict[str, object]]:
     return [{"path": os.path.abspath(p), "size": os.path.getsize(p), "sha256": sha256_file(p)} for p in paths]
 
 
-class Counter:
-    """Streams records through render -> batch tokenize -> mask -> histogram.
+class Tally:
+    """Something else computed from each counted record's masked ids, in the same pass.
 
-    ``on_record(record, masked_ids)`` (optional) sees every counted record's masked ids,
-    which lets callers split counts (held-out sets, bootstraps) without a second pass.
+    Subclasses (held-out splits, bootstrap replicates, per-shard stats) implement ``add``
+    and ``merge``; a tally must be picklable and ``merge`` must be a sum, so workers can
+    each fill an empty copy (``fresh()``) and the parent merges them in record order.
     """
 
-    def __init__(self, tokenizer, settings: CountSettings, *, vocab_size: int,
-                 on_record: Optional[Callable[[Record, np.ndarray], None]] = None):
+    def add(self, record: Record, ids: np.ndarray) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def merge(self, other: "Tally") -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def fresh(self) -> "Tally":
+        """An empty tally with the same settings (default: a deep copy; override if large)."""
+        import copy
+
+        return copy.deepcopy(self)
+
+
+class Counter:
+    """Streams records through render -> batch tokenize -> mask -> histogram (and tallies)."""
+
+    def __init__(self, tokenizer, settings: CountSettings, *, vocab_size: int, tallies: Sequence[Tally] = ()):
         self.tokenizer = tokenizer
         self.settings = settings
         self.template = get_template(settings.chat_template)
         self.engine = MaskEngine(tokenizer, max_length=settings.max_length, template=self.template,
                                  train_only_last_turn=settings.train_only_last_turn)
         self.counts = np.zeros(vocab_size, dtype=np.int64)
-        self.on_record = on_record
+        self.tallies = list(tallies)
         self.records_read = 0
         self.records_counted = 0
         self.records_skipped_empty = 0
@@ -200,8 +249,8 @@ class Counter:
                     f"V={V:,}. --target-vocab-size (or the draft config's vocab_size) must cover the tokenizer's "
                     f"{len(self.tokenizer):,} ids; raise it or use the target model's own tokenizer."
                 )
-            if self.on_record is not None:
-                self.on_record(record, ids)
+            for tally in self.tallies:
+                tally.add(record, ids)
             pieces.append(ids)
         self.records_counted += len(texts)
         if pieces:
@@ -214,15 +263,17 @@ def resolve_vocab_size(tokenizer, target_vocab_size: Optional[int]) -> int:
     return int(target_vocab_size) if target_vocab_size else len(tokenizer)
 
 
-def count_dataset(settings: CountSettings, *, progress: bool = False,
-                  on_record: Optional[Callable[[Record, np.ndarray], None]] = None,
+def count_dataset(settings: CountSettings, *, progress: bool = False, tallies: Sequence[Tally] = (),
                   records: Optional[Iterable[Record]] = None) -> CountResult:
-    """Count ``settings.dataset_paths`` (or the given ``records``) and report what was read."""
+    """Count ``settings.dataset_paths`` (or the given ``records``) and report what was read.
+
+    ``tallies`` are filled in the same pass (see :class:`Tally`) and returned in ``result.tallies``.
+    """
     settings.validate()
     files = dataset_files(settings.dataset_paths)
     tokenizer = load_tokenizer(settings.tokenizer_path, trust_remote_code=settings.trust_remote_code)
     vocab_size = resolve_vocab_size(tokenizer, settings.target_vocab_size)
-    counter = Counter(tokenizer, settings, vocab_size=vocab_size, on_record=on_record)
+    counter = Counter(tokenizer, settings, vocab_size=vocab_size, tallies=tallies)
     stats = ReadStats()
     if records is None:
         records = iter_records(files, sample_size=settings.sample_size, skip_invalid=settings.skip_invalid, stats=stats)
@@ -246,6 +297,7 @@ def count_dataset(settings: CountSettings, *, progress: bool = False,
         records_read=counter.records_read, records_counted=counter.records_counted,
         records_skipped_empty=counter.records_skipped_empty, records_invalid_skipped=stats.invalid_skipped,
         invalid_examples=list(stats.examples), tokens_counted=counter.tokens_counted, files=file_infos(files),
+        tallies=list(tallies),
     )
 
 

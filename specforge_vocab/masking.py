@@ -282,27 +282,49 @@ class MaskEngine:
         start = encoding.token_to_chars(j)[0]
         return j + self.token_length(text[start:c])
 
-    def loss_mask(self, text: str, encoding) -> Tuple[np.ndarray, np.ndarray]:
-        """(ids, mask) exactly as SpecForge computes them: ids truncated to max_length, mask int8."""
-        full = np.asarray(encoding.ids, dtype=np.int64)
-        n = min(len(full), self.max_length)
-        ids = full[len(full) - n:] if self.left_truncation else full[:n]
-        mask = np.zeros(n, dtype=np.int8)
+    def token_ranges(self, text: str, encoding, n_full: int, ids_full: np.ndarray) -> List[Tuple[int, int, int]]:
+        """(start, end, value) token ranges in SpecForge's order: assistant spans (1), then ignores (0)."""
         spans = assistant_char_spans(text, self.template, train_only_last_turn=self.train_only_last_turn)
-        ignores = ignore_char_spans(text, self.template) if self.template.ignore_tokens else []
+        n = min(n_full, self.max_length)
         if not spans or n == 0:
-            return ids, mask
-        in_range = full < len(self.is_added)
-        anchor_pos = np.flatnonzero(self.is_added[np.where(in_range, full, 0)] & in_range)
+            return []
+        ignores = ignore_char_spans(text, self.template) if self.template.ignore_tokens else []
+        anchor_pos = np.flatnonzero(self.is_added[ids_full])
         anchor_ends = [encoding.token_to_chars(int(j))[1] for j in anchor_pos]
+        ranges = []
         for value, char_spans in ((1, spans), (0, ignores)):
             for s, e in char_spans:
                 start = min(self._prefix_length(text, encoding, anchor_pos, anchor_ends, s), n)
                 end = min(self._prefix_length(text, encoding, anchor_pos, anchor_ends, e), n)
                 if start < end:
-                    mask[start:end] = value
+                    ranges.append((start, end, value))
+        return ranges
+
+    def _truncate(self, full: np.ndarray) -> np.ndarray:
+        n = min(len(full), self.max_length)
+        return full[len(full) - n:] if self.left_truncation else full[:n]
+
+    def loss_mask(self, text: str, encoding) -> Tuple[np.ndarray, np.ndarray]:
+        """(ids, mask) exactly as SpecForge computes them: ids truncated to max_length, mask int8."""
+        full = np.asarray(encoding.ids, dtype=np.int64)
+        ids = self._truncate(full)
+        mask = np.zeros(len(ids), dtype=np.int8)
+        for start, end, value in self.token_ranges(text, encoding, len(full), full):
+            mask[start:end] = value
         return ids, mask
 
     def masked_ids(self, text: str, encoding) -> np.ndarray:
-        ids, mask = self.loss_mask(text, encoding)
-        return ids[mask.astype(bool)]
+        """The ids of the loss-masked tokens of one text (slices of the ids; no per-token work)."""
+        full = np.asarray(encoding.ids, dtype=np.int64)
+        ranges = self.token_ranges(text, encoding, len(full), full)
+        if not ranges:
+            return full[:0]
+        ids = self._truncate(full)
+        if any(value == 0 for _, _, value in ranges):
+            mask = np.zeros(len(ids), dtype=bool)
+            for start, end, value in ranges:
+                mask[start:end] = bool(value)
+            return ids[mask]
+        if len(ranges) == 1:
+            return ids[ranges[0][0]:ranges[0][1]]
+        return np.concatenate([ids[start:end] for start, end, _ in ranges])
