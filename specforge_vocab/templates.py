@@ -63,13 +63,23 @@ def _registry() -> Dict[str, ChatTemplate]:
     return table
 
 
+#: Names the paper's tool accepts that SpecForge spells differently.
+TEMPLATE_ALIASES = {"deepseek": "deepseek-v3"}
+
+
 def template_names() -> Tuple[str, ...]:
     return tuple(_registry())
+
+
+def canonical_template_name(name: str) -> str:
+    """SpecForge's name for ``name`` (the paper's "deepseek" is SpecForge's "deepseek-v3")."""
+    return TEMPLATE_ALIASES.get(name, name)
 
 
 def get_template(name: str, *, flag: str = "--chat-template") -> ChatTemplate:
     """The template called ``name``; an unknown name is an error listing the valid ones."""
     table = _registry()
+    name = canonical_template_name(name)
     if name not in table:
         raise InputError(
             f"{flag} must be one of SpecForge's general templates ({', '.join(table)}), "
