@@ -53,30 +53,6 @@ def run_count_command(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- optimize
 
 
-def add_search_arguments(parser: argparse.ArgumentParser) -> None:
-    """The search flags (fields of SearchSettings); defaults are the paper tool's."""
-    group = parser.add_argument_group("search (the paper's flags and defaults)")
-    group.add_argument("--coverage-weight", type=float, default=0.5, help="a in a*coverage + (1-a)*latency_reduction")
-    group.add_argument("--min-coverage", type=float, default=0.0, help="minimum acceptable coverage (0 = none)")
-    group.add_argument("--min-vocab-size", type=int, default=50, help="lower bound of the search range")
-    group.add_argument("--max-vocab-size", type=int, default=50000, help="upper bound of the search range")
-    group.add_argument("--n-calls", type=int, default=30, help="number of TPE trials")
-    group.add_argument("--random-state", type=int, default=42, help="TPE seed")
-    group.add_argument("--search", choices=("tpe", "exact"), default="tpe",
-                       help="which pick to use: the paper's TPE (default) or the exact optimum; both are reported")
-    group.add_argument("--draft-vocab-size", type=positive_int, default=None, help="skip the search and use this k")
-
-
-def search_settings_from_args(args: argparse.Namespace):
-    from .search import SearchSettings
-
-    return SearchSettings(
-        coverage_weight=args.coverage_weight, min_coverage=args.min_coverage, min_vocab_size=args.min_vocab_size,
-        max_vocab_size=args.max_vocab_size, n_calls=args.n_calls, random_state=args.random_state,
-        search=args.search, draft_vocab_size=args.draft_vocab_size,
-    )
-
-
 def add_output_arguments(parser: argparse.ArgumentParser, *, output_dir_default: str) -> None:
     group = parser.add_argument_group("inputs and outputs")
     group.add_argument("--config-path", default=None, help="draft config JSON whose draft_vocab_size is rewritten")
@@ -100,22 +76,24 @@ def output_settings_from_args(args: argparse.Namespace):
 
 def add_optimize_parser(sub) -> None:
     from .counting import CountSettings
+    from .search import SearchSettings
 
     parser = sub.add_parser("optimize", help="choose draft_vocab_size and write the d2t/t2d mapping",
                             description="Count the loss-masked tokens, choose draft_vocab_size (TPE and exact), write "
                                         "summary.json, full_results.json, the plot, the counts and the mapping, and "
                                         "patch the draft config.")
     CountSettings.add_arguments(parser, datasets_required=False)
-    add_search_arguments(parser)
+    SearchSettings.add_arguments(parser)
     add_output_arguments(parser, output_dir_default="./cache/vocab_optimization")
     parser.set_defaults(run=run_optimize_command)
 
 
 def run_optimize_command(args: argparse.Namespace) -> int:
     from .counting import CountSettings
+    from .search import SearchSettings
     from .pipeline import optimize
 
-    result = optimize(CountSettings.from_args(args), search_settings_from_args(args), output_settings_from_args(args),
+    result = optimize(CountSettings.from_args(args), SearchSettings.from_args(args), output_settings_from_args(args),
                       progress=not args.quiet)
     _say(args, *result.summary_lines())
     return 0

@@ -117,16 +117,22 @@ def resolve_counts(count: CountSettings, output: OutputSettings, *, vocab_size: 
 
 
 def optimize(count: CountSettings, search_settings: SearchSettings, output: OutputSettings, *,
-             progress: bool = False) -> OptimizeResult:
-    """Count (or load counts), choose k, write summary/results/plot/counts/mapping, patch the config."""
+             progress: bool = False, precounted: Optional[Tuple[np.ndarray, Dict[str, str]]] = None) -> OptimizeResult:
+    """Count (or load counts), choose k, write summary/results/plot/counts/mapping, patch the config.
+
+    ``precounted`` = (counts, metadata) skips counting (used by the training hook's other readers).
+    """
     problems = output.problems() + search_settings.problems()
-    if output.counts_path is None:
+    if output.counts_path is None and precounted is None:
         problems = count.problems() + problems
     if problems:
         raise SettingsError(problems)
     config = read_draft_config(output.config_path) if output.config_path else None
     config_v = config.get("vocab_size") if config else None
-    counts, count_result, counts_meta = resolve_counts(count, output, vocab_size=config_v, progress=progress)
+    if precounted is not None:
+        (counts, counts_meta), count_result = precounted, None
+    else:
+        counts, count_result, counts_meta = resolve_counts(count, output, vocab_size=config_v, progress=progress)
     V = int(counts.shape[0])
     if config is not None:
         tokenizer_length = count_result.tokenizer_length if count_result else _int_or_none(counts_meta.get("tokenizer_length"))

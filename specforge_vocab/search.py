@@ -1,0 +1,475 @@
+"""Choose draft_vocab_size: the paper's Optuna TPE search and an exact vectorised one.
+
+Everything works on arrays indexed by candidate k:
+
+- ``coverage_curve(counts)[k]``: share of counted tokens held by the k most
+  frequent ids (a prefix sum of the sorted counts);
+- ``latency`` (any latency model: one value per candidate k, e.g.
+  :func:`specforge_vocab.cost.latency_reduction` over the candidates);
+- ``utility = a * coverage + (1 - a) * latency_reduction`` (or another
+  objective, see :class:`Objective`).
+
+:func:`exact_search` scores every candidate in one pass; :func:`tpe_search`
+replays the paper's tool (TPESampler(seed), one integer parameter, an
+infeasible trial scores -1.0, then its fallback), looking values up in the
+same arrays, so both see bit-identical utilities.
+
+Example::
+
+    >>> curve = coverage_curve(np.array([6, 3, 1, 0]))
+    >>> curve.tolist()
+    [0.0, 0.6, 0.9, 1.0, 1.0]
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import numbers
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .cost import DraftArchitecture, latency_reduction
+from .errors import InputError, SettingsError, must
+
+logger = logging.getLogger(__name__)
+
+SEARCH_METHODS = ("tpe", "exact")
+INFEASIBLE_SCORE = -1.0
+
+#: latency model: candidate ks (int64 array) -> latency reduction per k (float64 array)
+LatencyModel = Callable[[np.ndarray], np.ndarray]
+#: objective: (coverage, latency_reduction, coverage_weight) arrays/scalars -> utility
+Objective = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
+
+
+# --------------------------------------------------------------------------- coverage
+
+
+def coverage_curve(counts: np.ndarray) -> np.ndarray:
+    """Coverage at every k in [0, V] (float64, length V + 1): top-k count sum / total."""
+    counts = np.asarray(counts)
+    if counts.ndim != 1 or counts.size == 0:
+        raise InputError(f"Token counts must be a non-empty 1-D array, but got shape {counts.shape}.")
+    if not np.issubdtype(counts.dtype, np.integer):
+        raise InputError(f"Token counts must be integers, but got dtype {counts.dtype}.")
+    if counts.min() < 0:
+        raise InputError(f"Token counts must be >= 0, but token id {int(np.argmin(counts))} has {int(counts.min())}.")
+    ordered = np.sort(counts.astype(np.int64))[::-1]
+    prefix = np.concatenate([[0], np.cumsum(ordered)])
+    total = int(prefix[-1])
+    if total == 0:
+        raise InputError(
+            "No loss-masked tokens were counted, so coverage is undefined. Check that the dataset has "
+            "assistant replies and that --chat-template matches it."
+        )
+    # int64 / int: each entry is the exact quotient rounded once, as the paper's int / int.
+    return prefix / total
+
+
+def coverage_at(curve: np.ndarray, k: Union[int, np.ndarray]) -> Union[float, np.ndarray]:
+    """Coverage of the k most frequent ids (k may be an array)."""
+    if np.ndim(k) == 0:
+        return float(curve[int(k)])
+    return curve[np.asarray(k, dtype=np.int64)]
+
+
+def k_for_coverage(curve: np.ndarray, min_coverage: float) -> Optional[int]:
+    """Smallest k whose coverage reaches ``min_coverage``, or None if none does."""
+    hits = np.flatnonzero(curve >= min_coverage)
+    return int(hits[0]) if hits.size else None
+
+
+def weighted_utility(coverage, latency, coverage_weight: float):
+    """The paper's utility ``a * coverage + (1 - a) * latency_reduction`` (same operation order)."""
+    latency_weight = 1.0 - coverage_weight
+    return coverage_weight * coverage + latency_weight * latency
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclasses.dataclass
+class SearchSettings:
+    """Search options; defaults are the paper tool's."""
+
+    coverage_weight: float = 0.5
+    min_coverage: float = 0.0
+    min_vocab_size: int = 50
+    max_vocab_size: int = 50000
+    n_calls: int = 30
+    random_state: int = 42
+    search: str = "tpe"
+    draft_vocab_size: Optional[int] = None
+
+    def problems(self, vocab_size: Optional[int] = None) -> List[str]:
+        """Every invalid field, each as one message naming its flag."""
+        out: List[str] = []
+        for flag, value in (("--coverage-weight", self.coverage_weight), ("--min-coverage", self.min_coverage)):
+            if not _is_real(value) or not 0.0 <= value <= 1.0:
+                out.append(must(flag, "a number in [0, 1]", value))
+        sizes_ok = True
+        for flag, value in (("--min-vocab-size", self.min_vocab_size), ("--max-vocab-size", self.max_vocab_size)):
+            if not _is_int(value) or value < 1:
+                out.append(must(flag, "a positive integer", value))
+                sizes_ok = False
+        if sizes_ok and self.min_vocab_size > self.max_vocab_size:
+            out.append(
+                must("--min-vocab-size", f"at most --max-vocab-size ({self.max_vocab_size})", self.min_vocab_size)
+            )
+        if sizes_ok and vocab_size is not None and self.min_vocab_size > vocab_size:
+            out.append(
+                must("--min-vocab-size", f"at most the target vocab_size ({vocab_size})", self.min_vocab_size)
+            )
+        if not _is_int(self.n_calls) or self.n_calls < 1:
+            out.append(must("--n-calls", "a positive integer", self.n_calls))
+        if not _is_int(self.random_state) or not 0 <= self.random_state < 2**32:
+            out.append(must("--random-state", "an integer in [0, 2**32)", self.random_state))
+        if self.search not in SEARCH_METHODS:
+            out.append(must("--search", f"one of {', '.join(SEARCH_METHODS)}", self.search))
+        if self.draft_vocab_size is not None:
+            upper = vocab_size if vocab_size is not None else None
+            if not _is_int(self.draft_vocab_size) or self.draft_vocab_size < 1 or (
+                upper is not None and self.draft_vocab_size > upper
+            ):
+                expected = f"an integer in [1, {upper}] (the target vocab_size)" if upper else "a positive integer"
+                out.append(must("--draft-vocab-size", expected, self.draft_vocab_size))
+        return out
+
+    def validate(self, vocab_size: Optional[int] = None) -> None:
+        found = self.problems(vocab_size)
+        if found:
+            raise SettingsError(found)
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        """The search flags (one per field); defaults are the paper tool's."""
+        from .cli import positive_int
+
+        group = parser.add_argument_group("search (the paper's flags and defaults)")
+        group.add_argument("--coverage-weight", type=float, default=0.5,
+                           help="a in a*coverage + (1-a)*latency_reduction (default 0.5)")
+        group.add_argument("--min-coverage", type=float, default=0.0, help="minimum acceptable coverage (0 = none)")
+        group.add_argument("--min-vocab-size", type=int, default=50, help="lower bound of the search range (50)")
+        group.add_argument("--max-vocab-size", type=int, default=50000, help="upper bound of the search range (50000)")
+        group.add_argument("--n-calls", type=int, default=30, help="number of TPE trials (30)")
+        group.add_argument("--random-state", type=int, default=42, help="TPE seed (42)")
+        group.add_argument("--search", choices=SEARCH_METHODS, default="tpe",
+                           help="which pick to use: the paper's TPE (default) or the exact optimum; both are reported")
+        group.add_argument("--draft-vocab-size", type=positive_int, default=None, help="skip the search and use this k")
+
+    @classmethod
+    def from_args(cls, args) -> "SearchSettings":
+        return cls(
+            coverage_weight=args.coverage_weight, min_coverage=args.min_coverage, min_vocab_size=args.min_vocab_size,
+            max_vocab_size=args.max_vocab_size, n_calls=args.n_calls, random_state=args.random_state,
+            search=args.search, draft_vocab_size=args.draft_vocab_size,
+        )
+
+    def search_range(self, vocab_size: int) -> Tuple[int, int]:
+        """[min, max] searched; max is clipped to vocab_size as in the paper's tool."""
+        return int(self.min_vocab_size), int(min(self.max_vocab_size, vocab_size))
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass
+class Candidates:
+    """Scores of every candidate k, aligned arrays (for the exact search and plots)."""
+
+    ks: np.ndarray
+    coverage: np.ndarray
+    latency_reduction: np.ndarray
+    utility: np.ndarray
+    feasible: np.ndarray
+
+    def index_of(self, k: int) -> int:
+        i = int(np.searchsorted(self.ks, k))
+        if i >= self.ks.size or self.ks[i] != k:
+            raise KeyError(k)
+        return i
+
+    def point(self, k: int) -> "Evaluation":
+        i = self.index_of(k)
+        return Evaluation(int(k), float(self.coverage[i]), float(self.latency_reduction[i]), float(self.utility[i]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    k: int
+    coverage: float
+    latency_reduction: float
+    utility: float
+
+    def as_dict(self) -> Dict[str, float]:
+        return {"coverage": self.coverage, "latency_reduction": self.latency_reduction, "utility": self.utility}
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    number: int
+    k: int
+    value: float  # what the objective returned (-1.0 when infeasible)
+    coverage: float
+    latency_reduction: float
+    utility: float
+
+
+@dataclasses.dataclass
+class TPEResult:
+    pick: Evaluation
+    trials: List[Trial]
+    evaluations: Dict[int, Evaluation]  # first-evaluation order, like the paper's cache
+    fallback: Optional[str] = None  # None, "best-feasible-evaluated" or "max-vocab-size"
+
+
+@dataclasses.dataclass
+class ExactResult:
+    pick: Evaluation
+    candidates: Candidates
+
+
+@dataclasses.dataclass
+class SearchResult:
+    method: str  # "tpe", "exact" or "fixed"
+    pick: Evaluation
+    vocab_size: int
+    settings: SearchSettings
+    exact: Optional[ExactResult] = None
+    tpe: Optional[TPEResult] = None
+    candidates: Optional[Candidates] = None  # every k in [min, max] scored (for plots), in every mode
+
+    @property
+    def k(self) -> int:
+        return self.pick.k
+
+    @property
+    def utility_gap(self) -> Optional[float]:
+        """Exact optimum's utility minus TPE pick's (>= 0), or None when not both ran."""
+        if self.exact is None or self.tpe is None:
+            return None
+        return self.exact.pick.utility - self.tpe.pick.utility
+
+    @property
+    def relative_utility_gap(self) -> Optional[float]:
+        gap = self.utility_gap
+        if gap is None or self.exact.pick.utility == 0:
+            return None
+        return gap / abs(self.exact.pick.utility)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def score_candidates(
+    curve: np.ndarray,
+    ks: np.ndarray,
+    latency: np.ndarray,
+    *,
+    coverage_weight: float,
+    min_coverage: float = 0.0,
+    objective: Objective = weighted_utility,
+) -> Candidates:
+    """Coverage, latency reduction, utility and feasibility for every candidate k."""
+    ks = np.asarray(ks, dtype=np.int64)
+    latency = np.asarray(latency, dtype=np.float64)
+    if latency.shape != ks.shape:
+        raise ValueError(f"latency must have one value per candidate k ({ks.shape}), but got {latency.shape}")
+    coverage = curve[ks]
+    utility = np.asarray(objective(coverage, latency, coverage_weight), dtype=np.float64)
+    return Candidates(ks, coverage, latency, utility, coverage >= min_coverage)
+
+
+def _unreachable_coverage(curve: np.ndarray, high: int, min_coverage: float) -> InputError:
+    best = float(curve[high])
+    k_needed = k_for_coverage(curve, min_coverage)
+    where = (
+        f"it is first met at k = {k_needed}: raise --max-vocab-size to at least {k_needed}"
+        if k_needed is not None
+        else "no draft vocabulary reaches it, even the full one"
+    )
+    return InputError(
+        f"--min-coverage must be reachable within [--min-vocab-size, --max-vocab-size], but got {min_coverage!r}: "
+        f"the best coverage in range is {best:.6f} (at k = {high}); {where}, or lower --min-coverage."
+    )
+
+
+def exact_search(candidates: Candidates) -> ExactResult:
+    """The feasible candidate with the highest utility (smallest k on ties)."""
+    if not candidates.feasible.any():
+        raise InputError("No candidate draft_vocab_size meets --min-coverage; lower --min-coverage.")
+    masked = np.where(candidates.feasible, candidates.utility, -np.inf)
+    best = int(np.argmax(masked))
+    return ExactResult(candidates.point(int(candidates.ks[best])), candidates)
+
+
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[Any]:
+    import optuna
+
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield optuna
+    finally:
+        optuna.logging.set_verbosity(previous)
+
+
+def tpe_search(
+    evaluate: Callable[[int], Evaluation],
+    *,
+    low: int,
+    high: int,
+    n_trials: int,
+    random_state: int,
+    min_coverage: float = 0.0,
+    step: int = 1,
+) -> TPEResult:
+    """The paper's search: Optuna TPESampler(seed=random_state), ``n_trials`` integer trials
+    in [low, high]; a trial below min_coverage scores -1.0; if the best trial misses the
+    constraint, the best feasible evaluated k is taken, else ``high``."""
+    evaluations: Dict[int, Evaluation] = {}
+
+    def cached(k: int) -> Evaluation:
+        if k not in evaluations:
+            evaluations[k] = evaluate(k)
+        return evaluations[k]
+
+    def objective(trial) -> float:
+        k = trial.suggest_int("vocab_size", low, high, step=step)
+        point = cached(k)
+        trial.set_user_attr("coverage", point.coverage)
+        trial.set_user_attr("latency_reduction", point.latency_reduction)
+        if point.coverage < min_coverage:
+            return INFEASIBLE_SCORE
+        return point.utility
+
+    with _quiet_optuna() as optuna:
+        from optuna.samplers import TPESampler
+
+        study = optuna.create_study(direction="maximize", sampler=TPESampler(seed=random_state))
+        study.optimize(objective, n_trials=n_trials, show_progress_bar=False)
+        best_k = int(study.best_trial.params["vocab_size"])
+        trials = [
+            Trial(t.number, int(t.params["vocab_size"]), float(t.value), *_triple(evaluations[int(t.params["vocab_size"])]))
+            for t in study.trials
+        ]
+
+    pick = cached(best_k)
+    fallback = None
+    if pick.coverage < min_coverage:
+        valid = [e for e in evaluations.values() if e.coverage >= min_coverage]
+        if valid:
+            valid.sort(key=lambda e: e.utility, reverse=True)  # stable: first evaluated wins ties
+            pick, fallback = valid[0], "best-feasible-evaluated"
+        else:
+            pick, fallback = cached(high), "max-vocab-size"
+        logger.warning(
+            "The best TPE trial misses --min-coverage %s; taking k = %d (%s).", min_coverage, pick.k, fallback
+        )
+    return TPEResult(pick, trials, evaluations, fallback)
+
+
+def _triple(e: Evaluation) -> Tuple[float, float, float]:
+    return e.coverage, e.latency_reduction, e.utility
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _as_curve(counts_or_curve: np.ndarray) -> np.ndarray:
+    data = np.asarray(counts_or_curve)
+    if np.issubdtype(data.dtype, np.floating):
+        if data.ndim != 1 or data.size < 2 or data[0] != 0.0 or np.any(np.diff(data) < 0) or data[-1] > 1.0 + 1e-12:
+            raise InputError(
+                "A coverage curve must be a 1-D float array of length V + 1 that starts at 0, never decreases "
+                "and ends at 1; pass integer token counts instead."
+            )
+        return data
+    return coverage_curve(data)
+
+
+def search(
+    counts_or_curve: np.ndarray,
+    arch: DraftArchitecture,
+    settings: SearchSettings,
+    *,
+    latency_model: Optional[LatencyModel] = None,
+    objective: Objective = weighted_utility,
+) -> SearchResult:
+    """Choose k: TPE pick and exact optimum (both computed, ``settings.search`` picks which
+    is used), or only the fixed ``settings.draft_vocab_size``.
+
+    ``counts_or_curve``: integer counts [V] or a float coverage curve [V + 1].
+    ``latency_model``: candidate ks -> latency reduction (default: the draft FLOPs model).
+    """
+    curve = _as_curve(counts_or_curve)
+    vocab_size = curve.size - 1
+    if arch.vocab_size != vocab_size:
+        raise InputError(
+            f"The draft config's vocab_size must equal the number of token ids counted, but the config says "
+            f"{arch.vocab_size} and the counts cover {vocab_size} ids. Use the draft config made for this target "
+            "model (or recount with --target-vocab-size matching it)."
+        )
+    settings.validate(vocab_size)
+    model = latency_model or (lambda ks: latency_reduction(arch, ks))
+
+    def score(ks: np.ndarray) -> Candidates:
+        return score_candidates(
+            curve, ks, model(ks), coverage_weight=settings.coverage_weight,
+            min_coverage=settings.min_coverage, objective=objective,
+        )
+
+    if settings.draft_vocab_size is not None:
+        k = int(settings.draft_vocab_size)
+        fixed = score(np.array([k], dtype=np.int64))
+        if not fixed.feasible[0]:
+            logger.warning(
+                "--draft-vocab-size %d covers %.4f of tokens, below --min-coverage %s.",
+                k, fixed.coverage[0], settings.min_coverage,
+            )
+        low, high = settings.search_range(vocab_size)
+        context = score(np.arange(low, high + 1, dtype=np.int64))  # only drawn, never used to choose
+        return SearchResult("fixed", fixed.point(k), vocab_size, settings, candidates=context)
+
+    low, high = settings.search_range(vocab_size)
+    candidates = score(np.arange(low, high + 1, dtype=np.int64))
+    if not candidates.feasible.any():
+        raise _unreachable_coverage(curve, high, settings.min_coverage)
+    exact = exact_search(candidates)
+    tpe = tpe_search(
+        candidates.point, low=low, high=high, n_trials=settings.n_calls,
+        random_state=settings.random_state, min_coverage=settings.min_coverage,
+    )
+    pick = tpe.pick if settings.search == "tpe" else exact.pick
+    return SearchResult(settings.search, pick, vocab_size, settings, exact=exact, tpe=tpe, candidates=candidates)
+
+
+__all__ = [
+    "Candidates",
+    "Evaluation",
+    "ExactResult",
+    "SearchResult",
+    "SearchSettings",
+    "TPEResult",
+    "Trial",
+    "coverage_at",
+    "coverage_curve",
+    "exact_search",
+    "k_for_coverage",
+    "score_candidates",
+    "search",
+    "tpe_search",
+    "weighted_utility",
+]
