@@ -18,7 +18,6 @@ With no added token before ``c`` the whole prefix is encoded, as SpecForge does.
 """
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 from dataclasses import dataclass
@@ -274,13 +273,24 @@ class MaskEngine:
         return length
 
     # -- masks
-    def _prefix_length(self, text: str, encoding, anchor_pos: np.ndarray, anchor_ends: List[int], c: int) -> int:
-        k = bisect.bisect_right(anchor_ends, c) - 1
+    def _prefix_length(self, text: str, encoding, added_pos: np.ndarray, c: int) -> int:
+        """len(encode(text[:c])) from the one full encoding (see the module docstring)."""
+        if c <= 0:
+            return 0
+        t = encoding.char_to_token(c - 1)  # a token holding the last character before c
+        if t is None:  # that character is in no token (dropped by a normalizer): scan the added tokens
+            k = len(added_pos) - 1
+            while k >= 0 and encoding.token_to_chars(int(added_pos[k]))[1] > c:
+                k -= 1
+        else:
+            k = int(np.searchsorted(added_pos, t, side="right")) - 1  # last added token at or before t
+            if k >= 0 and added_pos[k] == t and encoding.token_to_chars(t)[1] > c:
+                k -= 1  # c cuts this added token: its text is plain text in the prefix
         if k < 0:
-            return self.token_length(text[:c]) if c else 0
-        j = int(anchor_pos[k])
-        start = encoding.token_to_chars(j)[0]
-        return j + self.token_length(text[start:c])
+            return self.token_length(text[:c])
+        j = int(added_pos[k])
+        start, end = encoding.token_to_chars(j)
+        return j + 1 if end == c else j + self.token_length(text[start:c])
 
     def token_ranges(self, text: str, encoding, n_full: int, ids_full: np.ndarray) -> List[Tuple[int, int, int]]:
         """(start, end, value) token ranges in SpecForge's order: assistant spans (1), then ignores (0)."""
@@ -289,13 +299,12 @@ class MaskEngine:
         if not spans or n == 0:
             return []
         ignores = ignore_char_spans(text, self.template) if self.template.ignore_tokens else []
-        anchor_pos = np.flatnonzero(self.is_added[ids_full])
-        anchor_ends = [encoding.token_to_chars(int(j))[1] for j in anchor_pos]
+        added_pos = np.flatnonzero(self.is_added[ids_full])
         ranges = []
         for value, char_spans in ((1, spans), (0, ignores)):
             for s, e in char_spans:
-                start = min(self._prefix_length(text, encoding, anchor_pos, anchor_ends, s), n)
-                end = min(self._prefix_length(text, encoding, anchor_pos, anchor_ends, e), n)
+                start = min(self._prefix_length(text, encoding, added_pos, s), n)
+                end = min(self._prefix_length(text, encoding, added_pos, e), n)
                 if start < end:
                     ranges.append((start, end, value))
         return ranges
