@@ -148,10 +148,23 @@ def run_demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- trim
+
+
+def add_trim_parser(sub) -> None:
+    from .trim import add_trim_arguments, run_trim
+
+    parser = sub.add_parser("trim", help="trim a trained EAGLE-3 draft's vocabulary without retraining",
+                            description="Keep the LM-head rows of the tokens a workload uses, rebuild d2t/t2d and "
+                                        "write a smaller draft checkpoint; every other tensor is kept byte for byte.")
+    add_trim_arguments(parser)
+    parser.set_defaults(run=run_trim)
+
+
 # ---------------------------------------------------------------- main
 
 
-SUBCOMMANDS: List[Callable] = [add_count_parser, add_optimize_parser, add_demo_parser]
+SUBCOMMANDS: List[Callable] = [add_count_parser, add_optimize_parser, add_trim_parser, add_demo_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
