@@ -16,6 +16,14 @@ d = head_dim, I = intermediate_size::
 layer, three fused layers and target_hidden_size = h this is exactly the paper's
 formula (:func:`paper_latency_reduction`).
 
+Batch-1 decoding is memory bound, so :func:`draft_weight_bytes` counts the weight
+bytes read per drafted token instead: the same matrices (one parameter per
+multiply-add) plus the RMSNorm weights (hidden_norm, input and post-attention
+norms per layer, the final norm) and one embedding row, in the config's
+``torch_dtype`` (bfloat16 when absent); :func:`bytes_latency_reduction` is
+``1 - B(k) / B(V)``. The KV cache read by attention is left out (it depends on the
+context length and is the same for every k).
+
 Example (Llama-3-8B draft)::
 
     >>> arch = DraftArchitecture(4096, 14336, 32, 8, 128, 1, 3, 4096, 128256, 32000)
@@ -197,8 +205,81 @@ def paper_latency_reduction(hidden: int, intermediate: int, n_heads: int, n_kv: 
     return 1.0 - (total(k) / total(vocab))
 
 
+# --------------------------------------------------------------------------- weight bytes
+
+#: bytes per parameter of the dtype names found in HF configs (``torch_dtype`` / ``dtype``)
+DTYPE_BYTES = {
+    "float64": 8, "double": 8,
+    "float32": 4, "float": 4, "fp32": 4,
+    "float16": 2, "half": 2, "fp16": 2, "bfloat16": 2, "bf16": 2,
+    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "fp8": 1, "int8": 1,
+}
+DEFAULT_DTYPE = "bfloat16"
+
+
+def dtype_bytes(name: Optional[str], *, source: str = "the draft config") -> int:
+    """Bytes per parameter for a config dtype name ("bfloat16", "torch.float16", ...); None -> bfloat16."""
+    if name is None:
+        return DTYPE_BYTES[DEFAULT_DTYPE]
+    key = str(name).lower().replace("torch.", "")
+    if key not in DTYPE_BYTES:
+        raise InputError(
+            f"{source}: field 'torch_dtype' must be one of {', '.join(sorted(DTYPE_BYTES))}, but got {short(name)}. "
+            "Fix the config's dtype."
+        )
+    return DTYPE_BYTES[key]
+
+
+def _fixed_params_by_component(arch: DraftArchitecture) -> Dict[str, int]:
+    h, d = arch.hidden_size, arch.head_dim
+    q_width, kv_width = arch.num_attention_heads * d, arch.num_key_value_heads * d
+    attention = 0
+    for layer in range(arch.num_hidden_layers):
+        width_in = 2 * h if layer == 0 else h
+        attention += width_in * q_width + 2 * width_in * kv_width + q_width * h
+    return {
+        "fc": arch.num_fused_layers * arch.target_hidden_size * h,
+        "attention": attention,
+        "mlp": arch.num_hidden_layers * 3 * h * arch.intermediate_size,
+        # hidden_norm (first layer), input and post-attention norm per layer, the final norm
+        "norms": (1 + 2 * arch.num_hidden_layers + 1) * h,
+        "embedding_row": h,
+    }
+
+
+def draft_weight_bytes_by_component(arch: DraftArchitecture, k: int, *, dtype: Optional[str] = None) -> Dict[str, int]:
+    """Weight bytes read per drafted token by each part of the draft with ``k`` LM-head rows, plus ``total``.
+
+    ``dtype`` defaults to the config's ``torch_dtype`` (bfloat16 when it has none).
+    """
+    size = dtype_bytes(dtype if dtype is not None else arch.torch_dtype)
+    parts = {name: size * params for name, params in _fixed_params_by_component(arch).items()}
+    parts["lm_head"] = size * arch.hidden_size * int(k)
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def draft_weight_bytes(arch: DraftArchitecture, k: ArrayOrInt, *, dtype: Optional[str] = None) -> ArrayOrInt:
+    """Weight bytes read per drafted token at ``k`` (an int, or an array of k: vectorised, int64)."""
+    size = dtype_bytes(dtype if dtype is not None else arch.torch_dtype)
+    fixed = size * sum(_fixed_params_by_component(arch).values())
+    if np.ndim(k) == 0:
+        return fixed + size * arch.hidden_size * int(k)
+    return fixed + size * arch.hidden_size * np.asarray(k, dtype=np.int64)
+
+
+def bytes_latency_reduction(arch: DraftArchitecture, k: ArrayOrInt, *, dtype: Optional[str] = None):
+    """``1 - B(k) / B(V)``: the share of weight bytes per drafted token saved by keeping ``k`` of ``V`` ids."""
+    return 1.0 - draft_weight_bytes(arch, k, dtype=dtype) / draft_weight_bytes(arch, arch.vocab_size, dtype=dtype)
+
+
 __all__ = [
+    "DTYPE_BYTES",
     "DraftArchitecture",
+    "bytes_latency_reduction",
+    "draft_weight_bytes",
+    "draft_weight_bytes_by_component",
+    "dtype_bytes",
     "draft_flops",
     "draft_flops_by_component",
     "latency_reduction",

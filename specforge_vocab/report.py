@@ -1,4 +1,4 @@
-"""What ``optimize`` reports: summary.json, full_results.json and optimization_results.png.
+"""What ``optimize`` reports: summary.json, full_results.json, optimization_results.png and coverage_curves.png.
 
 The paper's keys come first and keep their meaning (``method`` is "optuna"
 for a TPE pick, as in the paper's tool); everything this tool adds (the exact
@@ -16,17 +16,26 @@ import numpy as np
 
 from .cost import DraftArchitecture, draft_flops_by_component, lm_head_share
 from .fileio import atomic_write
-from .search import Evaluation, SearchResult
+from .search import Evaluation, SearchResult, weighted_utility
 
 logger = logging.getLogger(__name__)
 
 PAPER_METHOD_NAMES = {"tpe": "optuna", "exact": "exact", "fixed": "fixed"}
 
 
-def _evaluation(e: Optional[Evaluation]) -> Optional[Dict[str, Any]]:
+def _scores(e: Evaluation, result: Optional[SearchResult]) -> Dict[str, float]:
+    """coverage, latency_reduction, the paper's utility and, for another objective, its value under its name."""
+    if result is None or result.objective == "utility":
+        return e.as_dict()
+    paper = weighted_utility(e.coverage, e.latency_reduction, result.settings.coverage_weight)
+    return {"coverage": e.coverage, "latency_reduction": e.latency_reduction, "utility": paper,
+            result.objective: e.utility}
+
+
+def _evaluation(e: Optional[Evaluation], result: Optional[SearchResult] = None) -> Optional[Dict[str, Any]]:
     if e is None:
         return None
-    return {"draft_vocab_size": e.k, **e.as_dict()}
+    return {"draft_vocab_size": e.k, **_scores(e, result)}
 
 
 def summary_dict(
@@ -36,10 +45,15 @@ def summary_dict(
     tokens_counted: int,
     unique_tokens: int,
     settings: Optional[Mapping[str, Any]] = None,
+    additions: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]:
     """summary.json: the paper's keys, then the exact optimum, search details, FLOPs and settings.
 
-    ``settings`` adds the caller's other settings (counting options, paths) to the search settings.
+    ``settings`` adds the caller's other settings (counting options, paths) to the search settings;
+    ``additions`` (e.g. :meth:`specforge_vocab.serving.ServingAnalysis.summary`) are appended last.
+    With an objective other than the paper's utility, ``utility`` keeps the paper's meaning
+    (a * coverage + (1 - a) * latency_reduction at the pick), the objective's value is stored
+    under its name, and ``utility_gap`` is the gap in that objective.
     """
     k, V = result.k, result.vocab_size
     at_k = draft_flops_by_component(arch, k)
@@ -51,11 +65,11 @@ def summary_dict(
         "vocab_reduction_ratio": 1 - k / V,
         "coverage": result.pick.coverage,
         "latency_reduction": result.pick.latency_reduction,
-        "utility": result.pick.utility,
+        "utility": _scores(result.pick, result)["utility"],
         # --- additions
         "search_method": result.method,
-        "exact_optimum": _evaluation(result.exact.pick if result.exact else None),
-        "tpe_pick": _evaluation(result.tpe.pick if result.tpe else None),
+        "exact_optimum": _evaluation(result.exact.pick if result.exact else None, result),
+        "tpe_pick": _evaluation(result.tpe.pick if result.tpe else None, result),
         "utility_gap": result.utility_gap,
         "relative_utility_gap": result.relative_utility_gap,
         "tpe_fallback": result.tpe.fallback if result.tpe else None,
@@ -69,6 +83,11 @@ def summary_dict(
         "architecture": dataclasses.asdict(arch),
         "settings": {**dataclasses.asdict(result.settings), **dict(settings or {})},
     }
+    if result.objective != "utility":
+        summary[result.objective] = result.pick.utility
+    if result.pinned_ids:
+        summary["pinned_token_ids"] = [int(i) for i in result.pinned_ids]
+    summary.update(additions or {})
     return summary
 
 
@@ -87,10 +106,14 @@ def full_results(result: SearchResult, *, include_exact_curve: bool = False) -> 
         "latency_reduction": result.pick.latency_reduction,
         "utility": result.pick.utility,
         "n_trials": len(result.tpe.trials) if result.tpe else 0,
-        "all_evaluations": {str(k): e.as_dict() for k, e in evaluations.items()},
+        "all_evaluations": {str(k): _scores(e, result) for k, e in evaluations.items()},
         "trials": [dataclasses.asdict(t) for t in result.tpe.trials] if result.tpe else [],
-        "exact_optimum": _evaluation(result.exact.pick if result.exact else None),
+        "exact_optimum": _evaluation(result.exact.pick if result.exact else None, result),
     }
+    if result.objective != "utility":
+        out["objective"] = result.objective
+        out["utility"] = _scores(result.pick, result)["utility"]
+        out[result.objective] = result.pick.utility
     if include_exact_curve and result.candidates is not None:
         c = result.candidates
         out["exact_curve"] = {
@@ -105,9 +128,11 @@ def full_results(result: SearchResult, *, include_exact_curve: bool = False) -> 
 # --------------------------------------------------------------------------- plot
 
 
-def render_optimization_results(result: SearchResult, *, title: Optional[str] = None, dpi: int = 120) -> bytes:
-    """PNG bytes of the paper's four panels: coverage, latency reduction and utility
-    against k, and the coverage / latency Pareto front, with the exact curve drawn in."""
+def render_optimization_results(result: SearchResult, *, title: Optional[str] = None, dpi: int = 120,
+                                latency_label: str = "relative FLOPs") -> bytes:
+    """PNG bytes of the paper's four panels: coverage, latency reduction and utility (or the
+    search's other objective) against k, and the coverage / latency Pareto front, with the exact
+    curve drawn in. ``latency_label`` names the latency model in the second panel's axis."""
     # The Agg canvas is attached to this figure only: no pyplot, no global backend switch.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -122,6 +147,7 @@ def render_optimization_results(result: SearchResult, *, title: Optional[str] = 
     tlat = np.array([e.latency_reduction for e in trials])
     tutil = np.array([e.utility for e in trials])
 
+    objective_label = "Utility" if result.objective == "utility" else f"Predicted {result.objective}"
     picks = []
     if result.tpe is not None:
         picks.append(("TPE pick", result.tpe.pick, "tab:green", "--"))
@@ -132,9 +158,9 @@ def render_optimization_results(result: SearchResult, *, title: Optional[str] = 
 
     panels = [
         (axes[0, 0], "coverage", tcov, "Token coverage", "Token coverage vs draft vocab size", "tab:blue"),
-        (axes[0, 1], "latency_reduction", tlat, "Latency reduction (relative FLOPs)",
+        (axes[0, 1], "latency_reduction", tlat, f"Latency reduction ({latency_label})",
          "Latency reduction vs draft vocab size", "tab:orange"),
-        (axes[1, 0], "utility", tutil, "Utility", "Utility vs draft vocab size", "tab:purple"),
+        (axes[1, 0], "utility", tutil, objective_label, f"{objective_label} vs draft vocab size", "tab:purple"),
     ]
     for ax, field, values, ylabel, panel_title, colour in panels:
         if curve is not None:
@@ -177,7 +203,7 @@ def render_optimization_results(result: SearchResult, *, title: Optional[str] = 
 
     heading = title or (
         f"{PAPER_METHOD_NAMES[result.method]} pick k = {result.k:,} of V = {result.vocab_size:,} "
-        f"(coverage {result.pick.coverage:.4f}, utility {result.pick.utility:.6f})"
+        f"(coverage {result.pick.coverage:.4f}, {result.objective} {result.pick.utility:.6f})"
     )
     fig.suptitle(heading)
     fig.tight_layout()
@@ -192,4 +218,79 @@ def plot_optimization_results(path: str, result: SearchResult, *, title: Optiona
     atomic_write(path, lambda handle: handle.write(data))
 
 
-__all__ = ["full_results", "plot_optimization_results", "render_optimization_results", "summary_dict"]
+def render_coverage_curves(result: SearchResult, analysis, *, dpi: int = 110) -> bytes:
+    """PNG bytes of coverage_curves.png (``analysis``: a :class:`specforge_vocab.serving.ServingAnalysis`).
+
+    Left: coverage against k on the train records, the held-out records and each evaluation set
+    (the vocabulary is always the train side's top k), with the chosen k and, with --bootstrap,
+    its interval. Middle: the Pareto front (coverage against latency reduction) with the best k
+    of each objective marked. Right: predicted chain speed-up against k, with the full-vocabulary
+    speed-up for reference.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(19, 6))
+    FigureCanvasAgg(fig)
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    ks = analysis.ks
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
+    for i, (label, values) in enumerate(analysis.curves.items()):
+        ax1.plot(ks, values, color=colours[i % len(colours)], linewidth=1.5, label=label)
+    ax1.axvline(result.k, color="black", linestyle="--", linewidth=1.2, label=f"chosen k = {result.k:,}")
+    if analysis.bootstrap is not None:
+        low, high = analysis.bootstrap.interval(analysis.bootstrap.chosen_k, integer=True)
+        ax1.axvspan(low, high, color="gray", alpha=0.2,
+                    label=f"bootstrap {analysis.bootstrap.confidence:.0%} interval of k: [{low:,}, {high:,}]")
+        unseen = analysis.bootstrap.unseen_interval
+        if np.all(np.isfinite(unseen)):
+            ax1.errorbar([result.k], [0.5 * (unseen[0] + unseen[1])], yerr=[[0.5 * (unseen[1] - unseen[0])]],
+                         color="black", capsize=5, fmt="none", label="bootstrap coverage at k on unseen conversations")
+    ax1.set_xscale("log")
+    ax1.set_xlabel("Draft vocab size k (log scale)")
+    ax1.set_ylabel("Token coverage")
+    ax1.set_title("Coverage of the train side's top k")
+    ax1.grid(True, alpha=0.3, which="both")
+    ax1.legend(fontsize=8, loc="lower right")
+
+    sc = ax2.scatter(analysis.latency_reduction, result.candidates.coverage, c=ks, cmap="viridis", s=4)
+    markers = {"utility": ("*", "tab:green"), "speedup": ("X", "tab:red")}
+    for name, pick in analysis.picks.items():
+        marker, colour = markers.get(name, ("o", "black"))
+        ax2.scatter([pick.latency_reduction], [pick.coverage], marker=marker, s=220, color=colour, edgecolor="black",
+                    zorder=5, label=f"best {name}: k = {pick.k:,}")
+    i = result.candidates.index_of(result.k) if result.k in set(ks.tolist()) else None
+    if i is not None:
+        ax2.scatter([result.candidates.latency_reduction[i]], [result.candidates.coverage[i]], marker="o", s=80,
+                    facecolor="none", edgecolor="black", linewidth=1.5, zorder=6, label=f"chosen: k = {result.k:,}")
+    ax2.set_xlabel(f"Latency reduction ({analysis.latency['name']} model)")
+    ax2.set_ylabel("Token coverage (train)")
+    ax2.set_title("Pareto front: coverage vs latency reduction")
+    ax2.grid(True, alpha=0.3)
+    ax2.legend(fontsize=8, loc="lower left")
+    fig.colorbar(sc, ax=ax2, label="Draft vocab size k")
+
+    speed = analysis.objective.speedup(result.candidates.coverage, 1.0 - analysis.latency_reduction)
+    ax3.plot(ks, speed, color="tab:red", linewidth=1.5, label="predicted speed-up (train coverage)")
+    ax3.axhline(analysis.speedup["at_full_vocab"], color="gray", linestyle="-.", linewidth=1,
+                label=f"full vocabulary: {analysis.speedup['at_full_vocab']:.3f}x")
+    ax3.axvline(result.k, color="black", linestyle="--", linewidth=1.2,
+                label=f"chosen k: {analysis.speedup['at_draft_vocab_size']:.3f}x")
+    s = analysis.speedup
+    ax3.set_xscale("log")
+    ax3.set_xlabel("Draft vocab size k (log scale)")
+    ax3.set_ylabel("Speed-up over plain decoding")
+    ax3.set_title(f"Chain drafting: p_full {s['p_full']}, g {s['draft_steps']}, R {s['target_cost_ratio']:.2f}")
+    ax3.grid(True, alpha=0.3, which="both")
+    ax3.legend(fontsize=8, loc="lower right")
+
+    fig.suptitle(f"k = {result.k:,} of V = {result.vocab_size:,} chosen by {analysis.objective.name} "
+                 f"({result.method}); coverage on train / held-out / evaluation sets")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+__all__ = ["full_results", "plot_optimization_results", "render_coverage_curves", "render_optimization_results",
+           "summary_dict"]

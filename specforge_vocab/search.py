@@ -7,7 +7,14 @@ Everything works on arrays indexed by candidate k:
 - ``latency`` (any latency model: one value per candidate k, e.g.
   :func:`specforge_vocab.cost.latency_reduction` over the candidates);
 - ``utility = a * coverage + (1 - a) * latency_reduction`` (or another
-  objective, see :class:`Objective`).
+  objective, see :class:`Objective`, e.g. the chain speed-up of
+  :mod:`specforge_vocab.objectives`).
+
+Candidates are every k in [--min-vocab-size, --max-vocab-size] (max clipped to V),
+or only the multiples of ``--vocab-multiple`` there (TPE then suggests with that
+step). Pinned ids (always kept, counting toward k) shift the coverage curve
+(:func:`coverage_curve` with ``pinned_ids``) and raise the smallest candidate to
+their number.
 
 :func:`exact_search` scores every candidate in one pass; :func:`tpe_search`
 replays the paper's tool (TPESampler(seed), one integer parameter, an
@@ -48,8 +55,15 @@ Objective = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
 # --------------------------------------------------------------------------- coverage
 
 
-def coverage_curve(counts: np.ndarray) -> np.ndarray:
-    """Coverage at every k in [0, V] (float64, length V + 1): top-k count sum / total."""
+def coverage_curve(counts: np.ndarray, *, pinned_ids: Sequence[int] = ()) -> np.ndarray:
+    """Coverage at every k in [0, V] (float64, length V + 1): top-k count sum / total.
+
+    With ``pinned_ids`` (ids always kept, counting toward k: see
+    :func:`specforge_vocab.mapping.kept_token_ids`), entry k >= len(pinned) is the
+    coverage of the pinned ids plus the k - len(pinned) most frequent other ids;
+    entries below len(pinned) are not valid picks. When every pinned id is among
+    the j most frequent ids, entries k >= j equal the unpinned curve bit for bit.
+    """
     counts = np.asarray(counts)
     if counts.ndim != 1 or counts.size == 0:
         raise InputError(f"Token counts must be a non-empty 1-D array, but got shape {counts.shape}.")
@@ -57,7 +71,7 @@ def coverage_curve(counts: np.ndarray) -> np.ndarray:
         raise InputError(f"Token counts must be integers, but got dtype {counts.dtype}.")
     if counts.min() < 0:
         raise InputError(f"Token counts must be >= 0, but token id {int(np.argmin(counts))} has {int(counts.min())}.")
-    ordered = np.sort(counts.astype(np.int64))[::-1]
+    ordered = _pinned_first_order_counts(counts.astype(np.int64), pinned_ids)
     prefix = np.concatenate([[0], np.cumsum(ordered)])
     total = int(prefix[-1])
     if total == 0:
@@ -67,6 +81,18 @@ def coverage_curve(counts: np.ndarray) -> np.ndarray:
         )
     # int64 / int: each entry is the exact quotient rounded once, as the paper's int / int.
     return prefix / total
+
+
+def _pinned_first_order_counts(counts: np.ndarray, pinned_ids: Sequence[int]) -> np.ndarray:
+    """Counts sorted descending, with the pinned ids' counts moved to the front."""
+    pinned = np.unique(np.asarray(list(pinned_ids), dtype=np.int64))
+    if pinned.size == 0:
+        return np.sort(counts)[::-1]
+    if pinned[0] < 0 or pinned[-1] >= counts.size:
+        bad = int(pinned[0] if pinned[0] < 0 else pinned[-1])
+        raise InputError(f"Pinned token ids must be in [0, {counts.size}), but got {bad}.")
+    rest = np.delete(counts, pinned)
+    return np.concatenate([np.sort(counts[pinned])[::-1], np.sort(rest)[::-1]])
 
 
 def coverage_at(curve: np.ndarray, k: Union[int, np.ndarray]) -> Union[float, np.ndarray]:
@@ -111,6 +137,7 @@ class SearchSettings:
     random_state: int = 42
     search: str = "tpe"
     draft_vocab_size: Optional[int] = None
+    vocab_multiple: int = 1
 
     def problems(self, vocab_size: Optional[int] = None) -> List[str]:
         """Every invalid field, each as one message naming its flag."""
@@ -144,6 +171,8 @@ class SearchSettings:
             ):
                 expected = f"an integer in [1, {upper}] (the target vocab_size)" if upper else "a positive integer"
                 out.append(must("--draft-vocab-size", expected, self.draft_vocab_size))
+        if not _is_int(self.vocab_multiple) or self.vocab_multiple < 1:
+            out.append(must("--vocab-multiple", "a positive integer", self.vocab_multiple))
         return out
 
     def validate(self, vocab_size: Optional[int] = None) -> None:
@@ -167,6 +196,9 @@ class SearchSettings:
         group.add_argument("--search", choices=SEARCH_METHODS, default="tpe",
                            help="which pick to use: the paper's TPE (default) or the exact optimum; both are reported")
         group.add_argument("--draft-vocab-size", type=positive_int, default=None, help="skip the search and use this k")
+        group.add_argument("--vocab-multiple", type=positive_int, default=1, metavar="M",
+                           help="only multiples of M are candidates (vLLM and SGLang pad LM-head rows to a multiple "
+                                "of 64; default 1 = every k)")
 
     @classmethod
     def from_args(cls, args) -> "SearchSettings":
@@ -174,11 +206,38 @@ class SearchSettings:
             coverage_weight=args.coverage_weight, min_coverage=args.min_coverage, min_vocab_size=args.min_vocab_size,
             max_vocab_size=args.max_vocab_size, n_calls=args.n_calls, random_state=args.random_state,
             search=args.search, draft_vocab_size=args.draft_vocab_size,
+            vocab_multiple=getattr(args, "vocab_multiple", 1),
         )
 
     def search_range(self, vocab_size: int) -> Tuple[int, int]:
         """[min, max] searched; max is clipped to vocab_size as in the paper's tool."""
         return int(self.min_vocab_size), int(min(self.max_vocab_size, vocab_size))
+
+    def candidate_range(self, vocab_size: int, *, at_least: int = 0) -> Tuple[int, int]:
+        """[low, high] of the candidates: :meth:`search_range`, raised to ``at_least`` (the number of
+        pinned ids) and rounded inward to multiples of ``vocab_multiple``; a clear error if empty."""
+        low, high = self.search_range(vocab_size)
+        low = max(low, int(at_least))
+        step = int(self.vocab_multiple)
+        first, last = -(-low // step) * step, (high // step) * step
+        if first > last:
+            pinned = f" (raised to {low} by the pinned tokens)" if at_least > self.min_vocab_size else ""
+            if step > 1:
+                raise InputError(
+                    f"--vocab-multiple {step} must leave at least one candidate in [--min-vocab-size, "
+                    f"--max-vocab-size] = [{low}{pinned}, {high}] (max clipped to the target vocab_size), but no "
+                    f"multiple of {step} lies in it. Widen the range to include {first} or lower --vocab-multiple."
+                )
+            raise InputError(
+                f"--min-vocab-size must be at most --max-vocab-size (clipped to the target vocab_size {vocab_size}), "
+                f"but the range is [{low}{pinned}, {high}]. Raise --max-vocab-size or pin fewer tokens."
+            )
+        return first, last
+
+    def candidate_ks(self, vocab_size: int, *, at_least: int = 0) -> np.ndarray:
+        """Every candidate k (int64, ascending): the multiples of ``vocab_multiple`` in :meth:`candidate_range`."""
+        low, high = self.candidate_range(vocab_size, at_least=at_least)
+        return np.arange(low, high + 1, int(self.vocab_multiple), dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- results
@@ -249,6 +308,9 @@ class SearchResult:
     exact: Optional[ExactResult] = None
     tpe: Optional[TPEResult] = None
     candidates: Optional[Candidates] = None  # every k in [min, max] scored (for plots), in every mode
+    objective: str = "utility"  # what ``utility`` holds: the paper's weighted utility, or e.g. "speedup"
+    pinned_ids: Tuple[int, ...] = ()  # ids always kept (they count toward k and the coverage)
+    curve: Optional[np.ndarray] = None  # the coverage curve searched (pinned ids first), length V + 1
 
     @property
     def k(self) -> int:
@@ -407,14 +469,28 @@ def search(
     *,
     latency_model: Optional[LatencyModel] = None,
     objective: Objective = weighted_utility,
+    objective_name: str = "utility",
+    pinned_ids: Sequence[int] = (),
 ) -> SearchResult:
     """Choose k: TPE pick and exact optimum (both computed, ``settings.search`` picks which
     is used), or only the fixed ``settings.draft_vocab_size``.
 
     ``counts_or_curve``: integer counts [V] or a float coverage curve [V + 1].
     ``latency_model``: candidate ks -> latency reduction (default: the draft FLOPs model).
+    ``objective``: (coverage, latency_reduction, coverage_weight) -> score to maximise (default: the
+    paper's utility); ``objective_name`` says what it is in the result.
+    ``pinned_ids``: ids always kept (needs counts): coverage is that of the pinned ids plus the
+    k - len(pinned) most frequent others, and no candidate is below len(pinned).
+    Candidates are the multiples of ``settings.vocab_multiple`` in range.
     """
-    curve = _as_curve(counts_or_curve)
+    pinned = tuple(sorted({int(i) for i in pinned_ids}))
+    if pinned:
+        data = np.asarray(counts_or_curve)
+        if np.issubdtype(data.dtype, np.floating):
+            raise InputError("Pinned token ids need integer token counts, but a coverage curve was given.")
+        curve = coverage_curve(data, pinned_ids=pinned)
+    else:
+        curve = _as_curve(counts_or_curve)
     vocab_size = curve.size - 1
     if arch.vocab_size != vocab_size:
         raise InputError(
@@ -424,6 +500,7 @@ def search(
         )
     settings.validate(vocab_size)
     model = latency_model or (lambda ks: latency_reduction(arch, ks))
+    step = int(settings.vocab_multiple)
 
     def score(ks: np.ndarray) -> Candidates:
         return score_candidates(
@@ -431,29 +508,42 @@ def search(
             min_coverage=settings.min_coverage, objective=objective,
         )
 
+    def result(method: str, pick: Evaluation, **parts: Any) -> SearchResult:
+        return SearchResult(method, pick, vocab_size, settings, objective=objective_name, pinned_ids=pinned,
+                            curve=curve, **parts)
+
+    if pinned and len(pinned) > settings.min_vocab_size:
+        logger.info("%d pinned token ids: candidates start at k = %d.", len(pinned), len(pinned))
+
     if settings.draft_vocab_size is not None:
         k = int(settings.draft_vocab_size)
+        if k < len(pinned):
+            raise InputError(
+                f"--draft-vocab-size must be at least the number of pinned token ids ({len(pinned)}), but got {k}. "
+                "Raise it or pin fewer tokens."
+            )
+        if k % step:
+            logger.warning("--draft-vocab-size %d is not a multiple of --vocab-multiple %d; using it as given.", k, step)
         fixed = score(np.array([k], dtype=np.int64))
         if not fixed.feasible[0]:
             logger.warning(
                 "--draft-vocab-size %d covers %.4f of tokens, below --min-coverage %s.",
                 k, fixed.coverage[0], settings.min_coverage,
             )
-        low, high = settings.search_range(vocab_size)
-        context = score(np.arange(low, high + 1, dtype=np.int64))  # only drawn, never used to choose
-        return SearchResult("fixed", fixed.point(k), vocab_size, settings, candidates=context)
+        context = score(settings.candidate_ks(vocab_size, at_least=len(pinned)))  # only drawn, never used to choose
+        return result("fixed", fixed.point(k), candidates=context)
 
-    low, high = settings.search_range(vocab_size)
-    candidates = score(np.arange(low, high + 1, dtype=np.int64))
+    low, high = settings.candidate_range(vocab_size, at_least=len(pinned))
+    candidates = score(np.arange(low, high + 1, step, dtype=np.int64))
     if not candidates.feasible.any():
         raise _unreachable_coverage(curve, high, settings.min_coverage)
     exact = exact_search(candidates)
     tpe = tpe_search(
         candidates.point, low=low, high=high, n_trials=settings.n_calls,
-        random_state=settings.random_state, min_coverage=settings.min_coverage,
+        random_state=settings.random_state, min_coverage=settings.min_coverage, step=step,
     )
     pick = tpe.pick if settings.search == "tpe" else exact.pick
-    return SearchResult(settings.search, pick, vocab_size, settings, exact=exact, tpe=tpe, candidates=candidates)
+    return result(settings.search, pick, exact=exact, tpe=tpe, candidates=candidates)
 
 
 __all__ = [

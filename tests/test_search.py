@@ -322,3 +322,75 @@ def test_score_candidates_shapes_checked():
     curve = coverage_curve(np.array([3, 2, 1]))
     with pytest.raises(ValueError):
         score_candidates(curve, np.array([1, 2]), np.array([0.1]), coverage_weight=0.5)
+
+
+# --------------------------------------------------------------------------- --vocab-multiple
+
+
+def test_vocab_multiple_64_exact_is_the_best_multiple_by_brute_force():
+    V = 20000
+    counts = zipf_counts(V, 300_000, 1.0, seed=8)
+    arch = DraftArchitecture.paper(4096, 14336, 32, 8, V)
+    s = SearchSettings(vocab_multiple=64, n_calls=20, search="exact")
+    result = search(counts, arch, s)
+    assert result.k % 64 == 0 and result.exact.candidates.ks.tolist() == list(range(64, V + 1, 64))
+    freq = Counter({i: int(c) for i, c in enumerate(counts) if c})
+    total = sum(freq.values())
+    ranked = [f for _, f in freq.most_common()] + [0] * V
+    best_k, best_u = None, -np.inf
+    for k in range(64, V + 1, 64):  # every multiple of 64 in [50, 20000], the paper's formula
+        u = 0.5 * (sum(ranked[:k]) / total) + 0.5 * paper_latency_reduction(4096, 14336, 32, 8, V, k)
+        if u > best_u:
+            best_k, best_u = k, u
+    assert result.k == best_k and result.pick.utility == best_u
+    # TPE draws only multiples too and never beats the exact optimum
+    assert all(t.k % 64 == 0 for t in result.tpe.trials)
+    assert result.tpe.pick.k % 64 == 0 and result.tpe.pick.utility <= best_u
+    # the default TPE pick is a multiple as well
+    assert search(counts, arch, SearchSettings(vocab_multiple=64, n_calls=20)).k % 64 == 0
+
+
+def test_vocab_multiple_rounds_the_range_inward_or_says_why_not():
+    s = SearchSettings(min_vocab_size=50, max_vocab_size=1000, vocab_multiple=64)
+    assert s.candidate_range(128256) == (64, 960)
+    assert s.candidate_ks(900).tolist()[-1] == 896  # max clipped to V, then rounded down
+    with pytest.raises(InputError, match="--vocab-multiple 64 must leave at least one candidate.*\\[70, 100\\]"):
+        SearchSettings(min_vocab_size=70, max_vocab_size=100, vocab_multiple=64).candidate_range(128256)
+    assert SearchSettings(vocab_multiple=0).problems() == ["--vocab-multiple must be a positive integer, but got 0."]
+    # M = 1 is every k, as before
+    assert SearchSettings().candidate_ks(128256).tolist() == list(range(50, 50001))
+
+
+# --------------------------------------------------------------------------- pinned ids
+
+
+def test_pinned_curve_is_the_coverage_of_the_kept_set():
+    counts = np.array([5, 0, 9, 5, 1, 0, 2])
+    curve = coverage_curve(counts, pinned_ids=[5, 1])  # two unseen ids pinned
+    total = counts.sum()
+    from specforge_vocab.mapping import kept_token_ids
+
+    for k in range(2, 8):
+        kept = kept_token_ids(counts, k, pinned_ids=[5, 1])
+        assert curve[k] == counts[kept].sum() / total
+    # pins already among the most frequent change nothing from there on
+    plain = coverage_curve(counts)
+    pinned_top = coverage_curve(counts, pinned_ids=[2, 0])
+    assert pinned_top[2:].tolist() == plain[2:].tolist()
+
+
+def test_search_with_pinned_ids_counts_them_toward_k():
+    V = 3000
+    counts = zipf_counts(V, 50_000, 1.05, seed=3)
+    arch = DraftArchitecture.paper(512, 1536, 8, 2, V)
+    unseen = [int(i) for i in np.flatnonzero(counts == 0)[:3]]
+    s = SearchSettings(min_vocab_size=1, max_vocab_size=V, n_calls=10, search="exact")
+    plain = search(counts, arch, s)
+    pinned = search(counts, arch, s, pinned_ids=unseen)
+    assert pinned.pinned_ids == tuple(sorted(unseen))
+    assert pinned.exact.candidates.ks[0] == 3  # no candidate below the number of pinned ids
+    # three slots go to never-seen ids: at equal k, coverage is lower by the three smallest kept counts
+    assert pinned.exact.candidates.coverage[100] < plain.exact.candidates.coverage[102]
+    assert pinned.pick.utility <= plain.pick.utility
+    with pytest.raises(InputError, match="integer token counts"):
+        search(coverage_curve(counts), arch, s, pinned_ids=unseen)
