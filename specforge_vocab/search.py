@@ -138,6 +138,8 @@ class SearchSettings:
     search: str = "tpe"
     draft_vocab_size: Optional[int] = None
     vocab_multiple: int = 1
+    storage: Optional[str] = None
+    study_name: Optional[str] = None
 
     def problems(self, vocab_size: Optional[int] = None) -> List[str]:
         """Every invalid field, each as one message naming its flag."""
@@ -173,6 +175,9 @@ class SearchSettings:
                 out.append(must("--draft-vocab-size", expected, self.draft_vocab_size))
         if not _is_int(self.vocab_multiple) or self.vocab_multiple < 1:
             out.append(must("--vocab-multiple", "a positive integer", self.vocab_multiple))
+        from .studies import check_storage_settings
+
+        out += check_storage_settings(self.storage, self.study_name)
         return out
 
     def validate(self, vocab_size: Optional[int] = None) -> None:
@@ -199,6 +204,10 @@ class SearchSettings:
         group.add_argument("--vocab-multiple", type=positive_int, default=1, metavar="M",
                            help="only multiples of M are candidates (vLLM and SGLang pad LM-head rows to a multiple "
                                 "of 64; default 1 = every k)")
+        group.add_argument("--storage", default=None, metavar="URL",
+                           help="keep the TPE study in an Optuna RDB storage (e.g. sqlite:///study.db) so an "
+                                "interrupted search resumes; needs --study-name")
+        group.add_argument("--study-name", default=None, metavar="NAME", help="the study's name in --storage")
 
     @classmethod
     def from_args(cls, args) -> "SearchSettings":
@@ -207,6 +216,7 @@ class SearchSettings:
             max_vocab_size=args.max_vocab_size, n_calls=args.n_calls, random_state=args.random_state,
             search=args.search, draft_vocab_size=args.draft_vocab_size,
             vocab_multiple=getattr(args, "vocab_multiple", 1),
+            storage=getattr(args, "storage", None), study_name=getattr(args, "study_name", None),
         )
 
     def search_range(self, vocab_size: int) -> Tuple[int, int]:
@@ -376,18 +386,6 @@ def exact_search(candidates: Candidates) -> ExactResult:
     return ExactResult(candidates.point(int(candidates.ks[best])), candidates)
 
 
-@contextlib.contextmanager
-def _quiet_optuna() -> Iterator[Any]:
-    import optuna
-
-    previous = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        yield optuna
-    finally:
-        optuna.logging.set_verbosity(previous)
-
-
 def tpe_search(
     evaluate: Callable[[int], Evaluation],
     *,
@@ -397,10 +395,16 @@ def tpe_search(
     random_state: int,
     min_coverage: float = 0.0,
     step: int = 1,
+    storage: Optional[str] = None,
+    study_name: Optional[str] = None,
+    fingerprint: Optional[str] = None,
 ) -> TPEResult:
     """The paper's search: Optuna TPESampler(seed=random_state), ``n_trials`` integer trials
     in [low, high]; a trial below min_coverage scores -1.0; if the best trial misses the
-    constraint, the best feasible evaluated k is taken, else ``high``."""
+    constraint, the best feasible evaluated k is taken, else ``high``. With ``storage`` and
+    ``study_name`` the study is kept in an Optuna RDB storage and resumes (see :mod:`.studies`)."""
+    from .studies import best_of, run_tpe_trials
+
     evaluations: Dict[int, Evaluation] = {}
 
     def cached(k: int) -> Evaluation:
@@ -408,25 +412,18 @@ def tpe_search(
             evaluations[k] = evaluate(k)
         return evaluations[k]
 
-    def objective(trial) -> float:
-        k = trial.suggest_int("vocab_size", low, high, step=step)
+    def value(k: int) -> float:
         point = cached(k)
-        trial.set_user_attr("coverage", point.coverage)
-        trial.set_user_attr("latency_reduction", point.latency_reduction)
-        if point.coverage < min_coverage:
-            return INFEASIBLE_SCORE
-        return point.utility
+        return INFEASIBLE_SCORE if point.coverage < min_coverage else point.utility
 
-    with _quiet_optuna() as optuna:
-        from optuna.samplers import TPESampler
-
-        study = optuna.create_study(direction="maximize", sampler=TPESampler(seed=random_state))
-        study.optimize(objective, n_trials=n_trials, show_progress_bar=False)
-        best_k = int(study.best_trial.params["vocab_size"])
-        trials = [
-            Trial(t.number, int(t.params["vocab_size"]), float(t.value), *_triple(evaluations[int(t.params["vocab_size"])]))
-            for t in study.trials
-        ]
+    pairs = run_tpe_trials(
+        value, low=low, high=high, step=step, n_trials=n_trials, random_state=random_state,
+        storage=storage, study_name=study_name, fingerprint=fingerprint,
+        user_attrs=lambda k: {"coverage": cached(k).coverage, "latency_reduction": cached(k).latency_reduction},
+    )
+    best_k = best_of(pairs)[0]
+    trials = [Trial(i, k, v, *_triple(cached(k))) for i, (k, v) in enumerate(pairs)]
+    evaluations = {k: cached(k) for k, _ in pairs}  # in trial order, as an uninterrupted run
 
     pick = cached(best_k)
     fallback = None
@@ -538,9 +535,18 @@ def search(
     if not candidates.feasible.any():
         raise _unreachable_coverage(curve, high, settings.min_coverage)
     exact = exact_search(candidates)
+    fingerprint = None
+    if settings.storage:
+        import hashlib
+
+        digest = hashlib.sha256(curve.tobytes())
+        digest.update(repr((settings.coverage_weight, settings.min_coverage, objective_name, arch,
+                            model(np.array([low, high], dtype=np.int64)).tolist())).encode())
+        fingerprint = digest.hexdigest()
     tpe = tpe_search(
         candidates.point, low=low, high=high, n_trials=settings.n_calls,
         random_state=settings.random_state, min_coverage=settings.min_coverage, step=step,
+        storage=settings.storage, study_name=settings.study_name, fingerprint=fingerprint,
     )
     pick = tpe.pick if settings.search == "tpe" else exact.pick
     return result(settings.search, pick, exact=exact, tpe=tpe, candidates=candidates)
