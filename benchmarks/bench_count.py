@@ -47,7 +47,9 @@ def main() -> int:
     sets = {"gsm8k train (2 files)": [str(data / "gsm8k_train_part1.jsonl"), str(data / "gsm8k_train_part2.jsonl")],
             "hh_rlhf harmless test (multi-turn)": [str(data / "hh_rlhf_harmless_base_test.jsonl")]}
     for name, paths in sets.items():
-        settings = CountSettings(dataset_paths=paths, tokenizer_path=tok_dir, chat_template="llama3")
+        # In-process (num_workers=1), like the floor: both tokenize with the Rust tokenizer's own
+        # thread pool; bench_scale.py measures the worker processes.
+        settings = CountSettings(dataset_paths=paths, tokenizer_path=tok_dir, chat_template="llama3", num_workers=1)
         times = interleaved({"floor": lambda: floor(paths, tokenizer, template),
                              "ours": lambda: count_dataset(settings)})
         (floor_s, _), (ours_s, result) = times["floor"], times["ours"]
@@ -59,7 +61,7 @@ def main() -> int:
     records = [json.loads(line) for line in open(paths[0], encoding="utf-8")]
     slow_s, slow_counts = best_of(lambda: reference_counts(records, tokenizer, "llama3"), repeats=1)
     ours_s, result = best_of(lambda: count_dataset(CountSettings(dataset_paths=paths, tokenizer_path=tok_dir,
-                                                                  chat_template="llama3")))
+                                                                  chat_template="llama3", num_workers=1)))
     same = bool((slow_counts == result.counts).all())
     print(f"{'hh_rlhf: SpecForge rule vs ours':<36} slow  {slow_s:7.3f} s  ours {ours_s:7.3f} s  speed-up "
           f"{slow_s / ours_s:5.1f}x (claim >= 4x); identical counts: {same}")

@@ -77,6 +77,7 @@ def output_settings_from_args(args: argparse.Namespace):
 def add_optimize_parser(sub) -> None:
     from .counting import CountSettings
     from .search import SearchSettings
+    from .serving import ServingSettings
 
     parser = sub.add_parser("optimize", help="choose draft_vocab_size and write the d2t/t2d mapping",
                             description="Count the loss-masked tokens, choose draft_vocab_size (TPE and exact), write "
@@ -84,6 +85,7 @@ def add_optimize_parser(sub) -> None:
                                         "patch the draft config.")
     CountSettings.add_arguments(parser, datasets_required=False)
     SearchSettings.add_arguments(parser)
+    ServingSettings.add_arguments(parser)
     add_output_arguments(parser, output_dir_default="./cache/vocab_optimization")
     parser.set_defaults(run=run_optimize_command)
 
@@ -92,9 +94,10 @@ def run_optimize_command(args: argparse.Namespace) -> int:
     from .counting import CountSettings
     from .search import SearchSettings
     from .pipeline import optimize
+    from .serving import ServingSettings
 
     result = optimize(CountSettings.from_args(args), SearchSettings.from_args(args), output_settings_from_args(args),
-                      progress=not args.quiet)
+                      progress=not args.quiet, serving=ServingSettings.from_args(args))
     _say(args, *result.summary_lines())
     return 0
 
@@ -164,7 +167,23 @@ def add_trim_parser(sub) -> None:
 # ---------------------------------------------------------------- main
 
 
-SUBCOMMANDS: List[Callable] = [add_count_parser, add_optimize_parser, add_trim_parser, add_demo_parser]
+from .merge import add_merge_parser  # noqa: E402
+
+
+def add_prepare_parser(sub) -> None:
+    from .hook import add_prepare_parser as add
+
+    add(sub)
+
+
+def add_pre_step_parser(sub) -> None:
+    from .hook import add_pre_step_parser as add
+
+    add(sub)
+
+
+SUBCOMMANDS: List[Callable] = [add_count_parser, add_merge_parser, add_optimize_parser, add_trim_parser,
+                               add_prepare_parser, add_pre_step_parser, add_demo_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

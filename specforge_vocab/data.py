@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence
 
@@ -37,18 +38,97 @@ class Record:
     data: Any
 
 
+@dataclass(frozen=True)
+class RawRecord:
+    """A record before JSON decoding: cheap to read and to send to a worker process.
+
+    ``payload`` is the raw line of a .jsonl file (``parsed`` False) or the value already
+    decoded from a .json list (``parsed`` True). ``decode()`` gives the :class:`Record`, or
+    raises the same "malformed JSON" :class:`InputError` whoever decodes it.
+    """
+
+    source: str
+    line: int
+    index: int
+    payload: Any
+    parsed: bool = False
+
+    def decode(self) -> Record:
+        value = self.payload if self.parsed else parse_json_line(self.payload, self.source, self.line)
+        return Record(self.source, self.line, self.index, value)
+
+
+def parse_json_line(text: str, path: str, number: int) -> Any:
+    """``json.loads`` of one .jsonl line; malformed JSON is an InputError naming file and line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            f"{path}, line {number}: malformed JSON ({exc.msg} at column {exc.colno}). "
+            "Each line of a .jsonl file must be one complete JSON object; fix or remove this line, "
+            "or pass --skip-invalid to skip bad lines."
+        ) from None
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The ``index``-th of ``count`` deterministic shards: records whose position % count == index.
+
+    Positions are those of :func:`iter_raw_records` (every non-blank record, invalid ones too),
+    taken after ``sample_size``: the first N records overall are split, so shards of a sample
+    merge to exactly that sample.
+
+    >>> s = Shard.parse("1/4"); (s.index, s.count, str(s), s.contains(5), s.contains(6))
+    (1, 4, '1/4', True, False)
+    >>> str(Shard.parse("1/2").split(1, 3))  # rank 1 of 3 within shard 1/2: positions % 6 == 3
+    '3/6'
+    """
+
+    index: int
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def contains(self, position: int) -> bool:
+        return position % self.count == self.index
+
+    def split(self, part: int, parts: int) -> "Shard":
+        """The ``part``-th of ``parts`` sub-shards of this shard (still a position % m == j rule)."""
+        return Shard(self.index + self.count * part, self.count * parts)
+
+    @classmethod
+    def parse(cls, text: Any, *, flag: str = "--shard") -> "Shard":
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text)) if text is not None else None
+        if not match or int(match.group(2)) < 1 or int(match.group(1)) >= int(match.group(2)):
+            raise InputError(
+                f"{flag} must be i/n with 0 <= i < n (0-based: --shard 0/4 ... --shard 3/4 cover the data), "
+                f"but got {text!r}."
+            )
+        return cls(int(match.group(1)), int(match.group(2)))
+
+
 @dataclass
 class ReadStats:
-    """What reading saw: invalid lines skipped under ``skip_invalid`` (with the first few named)."""
+    """What reading saw: invalid records skipped under ``skip_invalid`` (with the first few named).
+
+    ``records_seen`` counts every record position read (all shards), ``example_indices`` are the
+    positions of ``examples`` so skipped records from several shards can be put back in order.
+    """
 
     invalid_skipped: int = 0
     examples: List[str] = field(default_factory=list)
+    example_indices: List[int] = field(default_factory=list)
+    records_seen: int = 0
+    max_examples: int = 5
 
-    def skip(self, message: str) -> None:
+    def skip(self, message: str, index: Optional[int] = None, *, log: bool = True) -> None:
         self.invalid_skipped += 1
-        if len(self.examples) < 5:
+        if len(self.examples) < self.max_examples:
             self.examples.append(message)
-        logger.warning("skipped: %s", message)
+            self.example_indices.append(-1 if index is None else int(index))
+        if log:
+            logger.warning("skipped: %s", message)
 
 
 def dataset_files(paths: Sequence[str], *, flag: str = "--dataset-path") -> List[str]:
@@ -94,22 +174,11 @@ def _open_text(path: str) -> io.TextIOBase:
         raise InputError(f"Cannot read dataset {path}: {exc.strerror}. Check the file's permissions.") from exc
 
 
-def _iter_jsonl(handle, path: str, stats: ReadStats, skip_invalid: bool) -> Iterator[tuple]:
+def _iter_jsonl_lines(handle) -> Iterator[tuple]:
+    """(line number, raw line) for each non-blank line; decoding is left to the consumer."""
     for number, line in enumerate(handle, start=1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as exc:
-            message = (
-                f"{path}, line {number}: malformed JSON ({exc.msg} at column {exc.colno}). "
-                "Each line of a .jsonl file must be one complete JSON object; fix or remove this line, "
-                "or pass --skip-invalid to skip bad lines."
-            )
-            if skip_invalid:
-                stats.skip(message)
-                continue
-            raise InputError(message) from None
+        if line.strip():
+            yield number, line
 
 
 def _iter_json_array(handle, path: str) -> Iterator[tuple]:
@@ -179,26 +248,32 @@ def _iter_json_array(handle, path: str) -> Iterator[tuple]:
         pos = end
 
 
-def iter_records(
+def iter_raw_records(
     paths: Sequence[str],
     *,
     sample_size: Optional[int] = None,
-    skip_invalid: bool = False,
+    shard: Optional[Shard] = None,
     stats: Optional[ReadStats] = None,
     flag: str = "--dataset-path",
-) -> Iterator[Record]:
-    """Yield every record of ``paths`` in order (the first ``sample_size`` overall if given)."""
-    stats = stats if stats is not None else ReadStats()
+) -> Iterator[RawRecord]:
+    """Yield every record of ``paths`` undecoded, in order: the first ``sample_size`` overall if
+    given, then only those of ``shard``. Every non-blank .jsonl line is a record position, a
+    malformed one too (it fails in :meth:`RawRecord.decode`), so positions do not depend on
+    which process decodes. ``stats.records_seen`` counts all positions read (every shard).
+    """
     index = 0
     for path in dataset_files(paths, flag=flag):
         with _open_text(path) as handle:
             try:
                 is_array = path.endswith((".json", ".json.gz")) and _peek_is_array(handle)
-                values = _iter_json_array(handle, path) if is_array else _iter_jsonl(handle, path, stats, skip_invalid)
+                values = _iter_json_array(handle, path) if is_array else _iter_jsonl_lines(handle)
                 for line, value in values:
                     if sample_size is not None and index >= sample_size:
                         return
-                    yield Record(path, line, index, value)
+                    if stats is not None:
+                        stats.records_seen += 1
+                    if shard is None or shard.contains(index):
+                        yield RawRecord(path, line, index, value, is_array)
                     index += 1
             except UnicodeDecodeError as exc:
                 raise InputError(
@@ -207,6 +282,32 @@ def iter_records(
                 ) from None
             except (OSError, EOFError, gzip.BadGzipFile) as exc:
                 raise InputError(f"{path}: cannot be read to the end ({exc}). The file may be truncated or corrupt.") from None
+
+
+def iter_records(
+    paths: Sequence[str],
+    *,
+    sample_size: Optional[int] = None,
+    skip_invalid: bool = False,
+    stats: Optional[ReadStats] = None,
+    flag: str = "--dataset-path",
+    shard: Optional[Shard] = None,
+) -> Iterator[Record]:
+    """Yield every decoded record of ``paths`` in order (the first ``sample_size`` overall if given).
+
+    A malformed line is an error, or with ``skip_invalid`` is skipped and noted in ``stats``
+    (it still takes its record position, see :func:`iter_raw_records`).
+    """
+    stats = stats if stats is not None else ReadStats()
+    for raw in iter_raw_records(paths, sample_size=sample_size, shard=shard, stats=stats, flag=flag):
+        try:
+            record = raw.decode()
+        except InputError as exc:
+            if not skip_invalid:
+                raise
+            stats.skip(str(exc), raw.index)
+            continue
+        yield record
 
 
 def _peek_is_array(handle) -> bool:

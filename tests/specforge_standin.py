@@ -111,3 +111,54 @@ def run_config_mapping(config_path: str, overrides: Sequence[str] = ()):
         draft = os.path.join(draft, "config.json")
     d2t, t2d = install_mapping(mapping, draft)
     return mapping, d2t, t2d
+
+
+def _feature_files(path: str):
+    """Offline feature files as newer SpecForge lists them: the file, or every *.ckpt / *.ckpt.gz
+    under the directory (recursively), sorted."""
+    if os.path.isfile(path):
+        return [path]
+    found = []
+    for root, _dirs, names in os.walk(path):
+        found += [os.path.join(root, n) for n in names if n.endswith((".ckpt", ".ckpt.gz"))]
+    return sorted(found)
+
+
+def target_vocab_size(target_model_path: str) -> int:
+    """The target's V as newer SpecForge reads it from config.json: padded_vocab_size, else
+    vocab_size, of text_config when the config nests one."""
+    with open(os.path.join(target_model_path, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    config = config.get("text_config", config)
+    return int(config.get("padded_vocab_size") or config["vocab_size"])
+
+
+def offline_cache_mapping(config_path: str, overrides: Sequence[str] = ()):
+    """Return (path, d2t, t2d) as ``specforge train --config`` finds a mapping for offline features
+    when model.vocab_mapping_path is empty: ``<data.cache_dir>/vocab_mapping/<sha256>.pt`` with
+    sha256 of "<identity>:<target V>:<draft k>", identity = JSON (sorted keys) of
+    {"kind": "offline-features-v1", "files": [[abs path, size, mtime_ns], ...], "max_length": ...}."""
+    with open(config_path, encoding="utf-8") as handle:
+        raw = yaml.safe_load(handle) if config_path.endswith((".yaml", ".yml")) else json.load(handle)
+    for item in overrides:
+        dotted, value = item.split("=", 1)
+        section, field = dotted.split(".")
+        raw[section][field] = value
+    data = raw["data"]
+    files = []
+    for path in _feature_files(data["hidden_states_path"]):
+        stat = os.stat(path)
+        files.append((os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
+    identity = json.dumps({"kind": "offline-features-v1", "files": files,
+                           "max_length": int(data.get("max_length", 2048))}, sort_keys=True)
+    draft = raw["model"]["draft_model_config"]
+    if os.path.isdir(draft):
+        draft = os.path.join(draft, "config.json")
+    k, _vocab = draft_sizes(draft)
+    V = target_vocab_size(raw["model"]["target_model_path"])
+    key = hashlib.sha256(f"{identity}:{V}:{k}".encode()).hexdigest()
+    path = os.path.join(data.get("cache_dir", "./cache"), "vocab_mapping", key + ".pt")
+    if not os.path.exists(path):
+        raise WouldBuildOwnMapping(path)
+    d2t, t2d = install_mapping(path, draft)
+    return path, d2t, t2d

@@ -1,0 +1,410 @@
+"""Bad input, table-driven, over every entry point: each case has its expected message, exits with
+status 2 (CLI) or raises InputError (Python API), prints no traceback, and leaves every file as it
+was: the draft config, the earlier outputs, the counts file and the data (the whole work folder is
+hashed before and after; only lock files may appear).
+
+To cover another entry point (prepare, pre-step, trim, merge), add rows to CASES: ``entry`` is the
+CLI subcommand (any subcommand works through ``run_cli``) or an "api:" name registered in API.
+"""
+from __future__ import annotations
+
+import errno
+import gzip
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import pytest
+
+from conftest import DATA, LLAMA3_DIR
+from reliability_helpers import leftovers, snapshot_tree
+from specforge_vocab import fileio
+from specforge_vocab.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = {"conversations": [{"role": "user", "content": "What is 7 * 6?"}, {"role": "assistant", "content": "42."}]}
+
+
+class Env:
+    """One copy of the work folder: good data, a draft config, a counts file, an earlier output set."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def __getattr__(self, name: str) -> str:  # env.data -> root/data.jsonl etc.
+        return str(self.root / FILES[name])
+
+    def path(self, *parts: str) -> str:
+        return str(self.root.joinpath(*parts))
+
+    def write(self, name: str, data, *, binary: bool = False) -> str:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data) if binary else path.write_text(data, encoding="utf-8")
+        return str(path)
+
+    def lines(self, name: str, *lines: str) -> str:
+        return self.write(name, "".join(line + "\n" for line in lines))
+
+
+FILES = {"data": "data.jsonl", "config": "draft.json", "counts": "counts.safetensors", "out": "out",
+         "counts_out": "old_counts.safetensors"}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    entry: str  # CLI subcommand, or "api:<name>"
+    args: Callable[[Env], object]  # argv after the subcommand (CLI) or kwargs (API)
+    message: str  # regex the error message must match
+    setup: Optional[Callable[[Env], None]] = None
+    patch: Optional[Callable[[Env, pytest.MonkeyPatch], None]] = None
+    skip: Optional[Callable[[Env], Optional[str]]] = None
+
+
+def count_args(env: Env, *extra: str, data: Optional[str] = None) -> List[str]:
+    return ["--dataset-path", data or env.data, "--tokenizer-path", LLAMA3_DIR, "--output", env.counts_out,
+            "--max-length", "256", *extra]
+
+
+def optimize_args(env: Env, *extra: str, counts: Optional[str] = None, config: Optional[str] = None,
+                  out: Optional[str] = None) -> List[str]:
+    return ["--counts", counts or env.counts, "--config-path", config or env.config, "--output-dir", out or env.out,
+            "--n-calls", "5", "--lock-timeout", "5", *extra]
+
+
+def bad_data(env: Env, *lines: str, name: str = "bad.jsonl") -> str:
+    return env.lines(name, json.dumps(GOOD), *lines)
+
+
+def config_with(env: Env, **changes) -> str:
+    config = json.loads((REPO / "configs" / "llama3-8B-eagle3.json").read_text())
+    config.update(changes)
+    return env.write("other.json", json.dumps(config, indent=2))
+
+
+def as_root_reason(env: Env) -> Optional[str]:
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return "running as root: chmod 000 does not stop root from reading (the directory-as-file case covers it)"
+    return None
+
+
+def unreadable(env: Env) -> None:
+    os.chmod(env.lines("secret.jsonl", json.dumps(GOOD)), 0)
+
+
+def full_disk_at(write_number: int):
+    """Simulate ENOSPC: the Nth payload written by fileio gets some bytes out, then fails."""
+    def patch(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+        real, calls = fileio._write_payload, []
+
+        def failing(handle, payload):
+            calls.append(1)
+            if len(calls) == write_number:
+                handle.write(b"partial")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(handle, payload)
+
+        monkeypatch.setattr(fileio, "_write_payload", failing)
+
+    return patch
+
+
+def write_counts(env: Env, name: str, **tensors) -> str:
+    from safetensors.numpy import save
+
+    return env.write(name, save(tensors), binary=True)
+
+
+OUT_NOT_A_DIR = r"(must be a directory, but it is an existing file|Cannot create output directory)"
+OUT_UNDER_FILE = r"(cannot be created, because .*plain_file is a file|Cannot create output directory)"
+NO_SPACE = r"Cannot write .*No space left on device\. Nothing was changed"
+
+CASES: List[Case] = [
+    # ---------------------------------------------------------------- count: data
+    Case("malformed-json", "count", lambda e: count_args(e, data=bad_data(e, '{"conversations": [')),
+         r"bad\.jsonl, line 2: malformed JSON"),
+    Case("truncated-jsonl", "count",
+         lambda e: count_args(e, data=e.write("cut.jsonl", json.dumps(GOOD) + "\n" + json.dumps(GOOD)[:25])),
+         r"cut\.jsonl, line 2: malformed JSON"),
+    Case("truncated-json-array", "count",
+         lambda e: count_args(e, data=e.write("cut.json", "[" + json.dumps(GOOD) + ", " + json.dumps(GOOD)[:30])),
+         r"cut\.json, line 1: malformed JSON: expected"),
+    Case("not-utf8", "count", lambda e: count_args(e, data=e.write("latin.jsonl", b'{"conversations": "\xe9"}\n',
+                                                                     binary=True)),
+         r"latin\.jsonl: not valid UTF-8"),
+    Case("corrupt-gzip", "count", lambda e: count_args(e, data=e.write("bad.jsonl.gz", b"\x1f\x8bnot gzip at all",
+                                                                         binary=True)),
+         r"bad\.jsonl\.gz: cannot be read to the end"),
+    Case("truncated-gzip", "count",
+         lambda e: count_args(e, data=e.write("cut.jsonl.gz", gzip.compress((json.dumps(GOOD) + "\n").encode() * 50)[:60],
+                                              binary=True)),
+         r"cut\.jsonl\.gz: cannot be read to the end"),
+    Case("record-not-object", "count", lambda e: count_args(e, data=bad_data(e, '["user", "hi"]')),
+         r"line 2: each record must be a JSON object"),
+    Case("no-conversations-field", "count", lambda e: count_args(e, data=bad_data(e, '{"messages": []}')),
+         r"line 2: every record needs a 'conversations' field"),
+    Case("conversations-not-a-list", "count", lambda e: count_args(e, data=bad_data(e, '{"conversations": "hi"}')),
+         r"line 2, field 'conversations': must be a list of messages"),
+    Case("message-not-object", "count", lambda e: count_args(e, data=bad_data(e, '{"conversations": ["hi"]}')),
+         r"field 'conversations\[0\]': each message must be an object"),
+    Case("content-wrong-type", "count",
+         lambda e: count_args(e, data=bad_data(e, '{"conversations": [{"role": "user", "content": {"a": 1}}]}')),
+         r"field 'conversations\[0\]\.content': content must be a string or null"),
+    Case("content-number", "count",
+         lambda e: count_args(e, data=bad_data(e, '{"conversations": [{"role": "user", "content": 7}]}')),
+         r"content must be a string or null, but got int 7"),
+    Case("unknown-role", "count",
+         lambda e: count_args(e, data=bad_data(e, '{"conversations": [{"role": "narrator", "content": "x"}]}')),
+         r"field 'conversations\[0\]\.role': unknown role 'narrator'"),
+    Case("role-wrong-type", "count",
+         lambda e: count_args(e, data=bad_data(e, '{"conversations": [{"role": 5, "content": "x"}]}')),
+         r"unknown role 5"),
+    Case("preformatted-without-text", "count", lambda e: count_args(e, "--is-preformatted"),
+         r"with --is-preformatted every record needs a 'text' field"),
+    Case("text-wrong-type", "count",
+         lambda e: count_args(e, "--is-preformatted", data=e.lines("pre.jsonl", '{"text": "ok"}', '{"text": 3}')),
+         r"pre\.jsonl, line 2, field 'text': must be a string, but got int 3"),
+    Case("empty-file", "count", lambda e: count_args(e, data=e.write("empty.jsonl", "")), r"no records to count"),
+    Case("blank-lines-only", "count", lambda e: count_args(e, data=e.write("blank.jsonl", "\n\n  \n")),
+         r"no records to count"),
+    Case("missing-dataset", "count", lambda e: count_args(e, data=e.path("nowhere.jsonl")),
+         r"--dataset-path .*nowhere\.jsonl does not exist"),
+    Case("dataset-dir-without-data", "count",
+         lambda e: count_args(e, data=os.path.dirname(e.write("docs/readme.txt", "hello"))),
+         r"is a directory with no dataset files"),
+    Case("wrong-extension", "count", lambda e: count_args(e, data=e.write("data.txt", json.dumps(GOOD))),
+         r"must be a \.jsonl, \.json, \.jsonl\.gz or \.json\.gz file"),
+    Case("unreadable-file", "count", lambda e: count_args(e, data=e.path("secret.jsonl")),
+         r"Cannot read dataset .*secret\.jsonl: Permission denied", setup=unreadable, skip=as_root_reason),
+    Case("directory-named-like-a-file", "count",
+         lambda e: count_args(e, data=os.path.dirname(e.write("dir.jsonl/x.txt", "not data"))),
+         r"dir\.jsonl is a directory with no dataset files"),
+    # ---------------------------------------------------------------- count: tokenizer, template, flags
+    Case("unknown-template", "count", lambda e: count_args(e, "--chat-template", "llama-3"),
+         r"--chat-template must be one of .*but got 'llama-3'"),
+    Case("missing-tokenizer", "count",
+         lambda e: ["--dataset-path", e.data, "--tokenizer-path", e.path("no_tok"), "--output", e.counts_out],
+         r"--tokenizer-path .*no_tok must be a directory holding tokenizer\.json"),
+    Case("tokenizer-without-tokenizer-json", "count",
+         lambda e: ["--dataset-path", e.data, "--tokenizer-path", os.path.dirname(e.write("tok/vocab.txt", "a")),
+                    "--output", e.counts_out],
+         r"has no tokenizer\.json; a fast tokenizer is required"),
+    Case("tokenizer-asks-for-remote-code", "count",
+         lambda e: ["--dataset-path", e.data, "--tokenizer-path", e.path("evil_tok"), "--output", e.counts_out],
+         r"evil_tok.*pass --trust-remote-code if you trust it", setup=lambda e: make_remote_code_tokenizer(e)),
+    Case("target-vocab-size-too-small", "count", lambda e: count_args(e, "--target-vocab-size", "1000"),
+         r"token id \d+ is at or above the vocabulary size V=1,000"),
+    Case("max-length-zero", "count", lambda e: count_args(e, "--max-length", "0"),
+         r"--max-length: must be a positive integer, but got 0"),
+    Case("max-length-not-a-number", "count", lambda e: count_args(e, "--max-length", "lots"),
+         r"--max-length: must be a positive integer, but got 'lots'"),
+    Case("sample-size-negative", "count", lambda e: count_args(e, "--sample-size", "-3"),
+         r"--sample-size: must be a positive integer, but got -3"),
+    Case("output-under-a-file", "count", lambda e: count_args(e)[:-4] + ["--output", e.path("plain_file", "c.safetensors")],
+         r"(Cannot create output directory|Cannot write).*plain_file", setup=lambda e: e.write("plain_file", "x")),
+    Case("output-is-a-directory", "count", lambda e: count_args(e)[:-4] + ["--output", e.out],
+         r"(Cannot move the new .*out into place|out.*is a directory)"),
+    Case("full-disk", "count", lambda e: count_args(e), NO_SPACE, patch=full_disk_at(1)),
+    # ---------------------------------------------------------------- optimize: counts and config files
+    Case("counts-missing", "optimize", lambda e: optimize_args(e, counts=e.path("none.safetensors")),
+         r"--counts .*none\.safetensors does not exist"),
+    Case("counts-not-safetensors", "optimize",
+         lambda e: optimize_args(e, counts=e.write("junk.safetensors", b"not a safetensors file", binary=True)),
+         r"--counts .*junk\.safetensors is not a readable safetensors file"),
+    Case("counts-truncated", "optimize",
+         lambda e: optimize_args(e, counts=e.write("cut.safetensors", Path(e.counts).read_bytes()[:5000], binary=True)),
+         r"--counts .*cut\.safetensors is not a readable safetensors file"),
+    Case("counts-wrong-tensor", "optimize",
+         lambda e: optimize_args(e, counts=write_counts(e, "wrong.safetensors", tokens=np.ones(5, dtype=np.int64))),
+         r"must hold a tensor named 'counts'"),
+    Case("counts-float", "optimize",
+         lambda e: optimize_args(e, counts=write_counts(e, "float.safetensors", counts=np.ones(128256))),
+         r"'counts' must be int64 with shape \[V\], but got float64"),
+    Case("counts-negative", "optimize",
+         lambda e: optimize_args(e, counts=write_counts(e, "neg.safetensors", counts=-np.ones(128256, dtype=np.int64))),
+         r"'counts' must be non-negative"),
+    Case("counts-all-zero", "optimize",
+         lambda e: optimize_args(e, counts=write_counts(e, "zero.safetensors", counts=np.zeros(128256, dtype=np.int64))),
+         r"No loss-masked tokens were counted"),
+    Case("config-missing", "optimize", lambda e: optimize_args(e, config=e.path("nope.json")),
+         r"--config-path .*nope\.json does not exist"),
+    Case("config-malformed", "optimize", lambda e: optimize_args(e, config=e.write("bad.json", '{"vocab_size": 5,,}')),
+         r"bad\.json, line 1, column \d+: the draft config is not valid JSON"),
+    Case("config-truncated", "optimize",
+         lambda e: optimize_args(e, config=e.write("cut.json", Path(e.config).read_text()[:80])),
+         r"cut\.json, line \d+, column \d+: the draft config is not valid JSON"),
+    Case("config-not-an-object", "optimize", lambda e: optimize_args(e, config=e.write("list.json", "[1, 2]")),
+         r"a draft config must be a JSON object"),
+    Case("config-missing-keys", "optimize",
+         lambda e: optimize_args(e, config=e.write("few.json", json.dumps({"vocab_size": 128256}))),
+         r"the draft config must have 'hidden_size', 'intermediate_size'"),
+    Case("config-wrong-type", "optimize", lambda e: optimize_args(e, config=config_with(e, hidden_size="4096")),
+         r"field 'hidden_size' must be a positive integer, but got '4096'"),
+    Case("config-disagrees-with-counts", "optimize", lambda e: optimize_args(e, config=config_with(e, vocab_size=32000)),
+         r"vocab_size is 32000 but the token counts cover 128256 ids"),
+    Case("tokenizer-longer-than-config", "optimize",
+         lambda e: ["--dataset-path", e.data, "--tokenizer-path", LLAMA3_DIR, "--config-path",
+                    config_with(e, vocab_size=100000), "--output-dir", e.out, "--n-calls", "5", "--max-length", "256"],
+         r"(vocab_size is 100000 but the tokenizer has 128256 ids|at or above the vocabulary size V=100,000)"),
+    Case("config-not-utf8", "optimize", lambda e: optimize_args(e, config=e.write("l1.json", b'{"a": "\xe9"}', binary=True)),
+         r"l1\.json must be UTF-8 text"),
+    # ---------------------------------------------------------------- optimize: ranges and flags
+    Case("min-above-max", "optimize", lambda e: optimize_args(e, "--min-vocab-size", "5000", "--max-vocab-size", "100"),
+         r"--min-vocab-size must be at most --max-vocab-size \(100\), but got 5000"),
+    Case("negative-min", "optimize", lambda e: optimize_args(e, "--min-vocab-size", "-5"),
+         r"--min-vocab-size must be a positive integer, but got -5"),
+    Case("zero-max", "optimize", lambda e: optimize_args(e, "--max-vocab-size", "0"),
+         r"--max-vocab-size must be a positive integer, but got 0"),
+    Case("min-above-vocab-size", "optimize", lambda e: optimize_args(e, "--min-vocab-size", "200000",
+                                                                     "--max-vocab-size", "300000"),
+         r"--min-vocab-size must be at most the target vocab_size \(128256\), but got 200000"),
+    Case("min-coverage-above-1", "optimize", lambda e: optimize_args(e, "--min-coverage", "1.5"),
+         r"--min-coverage must be a number in \[0, 1\], but got 1\.5"),
+    Case("min-coverage-negative", "optimize", lambda e: optimize_args(e, "--min-coverage", "-0.1"),
+         r"--min-coverage must be a number in \[0, 1\], but got -0\.1"),
+    Case("min-coverage-nan", "optimize", lambda e: optimize_args(e, "--min-coverage", "nan"),
+         r"--min-coverage must be a number in \[0, 1\], but got nan"),
+    Case("coverage-weight-above-1", "optimize", lambda e: optimize_args(e, "--coverage-weight", "2"),
+         r"--coverage-weight must be a number in \[0, 1\], but got 2\.0"),
+    Case("unreachable-min-coverage", "optimize",
+         lambda e: optimize_args(e, "--min-coverage", "0.999999", "--max-vocab-size", "60"),
+         r"--min-coverage must be reachable within \[--min-vocab-size, --max-vocab-size\]"),
+    Case("draft-vocab-size-above-vocab-size", "optimize", lambda e: optimize_args(e, "--draft-vocab-size", "200000"),
+         r"--draft-vocab-size must be an integer in \[1, 128256\]"),
+    Case("n-calls-zero", "optimize", lambda e: optimize_args(e, "--n-calls", "0"),
+         r"--n-calls must be a positive integer, but got 0"),
+    Case("lock-timeout-negative", "optimize", lambda e: optimize_args(e)[:-2] + ["--lock-timeout", "-1"],
+         r"--lock-timeout must be a number of seconds >= 0, but got -1"),
+    Case("unknown-template-optimize", "optimize",
+         lambda e: ["--dataset-path", e.data, "--tokenizer-path", LLAMA3_DIR, "--chat-template", "chatml-9",
+                    "--output-dir", e.out], r"--chat-template must be one of .*but got 'chatml-9'"),
+    Case("no-data-and-no-counts", "optimize", lambda e: ["--tokenizer-path", LLAMA3_DIR, "--output-dir", e.out],
+         r"--dataset-path must name at least one file or directory"),
+    # ---------------------------------------------------------------- optimize: where outputs go
+    Case("output-dir-is-a-file", "optimize", lambda e: optimize_args(e, out=e.write("plain_file", "x")), OUT_NOT_A_DIR),
+    Case("output-dir-under-a-file", "optimize",
+         lambda e: optimize_args(e, out=e.path("plain_file", "results")), OUT_UNDER_FILE,
+         setup=lambda e: e.write("plain_file", "x")),
+    Case("output-name-taken-by-a-directory", "optimize", lambda e: optimize_args(e),
+         r"Cannot write .*summary\.json: a directory has that name",
+         setup=lambda e: (os.unlink(e.path("out", "summary.json")), os.mkdir(e.path("out", "summary.json")))),
+    Case("full-disk-first-write", "optimize", lambda e: optimize_args(e), NO_SPACE, patch=full_disk_at(1)),
+    Case("full-disk-last-write", "optimize", lambda e: optimize_args(e), NO_SPACE, patch=full_disk_at(7)),
+    Case("full-disk-journal", "optimize", lambda e: optimize_args(e), NO_SPACE,
+         patch=lambda e, mp: (mp.setenv(fileio.GROUP_WRITE_ENV, "journal"), full_disk_at(4)(e, mp))),
+    # ---------------------------------------------------------------- Python API
+    Case("api-malformed-json", "api:count_tokens", lambda e: dict(dataset_paths=bad_data(e, "{oops")),
+         r"bad\.jsonl, line 2: malformed JSON"),
+    Case("api-unknown-role", "api:count_tokens",
+         lambda e: dict(dataset_paths=bad_data(e, '{"conversations": [{"role": "bot", "content": "x"}]}')),
+         r"unknown role 'bot'"),
+    Case("api-unknown-template", "api:count_tokens", lambda e: dict(chat_template="nope"),
+         r"--chat-template must be one of"),
+    Case("api-missing-file", "api:count_tokens", lambda e: dict(dataset_paths=e.path("gone.jsonl")),
+         r"gone\.jsonl does not exist"),
+    Case("api-empty-data", "api:count_tokens", lambda e: dict(dataset_paths=e.write("empty.jsonl", "")),
+         r"no records to count"),
+    Case("api-max-length-zero", "api:count_tokens", lambda e: dict(max_length=0),
+         r"--max-length must be a positive integer, but got 0"),
+    Case("api-ids-out-of-range", "api:count_tokens", lambda e: dict(target_vocab_size=500),
+         r"at or above the vocabulary size V=500"),
+    Case("api-wrong-type", "api:count_tokens",
+         lambda e: dict(dataset_paths=bad_data(e, '{"conversations": [{"role": "user", "content": ["a"]}]}')),
+         r"content must be a string or null, but got list"),
+]
+
+
+def make_remote_code_tokenizer(env: Env) -> None:
+    """A tokenizer whose config asks for its own Python class; the class leaves a marker if it ever runs."""
+    folder = Path(env.path("evil_tok"))
+    folder.mkdir()
+    shutil.copy(os.path.join(LLAMA3_DIR, "tokenizer.json"), folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}}))
+    (folder / "tokenization_evil.py").write_text(
+        f"open({str(folder / 'RAN')!r}, 'w').write('remote code ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+
+
+def api_count_tokens(env: Env, kwargs: Dict) -> None:
+    from specforge_vocab.counting import count_tokens
+
+    full = dict(dataset_paths=env.data, tokenizer_path=LLAMA3_DIR, chat_template="llama3", max_length=256)
+    full.update(kwargs)
+    paths = full.pop("dataset_paths")
+    count_tokens(paths, full.pop("tokenizer_path"), **full)
+
+
+API: Dict[str, Callable[[Env, Dict], None]] = {"count_tokens": api_count_tokens}
+
+
+@pytest.fixture(scope="module")
+def template_env(tmp_path_factory):
+    """The work folder every case starts from (built once): data, config, counts, an earlier output set."""
+    from specforge_vocab.cli import main
+    from specforge_vocab.counting import count_tokens, save_counts
+
+    env = Env(tmp_path_factory.mktemp("bad-inputs-template"))
+    rows = [json.loads(l) for l in (DATA / "gsm8k_test_sample.jsonl").read_text().splitlines()[:6]]
+    env.lines(FILES["data"], *(json.dumps(r) for r in rows))
+    shutil.copy(REPO / "configs" / "llama3-8B-eagle3.json", env.config)
+    counts = count_tokens(env.data, LLAMA3_DIR, chat_template="llama3", max_length=256)
+    save_counts(env.counts, counts, {"format": "specforge-vocab-counts", "tokenizer_length": "128256"})
+    shutil.copy(env.counts, env.counts_out)
+    assert main(["-q", "optimize", "--counts", env.counts, "--config-path", env.config, "--output-dir", env.out,
+                 "--draft-vocab-size", "600", "--max-vocab-size", "3000"]) == 0
+    return env
+
+
+def run_cli(entry: str, argv: List[str], capsys) -> Tuple[int, str]:
+    from specforge_vocab.cli import main
+
+    try:
+        code = main([entry] + argv)
+    except SystemExit as exc:  # argparse rejects the flag
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+COUNTED: Dict[str, int] = {}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_refused_and_changes_nothing(case: Case, template_env, tmp_path, capsys, monkeypatch):
+    env = Env(tmp_path / "work")
+    shutil.copytree(template_env.root, env.root, symlinks=True)
+    if case.skip is not None and (reason := case.skip(env)):
+        pytest.skip(reason)
+    if case.setup is not None:
+        case.setup(env)
+    args = case.args(env)
+    before = snapshot_tree(str(env.root))
+    if case.patch is not None:
+        case.patch(env, monkeypatch)
+    if case.entry.startswith("api:"):
+        with pytest.raises(InputError) as info:
+            API[case.entry[4:]](env, args)
+        message = str(info.value)
+    else:
+        code, message = run_cli(case.entry, args, capsys)
+        assert code == 2, f"exit status {code}, stderr:\n{message}"
+        assert "Traceback" not in message
+        assert message.startswith("error: ") or "usage: " in message, message
+    assert re.search(case.message, message, re.S), f"expected /{case.message}/ in:\n{message}"
+    monkeypatch.undo()
+    after = snapshot_tree(str(env.root))
+    changed = sorted(set(before) ^ set(after) | {p for p in before if p in after and before[p] != after[p]})
+    assert not changed, f"files changed, appeared or disappeared: {changed}"
+    assert leftovers(str(env.root)) == []
+    assert not os.path.exists(env.path("evil_tok", "RAN")), "the tokenizer's own code was run"
+    COUNTED[case.entry] = COUNTED.get(case.entry, 0) + 1
+
+
+def test_zz_report_bad_inputs():
+    print("bad inputs tried:", COUNTED, "total", sum(COUNTED.values()), "of", len(CASES), "cases")
