@@ -212,9 +212,19 @@ def _configure_logging(args: argparse.Namespace) -> None:
     logger.setLevel(logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING)
 
 
+GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose")
+
+
+def _global_flags_first(argv: List[str]) -> List[str]:
+    """Accept -q/-v anywhere before a '--' (``specforge-vocab optimize ... -q``), as global flags."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:end] if a in GLOBAL_FLAGS]
+    return flags + [a for a in argv[:end] if a not in GLOBAL_FLAGS] + argv[end:]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_global_flags_first(list(sys.argv[1:] if argv is None else argv)))
     _configure_logging(args)
     try:
         return int(args.run(args) or 0)

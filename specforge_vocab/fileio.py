@@ -858,3 +858,4 @@ __all__ = [
     "sha256_file",
     "writable_dir_problem",
 ]
+

@@ -212,6 +212,7 @@ def before_training(
                          "values as train_eagle3 flags instead.")
     cwd = os.path.abspath(cwd or os.getcwd())
     search = search if search is not None else SearchSettings()
+    search.validate()  # every search flag is checked before any work
     options = dict(keep_draft_vocab_size=keep_draft_vocab_size, force=force, search=search, output_dir=output_dir,
                    backup=backup, lock_timeout=lock_timeout, cwd=cwd)
 
@@ -531,7 +532,6 @@ def decide(plan: Plan) -> Decision:
     recover_outputs(plan.output_dir, plan.draft_config)  # finish what an interrupted run left, if anything
     memo = _memo(plan)
     current = json.loads(json_text(fingerprint(plan, memo)))  # as it will read back from fingerprint.json
-    memo.save()
     stored = read_fingerprint(plan.output_dir)
     if plan.force:
         return Decision("count", "--force", current)
@@ -543,6 +543,7 @@ def decide(plan: Plan) -> Decision:
     broken = _outputs_intact(plan.output_dir, stored, [COUNTS_FILE])
     if broken:
         return Decision("count", broken, current)
+    memo.save()  # the data hashes are known good from here on (a count that fails saves nothing)
     changed = _first_difference(stored.get("choice"), current["choice"], "choice")
     if changed:
         return Decision("search", f"setting changed ({changed}); the data are unchanged", current)

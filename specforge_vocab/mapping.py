@@ -242,12 +242,13 @@ def save_mapping(path_pt: str, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
 def save_mapping_safetensors(
     path: str, d2t: torch.Tensor, t2d: torch.Tensor, metadata: Optional[Dict[str, str]] = None
 ) -> None:
-    """Write d2t/t2d as a safetensors file (metadata values are turned into strings)."""
-    from safetensors.torch import save
+    """Write d2t/t2d as a safetensors file (metadata values are turned into strings), byte-identical
+    for the same tensors and metadata."""
+    from .counting import safetensors_bytes
 
     meta = {str(key): str(value) for key, value in (metadata or {}).items()}
-    data = save({"d2t": d2t.detach().cpu().contiguous(), "t2d": t2d.detach().cpu().contiguous()}, metadata=meta or None)
-    atomic_write(path, data)
+    tensors = {"d2t": d2t.detach().cpu().numpy(), "t2d": t2d.detach().cpu().numpy()}
+    atomic_write(path, safetensors_bytes(tensors, meta or None))
 
 
 def load_mapping(

@@ -111,11 +111,11 @@ def _mapping_payloads(d2t, t2d, metadata: Dict[str, str]) -> Tuple[bytes, bytes]
     import io
 
     import torch
-    from safetensors.torch import save
+    from .counting import safetensors_bytes
 
     buffer = io.BytesIO()
     torch.save({"d2t": d2t, "t2d": t2d}, buffer)
-    return buffer.getvalue(), save({"d2t": d2t.contiguous(), "t2d": t2d.contiguous()}, metadata=metadata)
+    return buffer.getvalue(), safetensors_bytes({"d2t": d2t.numpy(), "t2d": t2d.numpy()}, metadata)
 
 
 def resolve_counts(count: CountSettings, output: OutputSettings, *, vocab_size: Optional[int],
@@ -126,7 +126,15 @@ def resolve_counts(count: CountSettings, output: OutputSettings, *, vocab_size: 
         return counts, None, metadata
     if count.target_vocab_size is None and vocab_size is not None:
         count = replace(count, target_vocab_size=vocab_size)
-    result = count_dataset(count, progress=progress, tallies=tallies)
+    if output.no_cache:
+        result = count_dataset(count, progress=progress, tallies=tallies)
+    else:
+        from .cache import cached_count
+
+        result, hit = cached_count(count, cache_dir=output.cache_dir, progress=progress, tallies=tallies)
+        if hit:
+            logger.warning("Reusing the counts cached in %s (same data, tokenizer and settings; --no-cache recounts).",
+                           os.path.join(output.cache_dir, "counts"))
     return result.counts, result, result.metadata()
 
 
@@ -200,7 +208,7 @@ def optimize(count: CountSettings, search_settings: SearchSettings, output: Outp
     extra["serving"] = serving.as_dict()
     summary = summary_dict(result, arch, tokens_counted=tokens, unique_tokens=int(np.count_nonzero(counts)),
                            settings=extra, additions=analysis.summary())
-    from safetensors.numpy import save as save_numpy
+    from .counting import safetensors_bytes
 
     mapping_meta = {"draft_vocab_size": str(result.k), "vocab_size": str(V), "format": "specforge-vocab-mapping"}
     pt_bytes, st_bytes = _mapping_payloads(d2t, t2d, mapping_meta)
@@ -218,7 +226,7 @@ def optimize(count: CountSettings, search_settings: SearchSettings, output: Outp
         files["full_results"]: json_text(full_results(result)),
         files["plot"]: render_optimization_results(result, latency_label=LATENCY_LABELS[serving.latency.latency_model]),
         files["coverage_plot"]: render_coverage_curves(result, analysis),
-        files["counts"]: save_numpy({"counts": np.ascontiguousarray(counts)}, metadata=counts_meta),
+        files["counts"]: safetensors_bytes({"counts": np.ascontiguousarray(counts)}, counts_meta),
         files["mapping_pt"]: pt_bytes,
         files["mapping_safetensors"]: st_bytes,
         files["summary"]: json_text(summary),  # last: its presence means the set is complete

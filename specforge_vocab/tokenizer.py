@@ -34,7 +34,9 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, flag: str = "-
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except Exception as exc:  # transformers raises many types here
         hint = " It asks to run its own code: pass --trust-remote-code if you trust it." if "trust_remote_code" in str(exc) else ""
-        raise InputError(f"{flag} {path}: the tokenizer cannot be loaded ({type(exc).__name__}: {exc}).{hint}") from None
+        detail = " ".join(str(exc).split())  # one paragraph, whatever transformers printed
+        raise InputError(f"{flag} {path}: the tokenizer cannot be loaded ({type(exc).__name__}: {detail}).{hint}") from None
     if not getattr(tokenizer, "is_fast", False):
         raise InputError(f"{flag} {path}: a fast tokenizer is required, but {type(tokenizer).__name__} was loaded.")
     return tokenizer
+

@@ -298,6 +298,59 @@ CASES: List[Case] = [
     Case("full-disk-last-write", "optimize", lambda e: optimize_args(e), NO_SPACE, patch=full_disk_at(7)),
     Case("full-disk-journal", "optimize", lambda e: optimize_args(e), NO_SPACE,
          patch=lambda e, mp: (mp.setenv(fileio.GROUP_WRITE_ENV, "journal"), full_disk_at(4)(e, mp))),
+    # ---------------------------------------------------------------- merge
+    Case("merge_missing_shard", "merge", lambda e: [e.path("c0.safetensors"), "--output", e.path("m.safetensors")],
+         r"shard 1/2 is missing \(got 0/2\)", setup=lambda e: shard_files(e)),
+    Case("merge_same_shard_twice", "merge",
+         lambda e: [e.path("c0.safetensors"), e.path("c0.safetensors"), e.path("c1.safetensors"), "--output",
+                    e.path("m.safetensors")], r"are both shard 0/2: they overlap", setup=lambda e: shard_files(e)),
+    Case("merge_other_template", "merge",
+         lambda e: [e.path("c0.safetensors"), e.path("q1.safetensors"), "--output", e.path("m.safetensors")],
+         r"differ in chat_template: llama3 vs qwen", setup=lambda e: shard_files(e)),
+    Case("merge_missing_file", "merge", lambda e: [e.path("c0.safetensors"), e.path("gone.safetensors"), "--output",
+                                                   e.path("m.safetensors")],
+         r"merge input .*gone\.safetensors does not exist", setup=lambda e: shard_files(e)),
+    # ---------------------------------------------------------------- trim
+    Case("trim_missing_checkpoint", "trim", lambda e: ["--checkpoint", e.path("nockpt"), "--counts", e.counts,
+                                                       "--output", e.path("trimmed")],
+         r"--checkpoint .*nockpt must be a draft checkpoint directory"),
+    Case("trim_checkpoint_without_weights", "trim", lambda e: ["--checkpoint", e.path("ckpt"), "--counts", e.counts,
+                                                               "--output", e.path("trimmed")],
+         r"holds no model\.safetensors.*found \['config\.json'\]", setup=lambda e: draft_checkpoint(e, weights=False)),
+    Case("trim_no_mapping", "trim", lambda e: ["--checkpoint", e.path("ckpt"), "--counts", e.counts,
+                                               "--output", e.path("trimmed")],
+         r"holds no d2t/t2d, so which target id each LM-head row stands for is unknown",
+         setup=lambda e: draft_checkpoint(e)),
+    Case("trim_output_is_input", "trim", lambda e: ["--checkpoint", e.path("ckpt"), "--counts", e.counts,
+                                                    "--output", e.path("ckpt")],
+         r"--output must be a directory other than --checkpoint", setup=lambda e: draft_checkpoint(e)),
+    Case("trim_no_counts", "trim", lambda e: ["--checkpoint", e.path("ckpt"), "--output", e.path("trimmed")],
+         r"Token counts are needed", setup=lambda e: draft_checkpoint(e)),
+    # ---------------------------------------------------------------- prepare (specforge train --config)
+    Case("prepare_missing_run_config", "prepare", lambda e: ["--config", e.path("nope.yaml")],
+         r"Run config .*nope\.yaml does not exist"),
+    Case("prepare_no_draft_config", "prepare", lambda e: ["--config", run_yaml(e, draft=None)],
+         r"field 'model\.draft_model_config' is not set"),
+    Case("prepare_missing_data", "prepare", lambda e: ["--config", run_yaml(e, data=e.path("missing.jsonl"))],
+         r"field 'data\.train_data_path' is .*missing\.jsonl.*does not exist"),
+    Case("prepare_unknown_override", "prepare", lambda e: ["--config", run_yaml(e), "--set", "data.max_lenght=5"],
+         r"SpecForge has no field data\.max_lenght\. Did you mean data\.max_length\?"),
+    Case("prepare_bad_data_line", "prepare", lambda e: ["--config", run_yaml(e, data=bad_data(e, "{oops"))],
+         r"bad\.jsonl, line 2: malformed JSON"),
+    Case("prepare_bad_range", "prepare", lambda e: ["--config", run_yaml(e), "--min-vocab-size", "900",
+                                                    "--max-vocab-size", "100"],
+         r"--min-vocab-size must be at most --max-vocab-size \(100\), but got 900"),
+    # ---------------------------------------------------------------- pre-step (train_eagle3.py flags)
+    Case("pre_step_no_draft_config", "pre-step",
+         lambda e: ["--", "--target-model-path", LLAMA3_DIR, "--train-data-path", e.data, "--output-dir", e.path("o")],
+         r"--draft-model-config is not given"),
+    Case("pre_step_missing_data", "pre-step",
+         lambda e: ["--", "--target-model-path", LLAMA3_DIR, "--train-data-path", e.path("nothere.jsonl"),
+                    "--draft-model-config", e.config, "--output-dir", e.path("o")],
+         r"'--train-data-path' is .*nothere\.jsonl.*does not exist"),
+    Case("pre_step_missing_required_flag", "pre-step",
+         lambda e: ["--", "--target-model-path", LLAMA3_DIR, "--draft-model-config", e.config],
+         r"the following arguments are required: --train-data-path"),
     # ---------------------------------------------------------------- Python API
     Case("api-malformed-json", "api:count_tokens", lambda e: dict(dataset_paths=bad_data(e, "{oops")),
          r"bad\.jsonl, line 2: malformed JSON"),
@@ -317,6 +370,11 @@ CASES: List[Case] = [
     Case("api-wrong-type", "api:count_tokens",
          lambda e: dict(dataset_paths=bad_data(e, '{"conversations": [{"role": "user", "content": ["a"]}]}')),
          r"content must be a string or null, but got list"),
+    Case("api_before_training_missing_config", "api:before_training", lambda e: dict(run_config=e.path("no.yaml")),
+         r"Run config .*no\.yaml does not exist"),
+    Case("api_before_training_bad_flags", "api:before_training",
+         lambda e: dict(train_eagle3_args=["--target-model-path", LLAMA3_DIR]),
+         r"the following arguments are required: --train-data-path"),
 ]
 
 
@@ -332,6 +390,47 @@ def make_remote_code_tokenizer(env: Env) -> None:
         "from transformers import PreTrainedTokenizerFast\n\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
 
 
+def shard_files(env: Env) -> None:
+    """Two shard counts files of the data (llama3) and one shard of a qwen count, for merge cases."""
+    from specforge_vocab.cli import main
+
+    for shard, template, name in (("0/2", "llama3", "c0"), ("1/2", "llama3", "c1"), ("1/2", "qwen", "q1")):
+        assert main(["-q", "count", "--dataset-path", env.data, "--tokenizer-path", LLAMA3_DIR, "--max-length", "256",
+                     "--num-workers", "1", "--chat-template", template, "--shard", shard,
+                     "--output", env.path(name + ".safetensors")]) == 0
+
+
+def draft_checkpoint(env: Env, *, weights: bool = True) -> None:
+    """A small draft checkpoint (trained head of 64 rows over V = 128,256) with no d2t/t2d."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(env.path("ckpt"))
+    folder.mkdir()
+    config = json.loads((REPO / "configs" / "llama3-8B-eagle3.json").read_text())
+    config.update(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
+                  draft_vocab_size=64)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    if weights:
+        save_file({"lm_head.weight": torch.randn(64, 64)}, str(folder / "model.safetensors"))
+
+
+def run_yaml(env: Env, *, draft: Optional[str] = "config", data: Optional[str] = None) -> str:
+    """A `specforge train` run config over the work folder's data and draft config (absolute paths)."""
+    lines = ["model:", f"  target_model_path: {LLAMA3_DIR}"]
+    if draft is not None:
+        lines.append(f"  draft_model_config: {env.config}")
+    lines += ["data:", f"  train_data_path: {data or env.data}", "  max_length: 256",
+              f"  cache_dir: {env.path('cache')}"]
+    return env.write("run.yaml", "\n".join(lines) + "\n")
+
+
+def api_before_training(env: Env, kwargs: Dict) -> None:
+    from specforge_vocab import before_training
+
+    before_training(**kwargs)
+
+
 def api_count_tokens(env: Env, kwargs: Dict) -> None:
     from specforge_vocab.counting import count_tokens
 
@@ -341,7 +440,8 @@ def api_count_tokens(env: Env, kwargs: Dict) -> None:
     count_tokens(paths, full.pop("tokenizer_path"), **full)
 
 
-API: Dict[str, Callable[[Env, Dict], None]] = {"count_tokens": api_count_tokens}
+API: Dict[str, Callable[[Env, Dict], None]] = {"count_tokens": api_count_tokens,
+                                                "before_training": api_before_training}
 
 
 @pytest.fixture(scope="module")
@@ -399,6 +499,9 @@ def test_bad_input_is_refused_and_changes_nothing(case: Case, template_env, tmp_
     assert re.search(case.message, message, re.S), f"expected /{case.message}/ in:\n{message}"
     monkeypatch.undo()
     after = snapshot_tree(str(env.root))
+    # Files only: a directory made to hold a lock file is no partial output.
+    before = {p: h for p, h in before.items() if h != "dir"}
+    after = {p: h for p, h in after.items() if h != "dir"}
     changed = sorted(set(before) ^ set(after) | {p for p in before if p in after and before[p] != after[p]})
     assert not changed, f"files changed, appeared or disappeared: {changed}"
     assert leftovers(str(env.root)) == []
