@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .data import RawRecord, ReadStats, Record, Shard, dataset_files, iter_raw_records
-from .errors import InputError, SettingsError, SpecForgeVocabError, must
+from .errors import InputError, SpecForgeVocabError, ValidatedSettings, must
 from .fileio import atomic_write, sha256_file
 from .masking import MaskEngine, render_record
 from .templates import canonical_template_name, get_template, template_names
@@ -37,7 +37,7 @@ CHUNK_BYTES = 1 << 20
 
 
 @dataclass
-class CountSettings:
+class CountSettings(ValidatedSettings):
     """What to count and how; one field per `specforge-vocab count` flag."""
 
     dataset_paths: List[str] = field(default_factory=list)
@@ -88,11 +88,6 @@ class CountSettings:
             except InputError as exc:
                 out.append(str(exc))
         return out
-
-    def validate(self) -> None:
-        problems = self.problems()
-        if problems:
-            raise SettingsError(problems)
 
     @staticmethod
     def add_arguments(parser, *, datasets_required: bool = True, shard: bool = True) -> None:

@@ -6,7 +6,7 @@ status 2; the Python API raises it.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, List, Optional
 
 EXIT_USAGE = 2
 
@@ -33,6 +33,19 @@ class SettingsError(InputError):
                 f"  - {p}" for p in self.problems
             )
         super().__init__(text)
+
+
+class ValidatedSettings:
+    """Mixin for settings dataclasses: ``problems()`` lists every invalid field (flag-named);
+    ``validate()`` raises them all at once."""
+
+    def problems(self) -> List[str]:  # pragma: no cover - each settings class defines it
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        found = self.problems()
+        if found:
+            raise SettingsError(found)
 
 
 def where(path: Optional[str] = None, line: Optional[int] = None, field: Optional[str] = None) -> str:

@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from .counting import Tally, add_ids
-from .errors import SettingsError, must
+from .errors import ValidatedSettings, must
 
 logger = logging.getLogger(__name__)
 
@@ -326,7 +326,7 @@ def bootstrap_analysis(
 
 
 @dataclasses.dataclass
-class EvaluationSettings:
+class EvaluationSettings(ValidatedSettings):
     """How the choice is checked; one field per flag."""
 
     holdout_fraction: float = 0.0
@@ -357,11 +357,6 @@ class EvaluationSettings:
         if isinstance(self.min_token_count, bool) or not isinstance(self.min_token_count, int) or self.min_token_count < 0:
             out.append(must("--min-token-count", "a non-negative integer", self.min_token_count))
         return out
-
-    def validate(self) -> None:
-        found = self.problems()
-        if found:
-            raise SettingsError(found)
 
     @staticmethod
     def add_arguments(parser) -> None:

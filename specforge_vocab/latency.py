@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .cost import DraftArchitecture, bytes_latency_reduction, draft_weight_bytes, dtype_bytes, latency_reduction
-from .errors import InputError, SettingsError, must
+from .errors import InputError, ValidatedSettings, must
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ CPU_HALF_SLOWDOWN_LIMIT = 3.0
 
 
 @dataclasses.dataclass
-class LatencySettings:
+class LatencySettings(ValidatedSettings):
     """How the draft's latency is modelled; one field per flag."""
 
     latency_model: str = "flops"
@@ -78,11 +78,6 @@ class LatencySettings:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 out.append(must(flag, f"an integer >= {low}", value))
         return out
-
-    def validate(self) -> None:
-        found = self.problems()
-        if found:
-            raise SettingsError(found)
 
     @staticmethod
     def add_arguments(parser) -> None:

@@ -61,7 +61,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import numpy as np
 
 from .cost import DraftArchitecture, draft_flops, draft_weight_bytes, dtype_bytes
-from .errors import InputError, SettingsError, must, short
+from .errors import InputError, ValidatedSettings, must, short
 
 OBJECTIVES = ("utility", "speedup")
 DEFAULT_P_FULL = 0.7
@@ -212,7 +212,7 @@ def _is_real(value: Any) -> bool:
 
 
 @dataclasses.dataclass
-class ObjectiveSettings:
+class ObjectiveSettings(ValidatedSettings):
     """What k is chosen for; one field per flag."""
 
     objective: str = "utility"
@@ -238,11 +238,6 @@ class ObjectiveSettings:
             out.append(f"--target-config {self.target_config} does not exist. Point it at the target model's "
                        "config.json (Hugging Face format).")
         return out
-
-    def validate(self) -> None:
-        found = self.problems()
-        if found:
-            raise SettingsError(found)
 
     @staticmethod
     def add_arguments(parser) -> None:

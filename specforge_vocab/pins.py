@@ -16,7 +16,7 @@ import dataclasses
 import logging
 from typing import Any, Dict, List, Optional, Sequence
 
-from .errors import InputError, SettingsError
+from .errors import InputError, ValidatedSettings
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class PinnedToken:
 
 
 @dataclasses.dataclass
-class PinSettings:
+class PinSettings(ValidatedSettings):
     """Which tokens are always kept; one field per flag."""
 
     pin_tokens: List[str] = dataclasses.field(default_factory=list)
@@ -44,11 +44,6 @@ class PinSettings:
             if not isinstance(value, str) or value == "":
                 out.append(f"--pin-token must be a token string or an integer id, but got {value!r}.")
         return out
-
-    def validate(self) -> None:
-        found = self.problems()
-        if found:
-            raise SettingsError(found)
 
     @staticmethod
     def add_arguments(parser) -> None:
