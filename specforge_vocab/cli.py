@@ -83,7 +83,7 @@ def add_optimize_parser(sub) -> None:
                             description="Count the loss-masked tokens, choose draft_vocab_size (TPE and exact), write "
                                         "summary.json, full_results.json, the plot, the counts and the mapping, and "
                                         "patch the draft config.")
-    CountSettings.add_arguments(parser, datasets_required=False)
+    CountSettings.add_arguments(parser, datasets_required=False, shard=False)  # optimize needs every record
     SearchSettings.add_arguments(parser)
     ServingSettings.add_arguments(parser)
     add_output_arguments(parser, output_dir_default="./cache/vocab_optimization")

@@ -45,7 +45,9 @@ def specforge_builder(token_dict: Counter, draft_vocab_size: int, target_vocab_s
     list membership (a set when ``fast_membership``, which gives the same booleans)."""
     token_dict = Counter(token_dict)
     if len(token_dict) < draft_vocab_size:
-        missing = set(range(draft_vocab_size)) - set(token_dict.keys())
+        # SpecForge iterates a set here, which for small ints is almost always ascending; the contract
+        # (section 1) fixes "the smallest unseen ids", so the plain model pads in ascending order.
+        missing = sorted(set(range(draft_vocab_size)) - set(token_dict.keys()))
         for token in missing:
             token_dict[token] = 0
             if len(token_dict) >= draft_vocab_size:
