@@ -165,12 +165,9 @@ def patched_text(text: str, k: int, *, path: str = "draft config") -> str:
     return new
 
 
-def patch_draft_vocab_size(path: str, k: int, *, backup: bool = True) -> Optional[str]:
-    """Set ``draft_vocab_size`` to ``k`` in the config file at ``path``, atomically.
-
-    Returns the backup path (``<path>.bak``, a copy of the original) or None when no
-    backup was made (``backup=False``, or the file already held ``k``).
-    """
+def checked_patch(path: str, k: int) -> Tuple[str, str]:
+    """(old text, new text) of the config at ``path`` with draft_vocab_size = k, after checking k
+    (a positive integer, at most vocab_size); nothing is written."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InputError(f"draft_vocab_size must be a positive integer, but got {short(k)}.")
     config = read_draft_config(path, required=())
@@ -181,7 +178,16 @@ def patch_draft_vocab_size(path: str, k: int, *, backup: bool = True) -> Optiona
             "Choose a smaller draft vocabulary or the draft config of the right target model."
         )
     text = _read_text(path)
-    new = patched_text(text, k, path=path)
+    return text, patched_text(text, k, path=path)
+
+
+def patch_draft_vocab_size(path: str, k: int, *, backup: bool = True) -> Optional[str]:
+    """Set ``draft_vocab_size`` to ``k`` in the config file at ``path``, atomically.
+
+    Returns the backup path (``<path>.bak``, a copy of the original) or None when no
+    backup was made (``backup=False``, or the file already held ``k``).
+    """
+    text, new = checked_patch(path, k)
     if new == text:
         logger.info("%s already has draft_vocab_size %d; left unchanged.", path, k)
         return None

@@ -116,20 +116,9 @@ def check_outputs_match_config(output_dir: str, config_path: str) -> None:
 
 def _patched_config(config_path: str, k: int) -> Tuple[str, str]:
     """(old text, new text) of the config with draft_vocab_size = k; checks before anything is written."""
-    from .draft_config import patched_text, read_draft_config
+    from .draft_config import checked_patch
 
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InputError(f"draft_vocab_size must be a positive integer, but got {short(k)}.")
-    config = read_draft_config(config_path, required=())
-    vocab_size = config.get("vocab_size")
-    if isinstance(vocab_size, int) and not isinstance(vocab_size, bool) and k > vocab_size:
-        raise InputError(
-            f"{config_path}: draft_vocab_size must be at most vocab_size ({vocab_size}), but got {k}. "
-            "Choose a smaller draft vocabulary or the draft config of the right target model."
-        )
-    with open(config_path, "rb") as handle:
-        text = handle.read().decode("utf-8")
-    return text, patched_text(text, k, path=config_path)
+    return checked_patch(config_path, k)
 
 
 def commit_outputs(payloads: Dict[str, Payload], *, output_dir: str, config_path: Optional[str] = None,
