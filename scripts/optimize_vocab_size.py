@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from specforge_vocab.cli import main  # noqa: E402
+from specforge_vocab.cli.main import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["optimize", *sys.argv[1:]]))

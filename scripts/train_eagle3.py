@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from specforge_vocab.hook import train_eagle3_main  # noqa: E402
+from specforge_vocab.cli.training import train_eagle3_main
 
 if __name__ == "__main__":
     sys.exit(train_eagle3_main(sys.argv[1:]))

@@ -1,7 +1,7 @@
 """specforge-vocab: choose an EAGLE-3 draft vocabulary from exactly the tokens SpecForge trains on."""
-from .counting import count_tokens
-from .errors import InputError, SpecForgeVocabError
-from .hook import PrepareResult, before_training
+from specforge_vocab.counting.count import count_tokens
+from specforge_vocab.errors import InputError, SpecForgeVocabError
+from specforge_vocab.specforge.prepare import PrepareResult, before_training
+from specforge_vocab.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["before_training", "PrepareResult", "count_tokens", "InputError", "SpecForgeVocabError", "__version__"]

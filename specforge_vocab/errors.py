@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable, List, Optional
 
+
 EXIT_USAGE = 2
 
 

@@ -51,30 +51,49 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
-from .errors import InputError
-
 logger = logging.getLogger(__name__)
+import numpy as np
+from specforge_vocab.errors import InputError
+
 
 Writer = Callable[[io.BufferedWriter], None]
+
+
 Payload = Union[bytes, str, Writer]
 
+
 #: environment variable choosing how groups are written: "auto" (default), "exchange" or "journal"
+# Seconds a run waits for another run holding the same lock (--lock-timeout).
+DEFAULT_LOCK_TIMEOUT = 600.0
 GROUP_WRITE_ENV = "SPECFORGE_VOCAB_GROUP_WRITE"
+
+
 #: more entries than this in an output directory and the journal is used instead of the swap
 MAX_EXCHANGE_ENTRIES = 10_000
 
+
 STAGING_TAG = ".specforge-vocab-staging."
+
+
 JOURNAL_PREFIX = ".specforge-vocab-journal."
+
+
 JOURNAL_FORMAT = "specforge-vocab-journal"
+
+
 _RANDOM = r"[a-z0-9_]{8}"
+
+
 TEMP_RE = re.compile(r"^\.(?P<base>.+)\.(?P<pid>\d+)\." + _RANDOM + r"\.tmp$")
+
+
 STAGING_RE = re.compile(r"^\.(?P<name>.+)" + re.escape(STAGING_TAG) + r"(?P<pid>\d+)\.(?P<ino>\d+)\." + _RANDOM + "$")
+
+
 JOURNAL_RE = re.compile(r"^" + re.escape(JOURNAL_PREFIX) + r"(?P<pid>\d+)\." + _RANDOM + r"\.json$")
 
+
 _ACTIVE_STAGING: set = set()
-
-
-# --------------------------------------------------------------------------- small helpers
 
 
 def _write_payload(handle, payload: Payload) -> None:
@@ -218,9 +237,6 @@ def json_text(obj: object, indent: int = 2) -> str:
     return json.dumps(obj, indent=indent, ensure_ascii=False, sort_keys=False) + "\n"
 
 
-# --------------------------------------------------------------------------- one file
-
-
 def atomic_write(path: str, payload: Payload, *, keep_mode_of: Optional[str] = None) -> None:
     """Write ``payload`` (bytes, str, or a function given the open binary file)
     to ``path`` atomically: the old file stays intact until the new one is complete.
@@ -240,14 +256,19 @@ def atomic_write(path: str, payload: Payload, *, keep_mode_of: Optional[str] = N
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-# --------------------------------------------------------------------------- renameat2
-
-
 RENAME_EXCHANGE = 2
+
+
 _AT_FDCWD = -100
+
+
 # renameat2 syscall numbers, used when libc has no renameat2 wrapper (glibc < 2.28).
 _SYSCALL_RENAMEAT2 = {"x86_64": 316, "amd64": 316, "aarch64": 276, "arm64": 276, "riscv64": 276}
+
+
 _renameat2_cache: List[Optional[Callable[[bytes, bytes, int], int]]] = []
+
+
 _exchange_support: Dict[int, bool] = {}
 
 
@@ -317,9 +338,6 @@ def exchange_supported(directory: str) -> bool:
                 with contextlib.suppress(OSError):
                     os.rmdir(probe)
     return _exchange_support[device]
-
-
-# --------------------------------------------------------------------------- journal
 
 
 @dataclass
@@ -397,9 +415,6 @@ def _roll_forward(journal_path: str, report: "Recovery") -> None:
     _remove_journals(set(copies) | {journal_path})
     report.journals_completed += 1
     logger.warning("Completed an interrupted write (%d file(s) moved into place) from %s.", len(pending), journal_path)
-
-
-# --------------------------------------------------------------------------- recovery
 
 
 @dataclass
@@ -490,9 +505,6 @@ def recover_directory(directory: str, *, clean: bool = True) -> Recovery:
     if report:
         logger.info("recovered %s: %s", directory, report)
     return report
-
-
-# --------------------------------------------------------------------------- groups
 
 
 class _UseJournal(Exception):
@@ -700,9 +712,6 @@ def atomic_write_many(files: Dict[str, Payload], *, linked: Optional[Dict[str, P
     return "journal"
 
 
-# --------------------------------------------------------------------------- other files
-
-
 def backup_file(path: str, suffix: str = ".bak") -> str:
     """Copy ``path`` to ``path + suffix`` (atomically); return the backup path."""
     backup = path + suffix
@@ -750,10 +759,9 @@ def writable_dir_problem(path: str, flag: str = "--output-dir") -> Optional[str]
     return None
 
 
-# --------------------------------------------------------------------------- locks
-
-
 _held_locks: Dict[str, list] = {}
+
+
 _held_guard = threading.Lock()
 
 
@@ -776,7 +784,7 @@ def lock_holder(target: str) -> Optional[str]:
 
 
 @contextlib.contextmanager
-def file_lock(target: str, *, timeout: float = 600.0, timeout_label: Optional[float] = None) -> Iterator[None]:
+def file_lock(target: str, *, timeout: float = DEFAULT_LOCK_TIMEOUT, timeout_label: Optional[float] = None) -> Iterator[None]:
     """Hold an exclusive lock on ``target`` (a directory or file) for the block.
 
     The lock file ``<target>.lock`` sits next to it and ``<target>.lock.pid`` records the
@@ -830,7 +838,7 @@ def file_lock(target: str, *, timeout: float = 600.0, timeout_label: Optional[fl
 
 
 @contextlib.contextmanager
-def file_locks(targets: Iterable[Optional[str]], *, timeout: float = 600.0) -> Iterator[None]:
+def file_locks(targets: Iterable[Optional[str]], *, timeout: float = DEFAULT_LOCK_TIMEOUT) -> Iterator[None]:
     """Hold the locks of several targets, always taken in the same (sorted) order so two runs
     never wait for each other in a cycle; ``timeout`` bounds the total wait."""
     deadline = time.monotonic() + max(0.0, timeout)
@@ -841,21 +849,34 @@ def file_locks(targets: Iterable[Optional[str]], *, timeout: float = 600.0) -> I
         yield
 
 
-__all__ = [
-    "GROUP_WRITE_ENV",
-    "Recovery",
-    "atomic_write",
-    "atomic_write_many",
-    "backup_file",
-    "copy_file",
-    "exchange_paths",
-    "exchange_supported",
-    "file_lock",
-    "file_locks",
-    "json_text",
-    "lock_holder",
-    "recover_directory",
-    "sha256_file",
-    "writable_dir_problem",
-]
+SAFETENSORS_DTYPES = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16",
+                      "uint32": "U32", "int32": "I32", "uint64": "U64", "int64": "I64", "float16": "F16",
+                      "float32": "F32", "float64": "F64"}
 
+
+def safetensors_bytes(tensors: Dict[str, np.ndarray], metadata: Optional[Dict[str, str]] = None) -> bytes:
+    """A safetensors file's bytes, deterministically: the same tensors and metadata always give the
+    same bytes (``safetensors.numpy.save`` orders the metadata by a per-process hash, so two
+    processes writing the same counts would write different files).
+
+    >>> from safetensors.numpy import load
+    >>> load(safetensors_bytes({"x": np.arange(3)}, {"b": "1", "a": "2"}))["x"].tolist()
+    [0, 1, 2]
+    """
+    header: Dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        if array.dtype.name not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name!r} must have one of the dtypes {sorted(SAFETENSORS_DTYPES)}, but got {array.dtype}")
+        array = array.astype(array.dtype.newbyteorder("<"), copy=False)
+        data = array.tobytes()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[array.dtype.name], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + b"".join(blobs)

@@ -9,23 +9,25 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
-
 import numpy as np
-
-from .cost import DraftArchitecture, draft_flops, lm_head_share
-from .counting import CountResult, CountSettings, Tally, count_dataset, load_counts, save_counts
-from .draft_config import check_vocab_size, read_draft_config
-from .errors import SettingsError, must
-from .fileio import json_text, writable_dir_problem
-from .outputs import commit_outputs
-from .mapping import check_mapping, mapping_from_counts
-from .holdout import BootstrapTally, HoldoutTally
-from .latency import build_latency_model
-from .pins import resolve_pinned_tokens
-from .report import full_results, render_coverage_curves, render_optimization_results, summary_dict
-from .search import SearchResult, SearchSettings, search
-from .serving import ServingAnalysis, ServingSettings, analyse, choose_objective
-from .tokenizer import load_tokenizer
+from specforge_vocab.choosing.cost import DraftArchitecture, draft_flops, lm_head_share
+from specforge_vocab.choosing.holdout import BootstrapTally, HoldoutTally
+from specforge_vocab.choosing.latency import build_latency_model
+from specforge_vocab.choosing.pins import resolve_pinned_tokens
+from specforge_vocab.choosing.search import SearchResult, SearchSettings, search
+from specforge_vocab.choosing.serving import ServingAnalysis, ServingSettings, analyse, choose_objective
+from specforge_vocab.counting.cache import cached_count
+from specforge_vocab.counting.count import CountResult, count_dataset
+from specforge_vocab.counting.counts_file import load_counts, save_counts
+from specforge_vocab.counting.engine import CountSettings, Tally
+from specforge_vocab.counting.tokenizer import load_tokenizer
+from specforge_vocab.errors import SettingsError, must
+from specforge_vocab.fileio import json_text, safetensors_bytes, writable_dir_problem
+from specforge_vocab.writing.draft_config import check_vocab_size, read_draft_config
+from specforge_vocab.writing.mapping import _mapping_payloads, check_mapping, mapping_from_counts
+from specforge_vocab.writing.outputs import commit_outputs
+from specforge_vocab.writing.report import full_results, render_coverage_curves, render_optimization_results, summary_dict
+from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +41,6 @@ def count_to_file(settings: CountSettings, *, output: str, progress: bool = Fals
     return result
 
 
-# ---------------------------------------------------------------- optimize
-
-
 @dataclass
 class OutputSettings:
     """Where results go and which files are patched; one field per flag."""
@@ -52,7 +51,7 @@ class OutputSettings:
     cache_dir: str = "./cache"
     no_cache: bool = False
     backup: bool = True
-    lock_timeout: float = 600.0
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
 
     def problems(self) -> List[str]:
         out = []
@@ -107,17 +106,6 @@ class OptimizeResult:
         return lines
 
 
-def _mapping_payloads(d2t, t2d, metadata: Dict[str, str]) -> Tuple[bytes, bytes]:
-    import io
-
-    import torch
-    from .counting import safetensors_bytes
-
-    buffer = io.BytesIO()
-    torch.save({"d2t": d2t, "t2d": t2d}, buffer)
-    return buffer.getvalue(), safetensors_bytes({"d2t": d2t.numpy(), "t2d": t2d.numpy()}, metadata)
-
-
 def resolve_counts(count: CountSettings, output: OutputSettings, *, vocab_size: Optional[int],
                    progress: bool = False, tallies: Sequence[Tally] = ()) -> Tuple[np.ndarray, Optional[CountResult], Dict[str, str]]:
     """Counts from --counts, else counted (V from the draft config when it has one), filling ``tallies``."""
@@ -129,7 +117,6 @@ def resolve_counts(count: CountSettings, output: OutputSettings, *, vocab_size: 
     if output.no_cache:
         result = count_dataset(count, progress=progress, tallies=tallies)
     else:
-        from .cache import cached_count
 
         result, hit = cached_count(count, cache_dir=output.cache_dir, progress=progress, tallies=tallies)
         if hit:
@@ -208,7 +195,6 @@ def optimize(count: CountSettings, search_settings: SearchSettings, output: Outp
     extra["serving"] = serving.as_dict()
     summary = summary_dict(result, arch, tokens_counted=tokens, unique_tokens=int(np.count_nonzero(counts)),
                            settings=extra, additions=analysis.summary())
-    from .counting import safetensors_bytes
 
     mapping_meta = {"draft_vocab_size": str(result.k), "vocab_size": str(V), "format": "specforge-vocab-mapping"}
     pt_bytes, st_bytes = _mapping_payloads(d2t, t2d, mapping_meta)

@@ -12,8 +12,10 @@ import os
 import sys
 import time
 
-from specforge_vocab.counting import CountSettings, save_counts
-from specforge_vocab.distributed import count_dataset_distributed, distributed_session
+from specforge_vocab.counting.engine import CountSettings
+
+from specforge_vocab.counting.counts_file import save_counts
+from specforge_vocab.counting.distributed import count_dataset_distributed, distributed_session
 from specforge_vocab.errors import SpecForgeVocabError
 
 

@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         name, _, n = args.sleep_on.rpartition(":")
         sleep_on = (name, int(n))
     install(Injector(args.kill_at, getattr(signal, "SIG" + args.signal), sleep_on, args.sleep, args.release))
-    from specforge_vocab.cli import main as cli_main
+    from specforge_vocab.cli.main import main as cli_main
 
     cli = args.cli[1:] if args.cli[:1] == ["--"] else args.cli
     return cli_main(cli)

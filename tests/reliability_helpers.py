@@ -107,7 +107,7 @@ def check_mapping_file(directory: str) -> int:
     """Load vocab_mapping.pt (weights_only) and check the section 1 rules against summary.json's k; return k."""
     import torch
 
-    from specforge_vocab.mapping import check_mapping
+    from specforge_vocab.writing.mapping import check_mapping
 
     with open(os.path.join(directory, "summary.json"), encoding="utf-8") as handle:
         summary = json.load(handle)

@@ -392,7 +392,7 @@ def make_remote_code_tokenizer(env: Env) -> None:
 
 def shard_files(env: Env) -> None:
     """Two shard counts files of the data (llama3) and one shard of a qwen count, for merge cases."""
-    from specforge_vocab.cli import main
+    from specforge_vocab.cli.main import main
 
     for shard, template, name in (("0/2", "llama3", "c0"), ("1/2", "llama3", "c1"), ("1/2", "qwen", "q1")):
         assert main(["-q", "count", "--dataset-path", env.data, "--tokenizer-path", LLAMA3_DIR, "--max-length", "256",
@@ -432,7 +432,7 @@ def api_before_training(env: Env, kwargs: Dict) -> None:
 
 
 def api_count_tokens(env: Env, kwargs: Dict) -> None:
-    from specforge_vocab.counting import count_tokens
+    from specforge_vocab.counting.count import count_tokens
 
     full = dict(dataset_paths=env.data, tokenizer_path=LLAMA3_DIR, chat_template="llama3", max_length=256)
     full.update(kwargs)
@@ -447,8 +447,9 @@ API: Dict[str, Callable[[Env, Dict], None]] = {"count_tokens": api_count_tokens,
 @pytest.fixture(scope="module")
 def template_env(tmp_path_factory):
     """The work folder every case starts from (built once): data, config, counts, an earlier output set."""
-    from specforge_vocab.cli import main
-    from specforge_vocab.counting import count_tokens, save_counts
+    from specforge_vocab.cli.main import main
+    from specforge_vocab.counting.count import count_tokens
+    from specforge_vocab.counting.counts_file import save_counts
 
     env = Env(tmp_path_factory.mktemp("bad-inputs-template"))
     rows = [json.loads(l) for l in (DATA / "gsm8k_test_sample.jsonl").read_text().splitlines()[:6]]
@@ -463,7 +464,7 @@ def template_env(tmp_path_factory):
 
 
 def run_cli(entry: str, argv: List[str], capsys) -> Tuple[int, str]:
-    from specforge_vocab.cli import main
+    from specforge_vocab.cli.main import main
 
     try:
         code = main([entry] + argv)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from conftest import DATA
 
-from specforge_vocab.cli import main
-from specforge_vocab.counting import count_tokens, load_counts
+from specforge_vocab.cli.main import main
+from specforge_vocab.counting.count import count_tokens
+from specforge_vocab.counting.counts_file import load_counts
 
 
 def run(argv, capsys):

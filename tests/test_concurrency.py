@@ -19,9 +19,9 @@ import pytest
 
 from reliability_helpers import WIRING_REASON, check_mapping_file, config_k, leftovers, pipeline_is_wired
 from specforge_vocab import fileio
-from specforge_vocab.counting import save_counts
+from specforge_vocab.counting.counts_file import save_counts
 from specforge_vocab.errors import InputError
-from specforge_vocab.outputs import commit_outputs
+from specforge_vocab.writing.outputs import commit_outputs
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the concurrency tests fork (POSIX only)")
 
@@ -198,7 +198,7 @@ def _payloads(out: str, k: int, counts: np.ndarray) -> Dict[str, bytes]:
     import torch
     from safetensors.torch import save
 
-    from specforge_vocab.mapping import mapping_from_counts
+    from specforge_vocab.writing.mapping import mapping_from_counts
 
     d2t, t2d = mapping_from_counts(counts, k)
     buffer = io.BytesIO()

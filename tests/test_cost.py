@@ -7,14 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from specforge_vocab.cost import (
-    DraftArchitecture,
-    draft_flops,
-    draft_flops_by_component,
-    latency_reduction,
-    lm_head_share,
-    paper_latency_reduction,
-)
+from specforge_vocab.choosing.cost import DraftArchitecture, draft_flops, draft_flops_by_component, latency_reduction, lm_head_share, paper_latency_reduction
 from specforge_vocab.errors import InputError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -8,8 +8,10 @@ import pytest
 from conftest import DATA, TOKENIZER_CASES, read_jsonl, shared_data_or_skip
 
 from specforge_reference import reference_counts
-from specforge_vocab.counting import CountSettings, count_dataset, count_tokens, load_counts, save_counts
-from specforge_vocab.tokenizer import load_tokenizer
+from specforge_vocab.counting.engine import CountSettings
+from specforge_vocab.counting.count import count_dataset, count_tokens
+from specforge_vocab.counting.counts_file import load_counts, save_counts
+from specforge_vocab.counting.tokenizer import load_tokenizer
 
 FIXTURES = ["gsm8k_train_sample.jsonl", "hh_rlhf_multiturn_sample.jsonl", "mt_bench_gpt4_reference.jsonl",
             "humaneval_sample.jsonl", "edge_cases.jsonl"]

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import DATA, read_jsonl
 
-from specforge_vocab.data import ReadStats, dataset_files, iter_records
+from specforge_vocab.counting.data import ReadStats, dataset_files, iter_records
 from specforge_vocab.errors import InputError
 
 

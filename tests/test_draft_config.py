@@ -8,12 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from specforge_vocab.draft_config import (
-    check_vocab_size,
-    patch_draft_vocab_size,
-    patched_text,
-    read_draft_config,
-)
+from specforge_vocab.writing.draft_config import check_vocab_size, patch_draft_vocab_size, patched_text, read_draft_config
 from specforge_vocab.errors import InputError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -10,23 +10,12 @@ import numpy as np
 import pytest
 from conftest import DATA, REPO, read_jsonl, shared_data_or_skip
 
-from specforge_vocab.cli import main
-from specforge_vocab.counting import CountSettings, count_dataset
-from specforge_vocab.data import Record
-from specforge_vocab.holdout import (
-    BootstrapTally,
-    EvaluationSettings,
-    HoldoutTally,
-    WEIGHT_632,
-    bootstrap_analysis,
-    coverage_of,
-    holdout_unit,
-    is_held_out,
-    pinned_frequency_order,
-    poisson_weights,
-    record_digest,
-)
-from specforge_vocab.mapping import kept_token_ids
+from specforge_vocab.cli.main import main
+from specforge_vocab.counting.engine import CountSettings
+from specforge_vocab.counting.count import count_dataset
+from specforge_vocab.counting.data import Record
+from specforge_vocab.choosing.holdout import BootstrapTally, EvaluationSettings, HoldoutTally, WEIGHT_632, bootstrap_analysis, coverage_of, holdout_unit, is_held_out, pinned_frequency_order, poisson_weights, record_digest
+from specforge_vocab.writing.mapping import kept_token_ids
 
 V = 1000
 

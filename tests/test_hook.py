@@ -24,12 +24,15 @@ from conftest import DATA, DEEPSEEK_DIR, LLAMA3_DIR, REPO, read_jsonl
 
 import specforge_reference as reference
 import specforge_standin as standin
-from specforge_vocab import before_training, hook
-from specforge_vocab import pipeline
-from specforge_vocab.cli import main
-from specforge_vocab.counting import count_tokens, load_counts
+from specforge_vocab import before_training
+from specforge_vocab.cli import training
+from specforge_vocab.cli.flags import settings_from
+from specforge_vocab.specforge import prepare as prepare_module
+from specforge_vocab.cli.main import main
+from specforge_vocab.counting.count import count_tokens
+from specforge_vocab.counting.counts_file import load_counts
 from specforge_vocab.errors import InputError
-from specforge_vocab.search import SearchSettings
+from specforge_vocab.choosing.search import SearchSettings
 
 CONVERSATIONS = DATA / "gsm8k_test_sample.jsonl"
 MULTITURN = DATA / "hh_rlhf_multiturn_sample.jsonl"
@@ -289,12 +292,13 @@ def test_second_prepare_with_unchanged_inputs_counts_nothing(llama_run, monkeypa
                                        "fingerprint.json")] + [llama_run / "configs" / "draft.json",
                                                                llama_run / "run.yaml"]
     before = snapshot(*watched)
-    from specforge_vocab import cache, counting
+    from specforge_vocab.counting import cache
+    from specforge_vocab.counting import count as counting
 
-    forbid(monkeypatch, hook, "count_data")
+    forbid(monkeypatch, prepare_module, "count_data")
     forbid(monkeypatch, counting, "count_dataset")
     forbid(monkeypatch, cache, "count_dataset")
-    forbid(monkeypatch, pipeline, "optimize")
+    forbid(monkeypatch, prepare_module, "optimize")
     second = before_training("run.yaml", search=FAST_SEARCH)
     assert second.reused and second.action == "reuse"
     assert (second.k, second.mapping_path, second.summary) == (first.k, first.mapping_path, first.summary)
@@ -312,10 +316,10 @@ def test_second_prepare_with_unchanged_inputs_counts_nothing(llama_run, monkeypa
 
 def test_each_fingerprinted_input_triggers_recomputing(llama_run, monkeypatch):
     run, draft, data = llama_run / "run.yaml", llama_run / "configs" / "draft.json", llama_run / "data" / "train.jsonl"
-    counted = Spy(hook.count_data)
-    searched = Spy(pipeline.optimize)
-    monkeypatch.setattr(hook, "count_data", counted)
-    monkeypatch.setattr(pipeline, "optimize", searched)
+    counted = Spy(prepare_module.count_data)
+    searched = Spy(prepare_module.optimize)
+    monkeypatch.setattr(prepare_module, "count_data", counted)
+    monkeypatch.setattr(prepare_module, "optimize", searched)
 
     def prepare(expected_action, search=FAST_SEARCH, **kw):
         calls = (counted.calls, searched.calls)
@@ -464,14 +468,14 @@ def test_script_without_specforge_says_how_to_point_at_it(llama_run):
 
 
 def test_split_handover_flags_keeps_order_and_values():
-    own, rest = hook.split_handover_flags(
+    own, rest = training.split_handover_flags(
         ["--a", "1", "--vocab-n-calls", "5", "--specforge-script=x.py", "--b", "--keep-draft-vocab-size",
          "--vocab-search", "exact", "--c=3"])
     assert own == ["--vocab-n-calls", "5", "--specforge-script=x.py", "--keep-draft-vocab-size", "--vocab-search",
                    "exact"]
     assert rest == ["--a", "1", "--b", "--c=3"]
-    args = hook.handover_parser().parse_args(own)
-    assert SearchSettings.from_args(args).n_calls == 5 and args.search == "exact" and args.specforge_script == "x.py"
+    args = training.handover_parser().parse_args(own)
+    assert settings_from(SearchSettings, args).n_calls == 5 and args.search == "exact" and args.specforge_script == "x.py"
 
 
 # ---------------------------------------------------------------- clear errors

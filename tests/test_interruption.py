@@ -28,8 +28,8 @@ from fault_injection import Injector, install
 from reliability_helpers import (GROUP, WIRING_REASON, check_mapping_file, classify, config_k, leftovers,
                                  pipeline_is_wired, read_set, run_forked)
 from specforge_vocab import fileio
-from specforge_vocab.counting import save_counts
-from specforge_vocab.outputs import commit_outputs, recover_outputs
+from specforge_vocab.counting.counts_file import save_counts
+from specforge_vocab.writing.outputs import commit_outputs, recover_outputs
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill tests fork (POSIX only)")
 
@@ -96,7 +96,7 @@ def _config_text(k: int) -> bytes:
 
 
 def _make_sets(root: str) -> Sets:
-    from specforge_vocab.cli import main
+    from specforge_vocab.cli.main import main
 
     rng = np.random.default_rng(8)
     s = Sets(root=root, out=os.path.join(root, "out"), config=os.path.join(root, "draft.json"),
@@ -254,7 +254,7 @@ def test_commit_killed_at_every_step_leaves_old_or_new(request, monkeypatch, mod
 
 def _cli_child(s: Sets, injector: Injector, steps_file: str = None) -> int:
     install(injector)
-    from specforge_vocab.cli import main
+    from specforge_vocab.cli.main import main
 
     try:
         return main(s.argv("new"))
@@ -289,7 +289,7 @@ def test_optimize_cli_killed_at_sampled_steps(fast_sets, monkeypatch, mode):
     monkeypatch.setenv(fileio.GROUP_WRITE_ENV, mode)
     _memoize_rendering(monkeypatch)
     s = fast_sets
-    from specforge_vocab.cli import main
+    from specforge_vocab.cli.main import main
 
     s.restore("old")
     assert main(s.argv("new")) == 0  # renders the plots once, here; forked runs reuse them
@@ -332,7 +332,7 @@ def test_real_processes_killed_at_random_moments(sets):
         raw = _outcome(s, "old", raw_must_be_whole=True)
         outcomes[raw] = outcomes.get(raw, 0) + 1
         _after_recovery(s, "old")
-        from specforge_vocab.cli import main
+        from specforge_vocab.cli.main import main
 
         assert main(s.argv("new")) == 0
         _final_checks(s)

@@ -9,25 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from specforge_vocab import latency as latency_module
-from specforge_vocab.cost import (
-    DraftArchitecture,
-    bytes_latency_reduction,
-    draft_weight_bytes,
-    draft_weight_bytes_by_component,
-    dtype_bytes,
-    latency_reduction,
-)
+from specforge_vocab.choosing import latency as latency_module
+from specforge_vocab.choosing.cost import DraftArchitecture, bytes_latency_reduction, draft_weight_bytes, draft_weight_bytes_by_component, dtype_bytes, latency_reduction
 from specforge_vocab.errors import InputError, SettingsError
-from specforge_vocab.latency import (
-    BytesLatency,
-    FlopsLatency,
-    LatencySettings,
-    MeasuredLatency,
-    build_latency_model,
-    default_grid,
-    measured_fit,
-)
+from specforge_vocab.choosing.latency import BytesLatency, FlopsLatency, LatencySettings, MeasuredLatency, build_latency_model, default_grid, measured_fit
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]

@@ -12,16 +12,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from specforge_vocab.errors import InputError
-from specforge_vocab.mapping import (
-    build_mapping,
-    check_mapping,
-    kept_ids_from_d2t,
-    kept_token_ids,
-    load_mapping,
-    mapping_from_counts,
-    save_mapping,
-    save_mapping_safetensors,
-)
+from specforge_vocab.writing.mapping import build_mapping, check_mapping, kept_ids_from_d2t, kept_token_ids, load_mapping, mapping_from_counts, save_mapping, save_mapping_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -113,7 +104,7 @@ def test_pinned_ids_are_kept_and_count_toward_k():
 def test_padding_with_smallest_unseen_ids_warns(caplog):
     counts = np.zeros(20, dtype=np.int64)
     counts[[3, 7, 15]] = [4, 2, 9]
-    with caplog.at_level(logging.WARNING, logger="specforge_vocab.mapping"):
+    with caplog.at_level(logging.WARNING, logger="specforge_vocab.writing.mapping"):
         kept = kept_token_ids(counts, 6)
     assert kept.tolist() == [0, 1, 2, 3, 7, 15]
     assert "Only 3 token ids were seen" in caplog.text
@@ -121,7 +112,7 @@ def test_padding_with_smallest_unseen_ids_warns(caplog):
 
 
 def test_no_warning_when_enough_ids_seen(caplog):
-    with caplog.at_level(logging.WARNING, logger="specforge_vocab.mapping"):
+    with caplog.at_level(logging.WARNING, logger="specforge_vocab.writing.mapping"):
         kept_token_ids(np.array([3, 1, 2, 0]), 3)
     assert caplog.text == ""
 
@@ -222,7 +213,7 @@ class SpecForgeDraftBuffers(torch.nn.Module):
 
 
 def test_written_mapping_loads_into_patched_config_buffers(tmp_path):
-    from specforge_vocab.draft_config import patch_draft_vocab_size, read_draft_config
+    from specforge_vocab.writing.draft_config import patch_draft_vocab_size, read_draft_config
 
     config_path = tmp_path / "llama3-8B-eagle3.json"
     config_path.write_bytes((CONFIGS / "llama3-8B-eagle3.json").read_bytes())
@@ -312,12 +303,12 @@ def test_gsm8k_llama3_mapping_matches_specforge_builder(llama3_dir, tmp_path):
     """Issue 3 'Must show': the two gsm8k train files, Llama-3 tokenizer, Llama-3-8B draft:
     TPE (seed 42, 100 trials) and exact agree within 0.01% utility, and the mapping at the
     chosen k equals SpecForge's builder bit for bit."""
-    counting = pytest.importorskip("specforge_vocab.counting", reason="counting.py has not landed yet")
+    from specforge_vocab.counting import count as counting
     from conftest import shared_data_or_skip
 
-    from specforge_vocab.cost import DraftArchitecture
-    from specforge_vocab.draft_config import read_draft_config
-    from specforge_vocab.search import SearchSettings, search
+    from specforge_vocab.choosing.cost import DraftArchitecture
+    from specforge_vocab.writing.draft_config import read_draft_config
+    from specforge_vocab.choosing.search import SearchSettings, search
 
     data = shared_data_or_skip()
     files = [str(data / "gsm8k_train_part1.jsonl"), str(data / "gsm8k_train_part2.jsonl")]

@@ -4,10 +4,8 @@ from __future__ import annotations
 import pytest
 
 from specforge_vocab.errors import InputError
-from specforge_vocab.masking import (
-    assistant_char_spans, build_messages, ignore_char_spans, normalize_messages, render_fallback, render_record,
-)
-from specforge_vocab.templates import get_template, template_names
+from specforge_vocab.counting.masking import assistant_char_spans, build_messages, ignore_char_spans, normalize_messages, render_fallback, render_record
+from specforge_vocab.counting.templates import get_template, template_names
 
 
 def test_sharegpt_and_null_content_normalise():

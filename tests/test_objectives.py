@@ -7,21 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from specforge_vocab.cost import DraftArchitecture, latency_reduction
+from specforge_vocab.choosing.cost import DraftArchitecture, latency_reduction
 from specforge_vocab.errors import InputError
-from specforge_vocab.objectives import (
-    DEFAULT_P_FULL,
-    DEFAULT_TARGET_COST_RATIO,
-    LLAMA_3_8B_DRAFT,
-    ObjectiveSettings,
-    acceptance_from_length,
-    chain_speedup,
-    speedup_objective,
-    target_cost_ratio,
-    target_params_by_component,
-    tokens_per_cycle,
-)
-from specforge_vocab.search import SearchSettings, coverage_curve, search
+from specforge_vocab.choosing.objectives import DEFAULT_P_FULL, DEFAULT_TARGET_COST_RATIO, LLAMA_3_8B_DRAFT, ObjectiveSettings, acceptance_from_length, chain_speedup, speedup_objective, target_cost_ratio, target_params_by_component, tokens_per_cycle
+from specforge_vocab.choosing.search import SearchSettings, coverage_curve, search
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

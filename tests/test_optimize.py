@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import DATA, REPO
 
-from specforge_vocab.cli import main
-from specforge_vocab.counting import count_tokens, load_counts
-from specforge_vocab.mapping import check_mapping, kept_token_ids
+from specforge_vocab.cli.main import main
+from specforge_vocab.counting.count import count_tokens
+from specforge_vocab.counting.counts_file import load_counts
+from specforge_vocab.writing.mapping import check_mapping, kept_token_ids
 
 PAPER_KEYS = ["method", "optimal_draft_vocab_size", "target_vocab_size", "vocab_reduction_ratio", "coverage",
               "latency_reduction", "utility"]

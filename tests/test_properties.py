@@ -23,11 +23,11 @@ from hypothesis.extra.numpy import arrays
 
 from conftest import TOKENIZER_CASES
 from specforge_reference import reference_counts
-from specforge_vocab.counting import CountSettings, Counter
-from specforge_vocab.data import ReadStats, Record
+from specforge_vocab.counting.engine import CountSettings, Counter
+from specforge_vocab.counting.data import ReadStats, Record
 from specforge_vocab.errors import InputError
-from specforge_vocab.mapping import build_mapping, check_mapping, kept_token_ids, mapping_from_counts
-from specforge_vocab.tokenizer import load_tokenizer
+from specforge_vocab.writing.mapping import build_mapping, check_mapping, kept_token_ids, mapping_from_counts
+from specforge_vocab.counting.tokenizer import load_tokenizer
 
 # The markers of both templates (and the chat templates' tool markers), as they appear in rendered text.
 MARKERS = [

@@ -17,8 +17,7 @@ import pytest
 from reliability_helpers import leftovers
 from specforge_vocab import fileio
 from specforge_vocab.errors import InputError
-from specforge_vocab.outputs import (check_outputs_match_config, commit_outputs, config_disagreement,
-                                     recorded_draft_vocab_size)
+from specforge_vocab.writing.outputs import check_outputs_match_config, commit_outputs, config_disagreement, recorded_draft_vocab_size
 
 needs_exchange = pytest.mark.skipif(not fileio.exchange_supported(os.getcwd()),
                                     reason="no renameat2(RENAME_EXCHANGE) here; the journal path is tested instead")
@@ -261,7 +260,7 @@ def optimize_like_outputs(out: Path, k: int, V: int = 1000):
     import torch
     from safetensors.torch import save
 
-    from specforge_vocab.mapping import mapping_from_counts
+    from specforge_vocab.writing.mapping import mapping_from_counts
 
     d2t, t2d = mapping_from_counts(np.arange(V, dtype=np.int64), k)
     buffer = io.BytesIO()
@@ -289,7 +288,7 @@ def test_commit_outputs_keeps_config_and_mapping_in_agreement(tmp_path, caplog):
     assert "has draft_vocab_size 32000, but the mapping" in problem and "has 120 rows" in problem
     with pytest.raises(InputError, match=r"they disagree.*Rerun `specforge-vocab optimize`"):
         check_outputs_match_config(str(out), str(config))
-    with caplog.at_level(logging.WARNING, logger="specforge_vocab.outputs"):
+    with caplog.at_level(logging.WARNING, logger="specforge_vocab.writing.outputs"):
         commit_outputs(optimize_like_outputs(out, 130), output_dir=str(out), config_path=str(config),
                        draft_vocab_size=130, backup=False)
     assert "they disagree" in caplog.text and "This run rewrites both" in caplog.text

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from specforge_vocab.cost import DraftArchitecture, paper_latency_reduction
-from specforge_vocab.report import full_results, plot_optimization_results, render_optimization_results, summary_dict
-from specforge_vocab.search import SearchSettings, search
+from specforge_vocab.choosing.cost import DraftArchitecture, paper_latency_reduction
+from specforge_vocab.writing.report import full_results, plot_optimization_results, render_optimization_results, summary_dict
+from specforge_vocab.choosing.search import SearchSettings, search
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PAPER_KEYS = ["method", "optimal_draft_vocab_size", "target_vocab_size", "vocab_reduction_ratio", "coverage",

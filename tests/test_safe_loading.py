@@ -126,8 +126,8 @@ def remote_code_tokenizer(folder: Path, tokenizer_class: str) -> Path:
 
 
 def test_tokenizer_asking_for_remote_code_is_refused_without_the_flag(tmp_path, capsys):
-    from specforge_vocab.cli import main
-    from specforge_vocab.tokenizer import load_tokenizer
+    from specforge_vocab.cli.main import main
+    from specforge_vocab.counting.tokenizer import load_tokenizer
 
     folder = remote_code_tokenizer(tmp_path / "evil", "EvilTokenizer")
     with pytest.raises(InputError, match=r"(?s)evil.*pass --trust-remote-code if you trust it") as info:
@@ -145,7 +145,7 @@ def test_tokenizer_asking_for_remote_code_is_refused_without_the_flag(tmp_path, 
 
 
 def test_tokenizer_with_a_builtin_class_and_remote_code_loads_the_builtin_and_never_runs_the_code(tmp_path):
-    from specforge_vocab.tokenizer import load_tokenizer
+    from specforge_vocab.counting.tokenizer import load_tokenizer
 
     folder = remote_code_tokenizer(tmp_path / "mixed", "PreTrainedTokenizerFast")
     tokenizer = load_tokenizer(str(folder))

@@ -17,13 +17,16 @@ import pytest
 from conftest import DATA, REPO, read_jsonl
 
 from specforge_reference import reference_counts
-from specforge_vocab import counting
-from specforge_vocab.cache import cache_entry_path, cached_count, counting_fingerprint, fingerprint_hash
-from specforge_vocab.cli import main
-from specforge_vocab.counting import CountSettings, Tally, count_dataset, load_counts, save_counts
-from specforge_vocab.data import Shard
+from specforge_vocab.counting import count as counting
+from specforge_vocab.counting import engine
+from specforge_vocab.counting.cache import cache_entry_path, cached_count, counting_fingerprint, fingerprint_hash
+from specforge_vocab.cli.main import main
+from specforge_vocab.counting.engine import CountSettings, Tally
+from specforge_vocab.counting.count import count_dataset
+from specforge_vocab.counting.counts_file import load_counts, save_counts
+from specforge_vocab.counting.data import Shard
 from specforge_vocab.errors import InputError
-from specforge_vocab.tokenizer import load_tokenizer
+from specforge_vocab.counting.tokenizer import load_tokenizer
 
 FIXTURES = [str(DATA / f) for f in ["gsm8k_train_sample.jsonl", "hh_rlhf_multiturn_sample.jsonl",
                                     "mt_bench_gpt4_reference.jsonl", "humaneval_sample.jsonl", "edge_cases.jsonl"]]
@@ -188,7 +191,7 @@ def test_merge_refuses_bad_shard_sets(tmp_path, capsys, shard_set, llama3_dir):
 
 
 def test_workers_give_the_single_process_result(llama3_dir, monkeypatch):
-    monkeypatch.setattr(counting, "CHUNK_RECORDS", 40)  # many chunks, several in flight
+    monkeypatch.setattr(engine, "CHUNK_RECORDS", 40)  # many chunks, several in flight
     one_tally, many_tally = TokensPerRecord(), TokensPerRecord()
     one = count_dataset(settings(llama3_dir, num_workers=1), tallies=[one_tally])
     many = count_dataset(settings(llama3_dir, num_workers=2), tallies=[many_tally])
@@ -213,7 +216,7 @@ def bad_dataset(tmp_path):
 
 
 def test_workers_report_the_first_bad_record_and_skip_the_same(tmp_path, llama3_dir, monkeypatch, caplog):
-    monkeypatch.setattr(counting, "CHUNK_RECORDS", 8)  # the bad record sits in the 7th chunk, the 12th is malformed
+    monkeypatch.setattr(engine, "CHUNK_RECORDS", 8)  # the bad record sits in the 7th chunk, the 12th is malformed
     paths = bad_dataset(tmp_path)
     messages = []
     for workers in (1, 2):
@@ -238,7 +241,7 @@ def test_workers_report_the_first_bad_record_and_skip_the_same(tmp_path, llama3_
 
 def test_a_record_error_before_a_reading_error_wins(tmp_path, llama3_dir, monkeypatch):
     """A truncated .json list is found by the reader (the parent); an earlier bad record still wins."""
-    monkeypatch.setattr(counting, "CHUNK_RECORDS", 8)
+    monkeypatch.setattr(engine, "CHUNK_RECORDS", 8)
     paths = bad_dataset(tmp_path)[:1]
     cut = tmp_path / "z_cut.json"
     cut.write_text('[{"text": "a"}, {"text": "b"', encoding="utf-8")
@@ -266,7 +269,7 @@ def test_a_malformed_line_takes_its_record_position(tmp_path, llama3_dir):
 
 
 def test_worker_count_resolution(tmp_path, monkeypatch):
-    from specforge_vocab.counting import resolve_num_workers
+    from specforge_vocab.counting.count import resolve_num_workers
 
     big = tmp_path / "big.jsonl"
     with open(big, "wb") as handle:

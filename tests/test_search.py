@@ -10,18 +10,9 @@ import numpy as np
 import optuna
 import pytest
 
-from specforge_vocab.cost import DraftArchitecture, latency_reduction, paper_latency_reduction
+from specforge_vocab.choosing.cost import DraftArchitecture, latency_reduction, paper_latency_reduction
 from specforge_vocab.errors import InputError, SettingsError
-from specforge_vocab.search import (
-    Evaluation,
-    SearchSettings,
-    coverage_at,
-    coverage_curve,
-    k_for_coverage,
-    score_candidates,
-    search,
-    tpe_search,
-)
+from specforge_vocab.choosing.search import Evaluation, SearchSettings, coverage_at, coverage_curve, k_for_coverage, score_candidates, search, tpe_search
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -368,7 +359,7 @@ def test_pinned_curve_is_the_coverage_of_the_kept_set():
     counts = np.array([5, 0, 9, 5, 1, 0, 2])
     curve = coverage_curve(counts, pinned_ids=[5, 1])  # two unseen ids pinned
     total = counts.sum()
-    from specforge_vocab.mapping import kept_token_ids
+    from specforge_vocab.writing.mapping import kept_token_ids
 
     for k in range(2, 8):
         kept = kept_token_ids(counts, k, pinned_ids=[5, 1])

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 from conftest import DATA, REPO
 
-from specforge_vocab.cli import main
-from specforge_vocab.cost import DraftArchitecture, bytes_latency_reduction
-from specforge_vocab.counting import count_tokens, save_counts
+from specforge_vocab.cli.main import main
+from specforge_vocab.choosing.cost import DraftArchitecture, bytes_latency_reduction
+from specforge_vocab.counting.count import count_tokens
+from specforge_vocab.counting.counts_file import save_counts
 from specforge_vocab.errors import InputError
-from specforge_vocab.mapping import kept_token_ids
-from specforge_vocab.pins import PinSettings, resolve_pinned_tokens
-from specforge_vocab.search import SearchSettings, search
-from specforge_vocab.tokenizer import load_tokenizer
+from specforge_vocab.writing.mapping import kept_token_ids
+from specforge_vocab.choosing.pins import PinSettings, resolve_pinned_tokens
+from specforge_vocab.choosing.search import SearchSettings, search
+from specforge_vocab.counting.tokenizer import load_tokenizer
 
 TRAIN = str(DATA / "gsm8k_train_sample.jsonl")
 

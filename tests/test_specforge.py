@@ -19,7 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import specforge_standin as standin
-from specforge_vocab import specforge as sf
+from specforge_vocab.specforge.data_files import RawConversationsFile, count_masked_ids, iter_feature_files, iter_prompt_records, list_feature_files, prompts_file_kind
+from specforge_vocab.specforge.run_config import DATA_SOURCES, load_run_config, read_run_config
+from specforge_vocab.specforge.train_eagle3 import cache_mapping_paths, draft_config_path_from_args, find_specforge_train_script, md5_cache_key, offline_cache_mapping_path, offline_dataset_identity, parse_train_eagle3_args, sha256_cache_key
+from specforge_vocab.specforge.yaml_patch import patch_vocab_mapping_text, set_vocab_mapping_path
+from specforge_vocab.writing.draft_config import read_draft_vocab_sizes
 from specforge_vocab.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,12 +76,12 @@ training:
 
 @pytest.mark.parametrize("path", CONFIG_YAMLS, ids=lambda p: p.name)
 def test_every_config_yaml_loads_and_points_at_a_draft_config(path):
-    run = sf.read_run_config(str(path), cwd=str(REPO))
+    run = read_run_config(str(path), cwd=str(REPO))
     draft = run.draft_config_file()
     assert Path(draft).parent == REPO / "configs" and Path(draft).is_file()
-    k, vocab = sf.read_draft_vocab_sizes(draft)
+    k, vocab = read_draft_vocab_sizes(draft)
     assert 0 < k < vocab
-    assert run.data_source in sf.DATA_SOURCES and run.max_length > 0
+    assert run.data_source in DATA_SOURCES and run.max_length > 0
     templates = REPO.parent / "shared" / "docs" / "specforge_general_templates.json"
     if templates.is_file():
         assert run.chat_template in json.loads(templates.read_text(encoding="utf-8"))
@@ -93,12 +97,12 @@ def test_every_config_yaml_hands_a_mapping_to_the_standin(path, tmp_path, monkey
     """Set model.vocab_mapping_path into a copy and let the stand-in load it
     the way `specforge train --config` would (relative paths from the repo root)."""
     monkeypatch.chdir(REPO)
-    run = sf.read_run_config(str(path))
-    k, vocab = sf.read_draft_vocab_sizes(run.draft_config_file())
+    run = read_run_config(str(path))
+    k, vocab = read_draft_vocab_sizes(run.draft_config_file())
     mapping = tmp_path / "mapping.pt"
     torch.save(valid_mapping(k, vocab), mapping)
     out = tmp_path / path.name
-    result = sf.set_vocab_mapping_path(str(path), str(mapping), output_path=str(out))
+    result = set_vocab_mapping_path(str(path), str(mapping), output_path=str(out))
     assert result.path == str(out) and result.changed and result.backup_path is None
     loaded_path, d2t, t2d = standin.run_config_mapping(str(out))
     assert loaded_path == str(mapping) and d2t.shape == (k,) and t2d.shape == (vocab,)
@@ -111,7 +115,7 @@ def test_every_config_yaml_hands_a_mapping_to_the_standin(path, tmp_path, monkey
 
 def test_defaults_match_specforge(tmp_path):
     path = write(tmp_path / "run.yaml", "model:\n  target_model_path: m\ndata:\n  train_data_path: t.jsonl\n")
-    run = sf.read_run_config(str(path), cwd=str(tmp_path))
+    run = read_run_config(str(path), cwd=str(tmp_path))
     assert (run.max_length, run.chat_template, run.cache_dir) == (2048, "llama3", "./cache")
     assert (run.is_preformatted, run.train_only_last_turn, run.vocab_mapping_path) == (False, False, "")
     assert run.draft_model_config is None
@@ -120,7 +124,7 @@ def test_defaults_match_specforge(tmp_path):
 
 def test_overrides_are_typed_like_specforge(tmp_path):
     path = write(tmp_path / "run.yaml", RUN_YAML)
-    raw = sf.load_run_config(str(path), [
+    raw = load_run_config(str(path), [
         "data.max_length=8192", "data.is_preformatted=true", "data.chat_template=1.0",
         "model.aux_hidden_state_layer_ids=[1, 29, 57]", "training.learning_rate=1e-4",
         "output_dir=./out", "tracking.report_to=none",
@@ -131,7 +135,7 @@ def test_overrides_are_typed_like_specforge(tmp_path):
     assert raw["training"]["learning_rate"] == 1e-4 and raw["output_dir"] == "./out"
     assert raw["tracking"] == {"report_to": "none"}
     assert yaml.safe_load(path.read_text()) != raw  # the file itself is untouched
-    run = sf.read_run_config(str(path), ["data.train_data_path=", "data.prompts_path=p.jsonl", "data.max_length='512'"])
+    run = read_run_config(str(path), ["data.train_data_path=", "data.prompts_path=p.jsonl", "data.max_length='512'"])
     assert (run.data_source, run.data_path, run.max_length) == ("prompts_path", "p.jsonl", 512)
 
 
@@ -145,7 +149,7 @@ def test_overrides_are_typed_like_specforge(tmp_path):
 def test_bad_overrides_are_named(tmp_path, override, fragment):
     path = write(tmp_path / "run.yaml", RUN_YAML)
     with pytest.raises(InputError, match="--set") as info:
-        sf.load_run_config(str(path), [override])
+        load_run_config(str(path), [override])
     assert fragment in str(info.value)
 
 
@@ -161,7 +165,7 @@ def test_bad_overrides_are_named(tmp_path, override, fragment):
 def test_bad_data_sections_are_named(tmp_path, data, fragment):
     path = write(tmp_path / "run.yaml", "model:\n  target_model_path: m\ndata:\n" + data)
     with pytest.raises(InputError) as info:
-        sf.read_run_config(str(path))
+        read_run_config(str(path))
     assert fragment in str(info.value) and str(path) in str(info.value)
 
 
@@ -175,38 +179,38 @@ def test_bad_data_sections_are_named(tmp_path, data, fragment):
 def test_bad_run_configs_are_named(tmp_path, text, fragment):
     path = write(tmp_path / "run.yaml", text)
     with pytest.raises(InputError) as info:
-        sf.read_run_config(str(path))
+        read_run_config(str(path))
     assert fragment in str(info.value)
 
 
 def test_fields_specforge_does_not_know_are_reported(tmp_path, caplog):
     path = write(tmp_path / "run.yaml", "model:\n  target_model_path: m\n  vocab_map: x\n  sglang_tp: 2\n"
                                         "data:\n  train_data_path: t\n")
-    with caplog.at_level("WARNING", logger="specforge_vocab.specforge"):
-        sf.read_run_config(str(path))
+    with caplog.at_level("WARNING", logger="specforge_vocab.specforge.run_config"):
+        read_run_config(str(path))
     assert "model.vocab_map" in caplog.text and "sglang_tp" not in caplog.text
 
 
 def test_byte_order_mark_and_document_markers():
     text = "\ufeff---\nmodel:\n  target_model_path: m\n...\n"
-    out = sf.patch_vocab_mapping_text(text, "/m/v.pt")
+    out = patch_vocab_mapping_text(text, "/m/v.pt")
     assert out == "\ufeff---\nmodel:\n  target_model_path: m\n  vocab_mapping_path: /m/v.pt\n...\n"
-    assert sf.patch_vocab_mapping_text("\ufeffmodel:\n  a: 1\n", "v.pt") == "\ufeffmodel:\n  a: 1\n  vocab_mapping_path: v.pt\n"
+    assert patch_vocab_mapping_text("\ufeffmodel:\n  a: 1\n", "v.pt") == "\ufeffmodel:\n  a: 1\n  vocab_mapping_path: v.pt\n"
 
 
 def test_missing_run_config(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
-        sf.load_run_config(str(tmp_path / "nope.yaml"))
+        load_run_config(str(tmp_path / "nope.yaml"))
 
 
 def test_json_run_config_is_read_as_json(tmp_path):
     path = write(tmp_path / "run.json", json.dumps({"model": {"target_model_path": "m"},
                                                     "data": {"hidden_states_path": "feat", "max_length": 64}}))
-    run = sf.read_run_config(str(path))
+    run = read_run_config(str(path))
     assert (run.data_source, run.max_length) == ("hidden_states_path", 64)
     bad = write(tmp_path / "run.cfg", "model:\n  target_model_path: m\n")
     with pytest.raises(InputError, match="not valid JSON"):
-        sf.load_run_config(str(bad))
+        load_run_config(str(bad))
 
 
 def test_relative_paths_resolve_from_the_working_directory_not_the_yaml_folder(tmp_path, monkeypatch):
@@ -216,13 +220,13 @@ def test_relative_paths_resolve_from_the_working_directory_not_the_yaml_folder(t
                  "model:\n  target_model_path: m\n  draft_model_config: configs/d.json\n"
                  "  vocab_mapping_path: maps/v.pt\ndata:\n  prompts_path: data/p.jsonl\n  cache_dir: c\n")
     monkeypatch.chdir(tmp_path)
-    run = sf.read_run_config("runs/run.yaml")
+    run = read_run_config("runs/run.yaml")
     assert run.draft_config_file() == str(tmp_path / "configs" / "d.json")
     assert run.resolved_data_path == str(tmp_path / "data" / "p.jsonl")
     assert run.resolved_vocab_mapping_path == str(tmp_path / "maps" / "v.pt")
     assert run.resolved_cache_dir == str(tmp_path / "c")
     with pytest.raises(InputError, match="current directory"):
-        sf.read_run_config(str(path), cwd=str(tmp_path / "runs")).draft_config_file()
+        read_run_config(str(path), cwd=str(tmp_path / "runs")).draft_config_file()
 
 
 def test_draft_config_sources(tmp_path):
@@ -230,7 +234,7 @@ def test_draft_config_sources(tmp_path):
     (tmp_path / "empty").mkdir()
     base = "model:\n  target_model_path: m\n  draft_model_config: {}\ndata:\n  train_data_path: t\n"
     def run_for(source):
-        return sf.read_run_config(str(write(tmp_path / "run.yaml", base.format(source))), cwd=str(tmp_path))
+        return read_run_config(str(write(tmp_path / "run.yaml", base.format(source))), cwd=str(tmp_path))
     assert run_for("ckpt").draft_config_file() == str(tmp_path / "ckpt" / "config.json")
     assert run_for("file://" + str(tmp_path / "ckpt" / "config.json")).draft_config_file() == str(tmp_path / "ckpt" / "config.json")
     with pytest.raises(InputError, match="no config.json"):
@@ -247,7 +251,7 @@ def test_draft_config_sources(tmp_path):
 
 def test_existing_value_is_replaced_and_every_other_byte_kept(tmp_path):
     path = write(tmp_path / "run.yaml", RUN_YAML)
-    result = sf.set_vocab_mapping_path(str(path), "/maps/new.pt")
+    result = set_vocab_mapping_path(str(path), "/maps/new.pt")
     assert result.changed and result.backup_path == str(path) + ".bak"
     assert Path(result.backup_path).read_bytes() == RUN_YAML.encode()
     expected = RUN_YAML.replace('  vocab_mapping_path: "./cache/old.pt"  # keep this comment',
@@ -265,7 +269,7 @@ def test_existing_value_is_replaced_and_every_other_byte_kept(tmp_path):
 ])
 def test_value_styles(line, new_line):
     text = f"model:\n  target_model_path: m\n{line}\n  torch_dtype: bfloat16\ndata:\n  train_data_path: t\n"
-    assert sf.patch_vocab_mapping_text(text, "/m/v.pt") == text.replace(line, new_line)
+    assert patch_vocab_mapping_text(text, "/m/v.pt") == text.replace(line, new_line)
 
 
 def test_missing_key_is_inserted_with_the_section_indentation():
@@ -273,19 +277,19 @@ def test_missing_key_is_inserted_with_the_section_indentation():
         "# run\n", "model:\n", "    target_model_path: m   # four-space indent\n", "    draft_model_config: d.json\n",
         "    # trailing comment of the section\n", "\n", "# data\n", "data:\n", "    train_data_path: t\n",
     ]
-    out = sf.patch_vocab_mapping_text("".join(lines), "/m/v.pt")
+    out = patch_vocab_mapping_text("".join(lines), "/m/v.pt")
     assert out == "".join(lines[:4] + ["    vocab_mapping_path: /m/v.pt\n"] + lines[4:])
 
 
 def test_insertion_follows_double_quoting_crlf_and_a_missing_final_newline():
     text = 'model:\r\n  target_model_path: "m"\r\n  draft_model_config: "d.json"'
-    out = sf.patch_vocab_mapping_text(text, "/m/v.pt")
+    out = patch_vocab_mapping_text(text, "/m/v.pt")
     assert out == 'model:\r\n  target_model_path: "m"\r\n  draft_model_config: "d.json"\r\n  vocab_mapping_path: "/m/v.pt"'
 
 
 def test_crlf_file_keeps_its_line_endings():
     text = RUN_YAML.replace("\n", "\r\n")
-    out = sf.patch_vocab_mapping_text(text, "/m/v.pt")
+    out = patch_vocab_mapping_text(text, "/m/v.pt")
     assert out.count("\r\n") == text.count("\r\n") and "\n" not in out.replace("\r\n", "")
     assert yaml.safe_load(out)["model"]["vocab_mapping_path"] == "/m/v.pt"
 
@@ -295,14 +299,14 @@ def test_crlf_file_keeps_its_line_endings():
 def test_values_needing_quotes_round_trip(value):
     for style_line in ("  vocab_mapping_path: old", "  vocab_mapping_path: 'old'", '  vocab_mapping_path: "old"'):
         text = f"model:\n  target_model_path: m\n{style_line}\ndata:\n  train_data_path: t\n"
-        assert yaml.safe_load(sf.patch_vocab_mapping_text(text, value))["model"]["vocab_mapping_path"] == value
+        assert yaml.safe_load(patch_vocab_mapping_text(text, value))["model"]["vocab_mapping_path"] == value
 
 
 @settings(max_examples=150, deadline=None)
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40))
 def test_any_path_round_trips(value):
     text = "model:\n  target_model_path: m  # t\n  vocab_mapping_path: old\n  x: 1\ndata:\n  train_data_path: t\n"
-    out = sf.patch_vocab_mapping_text(text, value)
+    out = patch_vocab_mapping_text(text, value)
     assert yaml.safe_load(out) == {"model": {"target_model_path": "m", "vocab_mapping_path": value, "x": 1},
                                    "data": {"train_data_path": "t"}}
     assert out.splitlines()[:2] == text.splitlines()[:2] and out.splitlines()[-3:] == text.splitlines()[-3:]
@@ -324,7 +328,7 @@ def test_any_path_round_trips(value):
 def test_odd_layouts_are_refused_and_the_file_is_untouched(tmp_path, text, fragment):
     path = write(tmp_path / "run.yaml", text)
     with pytest.raises(InputError) as info:
-        sf.set_vocab_mapping_path(str(path), "/m/v.pt")
+        set_vocab_mapping_path(str(path), "/m/v.pt")
     assert fragment in str(info.value) and str(path) in str(info.value)
     assert path.read_text() == text and not (tmp_path / "run.yaml.bak").exists()
 
@@ -332,7 +336,7 @@ def test_odd_layouts_are_refused_and_the_file_is_untouched(tmp_path, text, fragm
 def test_unchanged_value_writes_nothing(tmp_path):
     path = write(tmp_path / "run.yaml", RUN_YAML)
     os.utime(path, ns=(1_000_000_000, 1_000_000_000))
-    result = sf.set_vocab_mapping_path(str(path), "./cache/old.pt")
+    result = set_vocab_mapping_path(str(path), "./cache/old.pt")
     assert not result.changed and result.backup_path is None
     assert path.stat().st_mtime_ns == 1_000_000_000 and not (tmp_path / "run.yaml.bak").exists()
 
@@ -341,17 +345,17 @@ def test_output_path_leaves_the_original_alone_and_in_place_keeps_the_mode(tmp_p
     path = write(tmp_path / "run.yaml", RUN_YAML)
     path.chmod(0o640)
     out = tmp_path / "new" / "run.yaml"
-    result = sf.set_vocab_mapping_path(str(path), "/m/v.pt", output_path=str(out))
+    result = set_vocab_mapping_path(str(path), "/m/v.pt", output_path=str(out))
     assert path.read_text() == RUN_YAML and not (tmp_path / "run.yaml.bak").exists()
     assert yaml.safe_load(out.read_text())["model"]["vocab_mapping_path"] == "/m/v.pt" and result.changed
-    sf.set_vocab_mapping_path(str(path), "/m/v.pt", backup=False)
+    set_vocab_mapping_path(str(path), "/m/v.pt", backup=False)
     assert stat.S_IMODE(path.stat().st_mode) == 0o640 and not (tmp_path / "run.yaml.bak").exists()
 
 
 def test_json_run_config_is_patched_keeping_key_order(tmp_path):
     data = {"model": {"target_model_path": "m", "draft_model_config": "d.json"}, "data": {"train_data_path": "t"}}
     path = write(tmp_path / "run.json", json.dumps(data, indent=4) + "\n")
-    sf.set_vocab_mapping_path(str(path), "/m/v.pt")
+    set_vocab_mapping_path(str(path), "/m/v.pt")
     text = path.read_text()
     data["model"]["vocab_mapping_path"] = "/m/v.pt"
     assert text == json.dumps(data, indent=4) + "\n"
@@ -364,12 +368,12 @@ BASE_FLAGS = ["--target-model-path", "meta-llama/Llama-3.1-8B-Instruct", "--draf
 
 
 def test_parser_defaults_and_pass_through():
-    args, rest = sf.parse_train_eagle3_args(BASE_FLAGS + ["--learning-rate", "1e-4", "--report-to", "wandb",
+    args, rest = parse_train_eagle3_args(BASE_FLAGS + ["--learning-rate", "1e-4", "--report-to", "wandb",
                                                           "--verbose", "--tp-size", "2"])
     assert (args.chat_template, args.max_length, args.cache_dir) == ("llama3", 2048, "./cache")
     assert (args.is_preformatted, args.train_only_last_turn, args.vocab_mapping_path) == (False, False, None)
     assert rest == ["--learning-rate", "1e-4", "--report-to", "wandb", "--verbose", "--tp-size", "2"]
-    args, _ = sf.parse_train_eagle3_args(BASE_FLAGS + ["--max-length=4096", "--is-preformatted", "--chat-template", "qwen"])
+    args, _ = parse_train_eagle3_args(BASE_FLAGS + ["--max-length=4096", "--is-preformatted", "--chat-template", "qwen"])
     assert (args.max_length, args.is_preformatted, args.chat_template) == (4096, True, "qwen")
 
 
@@ -381,38 +385,38 @@ def test_parser_defaults_and_pass_through():
 ])
 def test_bad_flags_are_named(argv, fragment):
     with pytest.raises(InputError) as info:
-        sf.parse_train_eagle3_args(argv)
+        parse_train_eagle3_args(argv)
     assert fragment in str(info.value)
 
 
 def test_md5_keys_equal_hashlib_of_specforges_format_string():
     text = "./cache/dataset/sharegpt.jsonl-2048-llama3-meta-llama/Llama-3.1-8B-Instruct"
-    assert sf.md5_cache_key("./cache/dataset/sharegpt.jsonl", 2048, "llama3", "meta-llama/Llama-3.1-8B-Instruct",
+    assert md5_cache_key("./cache/dataset/sharegpt.jsonl", 2048, "llama3", "meta-llama/Llama-3.1-8B-Instruct",
                             32000, 128256) == hashlib.md5((text + "-32000-128256").encode()).hexdigest()
-    assert sf.md5_cache_key("./cache/dataset/sharegpt.jsonl", 2048, "llama3", "meta-llama/Llama-3.1-8B-Instruct",
+    assert md5_cache_key("./cache/dataset/sharegpt.jsonl", 2048, "llama3", "meta-llama/Llama-3.1-8B-Instruct",
                             32000, 128256, legacy=True) == hashlib.md5(text.encode()).hexdigest()
     # the flag strings are used as typed: "./x" and "x" are different keys
-    assert sf.md5_cache_key("x", 1, "t", "m", 2, 3) != sf.md5_cache_key("./x", 1, "t", "m", 2, 3)
+    assert md5_cache_key("x", 1, "t", "m", 2, 3) != md5_cache_key("./x", 1, "t", "m", 2, 3)
 
 
 def test_cache_paths_follow_the_draft_config_and_ckpt_dir(tmp_path):
     draft = draft_json(tmp_path / "d.json", 16000, 128256)
-    args, _ = sf.parse_train_eagle3_args(["--target-model-path", "tm", "--draft-model-config", str(draft),
+    args, _ = parse_train_eagle3_args(["--target-model-path", "tm", "--draft-model-config", str(draft),
                                           "--train-data-path", "t.jsonl", "--cache-dir", "c", "--max-length", "512"])
-    current, legacy = sf.cache_mapping_paths(args, sf.draft_config_path_from_args(args))
+    current, legacy = cache_mapping_paths(args, draft_config_path_from_args(args))
     assert current == os.path.join("c", "vocab_mapping", hashlib.md5(b"t.jsonl-512-llama3-tm-16000-128256").hexdigest() + ".pt")
     assert legacy == os.path.join("c", "vocab_mapping", hashlib.md5(b"t.jsonl-512-llama3-tm").hexdigest() + ".pt")
     draft_json(tmp_path / "ckpt" / "config.json", 8000, 128256)
     args.ckpt_dir = str(tmp_path / "ckpt")
-    assert sf.draft_config_path_from_args(args) == str(tmp_path / "ckpt" / "config.json")
-    assert sf.cache_mapping_paths(args, sf.draft_config_path_from_args(args))[0].endswith(
+    assert draft_config_path_from_args(args) == str(tmp_path / "ckpt" / "config.json")
+    assert cache_mapping_paths(args, draft_config_path_from_args(args))[0].endswith(
         hashlib.md5(b"t.jsonl-512-llama3-tm-8000-128256").hexdigest() + ".pt")
     args.ckpt_dir = str(tmp_path / "nope")
     with pytest.raises(InputError, match="--ckpt-dir"):
-        sf.draft_config_path_from_args(args)
+        draft_config_path_from_args(args)
     args.ckpt_dir, args.draft_model_config = None, None
     with pytest.raises(InputError, match="--draft-model-config is not given"):
-        sf.draft_config_path_from_args(args)
+        draft_config_path_from_args(args)
 
 
 @pytest.mark.parametrize("config, fragment", [
@@ -422,7 +426,7 @@ def test_cache_paths_follow_the_draft_config_and_ckpt_dir(tmp_path):
 ])
 def test_bad_draft_sizes(config, fragment):
     with pytest.raises(InputError, match=fragment):
-        sf.read_draft_vocab_sizes(config)
+        read_draft_vocab_sizes(config)
 
 
 @pytest.mark.parametrize("legacy", [False, True])
@@ -431,10 +435,10 @@ def test_standin_train_eagle3_finds_and_installs_the_mapping(tmp_path, monkeypat
     draft_json(tmp_path / "configs" / "d.json", 300, 5000)
     argv = ["--target-model-path", "tm", "--draft-model-config", "configs/d.json", "--train-data-path", "data/t.jsonl",
             "--max-length", "1024", "--output-dir", "o", "--learning-rate", "1e-4"]
-    args, _ = sf.parse_train_eagle3_args(argv)
+    args, _ = parse_train_eagle3_args(argv)
     with pytest.raises(standin.WouldBuildOwnMapping):
         standin.train_eagle3_mapping(argv, legacy=legacy)
-    paths = sf.cache_mapping_paths(args, sf.draft_config_path_from_args(args))
+    paths = cache_mapping_paths(args, draft_config_path_from_args(args))
     mapping = valid_mapping(300, 5000, seed=3)
     for path in paths:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -457,38 +461,38 @@ def test_standin_rejects_a_mapping_of_the_wrong_shape_or_dtype(tmp_path):
 
 
 def test_sha256_key_and_offline_identity(tmp_path, monkeypatch):
-    assert sf.sha256_cache_key("abc", 128256, 32000) == hashlib.sha256(b"abc:128256:32000").hexdigest()
+    assert sha256_cache_key("abc", 128256, 32000) == hashlib.sha256(b"abc:128256:32000").hexdigest()
     monkeypatch.chdir(tmp_path)
     for name in ("feat/rows_2-4/data_2.ckpt", "feat/rows_0-2/data_0.ckpt.gz", "feat/rows_0-2/notes.txt"):
         write(tmp_path / name, "x" * len(name))
-    identity = sf.offline_dataset_identity("feat", 2048)
+    identity = offline_dataset_identity("feat", 2048)
     expected_files = [[str(tmp_path / n), os.stat(tmp_path / n).st_size, os.stat(tmp_path / n).st_mtime_ns]
                       for n in ("feat/rows_0-2/data_0.ckpt.gz", "feat/rows_2-4/data_2.ckpt")]
     assert json.loads(identity) == {"files": expected_files, "kind": "offline-features-v1", "max_length": 2048}
     assert identity.startswith('{"files": [["')  # sorted keys, json.dumps default separators
     path = write(tmp_path / "run.yaml", "model:\n  target_model_path: m\ndata:\n  hidden_states_path: feat\n")
-    run = sf.read_run_config(str(path))
-    assert sf.offline_cache_mapping_path(run, 128256, 32000) == str(
+    run = read_run_config(str(path))
+    assert offline_cache_mapping_path(run, 128256, 32000) == str(
         tmp_path / "cache" / "vocab_mapping" / (hashlib.sha256(f"{identity}:128256:32000".encode()).hexdigest() + ".pt"))
 
 
 def test_find_specforge_train_script(tmp_path, monkeypatch):
     script = write(tmp_path / "SpecForge" / "scripts" / "train_eagle3.py", "print('hi')\n")
-    assert sf.find_specforge_train_script(str(script)) == str(script)
+    assert find_specforge_train_script(str(script)) == str(script)
     with pytest.raises(InputError, match="--specforge-script .* does not exist"):
-        sf.find_specforge_train_script(str(tmp_path / "nope.py"))
+        find_specforge_train_script(str(tmp_path / "nope.py"))
     assert importlib.util.find_spec("specforge") is None, "a real SpecForge is installed; this test assumes none"
     with pytest.raises(InputError, match="no 'specforge' package is installed"):
-        sf.find_specforge_train_script()
+        find_specforge_train_script()
     write(tmp_path / "wheel" / "specforge" / "__init__.py", "")
     monkeypatch.syspath_prepend(str(tmp_path / "wheel"))
     importlib.invalidate_caches()
     with pytest.raises(InputError, match="wheel installs do not ship scripts"):
-        sf.find_specforge_train_script()
+        find_specforge_train_script()
     write(tmp_path / "SpecForge" / "specforge" / "__init__.py", "")
     monkeypatch.syspath_prepend(str(tmp_path / "SpecForge"))
     importlib.invalidate_caches()
-    assert sf.find_specforge_train_script() == str(script)
+    assert find_specforge_train_script() == str(script)
 
 
 # ---------------------------------------------------------------- readers
@@ -524,30 +528,30 @@ def test_prompt_records_match_a_hand_count(tmp_path, tokenized_records, max_leng
     rows = [{"input_ids": ids, "loss_mask": mask, "extra": 1} for ids, mask in tokenized_records]
     rows[1] = {"input_ids": [rows[1]["input_ids"]], "loss_mask": [rows[1]["loss_mask"]]}  # batch dim of 1
     path = write_jsonl(tmp_path / "p.jsonl", rows, blank_lines=True)
-    got = list(sf.iter_prompt_records(str(path), max_length, vocab_size=128256))
+    got = list(iter_prompt_records(str(path), max_length, vocab_size=128256))
     expected = [masked_by_hand(ids, mask, max_length) for ids, mask in tokenized_records]
     assert [g.tolist() for g in got] == expected and all(g.dtype == np.int64 for g in got)
-    counts = sf.count_masked_ids(got, 128256)
+    counts = count_masked_ids(got, 128256)
     hand = Counter(t for e in expected for t in e)
     assert counts.sum() == sum(hand.values()) and all(counts[t] == n for t, n in hand.items())
-    split = [list(sf.iter_prompt_records(str(path), max_length, rank=r, world_size=2)) for r in (0, 1)]
+    split = [list(iter_prompt_records(str(path), max_length, rank=r, world_size=2)) for r in (0, 1)]
     assert [a.tolist() for a in split[0]] == expected[0::2] and [a.tolist() for a in split[1]] == expected[1::2]
 
 
 def test_prompt_records_in_a_json_array(tmp_path, tokenized_records):
     path = write(tmp_path / "p.json", json.dumps([{"input_ids": i, "loss_mask": m} for i, m in tokenized_records]))
-    got = [a.tolist() for a in sf.iter_prompt_records(str(path), 2048)]
+    got = [a.tolist() for a in iter_prompt_records(str(path), 2048)]
     assert got == [masked_by_hand(i, m, 2048) for i, m in tokenized_records]
 
 
 def test_raw_conversations_and_empty_prompt_files(tmp_path):
     raw = write_jsonl(tmp_path / "raw.jsonl", [{"conversations": [{"role": "user", "content": "hi"}]}])
-    assert sf.prompts_file_kind(str(raw)) == "conversations"
-    with pytest.raises(sf.RawConversationsFile) as info:
-        list(sf.iter_prompt_records(str(raw), 10))
+    assert prompts_file_kind(str(raw)) == "conversations"
+    with pytest.raises(RawConversationsFile) as info:
+        list(iter_prompt_records(str(raw), 10))
     assert info.value.path == str(raw) and isinstance(info.value, InputError)
     empty = write(tmp_path / "empty.jsonl", "\n  \n")
-    assert sf.prompts_file_kind(str(empty)) == "empty" and list(sf.iter_prompt_records(str(empty), 10)) == []
+    assert prompts_file_kind(str(empty)) == "empty" and list(iter_prompt_records(str(empty), 10)) == []
 
 
 @pytest.mark.parametrize("rows, fragment", [
@@ -568,16 +572,16 @@ def test_raw_conversations_and_empty_prompt_files(tmp_path):
 def test_bad_prompt_records_are_named(tmp_path, rows, fragment):
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     with pytest.raises(InputError) as info:
-        list(sf.iter_prompt_records(str(path), 2048, vocab_size=128256))
+        list(iter_prompt_records(str(path), 2048, vocab_size=128256))
     assert fragment in str(info.value) and str(path) in str(info.value)
 
 
 def test_bad_json_line_and_missing_prompts_file(tmp_path):
     path = write(tmp_path / "p.jsonl", '{"input_ids": [1], "loss_mask": [1]}\n{"input_ids": [1,\n')
     with pytest.raises(InputError, match=r"line 2: invalid JSON"):
-        list(sf.iter_prompt_records(str(path), 10))
+        list(iter_prompt_records(str(path), 10))
     with pytest.raises(InputError, match="does not exist"):
-        list(sf.iter_prompt_records(str(tmp_path / "nope.jsonl"), 10))
+        list(iter_prompt_records(str(tmp_path / "nope.jsonl"), 10))
 
 
 def save_feature(path: Path, record: dict, compress: bool = False) -> Path:
@@ -612,19 +616,19 @@ def feature_dir(tmp_path, tokenized_records):
 @pytest.mark.parametrize("max_length", [7, 2048])
 def test_feature_files_match_a_hand_count(feature_dir, tokenized_records, max_length):
     root, names = feature_dir
-    files = sf.list_feature_files(str(root))
+    files = list_feature_files(str(root))
     assert files == sorted(str(root / n) for n in names)
     by_name = {str(root / n): rec for n, rec in zip(names, tokenized_records)}
     expected = [masked_by_hand(*by_name[f], max_length) for f in files]
-    got = list(sf.iter_feature_files(str(root), max_length, vocab_size=128256))
+    got = list(iter_feature_files(str(root), max_length, vocab_size=128256))
     assert [g.tolist() for g in got] == expected
     hand = Counter(t for e in expected for t in e)
-    counts = sf.count_masked_ids(got, 128256)
+    counts = count_masked_ids(got, 128256)
     assert counts.dtype == np.int64 and counts.shape == (128256,)
     assert {int(t): int(counts[t]) for t in np.flatnonzero(counts)} == dict(hand)
-    ranks = [[a.tolist() for a in sf.iter_feature_files(str(root), max_length, rank=r, world_size=3)] for r in range(3)]
+    ranks = [[a.tolist() for a in iter_feature_files(str(root), max_length, rank=r, world_size=3)] for r in range(3)]
     assert ranks == [expected[0::3], expected[1::3], expected[2::3]]
-    assert sf.list_feature_files(files[0]) == [files[0]]
+    assert list_feature_files(files[0]) == [files[0]]
 
 
 class NotATensor:
@@ -645,7 +649,7 @@ class NotATensor:
 def test_bad_feature_files_are_named(tmp_path, record, fragment):
     path = save_feature(tmp_path / "f" / "data_0.ckpt", record)
     with pytest.raises(InputError) as info:
-        list(sf.iter_feature_files(str(tmp_path / "f"), 2048, vocab_size=128256))
+        list(iter_feature_files(str(tmp_path / "f"), 2048, vocab_size=128256))
     assert fragment in str(info.value) and str(path) in str(info.value)
 
 
@@ -654,15 +658,15 @@ def test_broken_and_missing_feature_files(tmp_path):
     data = good.read_bytes()
     write(tmp_path / "g" / "data_0.ckpt", "").write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match="not a readable torch feature file"):
-        list(sf.iter_feature_files(str(tmp_path / "g"), 10))
+        list(iter_feature_files(str(tmp_path / "g"), 10))
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match=r"no \*\.ckpt or \*\.ckpt\.gz"):
-        sf.list_feature_files(str(tmp_path / "empty"))
+        list_feature_files(str(tmp_path / "empty"))
     with pytest.raises(InputError, match="does not exist"):
-        sf.list_feature_files(str(tmp_path / "nope"))
+        list_feature_files(str(tmp_path / "nope"))
     # a float loss mask counts where it is non-zero, as in SpecForge's own counter
     save_feature(tmp_path / "h" / "x.ckpt", {"input_ids": torch.tensor([4, 5, 6]), "loss_mask": torch.tensor([0.0, 1.0, 1.0])})
-    assert next(sf.iter_feature_files(str(tmp_path / "h"), 10)).tolist() == [5, 6]
+    assert next(iter_feature_files(str(tmp_path / "h"), 10)).tolist() == [5, 6]
 
 
 def test_count_masked_ids_chunks_and_checks():
@@ -672,14 +676,14 @@ def test_count_masked_ids_chunks_and_checks():
     for a in arrays:
         for t in a:
             expected[t] += 1
-    assert np.array_equal(sf.count_masked_ids(arrays, 50, chunk=4), expected)
-    assert np.array_equal(sf.count_masked_ids(iter(arrays), 50), expected)
-    assert np.array_equal(sf.count_masked_ids([], 5), np.zeros(5, dtype=np.int64))
+    assert np.array_equal(count_masked_ids(arrays, 50, chunk=4), expected)
+    assert np.array_equal(count_masked_ids(iter(arrays), 50), expected)
+    assert np.array_equal(count_masked_ids([], 5), np.zeros(5, dtype=np.int64))
     with pytest.raises(InputError, match="token id 50, outside"):
-        sf.count_masked_ids([np.array([1, 50])], 50)
+        count_masked_ids([np.array([1, 50])], 50)
     with pytest.raises(InputError, match="negative token id"):
-        sf.count_masked_ids([np.array([-2])], 50)
+        count_masked_ids([np.array([-2])], 50)
     with pytest.raises(InputError, match="must be integers"):
-        sf.count_masked_ids([np.array([1.5])], 50)
+        count_masked_ids([np.array([1.5])], 50)
     with pytest.raises(InputError, match="vocab_size must be a positive integer"):
-        sf.count_masked_ids([np.array([1])], 0)
+        count_masked_ids([np.array([1])], 0)

@@ -12,8 +12,8 @@ import pytest
 
 from reliability_helpers import run_forked
 from specforge_vocab.errors import InputError, SettingsError
-from specforge_vocab.search import Evaluation, tpe_search
-from specforge_vocab.studies import PARAM_NAME, best_of, run_tpe_trials
+from specforge_vocab.choosing.search import Evaluation, tpe_search
+from specforge_vocab.choosing.studies import PARAM_NAME, best_of, run_tpe_trials
 
 LOW, HIGH, SEED = 50, 50_000, 42
 COUNTS = np.sort(np.random.default_rng(0).zipf(1.2, 128_256) % 100_000)[::-1].astype(np.int64)

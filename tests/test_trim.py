@@ -21,23 +21,18 @@ from conftest import DATA
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from specforge_vocab.counting import CountSettings, count_dataset, save_counts
-from specforge_vocab.cost import paper_latency_reduction
+from specforge_vocab.counting.engine import CountSettings
+
+from specforge_vocab.counting.count import count_dataset
+
+from specforge_vocab.counting.counts_file import save_counts
+from specforge_vocab.choosing.cost import paper_latency_reduction
 from specforge_vocab.errors import InputError, SettingsError
-from specforge_vocab.mapping import build_mapping, check_mapping, save_mapping
-from specforge_vocab.search import SearchSettings
-from specforge_vocab.trim import (
-    TrimSettings,
-    add_trim_arguments,
-    choose_kept_ids,
-    restricted_coverage_curve,
-    run_trim,
-    slice_rows,
-    trim_checkpoint,
-    trim_tensors,
-    verify_checkpoint,
-    write_safetensors,
-)
+from specforge_vocab.writing.mapping import build_mapping, check_mapping, save_mapping
+from specforge_vocab.choosing.search import SearchSettings
+from specforge_vocab.drafts.trim import TrimSettings, choose_kept_ids, restricted_coverage_curve, slice_rows, trim_checkpoint, trim_tensors
+from specforge_vocab.cli.main import main
+from specforge_vocab.drafts.checkpoint import verify_checkpoint, write_safetensors
 
 V, K, H, HEADS, KV, INTER = 4096, 1024, 64, 4, 2, 224
 HEAD_DIM = H // HEADS
@@ -612,19 +607,17 @@ def test_write_safetensors_streams_a_file_the_safetensors_library_reads_back(tmp
 # --------------------------------------------------------------------------- end to end: real tokenizer and data
 
 
-def test_cli_trim_reads_a_counts_file(ckpt, tmp_path):
+def test_cli_trim_reads_a_counts_file(ckpt, tmp_path, capsys):
     save_counts(str(tmp_path / "counts.safetensors"), WORKLOAD, {"format": "specforge-vocab-counts"})
-    parser = add_trim_arguments(argparse.ArgumentParser(prog="specforge-vocab trim"))
-    args = parser.parse_args(["--checkpoint", str(ckpt), "--counts", str(tmp_path / "counts.safetensors"),
-                              "--draft-vocab-size", "100", "--output", str(tmp_path / "out")])
-    stdout = io.StringIO()
-    assert run_trim(args, out=stdout) == 0
+    assert main(["trim", "--checkpoint", str(ckpt), "--counts", str(tmp_path / "counts.safetensors"),
+                              "--draft-vocab-size", "100", "--output", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
     after = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert np.array_equal(np.arange(100) + after["d2t"].numpy(), top_ids(WORKLOAD, 100, among=OLD_KEPT))
-    assert "draft_vocab_size: 1,024 -> 100 of V=4,096" in stdout.getvalue() and "k chosen by: fixed" in stdout.getvalue()
+    assert "draft_vocab_size: 1,024 -> 100 of V=4,096" in printed and "k chosen by: fixed" in printed
 
 
-def test_cli_trim_counts_a_real_dataset_with_a_real_tokenizer(tmp_path, llama3_dir):
+def test_cli_trim_counts_a_real_dataset_with_a_real_tokenizer(tmp_path, llama3_dir, capsys):
     """A draft whose vocabulary came from GSM8K, trimmed for code (HumanEval + GPTeacher codegen), Llama 3 tokenizer."""
     vocab_size = 128_256
     general = count_dataset(CountSettings(dataset_paths=[str(DATA / "gsm8k_train_sample.jsonl"),
@@ -637,13 +630,11 @@ def test_cli_trim_counts_a_real_dataset_with_a_real_tokenizer(tmp_path, llama3_d
     config = draft_config(vocab_size=vocab_size, draft_vocab_size=old_k, hidden=32)
     src = write_checkpoint(tmp_path / "draft", tensors, config)
 
-    parser = add_trim_arguments(argparse.ArgumentParser(prog="specforge-vocab trim"))
     code = [str(DATA / "humaneval_sample.jsonl"), str(DATA / "gpteacher_codegen_sample.jsonl")]
-    args = parser.parse_args(["--checkpoint", str(src), "--dataset-path", *code, "--tokenizer-path", llama3_dir,
+    assert main(["trim", "--checkpoint", str(src), "--dataset-path", *code, "--tokenizer-path", llama3_dir,
                               "--chat-template", "llama3", "--search", "exact", "--n-calls", "5",
-                              "--coverage-weight", "0.95", "--output", str(tmp_path / "out")])
-    stdout = io.StringIO()
-    assert run_trim(args, out=stdout) == 0
+                              "--coverage-weight", "0.95", "--output", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
 
     workload = count_dataset(CountSettings(dataset_paths=code, tokenizer_path=llama3_dir, chat_template="llama3")).counts
     after = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -656,7 +647,7 @@ def test_cli_trim_counts_a_real_dataset_with_a_real_tokenizer(tmp_path, llama3_d
     rows = np.searchsorted(old_kept, kept)
     assert torch.allclose(head_logits(after, hidden), head_logits(tensors, hidden)[:, rows], rtol=0, atol=1e-5)
 
-    text = stdout.getvalue()
+    text = printed
     total = int(workload.sum())
     old_cov = sum(int(workload[i]) for i in old_kept) / total
     new_cov = sum(int(workload[i]) for i in kept) / total

@@ -1,0 +1,3 @@
+from specforge_vocab.cli.main import main
+
+raise SystemExit(main())

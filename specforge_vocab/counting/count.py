@@ -1,0 +1,285 @@
+"""Count the loss-masked token ids of a dataset into a dense int64 array of length V.
+
+>>> import numpy as np
+>>> add_ids(np.zeros(5, dtype=np.int64), np.array([1, 1, 4]))
+array([0, 2, 0, 0, 1])
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+import numpy as np
+from specforge_vocab.counting.counts_file import FORMAT_VERSION, settings_from_metadata
+from specforge_vocab.counting.data import ReadStats, Record, Shard, dataset_files, iter_raw_records
+from specforge_vocab.counting.engine import CountAborted, CountSettings, Counter, Tally, Totals, resolve_vocab_size
+from specforge_vocab.counting.tokenizer import load_tokenizer, tokenizer_sha256
+from specforge_vocab.counting.workers import count_in_workers
+from specforge_vocab.errors import InputError
+from specforge_vocab.fileio import sha256_file
+
+logger = logging.getLogger(__name__)
+
+
+# Below this much data (bytes read by one shard) an automatic --num-workers counts in-process:
+# starting workers (each imports transformers and loads the tokenizer) costs a few seconds.
+AUTO_WORKERS_MIN_BYTES = 4 << 20
+
+
+AUTO_WORKERS_MIN_RECORDS = 5000
+
+
+@dataclass
+class CountResult:
+    """Counts plus what was read; ``metadata()`` is what the counts file stores."""
+
+    counts: np.ndarray
+    settings: CountSettings
+    tokenizer_length: int
+    records_read: int = 0
+    records_counted: int = 0
+    records_skipped_empty: int = 0
+    records_invalid_skipped: int = 0
+    invalid_examples: List[str] = field(default_factory=list)
+    tokens_counted: int = 0
+    files: List[Dict[str, object]] = field(default_factory=list)
+    tallies: List["Tally"] = field(default_factory=list)
+    invalid_example_indices: List[int] = field(default_factory=list)
+    tokenizer_sha256: str = ""
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def unique_tokens(self) -> int:
+        return int(np.count_nonzero(self.counts))
+
+    def metadata(self) -> Dict[str, str]:
+        s = self.settings
+        return {
+            "format": "specforge-vocab-counts",
+            "format_version": FORMAT_VERSION,
+            "tokenizer_path": os.path.abspath(s.tokenizer_path),
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "tokenizer_length": str(self.tokenizer_length),
+            "vocab_size": str(self.vocab_size),
+            "chat_template": s.chat_template,
+            "max_length": str(s.max_length),
+            "is_preformatted": json.dumps(s.is_preformatted),
+            "train_only_last_turn": json.dumps(s.train_only_last_turn),
+            "sample_size": json.dumps(s.sample_size),
+            "skip_invalid": json.dumps(s.skip_invalid),
+            "shard": "" if s.shard in (None, "") else str(Shard.parse(s.shard)),
+            "files": json.dumps(self.files, ensure_ascii=False),
+            "records_read": str(self.records_read),
+            "records_counted": str(self.records_counted),
+            "records_skipped_empty": str(self.records_skipped_empty),
+            "records_invalid_skipped": str(self.records_invalid_skipped),
+            "invalid_examples": json.dumps([[i, m] for i, m in zip(self.invalid_example_indices, self.invalid_examples)],
+                                           ensure_ascii=False),
+            "tokens_counted": str(self.tokens_counted),
+            "unique_tokens": str(self.unique_tokens),
+        }
+
+    @classmethod
+    def from_metadata(cls, counts: np.ndarray, metadata: Dict[str, str], *,
+                      settings: Optional[CountSettings] = None, source: str = "counts file") -> "CountResult":
+        """Rebuild a result from a counts file (``settings`` default: those the metadata records).
+
+        Raises InputError naming ``source`` and the field when the metadata lacks one.
+        """
+        try:
+            examples = json.loads(metadata.get("invalid_examples") or "[]")
+            result = cls(
+                counts=counts, settings=settings if settings is not None else settings_from_metadata(metadata, source=source),
+                tokenizer_length=int(metadata["tokenizer_length"]),
+                records_read=int(metadata["records_read"]), records_counted=int(metadata["records_counted"]),
+                records_skipped_empty=int(metadata["records_skipped_empty"]),
+                records_invalid_skipped=int(metadata["records_invalid_skipped"]),
+                invalid_examples=[str(m) for _, m in examples], invalid_example_indices=[int(i) for i, _ in examples],
+                tokens_counted=int(metadata["tokens_counted"]), files=json.loads(metadata["files"]),
+                tokenizer_sha256=metadata.get("tokenizer_sha256", ""),
+            )
+        except KeyError as exc:
+            raise InputError(f"{source}: metadata field {exc.args[0]!r} is missing; the file was not written by "
+                             "`specforge-vocab count` (or by an older version). Recount it.") from None
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"{source}: the metadata is malformed ({exc}); the file is corrupt. Recount it.") from None
+        return result
+
+    def summary_lines(self) -> List[str]:
+        lines = [
+            f"records read: {self.records_read:,}  counted: {self.records_counted:,}  "
+            f"skipped (empty, as SpecForge): {self.records_skipped_empty:,}",
+            f"loss-masked tokens counted: {self.tokens_counted:,}  unique ids: {self.unique_tokens:,} of V={self.vocab_size:,}",
+        ]
+        shard = self.settings.shard_spec()
+        if shard is not None:
+            lines.insert(0, f"shard {shard} (records at position % {shard.count} == {shard.index}; "
+                            "`specforge-vocab merge` sums the shards)")
+        if self.records_invalid_skipped:
+            lines.append(f"invalid records skipped (--skip-invalid): {self.records_invalid_skipped:,}")
+            lines.extend(f"  e.g. {m}" for m in self.invalid_examples[:3])
+        return lines
+
+
+def file_infos(paths: Sequence[str], *, sha256: Callable[[str], str] = sha256_file) -> List[Dict[str, object]]:
+    """Each dataset file with its size and sha256, in reading order (``sha256`` may be memoised)."""
+    return [{"path": os.path.abspath(p), "size": os.path.getsize(p), "sha256": sha256(p)} for p in paths]
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_num_workers(settings: CountSettings, files: Sequence[str], shard: Optional[Shard] = None) -> int:
+    """``settings.num_workers`` if set; else one per core (shared among the torchrun ranks of this
+    node, LOCAL_WORLD_SIZE), or 1 (in-process) when the data one shard reads is small."""
+    if settings.num_workers is not None:
+        return int(settings.num_workers)
+    cores = available_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    if cores <= 1:
+        return 1
+    parts = shard.count if shard is not None else 1
+    if settings.sample_size is not None and settings.sample_size / parts < AUTO_WORKERS_MIN_RECORDS:
+        return 1
+    size = 0
+    for path in files:
+        try:
+            size += os.path.getsize(path) * (4 if path.endswith(".gz") else 1)
+        except OSError:
+            pass
+    return 1 if size / parts < AUTO_WORKERS_MIN_BYTES else cores
+
+
+def count_dataset(settings: CountSettings, *, progress: bool = False, tallies: Sequence[Tally] = (),
+                  records: Optional[Iterable[Record]] = None, sha256: Callable[[str], str] = sha256_file,
+                  stop: Optional[Callable[[], bool]] = None) -> CountResult:
+    """Count ``settings.dataset_paths`` (or the given ``records``) and report what was read.
+
+    Uses ``settings.num_workers`` processes (default: every core; see :func:`resolve_num_workers`);
+    the result, the error for a bad record (the first in file order) and ``--skip-invalid``'s
+    report are the same for any number. With ``settings.shard`` = "i/n" only the records at
+    positions % n == i are counted (an empty shard of non-empty data gives zero counts).
+    ``tallies`` are filled in the same pass (see :class:`Tally`) and returned in ``result.tallies``.
+
+    Worker processes are started with the "spawn" method, so a script calling this at its
+    top level must guard it with ``if __name__ == "__main__":`` (or pass ``num_workers=1``).
+    """
+    settings.validate()
+    return count_records(settings, shard=settings.shard_spec(), progress=progress, tallies=tallies,
+                         records=records, sha256=sha256, stop=stop)
+
+
+def count_records(settings: CountSettings, *, shard: Optional[Shard], progress: bool = False,
+                  tallies: Sequence[Tally] = (), records: Optional[Iterable[Record]] = None,
+                  sha256: Callable[[str], str] = sha256_file, stop: Optional[Callable[[], bool]] = None,
+                  check_empty: bool = True) -> CountResult:
+    """:func:`count_dataset` with the shard given explicitly (the distributed path splits one shard
+    further by rank); the result carries ``settings`` as given."""
+    files = dataset_files(settings.dataset_paths)
+    stats = ReadStats()
+    workers = 1 if records is not None else resolve_num_workers(settings, files, shard)
+    bar = _progress_bar(progress, files, settings.sample_size)
+    tallies = list(tallies)
+    try:
+        if workers > 1:
+
+            totals = count_in_workers(settings, files, workers=workers, shard=shard, tallies=tallies, stats=stats,
+                                      bar=bar, stop=stop)
+        else:
+            totals = _count_in_process(settings, files, shard=shard, tallies=tallies, stats=stats, records=records,
+                                       bar=bar, stop=stop)
+    finally:
+        if bar is not None:
+            bar.close()
+    if check_empty and (shard is None or shard.count == 1 or stats.records_seen == 0):
+        check_not_empty(files, totals.records_read, totals.records_counted, stats.invalid_skipped)
+    if totals.counts is None:  # an empty shard counted by workers: nobody loaded the tokenizer yet
+        tokenizer = load_tokenizer(settings.tokenizer_path, trust_remote_code=settings.trust_remote_code)
+        totals.tokenizer_length = len(tokenizer)
+        totals.counts = np.zeros(resolve_vocab_size(tokenizer, settings.target_vocab_size), dtype=np.int64)
+    return CountResult(
+        counts=totals.counts, settings=settings, tokenizer_length=totals.tokenizer_length,
+        records_read=totals.records_read, records_counted=totals.records_counted,
+        records_skipped_empty=totals.records_skipped_empty, records_invalid_skipped=stats.invalid_skipped,
+        invalid_examples=list(stats.examples), invalid_example_indices=list(stats.example_indices),
+        tokens_counted=totals.tokens_counted, files=file_infos(files, sha256=sha256),
+        tallies=totals.tallies, tokenizer_sha256=tokenizer_sha256(
+            settings.tokenizer_path, trust_remote_code=settings.trust_remote_code, sha256=sha256),
+    )
+
+
+def check_not_empty(files: Sequence[str], records_read: int, records_counted: int, invalid_skipped: int) -> None:
+    """The error for data with nothing to count (no records, or every one invalid)."""
+    if records_read == 0 or (records_counted == 0 and invalid_skipped == records_read):
+        raise InputError(
+            f"--dataset-path {', '.join(files)}: no records to count (read {records_read}, "
+            f"{invalid_skipped} invalid). Check that the files hold conversation records."
+        )
+
+
+def _count_in_process(settings: CountSettings, files: Sequence[str], *, shard: Optional[Shard],
+                      tallies: List[Tally], stats: ReadStats, records: Optional[Iterable[Record]], bar,
+                      stop: Optional[Callable[[], bool]]) -> Totals:
+    tokenizer = load_tokenizer(settings.tokenizer_path, trust_remote_code=settings.trust_remote_code)
+    counter = Counter(tokenizer, settings, vocab_size=resolve_vocab_size(tokenizer, settings.target_vocab_size),
+                      tallies=tallies)
+    if records is not None:
+        add, items = counter.add, (r for r in records if shard is None or shard.contains(r.index))
+    else:
+        add, items = counter.add_raw, iter_raw_records(files, sample_size=settings.sample_size, shard=shard,
+                                                       stats=stats)
+    n = 0
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            break
+        except InputError:
+            counter.flush()  # records read before a reading error are checked first
+            raise
+        add(item, stats)
+        n += 1
+        if bar is not None:
+            bar.update(1)
+        if stop is not None and n % 256 == 0 and stop():
+            raise CountAborted("counting stopped: another rank failed")
+    counter.flush()
+    return Totals(counts=counter.counts, tokenizer_length=len(tokenizer), records_read=counter.records_read,
+                  records_counted=counter.records_counted, records_skipped_empty=counter.records_skipped_empty,
+                  tokens_counted=counter.tokens_counted, tallies=tallies)
+
+
+def _progress_bar(enabled: bool, files: Sequence[str], sample_size: Optional[int]):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    # disable=None: no bar when stderr is not a terminal (CI logs, pipes).
+    return tqdm(total=sample_size, unit=" records", desc="counting", dynamic_ncols=True, mininterval=0.5,
+                disable=None, leave=False)
+
+
+def count_tokens(dataset_paths, tokenizer_path: str, *, chat_template: str, max_length: int = 2048,
+                 is_preformatted: bool = False, train_only_last_turn: bool = False,
+                 sample_size: Optional[int] = None, target_vocab_size: Optional[int] = None) -> np.ndarray:
+    """Loss-masked token counts of a SpecForge dataset: int64 array of length V.
+
+    ``dataset_paths`` is a path or a list of files/directories, read in order.
+    """
+    if isinstance(dataset_paths, (str, os.PathLike)):
+        dataset_paths = [os.fspath(dataset_paths)]
+    settings = CountSettings(
+        dataset_paths=list(dataset_paths), tokenizer_path=os.fspath(tokenizer_path), chat_template=chat_template,
+        max_length=max_length, is_preformatted=is_preformatted, train_only_last_turn=train_only_last_turn,
+        sample_size=sample_size, target_vocab_size=target_vocab_size,
+    )
+    return count_dataset(settings).counts

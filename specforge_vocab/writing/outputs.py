@@ -1,0 +1,174 @@
+"""Commit optimize's outputs and the draft config together, and check that they agree.
+
+The mapping in the output directory and ``draft_vocab_size`` in the draft config must
+never disagree: SpecForge copies the mapping into buffers shaped by the config.
+:func:`commit_outputs` takes the locks of both, finishes any interrupted earlier write,
+and writes the outputs as one group with the patched config linked to it (see
+:func:`specforge_vocab.fileio.atomic_write_many`): after any crash, the next run (or any
+reader calling :func:`recover_outputs`) finds the old outputs with the old config, or the
+new outputs with the new config.
+
+Example::
+
+    >>> commit_outputs({"out/summary.json": "{}"}, output_dir="out", config_path="draft.json",
+    ...                draft_vocab_size=32000)                                   # doctest: +SKIP
+    'draft.json.bak'
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Dict, Optional, Tuple
+
+logger = logging.getLogger(__name__)
+from specforge_vocab.errors import InputError, short
+from specforge_vocab.fileio import Payload, Recovery, atomic_write_many, file_locks, recover_directory, writable_dir_problem
+from specforge_vocab.writing.draft_config import checked_patch, read_draft_config
+from specforge_vocab.writing.mapping import load_mapping
+from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT
+
+
+MAPPING_SAFETENSORS = "vocab_mapping.safetensors"
+
+
+MAPPING_PT = "vocab_mapping.pt"
+
+
+SUMMARY = "summary.json"
+
+
+def recover_outputs(output_dir: str, config_path: Optional[str] = None, *, clean: bool = False) -> Recovery:
+    """Complete what an interrupted run left (in the output directory and next to the config).
+
+    Readers call it as is (only journals are completed); writers, holding the locks, pass
+    ``clean=True`` to also remove stale temp files and staging directories."""
+    report = recover_directory(output_dir, clean=clean)
+    if config_path:
+        other = recover_directory(os.path.dirname(os.path.abspath(config_path)), clean=clean)
+        report.temps_removed += other.temps_removed
+        report.journals_completed += other.journals_completed
+        report.files_moved += other.files_moved
+    return report
+
+
+def recorded_draft_vocab_size(output_dir: str) -> Optional[Tuple[int, Optional[int], str]]:
+    """(k, V, file) of the mapping in ``output_dir``: from vocab_mapping.safetensors' metadata,
+    else vocab_mapping.pt's d2t shape, else summary.json; None when there is no output."""
+    path = os.path.join(output_dir, MAPPING_SAFETENSORS)
+    if os.path.isfile(path):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="numpy") as handle:
+                meta = handle.metadata() or {}
+                shape = handle.get_slice("d2t").get_shape() if "d2t" in handle.keys() else None
+                t2d_shape = handle.get_slice("t2d").get_shape() if "t2d" in handle.keys() else None
+            k = int(meta["draft_vocab_size"]) if "draft_vocab_size" in meta else (int(shape[0]) if shape else None)
+            V = int(meta["vocab_size"]) if "vocab_size" in meta else (int(t2d_shape[0]) if t2d_shape else None)
+            if k is not None:
+                return k, V, path
+        except Exception as exc:  # noqa: BLE001 - any reader failure means the file is unusable
+            raise InputError(f"{path} cannot be read ({type(exc).__name__}: {exc}). Rerun optimize to rewrite it.") from None
+    path = os.path.join(output_dir, MAPPING_PT)
+    if os.path.isfile(path):
+
+        d2t, t2d = load_mapping(path)
+        return int(d2t.shape[0]), int(t2d.shape[0]), path
+    path = os.path.join(output_dir, SUMMARY)
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                summary = json.load(handle)
+            return int(summary["optimal_draft_vocab_size"]), summary.get("target_vocab_size"), path
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return None
+
+
+def config_disagreement(output_dir: str, config_path: str) -> Optional[str]:
+    """A message if the draft config and the mapping in ``output_dir`` disagree, else None."""
+
+    recorded = recorded_draft_vocab_size(output_dir)
+    if recorded is None or not os.path.isfile(config_path):
+        return None
+    k, V, source = recorded
+    config = read_draft_config(config_path, required=())
+    config_k, config_V = config.get("draft_vocab_size"), config.get("vocab_size")
+    if config_k != k:
+        return (
+            f"{config_path} has draft_vocab_size {short(config_k)}, but the mapping {source} has {k} rows: "
+            "they disagree (the config or the outputs were changed after the run that wrote them). Training "
+            "with both would fail to load the mapping or load a wrong one."
+        )
+    if V is not None and config_V is not None and config_V != V:
+        return (
+            f"{config_path} has vocab_size {short(config_V)}, but the mapping {source} covers {V} target ids: "
+            "they disagree (the mapping was made for another target model)."
+        )
+    return None
+
+
+def check_outputs_match_config(output_dir: str, config_path: str) -> None:
+    """Raise InputError when the config and the mapping in ``output_dir`` disagree (after recovery).
+
+    Call it before reusing earlier outputs (for example when inputs are unchanged)."""
+    recover_outputs(output_dir, config_path)
+    problem = config_disagreement(output_dir, config_path)
+    if problem:
+        raise InputError(f"{problem} Rerun `specforge-vocab optimize` (or prepare) to rewrite both.")
+
+
+def _patched_config(config_path: str, k: int) -> Tuple[str, str]:
+    """(old text, new text) of the config with draft_vocab_size = k; checks before anything is written."""
+
+    return checked_patch(config_path, k)
+
+
+def commit_outputs(payloads: Dict[str, Payload], *, output_dir: str, config_path: Optional[str] = None,
+                   draft_vocab_size: Optional[int] = None, backup: bool = True,
+                   lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Optional[str]:
+    """Write ``payloads`` (paths inside ``output_dir``) and set ``draft_vocab_size`` in
+    ``config_path`` as one commit, under the locks of both. Returns the config backup
+    path (``<config>.bak``) or None.
+
+    Before writing: an interrupted earlier write is completed, and a config that disagrees
+    with the mapping already in ``output_dir`` is reported (this commit rewrites both).
+    """
+    problem = writable_dir_problem(output_dir)
+    if problem:
+        raise InputError(problem)
+    if config_path is not None and draft_vocab_size is None:
+        raise ValueError("commit_outputs: draft_vocab_size is required with config_path")
+    outside = [p for p in payloads if os.path.dirname(os.path.abspath(p)) != os.path.abspath(output_dir)]
+    if outside:
+        raise ValueError(f"commit_outputs: every output must be directly inside {output_dir}, but got {outside}")
+    with file_locks([output_dir, config_path], timeout=lock_timeout):
+        recover_outputs(output_dir, config_path, clean=True)
+        linked: Dict[str, Payload] = {}
+        saved = None
+        if config_path:
+            mismatch = config_disagreement(output_dir, config_path)
+            if mismatch:
+                logger.warning("%s This run rewrites both.", mismatch)
+            old, new = _patched_config(config_path, int(draft_vocab_size))
+            if new != old:
+                if backup:  # committed with the config (and before it), so a failed run leaves no new .bak
+                    saved = config_path + ".bak"
+                    linked[saved] = old
+                linked[config_path] = new
+            else:
+                logger.info("%s already has draft_vocab_size %d; left unchanged.", config_path, draft_vocab_size)
+        method = atomic_write_many(payloads, linked=linked)
+        logger.info("wrote %d file(s) to %s (%s)%s", len(payloads), output_dir, method,
+                    f" and set draft_vocab_size = {draft_vocab_size} in {config_path}" if linked else "")
+    return saved
+
+
+MAPPING_FILE = "vocab_mapping.pt"
+
+
+COUNTS_FILE = "token_counts.safetensors"
+
+
+SUMMARY_FILE = "summary.json"
