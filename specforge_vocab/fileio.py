@@ -54,6 +54,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 logger = logging.getLogger(__name__)
 import numpy as np
 from specforge_vocab.errors import InputError
+from filelock import FileLock, Timeout
 
 
 Writer = Callable[[io.BufferedWriter], None]
@@ -791,7 +792,6 @@ def file_lock(target: str, *, timeout: float = DEFAULT_LOCK_TIMEOUT, timeout_lab
     holder's pid and host; a second run waits up to ``timeout`` seconds, then fails with a
     message naming that pid. Re-entering the same lock in the same thread is allowed.
     """
-    from filelock import FileLock, Timeout
 
     lock_path = lock_path_of(target)
     me = threading.get_ident()

@@ -1,6 +1,6 @@
 """Per-token FLOPs of an EAGLE-3 draft, and the latency reduction from trimming its LM head.
 
-The draft (SpecForge contract, sections 2 and 5) is an ``fc`` layer fusing
+The draft (docs/SPECFORGE.md sections 2 and 5) is an ``fc`` layer fusing
 ``num_fused_layers`` target hidden states, ``num_hidden_layers`` decoder layers
 and an LM head with ``k`` rows. Per token, with h = hidden_size,
 d = head_dim, I = intermediate_size::

@@ -2,7 +2,7 @@
 
 Coverage measured on the records the vocabulary was chosen from is optimistic: a small set's
 rare tail is noise, and other domains differ. Three tools, all filled in the counting pass
-(they are :class:`specforge_vocab.counting.Tally` subclasses, so multi-process counting can
+(they are :class:`specforge_vocab.counting.engine.Tally` subclasses, so multi-process counting can
 fill ``fresh()`` copies and ``merge`` them):
 
 - :class:`HoldoutTally`: each record goes to the held-out side when the first 8 bytes of

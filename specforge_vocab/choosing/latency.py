@@ -1,11 +1,11 @@
 """Latency models for the draft: how much of its per-token time a k-row LM head saves.
 
 Every model maps candidate ks to ``latency_reduction(k) = 1 - t(k) / t(V)``
-(what :func:`specforge_vocab.search.search` takes as ``latency_model``):
+(what :func:`specforge_vocab.choosing.search.search` takes as ``latency_model``):
 
-- ``flops`` (default, the paper's): per-token draft FLOPs (:func:`specforge_vocab.cost.draft_flops`);
+- ``flops`` (default, the paper's): per-token draft FLOPs (:func:`specforge_vocab.choosing.cost.draft_flops`);
 - ``bytes``: weight bytes read per drafted token in the config's dtype
-  (:func:`specforge_vocab.cost.draft_weight_bytes`): batch-1 decoding is memory bound;
+  (:func:`specforge_vocab.choosing.cost.draft_weight_bytes`): batch-1 decoding is memory bound;
 - ``measured``: the draft layer (fc, RMSNorms, attention projections, attention over a short
   KV cache, SwiGLU MLP) and an LM head of each size from a grid of k are timed on this machine
   (CUDA when present, else CPU) in the configured dtype (on CUDA as CUDA-graph replays, as
@@ -14,7 +14,7 @@ Every model maps candidate ks to ``latency_reduction(k) = 1 - t(k) / t(V)``
 
 Example::
 
-    >>> from specforge_vocab.cost import DraftArchitecture
+    >>> from specforge_vocab.choosing.cost import DraftArchitecture
     >>> arch = DraftArchitecture(4096, 14336, 32, 8, 128, 1, 3, 4096, 128256, 32000)
     >>> model = FlopsLatency(arch)
     >>> round(float(model(np.array([32000]))[0]), 3)
@@ -34,6 +34,7 @@ import numpy as np
 from specforge_vocab.choosing.cost import DraftArchitecture, bytes_latency_reduction, draft_weight_bytes, dtype_bytes, latency_reduction
 from specforge_vocab.errors import InputError, ValidatedSettings, must
 from specforge_vocab.fileio import atomic_write, json_text
+import psutil
 
 logger = logging.getLogger(__name__)
 
@@ -400,7 +401,6 @@ def _memory_check(arch: DraftArchitecture, max_rows: int, context: int, size: in
         free, _ = torch.cuda.mem_get_info()
     else:
         try:
-            import psutil
 
             free = psutil.virtual_memory().available
         except Exception:  # pragma: no cover - psutil is a dependency

@@ -99,7 +99,7 @@ def chain_speedup(coverage, relative_draft_time, *, p_full: float, draft_steps: 
 
 
 def speedup_objective(*, p_full: float, draft_steps: int, cost_ratio: float):
-    """An objective for :func:`specforge_vocab.search.search`: (coverage, latency_reduction, a) -> speed-up."""
+    """An objective for :func:`specforge_vocab.choosing.search.search`: (coverage, latency_reduction, a) -> speed-up."""
 
     def objective(coverage, latency, coverage_weight):  # coverage_weight is not used by this objective
         return chain_speedup(coverage, 1.0 - np.asarray(latency, dtype=np.float64), p_full=p_full,

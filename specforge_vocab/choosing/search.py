@@ -5,7 +5,7 @@ Everything works on arrays indexed by candidate k:
 - ``coverage_curve(counts)[k]``: share of counted tokens held by the k most
   frequent ids (a prefix sum of the sorted counts);
 - ``latency`` (any latency model: one value per candidate k, e.g.
-  :func:`specforge_vocab.cost.latency_reduction` over the candidates);
+  :func:`specforge_vocab.choosing.cost.latency_reduction` over the candidates);
 - ``utility = a * coverage + (1 - a) * latency_reduction`` (or another
   objective, see :class:`Objective`, e.g. the chain speed-up of
   :mod:`specforge_vocab.objectives`).
@@ -38,6 +38,7 @@ import numpy as np
 from specforge_vocab.choosing.cost import DraftArchitecture, latency_reduction
 from specforge_vocab.choosing.studies import best_of, check_storage_settings, run_tpe_trials
 from specforge_vocab.errors import InputError, SettingsError, must
+import hashlib
 
 logger = logging.getLogger(__name__)
 
@@ -359,7 +360,7 @@ def tpe_search(
     """The paper's search: Optuna TPESampler(seed=random_state), ``n_trials`` integer trials
     in [low, high]; a trial below min_coverage scores -1.0; if the best trial misses the
     constraint, the best feasible evaluated k is taken, else ``high``. With ``storage`` and
-    ``study_name`` the study is kept in an Optuna RDB storage and resumes (see :mod:`.studies`)."""
+    ``study_name`` the study is kept in an Optuna RDB storage and resumes (see choosing/studies.py)."""
 
     evaluations: Dict[int, Evaluation] = {}
 
@@ -490,7 +491,6 @@ def search(
     exact = exact_search(candidates)
     fingerprint = None
     if settings.storage:
-        import hashlib
 
         digest = hashlib.sha256(curve.tobytes())
         digest.update(repr((settings.coverage_weight, settings.min_coverage, objective_name, arch,

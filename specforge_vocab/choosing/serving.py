@@ -1,4 +1,4 @@
-"""Choosing k by what serving gains: the settings of issue 6 together, and what they report.
+"""Choosing k by what serving gains: the serving settings together, and what they report.
 
 :class:`ServingSettings` bundles the evaluation (held-out split, evaluation sets, bootstrap),
 latency-model, objective and pinned-token settings; :func:`choose_objective` turns them into
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class ServingSettings:
-    """Issue 6's settings: evaluation, latency model, objective, pinned tokens (one field per flag each)."""
+    """The serving settings: evaluation, latency model, objective, pinned tokens (one field per flag each)."""
 
     evaluation: EvaluationSettings = dataclasses.field(default_factory=EvaluationSettings)
     latency: LatencySettings = dataclasses.field(default_factory=LatencySettings)
@@ -183,7 +183,7 @@ def analyse(
     bootstrap: Optional[BootstrapTally] = None,
     eval_counts: Optional[Dict[str, np.ndarray]] = None,
 ) -> ServingAnalysis:
-    """Everything issue 6 reports about the pick ``result`` (k chosen on ``search_counts``)."""
+    """Everything the serving analysis reports about the pick ``result`` (k chosen on ``search_counts``)."""
     k, V = result.k, result.vocab_size
     pins = [t.id for t in pinned]
     order = pinned_frequency_order(search_counts, pins)

@@ -15,6 +15,7 @@ from specforge_vocab.specforge.prepare import PrepareResult, before_training
 from specforge_vocab.specforge.train_eagle3 import find_specforge_train_script
 from specforge_vocab.cli.console import say
 from specforge_vocab.cli.flags import add_lock_timeout_flag, add_search_flags, settings_from
+import subprocess
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +165,6 @@ def hand_over(script: str, flags: Sequence[str]) -> None:  # pragma: no cover - 
     logging.shutdown()
     argv = [sys.executable, script, *flags]
     if os.name == "nt":
-        import subprocess
 
         sys.exit(subprocess.call(argv))
     os.execv(sys.executable, argv)

@@ -1,4 +1,4 @@
-"""Imported once by the forkserver that starts counting workers (see parallel.py), so each worker
+"""Imported once by the forkserver that starts counting workers (see workers.py), so each worker
 starts with transformers and the counting code already imported (a few seconds saved per start)."""
 from __future__ import annotations
 

@@ -38,6 +38,7 @@ from specforge_vocab.counting.templates import get_template
 from specforge_vocab.counting.tokenizer import tokenizer_sha256
 from specforge_vocab.errors import InputError
 from specforge_vocab.fileio import atomic_write, json_text, sha256_file
+from importlib import metadata
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,6 @@ class HashMemo:
 
 
 def _version(package: str) -> str:
-    from importlib import metadata
 
     try:
         return metadata.version(package)

@@ -1,8 +1,8 @@
 """Count the loss-masked token ids of a dataset into a dense int64 array of length V.
 
->>> import numpy as np
->>> add_ids(np.zeros(5, dtype=np.int64), np.array([1, 1, 4]))
-array([0, 2, 0, 0, 1])
+:func:`count_dataset` reads the records (data.py), renders and masks them as SpecForge does
+(masking.py) and adds each record's masked ids to the histogram, in this process or in worker
+processes (workers.py) with the same result; :func:`count_tokens` is the Python API's shortcut.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from specforge_vocab.counting.tokenizer import load_tokenizer, tokenizer_sha256
 from specforge_vocab.counting.workers import count_in_workers
 from specforge_vocab.errors import InputError
 from specforge_vocab.fileio import sha256_file
+from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +262,6 @@ def _count_in_process(settings: CountSettings, files: Sequence[str], *, shard: O
 def _progress_bar(enabled: bool, files: Sequence[str], sample_size: Optional[int]):
     if not enabled:
         return None
-    from tqdm import tqdm
 
     # disable=None: no bar when stderr is not a terminal (CI logs, pipes).
     return tqdm(total=sample_size, unit=" records", desc="counting", dynamic_ncols=True, mininterval=0.5,

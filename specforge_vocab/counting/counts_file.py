@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""The counts file: tensor ``counts`` (int64 [V]) in a safetensors file, with the counting settings
+and what was read as string metadata. Equal counts and metadata give byte-identical files.
+"""
 from __future__ import annotations
 
 import json
@@ -9,6 +11,7 @@ import numpy as np
 from specforge_vocab.counting.engine import CountSettings
 from specforge_vocab.errors import InputError
 from specforge_vocab.fileio import atomic_write, safetensors_bytes
+from safetensors import SafetensorError, safe_open
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,6 @@ def save_counts(path: str, counts: np.ndarray, metadata: Dict[str, str]) -> None
 
 def load_counts(path: str, *, flag: str = "--counts") -> Tuple[np.ndarray, Dict[str, str]]:
     """Read a counts file written by :func:`save_counts`; a bad file is a clear error."""
-    from safetensors import SafetensorError, safe_open
 
     if not os.path.isfile(path):
         raise InputError(f"{flag} {path} does not exist. Write one with `specforge-vocab count ... --output {path}`.")

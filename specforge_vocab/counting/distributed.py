@@ -36,6 +36,7 @@ from specforge_vocab.counting.data import Shard
 from specforge_vocab.counting.engine import CountAborted, CountSettings, Tally
 from specforge_vocab.errors import InputError, SpecForgeVocabError
 from specforge_vocab.counting import cache
+from datetime import timedelta
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +203,6 @@ def distributed_session(*, timeout_s: float = 1800.0) -> Iterator[Optional[Sessi
         return
     created_default = created_group = False
     group = None
-    from datetime import timedelta
 
     if not dist.is_initialized():
         if not torchrun_environment() or int(os.environ["WORLD_SIZE"]) <= 1:
@@ -255,9 +255,9 @@ def count_dataset_distributed(settings: CountSettings, *, progress: bool = False
                               cache_dir: Optional[str] = None, force: bool = False) -> CountResult:
     """``count_dataset(settings)`` split over the ranks of a torch.distributed job; same result on every rank.
 
-    With ``cache_dir``, rank 0 looks the counts up in the counts cache (see :mod:`.cache`); a hit is
+    With ``cache_dir``, rank 0 looks the counts up in the counts cache (see counting/cache.py); a hit is
     sent to every rank, a miss is counted by all ranks and stored by rank 0. Outside a distributed
-    job this is :func:`count_dataset` (or :func:`~specforge_vocab.cache.cached_count`).
+    job this is :func:`count_dataset` (or :func:`~specforge_vocab.counting.cache.cached_count`).
     """
 
     with distributed_session() as session:

@@ -1,4 +1,13 @@
-"""TODO docstring."""
+"""The counting engine: settings, and the streaming counter shared by every path.
+
+:class:`Counter` takes records through render -> batch tokenize -> mask -> histogram; the
+in-process path (count.py) and every worker process (workers.py) use it, so both count the same.
+:class:`Tally` is the extension point for anything else computed from each record's masked ids in
+the same pass (held-out splits and bootstrap replicates in choosing/holdout.py).
+
+>>> add_ids(np.zeros(5, dtype=np.int64), np.array([1, 1, 4]))
+array([0, 2, 0, 0, 1])
+"""
 from __future__ import annotations
 
 import logging
@@ -10,6 +19,7 @@ from specforge_vocab.counting.data import RawRecord, ReadStats, Record, Shard
 from specforge_vocab.counting.masking import MaskEngine, render_record
 from specforge_vocab.counting.templates import canonical_template_name, get_template, template_names
 from specforge_vocab.errors import InputError, SpecForgeVocabError, ValidatedSettings, must
+import copy
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +114,6 @@ class Tally:
 
     def fresh(self) -> "Tally":
         """An empty tally with the same settings (default: a deep copy; override if large)."""
-        import copy
 
         return copy.deepcopy(self)
 

@@ -1,6 +1,6 @@
 """Render a record as SpecForge does and find the tokens it puts loss on.
 
-This is SpecForge's GeneralParser rule (contract section 3), made fast:
+This is SpecForge's GeneralParser rule (docs/SPECFORGE.md section 3), made fast:
 
 * messages are normalised, given the system prompt, cut at the first role that
   breaks the order, and rendered through the tokenizer's chat template or the

@@ -22,6 +22,7 @@ from specforge_vocab.counting.count import CountResult, check_not_empty
 from specforge_vocab.counting.counts_file import load_counts, save_counts, settings_from_metadata
 from specforge_vocab.counting.data import Shard
 from specforge_vocab.errors import InputError
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,6 @@ def merge_shard_numbers(shards: Sequence[str], paths: Sequence[str]) -> int:
 
 def merge_counts(paths: Sequence[str]) -> "CountResult":
     """Sum the shard counts files ``paths`` (any order) into the result of an unsharded count."""
-    import numpy as np
 
 
     if not paths:

@@ -9,6 +9,7 @@ logger = logging.getLogger(__name__)
 from typing import Callable, List
 from specforge_vocab.errors import InputError
 from specforge_vocab.fileio import sha256_file
+import hashlib
 
 
 @lru_cache(maxsize=4)
@@ -67,7 +68,6 @@ def tokenizer_files(path: str, *, trust_remote_code: bool = False) -> List[str]:
 
 def tokenizer_sha256(path: str, *, trust_remote_code: bool = False, sha256: Callable[[str], str] = sha256_file) -> str:
     """One sha256 over the tokenizer's identifying files (names and contents), independent of where it lives."""
-    import hashlib
 
     digest = hashlib.sha256()
     for full in tokenizer_files(path, trust_remote_code=trust_remote_code):

@@ -1,4 +1,10 @@
-"""TODO docstring."""
+"""Trained draft checkpoints: read config.json and the weights (``model.safetensors``, sharded
+with an index, or ``pytorch_model.bin`` loaded with ``weights_only=True``), find the LM head and the
+d2t/t2d mapping, and write safetensors files tensor by tensor.
+
+A draft's LM-head row ``i`` predicts target id ``i + d2t[i]`` (docs/SPECFORGE.md section 1), so
+:func:`draft_vocabulary` refuses a checkpoint whose rows cannot be identified: k < V and no mapping.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -8,10 +14,12 @@ import math
 import os
 import shutil
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
-import torch
 from safetensors import SafetensorError, safe_open
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: `specforge-vocab --help` stays fast
+    import torch
 from specforge_vocab.choosing.cost import DraftArchitecture
 from specforge_vocab.errors import InputError, short
 from specforge_vocab.writing.draft_config import read_draft_config
@@ -125,14 +133,21 @@ class TensorInfo:
     nbytes: int
 
 
-_TORCH_TO_SAFE = {
-    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
-    torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+# torch dtype name -> safetensors dtype code.
+SAFETENSORS_DTYPE_CODES = {
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64",
+    "uint16": "U16", "uint32": "U32", "uint64": "U64", "float16": "F16", "bfloat16": "BF16", "float32": "F32",
+    "float64": "F64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
 }
 
 
-def _safe_dtype(dtype: torch.dtype) -> str:
-    return _TORCH_TO_SAFE.get(dtype, str(dtype).replace("torch.", ""))
+def safetensors_dtype(dtype: "torch.dtype") -> Optional[str]:
+    """The safetensors code of a torch dtype (``torch.bfloat16`` -> ``"BF16"``), None when it has none."""
+    return SAFETENSORS_DTYPE_CODES.get(str(dtype).replace("torch.", ""))
+
+
+def _safe_dtype(dtype: "torch.dtype") -> str:
+    return safetensors_dtype(dtype) or str(dtype).replace("torch.", "")
 
 
 @dataclasses.dataclass
@@ -185,6 +200,7 @@ class DraftCheckpoint:
 
 
 def _load_bin(path: str) -> "OrderedDict[str, torch.Tensor]":
+    import torch
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure means the file is unusable here
@@ -343,7 +359,7 @@ def _safetensors_infos(path: str, file: str) -> Tuple[List[TensorInfo], Optional
 
 @dataclasses.dataclass
 class DraftVocabulary:
-    """What a checkpoint's LM head keeps, checked against its config (contract section 1)."""
+    """What a checkpoint's LM head keeps, checked against its config (docs/SPECFORGE.md section 1)."""
 
     checkpoint: DraftCheckpoint
     arch: DraftArchitecture
@@ -407,6 +423,7 @@ def draft_vocabulary(ckpt: DraftCheckpoint, *, vocab_mapping: Optional[str] = No
     Refuses a checkpoint whose config, LM head and mapping disagree, and one with
     k < V and no mapping (its rows cannot be identified).
     """
+    import torch
     arch = DraftArchitecture.from_config(ckpt.config, source=ckpt.config_path)
     vocab_size = arch.vocab_size
     has_key = ckpt.config.get("draft_vocab_size") is not None
@@ -487,6 +504,7 @@ def write_safetensors(handle, tensors: Mapping[str, torch.Tensor], *, metadata: 
     header padded with spaces to a multiple of 8, then the tensors' bytes, largest element
     size first (so every tensor starts aligned), then by name.
     """
+    import torch
     order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
     header: Dict[str, Any] = {}
     if metadata:
@@ -494,10 +512,11 @@ def write_safetensors(handle, tensors: Mapping[str, torch.Tensor], *, metadata: 
     offset = 0
     for name in order:
         tensor = tensors[name]
-        if tensor.dtype not in _TORCH_TO_SAFE:
+        code = safetensors_dtype(tensor.dtype)
+        if code is None:
             raise InputError(f"Tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store.")
         size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _TORCH_TO_SAFE[tensor.dtype], "shape": list(tensor.shape),
+        header[name] = {"dtype": code, "shape": list(tensor.shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -510,7 +529,7 @@ def write_safetensors(handle, tensors: Mapping[str, torch.Tensor], *, metadata: 
             handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
 
 
-def _side_files(ckpt: DraftCheckpoint) -> Tuple[List[str], List[str]]:
+def side_files(ckpt: DraftCheckpoint) -> Tuple[List[str], List[str]]:
     """Other files of the checkpoint directory: (copied as they are, left out as weights/training state)."""
     copied, left_out = [], []
     for entry in sorted(os.listdir(ckpt.directory)):
@@ -522,7 +541,7 @@ def _side_files(ckpt: DraftCheckpoint) -> Tuple[List[str], List[str]]:
     return copied, left_out
 
 
-def _copier(src: str):
+def copier(src: str):
     def write(handle) -> None:
         with open(src, "rb") as source:
             shutil.copyfileobj(source, handle, 1 << 20)

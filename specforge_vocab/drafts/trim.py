@@ -1,7 +1,7 @@
 """Trim an already-trained EAGLE-3 draft: keep the LM-head rows of the tokens a workload uses.
 
 A draft with ``k`` LM-head rows keeps ``k`` of the target's ``V`` ids (its
-``d2t``/``t2d``, contract section 1). Trimming chooses ``k' <= k`` of those ids
+``d2t``/``t2d``, docs/SPECFORGE.md section 1). Trimming chooses ``k' <= k`` of those ids
 from token counts, slices the matching ``lm_head`` rows, rebuilds d2t/t2d,
 sets ``draft_vocab_size`` in config.json and copies every other tensor byte
 for byte. A token without a trained row cannot be added, so the choice is made
@@ -23,15 +23,16 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: `specforge-vocab --help` stays fast
+    import torch
 from specforge_vocab.choosing.cost import draft_flops
 from specforge_vocab.choosing.search import SearchResult, SearchSettings, search
-from specforge_vocab.counting.count import count_dataset
-from specforge_vocab.counting.counts_file import load_counts
+from specforge_vocab.counting.sources import obtain_counts
 from specforge_vocab.counting.engine import CountSettings
-from specforge_vocab.drafts.checkpoint import D2T, T2D, BIN_SINGLE, CONFIG_NAME, DraftCheckpoint, DraftVocabulary, SAFE_INDEX, SAFE_SINGLE, WEIGHT_SUFFIXES, _TORCH_TO_SAFE, _copier, _side_files, draft_vocabulary, find_head_names, other_draft_sized, read_checkpoint, write_safetensors
+from specforge_vocab.drafts.checkpoint import D2T, T2D, BIN_SINGLE, CONFIG_NAME, DraftCheckpoint, DraftVocabulary, SAFE_INDEX, SAFE_SINGLE, WEIGHT_SUFFIXES, copier, side_files, draft_vocabulary, find_head_names, other_draft_sized, read_checkpoint, write_safetensors
 from specforge_vocab.errors import InputError, SettingsError, must, short
 from specforge_vocab.fileio import atomic_write_many, file_lock, json_text
 from specforge_vocab.writing.draft_config import check_vocab_size, patched_text
@@ -65,6 +66,7 @@ def _row_indices(old_kept: np.ndarray, new_kept: np.ndarray) -> np.ndarray:
 
 def slice_rows(tensor: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
     """``tensor[rows]`` along dim 0, copying the rows' bytes exactly (any dtype, float8 included)."""
+    import torch
     n = tensor.shape[0]
     flat = tensor.detach().contiguous().reshape(n, -1)
     raw = flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
@@ -146,12 +148,6 @@ def choose_kept_ids(counts: np.ndarray, old_kept: np.ndarray, k: int) -> np.ndar
         raise InputError(must("the new draft_vocab_size", f"in [1, {old_kept.size}] (the checkpoint's)", k))
     rows = kept_token_ids(np.asarray(counts, dtype=np.int64)[old_kept], k)
     return old_kept[rows]
-
-
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
-                     ("uint32", "U32"), ("uint64", "U64")):
-    if hasattr(torch, _name):
-        _TORCH_TO_SAFE[getattr(torch, _name)] = _code
 
 
 @dataclasses.dataclass
@@ -280,13 +276,11 @@ class TrimResult:
 
 
 def _resolve_counts(settings: TrimSettings, counts: Optional[np.ndarray], vocab: DraftVocabulary) -> np.ndarray:
-    if counts is None and settings.counts_path:
-        counts, _ = load_counts(settings.counts_path)
-    elif counts is None:
+    if counts is None:
         count_settings = settings.count
-        if count_settings.target_vocab_size is None:
+        if count_settings is not None and count_settings.target_vocab_size is None:
             count_settings = dataclasses.replace(count_settings, target_vocab_size=vocab.vocab_size)
-        counts = count_dataset(count_settings).counts
+        counts = obtain_counts(count_settings, counts_path=settings.counts_path or None).counts
     counts = np.asarray(counts)
     if counts.ndim != 1 or not np.issubdtype(counts.dtype, np.integer):
         raise InputError(f"Token counts must be a 1-D integer array, but got {counts.dtype} {list(counts.shape)}.")
@@ -388,7 +382,7 @@ def trim_checkpoint(settings: TrimSettings, *, counts: Optional[np.ndarray] = No
     ckpt = read_checkpoint(settings.checkpoint)
     vocab = draft_vocabulary(ckpt, vocab_mapping=settings.vocab_mapping)
     out_names = {file: _output_file_name(ckpt, file) for file in ckpt.files}
-    copied, not_copied = _side_files(ckpt)
+    copied, not_copied = side_files(ckpt)
     planned = list(out_names.values()) + ([SAFE_INDEX] if ckpt.index is not None else []) + copied + [CONFIG_NAME]
     _prepare_output(settings, planned)  # before counting, which can take a while
 
@@ -420,7 +414,7 @@ def trim_checkpoint(settings: TrimSettings, *, counts: Optional[np.ndarray] = No
             _new_index(ckpt, vocab, out_names, head_file, added, new_k)
         )
     for entry in copied:
-        payloads[os.path.join(settings.output, entry)] = _copier(ckpt.path(entry))
+        payloads[os.path.join(settings.output, entry)] = copier(ckpt.path(entry))
     payloads[os.path.join(settings.output, CONFIG_NAME)] = patched_text(ckpt.config_text, new_k, path=ckpt.config_path)
 
     _prepare_output(settings, planned)  # again: the directory may have changed while counting

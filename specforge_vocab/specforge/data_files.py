@@ -1,26 +1,10 @@
-"""The host side: SpecForge's run configs, train_eagle3 flags, mapping cache
-paths, and its pre-tokenized and offline data files.
+"""SpecForge's already-tokenized data: pre-tokenized prompts (``data.prompts_path``: JSONL records
+with ``input_ids`` and ``loss_mask``) and offline feature files (``data.hidden_states_path``:
+``*.ckpt`` / ``*.ckpt.gz``, torch-saved dicts read with ``weights_only=True``).
 
-What SpecForge does (read from github.com/sgl-project/SpecForge; see
-``docs/SPECFORGE_CONTRACT.md`` section 4) and what this module mirrors:
-
-* Newer SpecForge (``specforge train --config run.yaml [section.field=value]``)
-  reads a YAML (``.yaml``/``.yml``) or JSON run config with sections ``model``
-  and ``data``. Relative paths in it are used as they are, so they resolve from
-  the *current working directory*, not from the config's folder (SpecForge's
-  training docs say so, and its example configs assume the repository root).
-  :func:`read_run_config` resolves them the same way.
-* ``model.vocab_mapping_path``, when non-empty, is loaded with ``torch.load``
-  and copied into the draft's ``t2d``/``d2t`` buffers; SpecForge then builds no
-  mapping of its own. :func:`set_vocab_mapping_path` writes that key into the
-  user's YAML without touching anything else in the file.
-* Older SpecForge (``scripts/train_eagle3.py``, removed from SpecForge in
-  July 2026) loads ``<cache_dir>/vocab_mapping/<md5 key>.pt`` when it exists;
-  :func:`cache_mapping_paths` computes both key versions.
-* ``data.prompts_path`` records and ``data.hidden_states_path`` feature files
-  already hold ``input_ids`` and ``loss_mask``; :func:`iter_prompt_records` and
-  :func:`iter_feature_files` yield the loss-masked ids, and
-  :func:`count_masked_ids` turns them into dense counts.
+:func:`iter_prompt_records` and :func:`iter_feature_files` yield the loss-masked ids of each
+record (truncated to max_length, as SpecForge does) and :func:`count_masked_ids` turns them into
+dense counts (docs/SPECFORGE.md section 4).
 """
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""TODO docstring."""
+"""What one prepare / pre-step call will do, decided before any counting: the data and how
+SpecForge masks it, the draft config, the output directory and what must be kept.
+
+A :class:`Plan` comes from a run config (:func:`plan_from_run_config`) or from train_eagle3.py's
+flags (:func:`plan_from_train_eagle3_args`); it is picklable, so rank 0 makes it and sends it to
+every rank.
+"""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +20,7 @@ from specforge_vocab.choosing.search import SearchSettings
 from specforge_vocab.counting.engine import CountSettings
 from specforge_vocab.errors import InputError, where
 from specforge_vocab.specforge.data_files import prompts_file_kind
-from specforge_vocab.specforge.run_config import DEFAULT_CHAT_TEMPLATE, RunConfig, _as_bool, read_run_config, resolve_path
+from specforge_vocab.specforge.run_config import DEFAULT_CHAT_TEMPLATE, RunConfig, as_bool, read_run_config, resolve_path
 from specforge_vocab.specforge.train_eagle3 import draft_config_path_from_args, parse_train_eagle3_args
 from specforge_vocab.writing.draft_config import read_draft_vocab_sizes
 from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT
@@ -193,7 +199,7 @@ def plan_from_run_config(config_path: str, *, overrides: Sequence[str] = (), out
                         train_only_last_turn=run.train_only_last_turn,
                         tokenizer_path=resolve_tokenizer_dir(run.target_model_path, cwd=cwd,
                                                              field="model.target_model_path", source=config_path),
-                        trust_remote_code=_as_bool(run.raw["model"].get("trust_remote_code", False),
+                        trust_remote_code=as_bool(run.raw["model"].get("trust_remote_code", False),
                                                       "model.trust_remote_code", config_path))
     else:
         data = DataSpec(source, **common)
@@ -245,7 +251,7 @@ def plan_from_train_eagle3_args(argv: Sequence[str], *, keep_draft_vocab_size: b
         # that are not valid JSON; count the same records.
         skip_invalid=True,
     )
-    if getattr(args, "is_vlm", False):
+    if args.is_vlm:
         logger.warning("--is-vlm: the conversations' text is counted with the target tokenizer; image tokens "
                        "(never loss-masked in SpecForge) are not, so the counts cover the trained tokens only if "
                        "the chat template renders the replies as plain text.")

@@ -14,17 +14,10 @@ Three entry points share one path, :func:`before_training`:
   (an existing --output-dir) or --ckpt-dir the draft weights fix draft_vocab_size, so it is kept.
 * ``specforge_vocab.before_training(...)``.
 
-Reuse. ``fingerprint.json`` in the output directory (written last) records what the outputs came
-from, in two parts. *counting*: for raw conversations the counts cache's fingerprint (data files
-by size and sha256, tokenizer files, template strings, max_length, mask options, V; see
-:mod:`.cache`); for pre-tokenized prompts the file's size and sha256; for offline feature files
-their paths, sizes and mtimes (the identity SpecForge itself uses: hashing hundreds of GB of
-hidden states on every launch is not affordable). *choice*: the search settings, the draft
-config without ``draft_vocab_size`` (with it under ``--keep-draft-vocab-size``). Both unchanged:
-nothing is counted or searched; only *choice* changed: the stored counts are searched again;
-otherwise the data are counted (raw conversations through the counts cache in
-``<cache_dir>/counts``). ``force`` recomputes. The hand-over (draft_vocab_size in the
-draft config, cache copies, ``model.vocab_mapping_path``) is re-applied on every call.
+Reuse (specforge/reuse.py): a second call with unchanged inputs reuses the outputs; only a changed
+setting searches the stored counts again; changed data recounts; ``force`` recomputes. The hand-over
+(draft_vocab_size in the draft config, cache copies, ``model.vocab_mapping_path``) is re-applied on
+every call.
 
 Ranks. Under torchrun (or in an initialised process group) every rank must call this: rank 0
 plans, the ranks split the counting (:func:`~.distributed.count_dataset_distributed` for raw
@@ -43,22 +36,23 @@ import os
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from specforge_vocab.choosing.search import SearchSettings
-from specforge_vocab.counting.cache import cached_count
 from specforge_vocab.counting.counts_file import FORMAT_VERSION, load_counts
-from specforge_vocab.counting.distributed import count_dataset_distributed, distributed_session
+from specforge_vocab.counting.distributed import distributed_session
+from specforge_vocab.counting.sources import obtain_counts
 from specforge_vocab.counting.engine import CountAborted, CountSettings
 from specforge_vocab.errors import InputError
 from specforge_vocab.fileio import atomic_write, file_lock, json_text, sha256_file
 from specforge_vocab.pipeline import OutputSettings, optimize
 from specforge_vocab.specforge.plan import CONVERSATIONS, DataSpec, FEATURES, PRETOKENIZED, Plan, SOURCE_NAMES, plan_from_run_config, plan_from_train_eagle3_args
-from specforge_vocab.specforge.ranks import _agree, _on_rank_zero, _process_group
-from specforge_vocab.specforge.reuse import Decision, FINGERPRINT_FILE, decide, read_fingerprint
+from specforge_vocab.specforge.ranks import agreed, process_group, run_on_rank_zero
+from specforge_vocab.specforge.reuse import Decision, decide, read_fingerprint
 from specforge_vocab.writing.draft_config import patch_draft_vocab_size
-from specforge_vocab.writing.outputs import COUNTS_FILE, MAPPING_FILE, SUMMARY_FILE
+from specforge_vocab.writing.outputs import COUNTS_FILE, FINGERPRINT_FILE, MAPPING_FILE, SUMMARY_FILE
 from specforge_vocab.specforge.data_files import count_masked_ids, iter_feature_files, iter_prompt_records, list_feature_files
 from specforge_vocab.specforge.train_eagle3 import cache_mapping_paths, offline_cache_mapping_path
 from specforge_vocab.specforge.yaml_patch import set_vocab_mapping_path
 from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT
+import uuid
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +142,7 @@ def before_training(
         return plan_from_train_eagle3_args(train_eagle3_args, **options)
 
 
-    with _process_group(), distributed_session() as session, contextlib.ExitStack() as held:
+    with process_group(), distributed_session() as session, contextlib.ExitStack() as held:
         rank = session.rank if session is not None else 0
 
         def plan_and_decide() -> Tuple[Plan, Decision]:
@@ -157,13 +151,13 @@ def before_training(
             held.enter_context(file_lock(plan.output_dir.rstrip("/\\") + ".prepare", timeout=plan.lock_timeout))
             return plan, decide(plan)
 
-        plan, decision = _on_rank_zero(session, plan_and_decide)
+        plan, decision = run_on_rank_zero(session, plan_and_decide)
         logger.info("%s: %s", decision.action, decision.reason)
         counted = None
         if decision.action == "count":
             counted = count_data(plan, session=session, progress=progress and rank == 0)
-        info = _on_rank_zero(session, lambda: write_outputs(plan, decision, counted))
-        return _agree(session, lambda: load_result(info, plan, rank=rank))
+        info = run_on_rank_zero(session, lambda: write_outputs(plan, decision, counted))
+        return agreed(session, lambda: load_result(info, plan, rank=rank))
 
 
 def _local_masked_counts(data: DataSpec, rank: int, world_size: int,
@@ -207,21 +201,15 @@ def count_data(plan: Plan, *, session=None, progress: bool = False) -> Tuple[np.
     """Counts [V] and their metadata for ``plan.data``; split over the ranks of ``session``."""
     data = plan.data
     if data.source == CONVERSATIONS:
-        settings = data.count_settings()
-        if session is None:
-
-            result, _hit = cached_count(settings, cache_dir=plan.cache_dir, progress=progress, force=plan.force)
-        else:
-
-            result = count_dataset_distributed(settings, progress=progress, cache_dir=plan.cache_dir, force=plan.force)
-        return result.counts, result.metadata()
+        counted = obtain_counts(data.count_settings(), cache_dir=plan.cache_dir, force=plan.force,
+                                distributed=session is not None, progress=progress)
+        return counted.counts, counted.metadata
     if session is None:
         local = _local_masked_counts(data, 0, 1, None)
         total = local
     else:
-        import uuid
 
-        key = _on_rank_zero(session, lambda: f"specforge_vocab/prepare-abort/{uuid.uuid4().hex}")
+        key = run_on_rank_zero(session, lambda: f"specforge_vocab/prepare-abort/{uuid.uuid4().hex}")
         local, _ = session.agree(lambda: _local_masked_counts(data, session.rank, session.world_size,
                                                               session.stop_flag(key)), abort_key=key)
         total = session.all_reduce_int64(local)

@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""Running prepare under torchrun: one gloo group of its own, rank 0 deciding and writing, every rank agreeing.
+
+>>> run_on_rank_zero(None, lambda: 42)  # outside a distributed job the function just runs
+42
+"""
 from __future__ import annotations
 
 import contextlib
@@ -6,15 +10,16 @@ import logging
 import os
 from typing import Any, Callable, Iterator
 from specforge_vocab.errors import InputError
+from datetime import timedelta
 
 logger = logging.getLogger(__name__)
 
 
-def _on_rank_zero(session, fn: Callable[[], Any]) -> Any:
+def run_on_rank_zero(session, fn: Callable[[], Any]) -> Any:
     return fn() if session is None else session.on_rank_zero(fn)
 
 
-def _agree(session, fn: Callable[[], Any]) -> Any:
+def agreed(session, fn: Callable[[], Any]) -> Any:
     return fn() if session is None else session.agree(fn)[0]
 
 
@@ -22,7 +27,7 @@ _GROUPS_STARTED = 0
 
 
 @contextlib.contextmanager
-def _process_group() -> Iterator[None]:
+def process_group() -> Iterator[None]:
     """Under torchrun with no process group yet, start a gloo group whose store keys live under a
     prefix of their own, and destroy it on exit.
 
@@ -41,7 +46,6 @@ def _process_group() -> Iterator[None]:
             or not all(env.get(name) for name in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
         yield
         return
-    from datetime import timedelta
 
     _GROUPS_STARTED += 1
     prefix = "specforge_vocab/{}/{}/{}".format(env.get("TORCHELASTIC_RUN_ID", "run"),

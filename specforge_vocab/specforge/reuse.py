@@ -1,4 +1,13 @@
-"""TODO docstring."""
+"""Reuse: ``fingerprint.json`` records what the outputs of a prepare call came from, so the next
+call with unchanged inputs does no work.
+
+Two parts. *counting*: for raw conversations the counts cache's fingerprint (data files by size and
+sha256, tokenizer files, template strings, max_length, mask options, V); for pre-tokenized prompts
+the file's size and sha256; for offline feature files their paths, sizes and mtimes (the identity
+SpecForge itself uses). *choice*: the search settings and the draft config (without
+``draft_vocab_size``, which prepare writes). :func:`decide` compares them with the stored ones:
+reuse, search the stored counts again, or count.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -14,13 +23,12 @@ from specforge_vocab.errors import short
 from specforge_vocab.fileio import json_text, sha256_file
 from specforge_vocab.specforge.plan import CONVERSATIONS, PRETOKENIZED, Plan
 from specforge_vocab.writing.draft_config import read_draft_config
-from specforge_vocab.writing.outputs import COUNTS_FILE, MAPPING_FILE, SUMMARY_FILE, recover_outputs
+from specforge_vocab.writing.outputs import COUNTS_FILE, FINGERPRINT_FILE, MAPPING_FILE, SUMMARY_FILE, recover_outputs
 from specforge_vocab.specforge.data_files import list_feature_files
 
 logger = logging.getLogger(__name__)
 
 
-FINGERPRINT_FILE = "fingerprint.json"
 
 
 FINGERPRINT_FORMAT = "specforge-vocab-prepare"

@@ -1,4 +1,10 @@
-"""TODO docstring."""
+"""Newer SpecForge's run configs (``specforge train --config run.yaml [section.field=value ...]``).
+
+SpecForge reads a YAML (``.yaml``/``.yml``) or JSON file with sections ``model`` and ``data``
+(docs/SPECFORGE.md section 4). Relative paths in it resolve from the current working directory,
+not from the config's folder, and :func:`read_run_config` resolves them the same way. Overrides
+are applied as SpecForge applies them, and unknown fields are reported as SpecForge would reject them.
+"""
 from __future__ import annotations
 
 import copy
@@ -10,6 +16,7 @@ import os
 import re
 from typing import Any, Mapping, Optional, Sequence, Tuple
 from specforge_vocab.errors import InputError, short, where
+import yaml
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +68,7 @@ _STRING_FIELDS = {
 }
 
 
-def _is_json_config(path: str) -> bool:
+def is_json_config(path: str) -> bool:
     """SpecForge's rule: ``.yaml``/``.yml`` is YAML, anything else is JSON."""
     return not str(path).endswith((".yaml", ".yml"))
 
@@ -85,7 +92,7 @@ def read_run_text(path: str, what: str) -> str:
 
 
 def _parse_config_text(text: str, path: str) -> Any:
-    if _is_json_config(path):
+    if is_json_config(path):
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
@@ -93,11 +100,10 @@ def _parse_config_text(text: str, path: str) -> Any:
                 f"{where(path, exc.lineno)}: the run config is not valid JSON ({exc.msg}, column {exc.colno}). "
                 "SpecForge reads files not ending in .yaml/.yml as JSON; fix the syntax or rename a YAML file to .yaml."
             ) from None
-    return _parse_yaml_text(text, path)
+    return parse_yaml_text(text, path)
 
 
-def _parse_yaml_text(text: str, path: str) -> Any:
-    import yaml
+def parse_yaml_text(text: str, path: str) -> Any:
 
     try:
         return yaml.safe_load(text)
@@ -141,7 +147,6 @@ def _known_fields(section: str, raw_section: Mapping) -> Tuple[str, ...]:
 def _override_value(dotted: str, text: str, current: Any) -> Any:
     """Type an override value: structured text ([...] / {...}) and non-string
     fields are parsed as YAML; string fields keep the text as it is."""
-    import yaml
 
     stripped = text.strip()
     if stripped.startswith(("[", "{")):
@@ -218,7 +223,7 @@ _TRUE_TEXT = {"true", "1", "yes", "on", "t", "y"}
 _FALSE_TEXT = {"false", "0", "no", "off", "f", "n"}
 
 
-def _as_bool(value: Any, name: str, path: str) -> bool:
+def as_bool(value: Any, name: str, path: str) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
@@ -333,8 +338,8 @@ class RunConfig:
             max_length=_as_positive_int(data.get("max_length", DEFAULT_MAX_LENGTH), "data.max_length", path),
             chat_template=_as_str(data.get("chat_template"), "data.chat_template", path, DEFAULT_CHAT_TEMPLATE)
             or DEFAULT_CHAT_TEMPLATE,
-            is_preformatted=_as_bool(data.get("is_preformatted", False), "data.is_preformatted", path),
-            train_only_last_turn=_as_bool(data.get("train_only_last_turn", False), "data.train_only_last_turn", path),
+            is_preformatted=as_bool(data.get("is_preformatted", False), "data.is_preformatted", path),
+            train_only_last_turn=as_bool(data.get("train_only_last_turn", False), "data.train_only_last_turn", path),
             cache_dir=_as_str(data.get("cache_dir"), "data.cache_dir", path, DEFAULT_CACHE_DIR) or DEFAULT_CACHE_DIR,
             cwd=os.path.abspath(cwd or os.getcwd()),
         )

@@ -1,4 +1,12 @@
-"""TODO docstring."""
+"""Older SpecForge's scripts/train_eagle3.py: its flags, where it looks for a cached mapping, and
+where the script itself lives (docs/SPECFORGE.md section 4).
+
+train_eagle3.py loads ``<cache_dir>/vocab_mapping/<md5 key>.pt`` when it exists; the key hashes
+``train_data_path``, ``max_length``, ``chat_template``, ``target_model_path`` and (since mid-2026)
+the draft and target vocabulary sizes. Writing the mapping there before the script starts is how
+the pre-step hands it over. Newer SpecForge's offline runs use a sha256 key instead
+(:func:`offline_cache_mapping_path`).
+"""
 from __future__ import annotations
 
 import argparse
@@ -107,7 +115,7 @@ def md5_cache_key(
 def draft_config_path_from_args(args: argparse.Namespace) -> str:
     """The draft config train_eagle3.py keys the mapping on: ``<ckpt_dir>/config.json``
     when ``--ckpt-dir`` is a directory, else ``--draft-model-config``."""
-    ckpt_dir = getattr(args, "ckpt_dir", None)
+    ckpt_dir = args.ckpt_dir
     if ckpt_dir:
         if not os.path.isdir(ckpt_dir):
             raise InputError(
@@ -115,7 +123,7 @@ def draft_config_path_from_args(args: argparse.Namespace) -> str:
                 "Point it at a draft checkpoint directory holding config.json."
             )
         return os.path.join(ckpt_dir, "config.json")
-    if not getattr(args, "draft_model_config", None):
+    if not args.draft_model_config:
         raise InputError(
             "--draft-model-config is not given, so train_eagle3.py would generate a draft config from the target "
             "model and there is no file for the pre-step to patch. Pass --draft-model-config with a draft config "

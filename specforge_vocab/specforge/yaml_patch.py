@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""Set ``model.vocab_mapping_path`` in a user's run config and change nothing else in the file.
+
+The YAML is edited as text: comments, key order, quoting and every other line stay byte for byte.
+Layouts that cannot be edited safely this way (a flow mapping, anchors, a block scalar at that
+key) are refused with the exact place named, before any file is written.
+"""
 from __future__ import annotations
 
 import copy
@@ -9,8 +14,9 @@ import re
 from typing import NamedTuple, Optional, Tuple
 from specforge_vocab.errors import InputError, short, where
 from specforge_vocab.fileio import atomic_write, backup_file
-from specforge_vocab.specforge.run_config import _is_json_config, _parse_yaml_text
+from specforge_vocab.specforge.run_config import is_json_config, parse_yaml_text
 from specforge_vocab.specforge.run_config import read_run_text
+import yaml
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +78,6 @@ def _scan_quoted(text: str, start: int) -> int:
 
 
 def _plain_ok(value: str) -> bool:
-    import yaml
 
     if not value or value != value.strip() or any(c in value for c in "\n\r\t"):
         return False
@@ -133,9 +138,8 @@ def patch_vocab_mapping_text(text: str, mapping_path: str, *, source: str = "run
     The result is re-parsed: it must equal the original document with only
     that one key changed.
     """
-    import yaml
 
-    original = _parse_yaml_text(text, source)
+    original = parse_yaml_text(text, source)
     if not isinstance(original, dict) or not isinstance(original.get("model"), dict):
         raise InputError(
             f"{source} has no block 'model:' section (top level: {short(original)}), so there is nowhere to set "
@@ -285,7 +289,7 @@ def set_vocab_mapping_path(
     if not isinstance(mapping_path, str) or not mapping_path:
         raise InputError(f"The vocab mapping path must be a non-empty string, but got {short(mapping_path)}.")
     text = read_run_text(yaml_path, "Run config")
-    if _is_json_config(yaml_path):
+    if is_json_config(yaml_path):
         new_text = _patch_json_text(text, mapping_path, yaml_path)
     else:
         new_text = patch_vocab_mapping_text(text, mapping_path, source=yaml_path)

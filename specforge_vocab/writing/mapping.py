@@ -1,7 +1,7 @@
 """The draft vocabulary mapping: which target ids the draft keeps, as d2t/t2d.
 
 An EAGLE-3 draft with ``k`` LM-head rows keeps ``k`` of the target's ``V`` ids.
-Two tensors describe the choice (SpecForge contract, section 1):
+Two tensors describe the choice (docs/SPECFORGE.md section 1):
 
 - ``d2t`` int64 ``[k]``: target id of draft row ``i`` is ``i + d2t[i]``;
 - ``t2d`` bool ``[V]``: True for the kept target ids.
@@ -17,11 +17,14 @@ Example::
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
-from typing import Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: `specforge-vocab --help` stays fast
+    import torch
 
 logger = logging.getLogger(__name__)
 from specforge_vocab.errors import InputError
@@ -117,6 +120,7 @@ def kept_token_ids(counts: np.ndarray, k: int, *, pinned_ids: Sequence[int] = ()
 
 def build_mapping(kept_ids: np.ndarray, vocab_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """d2t (int64 [k], ``kept - arange(k)``) and t2d (bool [V]) for ascending kept ids."""
+    import torch
     kept = np.asarray(kept_ids)
     if kept.ndim != 1 or kept.size == 0 or not np.issubdtype(kept.dtype, np.integer):
         raise InputError(
@@ -145,6 +149,7 @@ def mapping_from_counts(
 
 def kept_ids_from_d2t(d2t: torch.Tensor) -> np.ndarray:
     """Target ids kept by a mapping: ``arange(k) + d2t`` (int64 numpy)."""
+    import torch
     d2t_np = torch.as_tensor(d2t).detach().cpu().numpy().astype(np.int64)
     return np.arange(d2t_np.shape[0], dtype=np.int64) + d2t_np
 
@@ -175,10 +180,11 @@ def check_mapping(
     vocab_size: int,
     source: str = "mapping",
 ) -> None:
-    """Raise :class:`InputError` unless d2t/t2d satisfy every rule of contract section 1.
+    """Raise :class:`InputError` unless d2t/t2d satisfy every rule of docs/SPECFORGE.md section 1.
 
     ``source`` names where the tensors came from (a file path) in the messages.
     """
+    import torch
     if not isinstance(d2t, torch.Tensor) or not isinstance(t2d, torch.Tensor):
         raise InputError(
             f"{source}: d2t and t2d must be torch tensors, but got {type(d2t).__name__} and "
@@ -222,6 +228,7 @@ def check_mapping(
 
 def save_mapping(path_pt: str, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
     """Write ``torch.save({"d2t": d2t, "t2d": t2d})`` atomically (SpecForge's format)."""
+    import torch
     payload = {"d2t": d2t.detach().cpu().contiguous(), "t2d": t2d.detach().cpu().contiguous()}
     atomic_write(path_pt, lambda handle: torch.save(payload, handle))
 
@@ -245,6 +252,7 @@ def load_mapping(
     With both ``draft_vocab_size`` and ``vocab_size`` given, the section 1 rules
     are checked too.
     """
+    import torch
     if not os.path.isfile(path):
         raise InputError(
             f"Vocab mapping file {path} does not exist. Pass the path of a vocab_mapping.pt or "
@@ -286,11 +294,13 @@ def load_mapping(
     return d2t, t2d
 
 
-def _mapping_payloads(d2t, t2d, metadata: Dict[str, str]) -> Tuple[bytes, bytes]:
-    import io
-
+def mapping_payloads(d2t, t2d, *, draft_vocab_size: int, vocab_size: int) -> Tuple[bytes, bytes]:
+    """The bytes of ``vocab_mapping.pt`` (``torch.save`` of d2t/t2d, what SpecForge loads) and of
+    ``vocab_mapping.safetensors`` (the same tensors, deterministic bytes)."""
     import torch
 
+    metadata = {"draft_vocab_size": str(draft_vocab_size), "vocab_size": str(vocab_size),
+                "format": "specforge-vocab-mapping"}
     buffer = io.BytesIO()
     torch.save({"d2t": d2t, "t2d": t2d}, buffer)
     return buffer.getvalue(), safetensors_bytes({"d2t": d2t.numpy(), "t2d": t2d.numpy()}, metadata)

@@ -27,15 +27,22 @@ from specforge_vocab.fileio import Payload, Recovery, atomic_write_many, file_lo
 from specforge_vocab.writing.draft_config import checked_patch, read_draft_config
 from specforge_vocab.writing.mapping import load_mapping
 from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT
+from safetensors import safe_open
 
 
-MAPPING_SAFETENSORS = "vocab_mapping.safetensors"
-
-
-MAPPING_PT = "vocab_mapping.pt"
-
-
-SUMMARY = "summary.json"
+# The files of one output directory, by role (``optimize`` writes them as one group; prepare adds
+# fingerprint.json after them).
+SUMMARY_FILE = "summary.json"
+FULL_RESULTS_FILE = "full_results.json"
+PLOT_FILE = "optimization_results.png"
+COVERAGE_PLOT_FILE = "coverage_curves.png"
+COUNTS_FILE = "token_counts.safetensors"
+MAPPING_FILE = "vocab_mapping.pt"
+MAPPING_SAFETENSORS_FILE = "vocab_mapping.safetensors"
+FINGERPRINT_FILE = "fingerprint.json"
+OUTPUT_FILES = {"summary": SUMMARY_FILE, "full_results": FULL_RESULTS_FILE, "plot": PLOT_FILE,
+                "coverage_plot": COVERAGE_PLOT_FILE, "counts": COUNTS_FILE, "mapping_pt": MAPPING_FILE,
+                "mapping_safetensors": MAPPING_SAFETENSORS_FILE}
 
 
 def recover_outputs(output_dir: str, config_path: Optional[str] = None, *, clean: bool = False) -> Recovery:
@@ -55,9 +62,8 @@ def recover_outputs(output_dir: str, config_path: Optional[str] = None, *, clean
 def recorded_draft_vocab_size(output_dir: str) -> Optional[Tuple[int, Optional[int], str]]:
     """(k, V, file) of the mapping in ``output_dir``: from vocab_mapping.safetensors' metadata,
     else vocab_mapping.pt's d2t shape, else summary.json; None when there is no output."""
-    path = os.path.join(output_dir, MAPPING_SAFETENSORS)
+    path = os.path.join(output_dir, MAPPING_SAFETENSORS_FILE)
     if os.path.isfile(path):
-        from safetensors import safe_open
 
         try:
             with safe_open(path, framework="numpy") as handle:
@@ -70,12 +76,12 @@ def recorded_draft_vocab_size(output_dir: str) -> Optional[Tuple[int, Optional[i
                 return k, V, path
         except Exception as exc:  # noqa: BLE001 - any reader failure means the file is unusable
             raise InputError(f"{path} cannot be read ({type(exc).__name__}: {exc}). Rerun optimize to rewrite it.") from None
-    path = os.path.join(output_dir, MAPPING_PT)
+    path = os.path.join(output_dir, MAPPING_FILE)
     if os.path.isfile(path):
 
         d2t, t2d = load_mapping(path)
         return int(d2t.shape[0]), int(t2d.shape[0]), path
-    path = os.path.join(output_dir, SUMMARY)
+    path = os.path.join(output_dir, SUMMARY_FILE)
     if os.path.isfile(path):
         try:
             with open(path, encoding="utf-8") as handle:
@@ -165,10 +171,4 @@ def commit_outputs(payloads: Dict[str, Payload], *, output_dir: str, config_path
     return saved
 
 
-MAPPING_FILE = "vocab_mapping.pt"
 
-
-COUNTS_FILE = "token_counts.safetensors"
-
-
-SUMMARY_FILE = "summary.json"
