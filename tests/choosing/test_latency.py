@@ -3,24 +3,18 @@ present), its cache, and the settings. No timing assertions: only structure and 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import llama3_arch
 
 from specforge_vocab.choosing import latency as latency_module
 from specforge_vocab.choosing.cost import DraftArchitecture, bytes_latency_reduction, draft_weight_bytes, draft_weight_bytes_by_component, dtype_bytes, latency_reduction
 from specforge_vocab.errors import InputError, SettingsError
 from specforge_vocab.choosing.latency import BytesLatency, FlopsLatency, LatencySettings, MeasuredLatency, build_latency_model, default_grid, measured_fit
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
-
-
-def llama3_arch() -> DraftArchitecture:
-    config = json.loads((CONFIGS / "llama3-8B-eagle3.json").read_text())
-    return DraftArchitecture.from_config(config, source="llama3-8B-eagle3.json")
 
 
 def tiny_arch(dtype: str = "float32") -> DraftArchitecture:

@@ -8,7 +8,7 @@ import random
 
 import numpy as np
 import pytest
-from conftest import DATA, REPO, read_jsonl, shared_data_or_skip
+from conftest import DATA, optimize_summary, read_jsonl, shared_data_or_skip
 
 from specforge_vocab.cli.main import main
 from specforge_vocab.counting.engine import CountSettings
@@ -179,20 +179,10 @@ def test_evaluation_settings_problems(tmp_path):
 # --------------------------------------------------------------------------- end to end
 
 
-def strict_json(text: str):
-    def refuse(name):
-        raise AssertionError(f"summary.json holds {name}, which is not JSON")
-
-    return json.loads(text, parse_constant=refuse)
-
-
 def run(tmp_path, llama3_dir, *extra, name="out"):
-    out = tmp_path / name
-    config = tmp_path / f"{name}.json"
-    config.write_text((REPO / "configs" / "llama3-8B-eagle3.json").read_text())
-    assert main(["-q", "optimize", "--tokenizer-path", llama3_dir, "--chat-template", "llama3", "--config-path",
-                 str(config), "--output-dir", str(out), "--n-calls", "10", *extra]) == 0
-    return strict_json((out / "summary.json").read_text())
+    summary, _ = optimize_summary(tmp_path, "--tokenizer-path", llama3_dir, "--chat-template", "llama3", "--n-calls",
+                                  "10", *extra, name=name)
+    return summary
 
 
 def test_fixture_gsm8k_test_coverage_falls_in_the_bootstrap_interval(tmp_path, llama3_dir):

@@ -1,14 +1,11 @@
 """The pre-training hook in one process: prepare, pre-step, scripts/train_eagle3.py, before_training.
 
-SpecForge's side is tests/specforge_standin.py (written from SpecForge's documented behaviour,
+SpecForge's side is tests/specforge_wing/specforge_standin.py (written from SpecForge's documented behaviour,
 without importing specforge_vocab): if it finds and installs the mapping, SpecForge would.
-Multi-rank runs are in test_hook_distributed.py.
+Multi-rank runs are in test_prepare_distributed.py.
 """
 from __future__ import annotations
 
-import functools
-import gzip
-import io
 import json
 import os
 import shutil
@@ -20,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import DATA, DEEPSEEK_DIR, LLAMA3_DIR, REPO, read_jsonl
+from conftest import (CONFIG_YAMLS, CONFIGS, DATA, DEEPSEEK_DIR, LLAMA3_CONFIG, LLAMA3_DIR, REPO, masked_examples,
+                      read_jsonl, write_features, write_jsonl)
 
-import specforge_reference as reference
 import specforge_standin as standin
 from specforge_vocab import before_training
 from specforge_vocab.cli import training
@@ -36,7 +33,6 @@ from specforge_vocab.choosing.search import SearchSettings
 
 CONVERSATIONS = DATA / "gsm8k_test_sample.jsonl"
 MULTITURN = DATA / "hh_rlhf_multiturn_sample.jsonl"
-CONFIG_YAMLS = sorted((REPO / "configs").glob("*.yaml"))
 TOKENIZER_FOR_V = {128256: (LLAMA3_DIR, "llama3"), 129280: (DEEPSEEK_DIR, "deepseek-v3")}
 MAX_LENGTH = 512
 FAST = ["--n-calls", "8", "--max-vocab-size", "3000"]
@@ -44,40 +40,6 @@ FAST_SEARCH = SearchSettings(n_calls=8, max_vocab_size=3000)
 
 
 # ---------------------------------------------------------------- helpers
-
-
-@functools.lru_cache(maxsize=None)
-def hf_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
-def masked_examples(records, tokenizer_dir, template_name, max_length=MAX_LENGTH):
-    """(input_ids, loss_mask) per record, from the independent reference of SpecForge's rule."""
-    tokenizer = hf_tokenizer(tokenizer_dir)
-    template = reference.load_template(template_name)
-    out = []
-    for record in records:
-        text = reference.render(record["conversations"], template, tokenizer)
-        out.append(reference.reference_mask(text, template, tokenizer, max_length))
-    return out
-
-
-def write_features(directory: Path, examples) -> None:
-    """SpecForge-style offline feature files: one torch-saved dict per sample, batch dimension 1,
-    with hidden states beside input_ids/loss_mask; every other file gzipped, in nested folders."""
-    for i, (ids, mask) in enumerate(examples):
-        sample = {"input_ids": torch.tensor([ids], dtype=torch.int64), "loss_mask": torch.tensor([mask]),
-                  "hidden_state": torch.zeros(1, len(ids), 4, dtype=torch.bfloat16)}
-        folder = directory / f"rows_{i // 8:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save(sample, buffer)
-        if i % 2:
-            (folder / f"data_{i}.ckpt.gz").write_bytes(gzip.compress(buffer.getvalue()))
-        else:
-            (folder / f"data_{i}.ckpt").write_bytes(buffer.getvalue())
 
 
 def counts_by_hand(examples, vocab_size):
@@ -129,7 +91,7 @@ def llama_run(tmp_path, monkeypatch):
     """A run directory: configs/draft.json (Llama-3 8B draft), data/train.jsonl (60 GSM8K rows) and run.yaml."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").mkdir()
-    shutil.copy(REPO / "configs" / "llama3-8B-eagle3.json", tmp_path / "configs" / "draft.json")
+    shutil.copy(LLAMA3_CONFIG, tmp_path / "configs" / "draft.json")
     (tmp_path / "data").mkdir()
     shutil.copy(CONVERSATIONS, tmp_path / "data" / "train.jsonl")
     run = tmp_path / "run.yaml"
@@ -163,12 +125,12 @@ def place_data(workdir: Path, raw: dict, V: int):
     tokenizer_dir, template = TOKENIZER_FOR_V[V]
     data = raw["data"]
     records = read_jsonl(CONVERSATIONS)[:24] + read_jsonl(MULTITURN)[:8]
-    examples = masked_examples(records, tokenizer_dir, data.get("chat_template", "llama3"))
+    examples = masked_examples(records, tokenizer_dir, data.get("chat_template", "llama3"), MAX_LENGTH)
     overrides = [f"data.max_length={MAX_LENGTH}"]
     if data.get("train_data_path"):
         target = workdir / data["train_data_path"]
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        write_jsonl(target, records)
         overrides.append(f"model.target_model_path={tokenizer_dir}")
         return "train_data_path", counts_by_hand(examples, V), overrides
     if data.get("hidden_states_path"):
@@ -181,7 +143,7 @@ def place_data(workdir: Path, raw: dict, V: int):
         return "hidden_states_path", counts_by_hand(examples, V), overrides
     target = workdir / data["prompts_path"]
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("".join(json.dumps({"input_ids": i, "loss_mask": m}) + "\n" for i, m in examples))
+    write_jsonl(target, [{"input_ids": i, "loss_mask": m} for i, m in examples])
     overrides.append(f"model.target_model_path={tokenizer_dir}")
     return "prompts_path", counts_by_hand(examples, V), overrides
 
@@ -190,7 +152,7 @@ def place_data(workdir: Path, raw: dict, V: int):
 def test_every_run_config_hands_specforge_our_mapping(yaml_path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").mkdir()
-    for draft_json in (REPO / "configs").glob("*.json"):
+    for draft_json in CONFIGS.glob("*.json"):
         shutil.copy(draft_json, tmp_path / "configs" / draft_json.name)
     config = tmp_path / "configs" / yaml_path.name
     shutil.copy(yaml_path, config)
@@ -229,13 +191,11 @@ def test_every_run_config_hands_specforge_our_mapping(yaml_path, tmp_path, monke
 def test_feature_files_and_prompts_count_like_the_conversations_they_came_from(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     records = read_jsonl(MULTITURN)[:16] + read_jsonl(CONVERSATIONS)[:16]
-    raw = tmp_path / "raw.jsonl"
-    raw.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    examples = masked_examples(records, DEEPSEEK_DIR, "deepseek-v3")
+    raw = write_jsonl(tmp_path / "raw.jsonl", records)
+    examples = masked_examples(records, DEEPSEEK_DIR, "deepseek-v3", MAX_LENGTH)
     write_features(tmp_path / "features", examples)
-    (tmp_path / "prompts.jsonl").write_text(
-        "".join(json.dumps({"input_ids": ids, "loss_mask": mask}) + "\n" for ids, mask in examples))
-    shutil.copy(REPO / "configs" / "deepseek-v3-671b-eagle3.json", tmp_path / "draft.json")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"input_ids": ids, "loss_mask": mask} for ids, mask in examples])
+    shutil.copy(CONFIGS / "deepseek-v3-671b-eagle3.json", tmp_path / "draft.json")
     V = standin.draft_sizes(str(tmp_path / "draft.json"))[1]
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
@@ -271,7 +231,7 @@ def test_prompts_file_of_raw_conversations_is_counted_like_train_data(tmp_path, 
 
 def test_bad_feature_file_is_named(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    shutil.copy(REPO / "configs" / "llama3-8B-eagle3.json", tmp_path / "draft.json")
+    shutil.copy(LLAMA3_CONFIG, tmp_path / "draft.json")
     write_features(tmp_path / "features", [([1, 2, 3], [0, 1, 1]), ([5, 128256, 7], [1, 1, 1])])
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"model": {"target_model_path": LLAMA3_DIR, "draft_model_config": "draft.json"},

@@ -17,6 +17,7 @@ from typing import Dict, List
 import numpy as np
 import pytest
 
+from conftest import child_env, llama3_config_text
 from reliability_helpers import WIRING_REASON, check_mapping_file, config_k, leftovers, pipeline_is_wired
 from specforge_vocab import fileio
 from specforge_vocab.counting.counts_file import save_counts
@@ -25,7 +26,7 @@ from specforge_vocab.writing.outputs import commit_outputs
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the concurrency tests fork (POSIX only)")
 
-REPO = Path(__file__).resolve().parents[1]
+FAULT_INJECTION = Path(__file__).resolve().parent / "fault_injection.py"  # run as a script, beside this file
 V = 6000
 TALLY: Dict[str, int] = {}
 
@@ -35,9 +36,7 @@ def _count(key: str, n: int = 1) -> None:
 
 
 def _config(path: Path, k: int = 900) -> str:
-    text = (REPO / "configs" / "llama3-8B-eagle3.json").read_text(encoding="utf-8")
-    path.write_text(text.replace('"vocab_size": 128256', f'"vocab_size": {V}')
-                    .replace('"draft_vocab_size": 32000', f'"draft_vocab_size": {k}'), encoding="utf-8")
+    path.write_text(llama3_config_text(vocab_size=V, draft_vocab_size=k), encoding="utf-8")
     return str(path)
 
 
@@ -50,7 +49,7 @@ def work(tmp_path):
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")] + sys.path))
+    return child_env(*sys.path)
 
 
 def _optimize_argv(work, k: int, *, out=None, timeout: float = 60.0) -> List[str]:
@@ -62,7 +61,7 @@ def _holder(work, k: int, *, out=None, release: str = None, sleep: float = 0.0) 
     """A real optimize run that pauses (holding its locks) before its first write, until the
     file ``release`` exists (or for ``sleep`` seconds)."""
     pause = ["--release", release] if release else ["--sleep", str(sleep)]
-    argv = [sys.executable, str(REPO / "tests" / "fault_injection.py"), "--sleep-on", "_write_payload:1"] + pause + \
+    argv = [sys.executable, str(FAULT_INJECTION), "--sleep-on", "_write_payload:1"] + pause + \
         ["--"] + _optimize_argv(work, k, out=out)
     return subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 

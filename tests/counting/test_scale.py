@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from conftest import DATA, REPO, read_jsonl
+from conftest import DATA, REPO, child_env, read_jsonl
 
 from specforge_reference import reference_counts
 from specforge_vocab.counting import count as counting
@@ -31,6 +31,7 @@ from specforge_vocab.counting.tokenizer import load_tokenizer
 FIXTURES = [str(DATA / f) for f in ["gsm8k_train_sample.jsonl", "hh_rlhf_multiturn_sample.jsonl",
                                     "mt_bench_gpt4_reference.jsonl", "humaneval_sample.jsonl", "edge_cases.jsonl"]]
 SMALL = [str(DATA / "gsm8k_test_sample.jsonl")]
+DIST_COUNT_SCRIPT = Path(__file__).resolve().parent / "dist_count_script.py"  # run under torchrun, beside this file
 GOOD = {"conversations": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5."}]}
 
 
@@ -352,11 +353,11 @@ def torchrun(tmp_path, name, count_settings, *, nproc=2, timeout=240, cache_dir=
     out = tmp_path / name
     out.mkdir()
     torchrun_bin = str(Path(sys.executable).with_name("torchrun"))
-    argv = [torchrun_bin, "--standalone", f"--nproc-per-node={nproc}", str(REPO / "tests" / "dist_count_script.py"),
+    argv = [torchrun_bin, "--standalone", f"--nproc-per-node={nproc}", str(DIST_COUNT_SCRIPT),
             "--settings", json.dumps(count_settings), "--out-dir", str(out)]
     if cache_dir:
         argv += ["--cache-dir", cache_dir]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS="1")
     start = time.monotonic()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=str(tmp_path), env=env)
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc) if (out / f"rank{r}.json").exists()]

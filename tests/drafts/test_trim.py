@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 from pathlib import Path
 
@@ -120,7 +119,7 @@ def write_checkpoint(directory: Path, tensors, config, *, layout="single", extra
     return directory
 
 
-def zipf_counts(seed, vocab_size=V, zero_share=0.3):
+def zipf_like_counts(seed, vocab_size=V, zero_share=0.3):
     """Deterministic Zipf-like token counts over a random permutation of the ids, some ids never seen."""
     rng = np.random.default_rng(seed)
     ranks = rng.permutation(vocab_size)
@@ -135,8 +134,8 @@ def top_ids(counts, k, among=None):
     return np.array(sorted(sorted(pool, key=lambda i: (-int(counts[i]), i))[:k]), dtype=np.int64)
 
 
-OLD_KEPT = top_ids(zipf_counts(1), K)  # the ids a "general-data" draft was trained with
-WORKLOAD = zipf_counts(2)  # the workload to trim for: a different distribution
+OLD_KEPT = top_ids(zipf_like_counts(1), K)  # the ids a "general-data" draft was trained with
+WORKLOAD = zipf_like_counts(2)  # the workload to trim for: a different distribution
 
 
 @pytest.fixture
@@ -386,7 +385,7 @@ def test_full_vocabulary_draft_without_mapping_is_the_identity(tmp_path):
     small_v = 1500
     tensors = draft_tensors(np.arange(small_v), vocab_size=small_v, mapping=False, embed=False, seed=6)
     src = write_checkpoint(tmp_path / "draft", tensors, draft_config(vocab_size=small_v, draft_vocab_size=None))
-    counts = zipf_counts(3, vocab_size=small_v)
+    counts = zipf_like_counts(3, vocab_size=small_v)
     result = trim(src, tmp_path / "out", counts=counts, draft_vocab_size=100)
     after = load_file(str(tmp_path / "out" / "model.safetensors"))
     expected = top_ids(counts, 100)

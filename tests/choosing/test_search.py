@@ -1,33 +1,17 @@
 """Coverage curve, settings checks, the exact search and the paper-faithful TPE search."""
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
+from conftest import llama3_arch, zipf_counts
 
 from specforge_vocab.choosing.cost import DraftArchitecture, latency_reduction, paper_latency_reduction
 from specforge_vocab.errors import InputError, SettingsError
 from specforge_vocab.choosing.search import Evaluation, SearchSettings, coverage_at, coverage_curve, k_for_coverage, score_candidates, search, tpe_search
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def zipf_counts(vocab_size: int, tokens: int, exponent: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    p = np.arange(1, vocab_size + 1, dtype=np.float64) ** -exponent
-    counts = rng.multinomial(tokens, p / p.sum())
-    return counts[rng.permutation(vocab_size)].astype(np.int64)
-
-
-def llama3_arch(vocab_size: int = 128256) -> DraftArchitecture:
-    config = json.loads((CONFIGS / "llama3-8B-eagle3.json").read_text())
-    return DraftArchitecture.from_config(config, source="llama3-8B-eagle3.json").with_vocab_size(vocab_size)
-
 
 @pytest.fixture(scope="module")
 def llama3_zipf():

@@ -16,17 +16,16 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import pytest
 
-from conftest import DATA, LLAMA3_DIR
+from conftest import DATA, LLAMA3_CONFIG, LLAMA3_DIR, remote_code_tokenizer, run_cli, shipped_config
 from reliability_helpers import leftovers, snapshot_tree
 from specforge_vocab import fileio
 from specforge_vocab.errors import InputError
 
-REPO = Path(__file__).resolve().parents[1]
 GOOD = {"conversations": [{"role": "user", "content": "What is 7 * 6?"}, {"role": "assistant", "content": "42."}]}
 
 
@@ -83,9 +82,7 @@ def bad_data(env: Env, *lines: str, name: str = "bad.jsonl") -> str:
 
 
 def config_with(env: Env, **changes) -> str:
-    config = json.loads((REPO / "configs" / "llama3-8B-eagle3.json").read_text())
-    config.update(changes)
-    return env.write("other.json", json.dumps(config, indent=2))
+    return env.write("other.json", json.dumps(shipped_config(**changes), indent=2))
 
 
 def as_root_reason(env: Env) -> Optional[str]:
@@ -197,7 +194,8 @@ CASES: List[Case] = [
          r"has no tokenizer\.json; a fast tokenizer is required"),
     Case("tokenizer-asks-for-remote-code", "count",
          lambda e: ["--dataset-path", e.data, "--tokenizer-path", e.path("evil_tok"), "--output", e.counts_out],
-         r"evil_tok.*pass --trust-remote-code if you trust it", setup=lambda e: make_remote_code_tokenizer(e)),
+         r"evil_tok.*pass --trust-remote-code if you trust it",
+         setup=lambda e: remote_code_tokenizer(Path(e.path("evil_tok")))),
     Case("target-vocab-size-too-small", "count", lambda e: count_args(e, "--target-vocab-size", "1000"),
          r"token id \d+ is at or above the vocabulary size V=1,000"),
     Case("max-length-zero", "count", lambda e: count_args(e, "--max-length", "0"),
@@ -378,18 +376,6 @@ CASES: List[Case] = [
 ]
 
 
-def make_remote_code_tokenizer(env: Env) -> None:
-    """A tokenizer whose config asks for its own Python class; the class leaves a marker if it ever runs."""
-    folder = Path(env.path("evil_tok"))
-    folder.mkdir()
-    shutil.copy(os.path.join(LLAMA3_DIR, "tokenizer.json"), folder / "tokenizer.json")
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}}))
-    (folder / "tokenization_evil.py").write_text(
-        f"open({str(folder / 'RAN')!r}, 'w').write('remote code ran')\n"
-        "from transformers import PreTrainedTokenizerFast\n\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
-
-
 def shard_files(env: Env) -> None:
     """Two shard counts files of the data (llama3) and one shard of a qwen count, for merge cases."""
     from specforge_vocab.cli.main import main
@@ -407,9 +393,8 @@ def draft_checkpoint(env: Env, *, weights: bool = True) -> None:
 
     folder = Path(env.path("ckpt"))
     folder.mkdir()
-    config = json.loads((REPO / "configs" / "llama3-8B-eagle3.json").read_text())
-    config.update(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
-                  draft_vocab_size=64)
+    config = shipped_config(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
+                            draft_vocab_size=64)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     if weights:
         save_file({"lm_head.weight": torch.randn(64, 64)}, str(folder / "model.safetensors"))
@@ -454,23 +439,13 @@ def template_env(tmp_path_factory):
     env = Env(tmp_path_factory.mktemp("bad-inputs-template"))
     rows = [json.loads(l) for l in (DATA / "gsm8k_test_sample.jsonl").read_text().splitlines()[:6]]
     env.lines(FILES["data"], *(json.dumps(r) for r in rows))
-    shutil.copy(REPO / "configs" / "llama3-8B-eagle3.json", env.config)
+    shutil.copy(LLAMA3_CONFIG, env.config)
     counts = count_tokens(env.data, LLAMA3_DIR, chat_template="llama3", max_length=256)
     save_counts(env.counts, counts, {"format": "specforge-vocab-counts", "tokenizer_length": "128256"})
     shutil.copy(env.counts, env.counts_out)
     assert main(["-q", "optimize", "--counts", env.counts, "--config-path", env.config, "--output-dir", env.out,
                  "--draft-vocab-size", "600", "--max-vocab-size", "3000"]) == 0
     return env
-
-
-def run_cli(entry: str, argv: List[str], capsys) -> Tuple[int, str]:
-    from specforge_vocab.cli.main import main
-
-    try:
-        code = main([entry] + argv)
-    except SystemExit as exc:  # argparse rejects the flag
-        code = exc.code
-    return code, capsys.readouterr().err
 
 
 COUNTED: Dict[str, int] = {}
@@ -493,7 +468,7 @@ def test_bad_input_is_refused_and_changes_nothing(case: Case, template_env, tmp_
             API[case.entry[4:]](env, args)
         message = str(info.value)
     else:
-        code, message = run_cli(case.entry, args, capsys)
+        code, _, message = run_cli([case.entry, *args], capsys)  # an argparse rejection is exit status 2 too
         assert code == 2, f"exit status {code}, stderr:\n{message}"
         assert "Traceback" not in message
         assert message.startswith("error: ") or "usage: " in message, message

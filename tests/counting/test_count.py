@@ -1,11 +1,10 @@
 """Counting parity with a plain implementation of SpecForge's rule, on real tokenizers and data."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
-from conftest import DATA, TOKENIZER_CASES, read_jsonl, shared_data_or_skip
+from conftest import DATA, TOKENIZER_CASES, read_jsonl, shared_data_or_skip, write_jsonl
 
 from specforge_reference import reference_counts
 from specforge_vocab.counting.engine import CountSettings
@@ -67,8 +66,7 @@ def test_parity_preformatted(request, tmp_path, fixture_name, template):
     tok = load_tokenizer(tok_dir)
     records = read_jsonl(DATA / "hh_rlhf_multiturn_sample.jsonl")[:20]
     texts = [{"text": render(r["conversations"], load_template(template), tok)} for r in records] + [{"text": ""}]
-    path = tmp_path / "pre.jsonl"
-    path.write_text("".join(json.dumps(t) + "\n" for t in texts), encoding="utf-8")
+    path = write_jsonl(tmp_path / "pre.jsonl", texts)
     ref = reference_counts(texts, tok, template, is_preformatted=True, max_length=300)
     ours = count_tokens([str(path)], tok_dir, chat_template=template, is_preformatted=True, max_length=300)
     assert_same_counts(ours, ref)

@@ -6,10 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from conftest import DATA, REPO
+from conftest import DATA, llama3_arch, optimize_summary, shipped_config
 
-from specforge_vocab.cli.main import main
-from specforge_vocab.choosing.cost import DraftArchitecture, bytes_latency_reduction
+from specforge_vocab.choosing.cost import bytes_latency_reduction
 from specforge_vocab.counting.count import count_tokens
 from specforge_vocab.counting.counts_file import save_counts
 from specforge_vocab.errors import InputError
@@ -21,20 +20,8 @@ from specforge_vocab.counting.tokenizer import load_tokenizer
 TRAIN = str(DATA / "gsm8k_train_sample.jsonl")
 
 
-def strict_json(text: str):
-    def refuse(name):
-        raise AssertionError(f"summary.json holds {name}, which is not JSON")
-
-    return json.loads(text, parse_constant=refuse)
-
-
 def run(tmp_path, *argv, name="out", config=None):
-    out = tmp_path / name
-    path = tmp_path / f"{name}.json"
-    path.write_text(config or (REPO / "configs" / "llama3-8B-eagle3.json").read_text())
-    assert main(["-q", "optimize", "--config-path", str(path), "--output-dir", str(out), "--n-calls", "12",
-                 "--max-vocab-size", "3000", *argv]) == 0
-    return strict_json((out / "summary.json").read_text()), out
+    return optimize_summary(tmp_path, "--n-calls", "12", "--max-vocab-size", "3000", *argv, name=name, config=config)
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +29,9 @@ def counts(llama3_dir):
     return count_tokens([TRAIN], llama3_dir, chat_template="llama3")
 
 
-def llama_arch():
-    config = json.loads((REPO / "configs" / "llama3-8B-eagle3.json").read_text())
-    return DraftArchitecture.from_config(config, source="cfg")
-
-
 def test_defaults_pick_what_the_plain_search_picks_and_pin_the_end_of_turn(tmp_path, llama3_dir, counts):
     summary, out = run(tmp_path, "--dataset-path", TRAIN, "--tokenizer-path", llama3_dir)
-    plain = search(counts, llama_arch(), SearchSettings(n_calls=12, max_vocab_size=3000))
+    plain = search(counts, llama3_arch(), SearchSettings(n_calls=12, max_vocab_size=3000))
     assert summary["optimal_draft_vocab_size"] == plain.k
     assert (summary["coverage"], summary["latency_reduction"], summary["utility"]) == (
         plain.pick.coverage, plain.pick.latency_reduction, plain.pick.utility)
@@ -94,7 +76,7 @@ def test_bytes_latency_model(tmp_path, llama3_dir):
     summary, _ = run(tmp_path, "--dataset-path", TRAIN, "--tokenizer-path", llama3_dir, "--latency-model", "bytes")
     k = summary["optimal_draft_vocab_size"]
     assert summary["latency_model"]["name"] == "bytes" and summary["latency_model"]["dtype"] == "float16"
-    assert summary["latency_reduction"] == bytes_latency_reduction(llama_arch(), k)
+    assert summary["latency_reduction"] == bytes_latency_reduction(llama3_arch(), k)
 
 
 def test_speedup_objective_reports_predicted_speedups(tmp_path, llama3_dir):
@@ -121,8 +103,7 @@ def test_vocab_multiple_through_the_cli(tmp_path, llama3_dir):
 
 
 def test_measured_latency_model_with_a_small_draft(tmp_path, llama3_dir):
-    config = json.loads((REPO / "configs" / "llama3-8B-eagle3.json").read_text())
-    config.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    config = shipped_config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
     text = json.dumps(config)
     args = ["--dataset-path", TRAIN, "--tokenizer-path", llama3_dir, "--latency-model", "measured",
             "--measure-device", "cpu", "--measure-dtype", "float32", "--measure-points", "3", "--measure-repeats", "1",

@@ -9,22 +9,20 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, REPO
+from conftest import CONFIGS, DATA, LLAMA3_CONFIG, PAPER_KEYS, REPO
 
 from specforge_vocab.cli.main import main
 from specforge_vocab.counting.count import count_tokens
 from specforge_vocab.counting.counts_file import load_counts
 from specforge_vocab.writing.mapping import check_mapping, kept_token_ids
 
-PAPER_KEYS = ["method", "optimal_draft_vocab_size", "target_vocab_size", "vocab_reduction_ratio", "coverage",
-              "latency_reduction", "utility"]
 FIXTURES = [str(DATA / "gsm8k_train_sample.jsonl"), str(DATA / "gpteacher_codegen_sample.jsonl")]
 
 
 @pytest.fixture()
 def llama_config(tmp_path):
     path = tmp_path / "draft.json"
-    shutil.copy(REPO / "configs" / "llama3-8B-eagle3.json", path)
+    shutil.copy(LLAMA3_CONFIG, path)
     return path
 
 
@@ -144,4 +142,4 @@ def test_demo_runs_from_the_repository(tmp_path, monkeypatch, capsys):
     assert "records read: 6,018" in stdout and "draft_vocab_size" in stdout
     assert json.loads((out / "draft_config.json").read_text())["draft_vocab_size"] == \
         json.loads((out / "summary.json").read_text())["optimal_draft_vocab_size"]
-    assert json.loads((REPO / "configs" / "deepseek-v3-671b-eagle3.json").read_text())["draft_vocab_size"] == 32000
+    assert json.loads((CONFIGS / "deepseek-v3-671b-eagle3.json").read_text())["draft_vocab_size"] == 32000

@@ -24,6 +24,7 @@ from typing import Dict, List
 import numpy as np
 import pytest
 
+from conftest import child_env, llama3_config_text
 from fault_injection import Injector, install
 from reliability_helpers import (GROUP, WIRING_REASON, check_mapping_file, classify, config_k, leftovers,
                                  pipeline_is_wired, read_set, run_forked)
@@ -33,7 +34,6 @@ from specforge_vocab.writing.outputs import commit_outputs, recover_outputs
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill tests fork (POSIX only)")
 
-REPO = Path(__file__).resolve().parents[1]
 V = 6000
 K_OLD, K_NEW = 700, 1500
 NOTES = b"the user's own notes: must survive every run\n"
@@ -89,10 +89,7 @@ class Sets:
 
 
 def _config_text(k: int) -> bytes:
-    text = (REPO / "configs" / "llama3-8B-eagle3.json").read_text(encoding="utf-8")
-    text = text.replace('"vocab_size": 128256', f'"vocab_size": {V}').replace('"draft_vocab_size": 32000',
-                                                                                f'"draft_vocab_size": {k}')
-    return text.encode("utf-8")
+    return llama3_config_text(vocab_size=V, draft_vocab_size=k).encode("utf-8")
 
 
 def _make_sets(root: str) -> Sets:
@@ -314,7 +311,7 @@ def test_real_processes_killed_at_random_moments(sets):
     rng = random.Random(2026)
     tries = int(os.environ.get("SPECFORGE_VOCAB_RANDOM_KILLS", "4"))
     lock_pid = fileio.lock_path_of(s.out) + ".pid"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + sys.path))
+    env = child_env(*sys.path)
     outcomes = {}
     for i in range(tries):
         s.restore("old")

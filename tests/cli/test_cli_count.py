@@ -7,24 +7,18 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import DATA
+from conftest import DATA, run_cli
 
 from specforge_vocab.cli.main import main
 from specforge_vocab.counting.count import count_tokens
 from specforge_vocab.counting.counts_file import load_counts
 
 
-def run(argv, capsys):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_count_writes_counts_and_metadata(tmp_path, capsys, deepseek_dir):
     out = tmp_path / "counts.safetensors"
     path = str(DATA / "edge_cases.jsonl")
-    code, stdout, _ = run(["count", "--dataset-path", path, "--tokenizer-path", deepseek_dir,
-                           "--chat-template", "deepseek-v3", "--max-length", "512", "--output", str(out)], capsys)
+    code, stdout, _ = run_cli(["count", "--dataset-path", path, "--tokenizer-path", deepseek_dir,
+                               "--chat-template", "deepseek-v3", "--max-length", "512", "--output", str(out)], capsys)
     assert code == 0
     counts, meta = load_counts(str(out))
     expected = count_tokens([path], deepseek_dir, chat_template="deepseek-v3", max_length=512)
@@ -57,13 +51,13 @@ def test_bad_record_exits_2_names_file_and_line_and_writes_nothing(tmp_path, cap
     data.write_text(json.dumps(GOOD) + "\n" + line + "\n" + json.dumps(GOOD) + "\n", encoding="utf-8")
     out = tmp_path / "counts.safetensors"
     argv = ["count", "--dataset-path", str(data), "--tokenizer-path", llama3_dir, "--output", str(out)]
-    code, _, err = run(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     assert code == 2
     assert err.startswith("error: ") and "Traceback" not in err
     assert __import__("re").search(message, err), err
     assert not out.exists() and list(tmp_path.iterdir()) == [data]
     # --skip-invalid skips the line, counts the rest, and reports how many were skipped.
-    code, stdout, _ = run(argv + ["--skip-invalid"], capsys)
+    code, stdout, _ = run_cli(argv + ["--skip-invalid"], capsys)
     assert code == 0 and out.exists()
     assert "invalid records skipped (--skip-invalid): 1" in stdout
     assert load_counts(str(out))[1]["records_invalid_skipped"] == "1"
@@ -96,7 +90,7 @@ def test_bad_settings_exit_2_with_a_clear_message(tmp_path, capsys, llama3_dir, 
         assert info.value.code == 2
         err = capsys.readouterr().err
     else:
-        code, _, err = run(full, capsys)
+        code, _, err = run_cli(full, capsys)
         assert code == 2
     assert __import__("re").search(expected[2], err), err
     assert not out.exists()

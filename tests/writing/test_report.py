@@ -3,28 +3,20 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PAPER_KEYS, llama3_arch, zipf_counts
 
-from specforge_vocab.choosing.cost import DraftArchitecture, paper_latency_reduction
+from specforge_vocab.choosing.cost import paper_latency_reduction
 from specforge_vocab.writing.report import full_results, plot_optimization_results, render_optimization_results, summary_dict
 from specforge_vocab.choosing.search import SearchSettings, search
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-PAPER_KEYS = ["method", "optimal_draft_vocab_size", "target_vocab_size", "vocab_reduction_ratio", "coverage",
-              "latency_reduction", "utility"]
 
 
 @pytest.fixture(scope="module")
 def setup():
-    rng = np.random.default_rng(4)
-    V = 128256
-    p = np.arange(1, V + 1, dtype=np.float64) ** -1.1
-    counts = rng.multinomial(2_000_000, p / p.sum())[rng.permutation(V)].astype(np.int64)
-    config = json.loads((CONFIGS / "llama3-8B-eagle3.json").read_text())
-    arch = DraftArchitecture.from_config(config, source="llama3-8B-eagle3.json")
+    counts = zipf_counts(128256, 2_000_000, 1.1, seed=4)
+    arch = llama3_arch()
     result = search(counts, arch, SearchSettings(n_calls=25))
     return counts, arch, result
 

@@ -7,12 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import CONFIGS, SHIPPED_CONFIGS, shipped_config
 
 from specforge_vocab.writing.draft_config import check_vocab_size, patch_draft_vocab_size, patched_text, read_draft_config
 from specforge_vocab.errors import InputError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SHIPPED = sorted(p.name for p in CONFIGS.glob("*.json"))
 VALUE = re.compile(rb'("draft_vocab_size"\s*:\s*)(\d+)')
 
 
@@ -22,14 +21,14 @@ def copy_config(name: str, tmp_path: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
 def test_shipped_config_reads(name):
     config = read_draft_config(str(CONFIGS / name))
     assert config["draft_vocab_size"] == 32000
     assert config["vocab_size"] > config["draft_vocab_size"]
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
 def test_patch_changes_only_the_value_and_keeps_a_backup(name, tmp_path):
     path = copy_config(name, tmp_path)
     original = path.read_bytes()
@@ -52,7 +51,7 @@ def test_patch_changes_only_the_value_and_keeps_a_backup(name, tmp_path):
     assert path.read_bytes() == original
 
 
-@pytest.mark.parametrize("name", [n for n in SHIPPED if b'"vocab_size"' in (CONFIGS / n).read_bytes()])
+@pytest.mark.parametrize("name", [n for n in SHIPPED_CONFIGS if b'"vocab_size"' in (CONFIGS / n).read_bytes()])
 def test_absent_key_is_added_after_vocab_size_in_the_files_style(name, tmp_path):
     original = (CONFIGS / name).read_bytes()
     text = original.decode()
@@ -137,8 +136,7 @@ def test_read_errors(tmp_path):
     with pytest.raises(InputError, match="'intermediate_size', 'num_attention_heads', 'num_key_value_heads'"):
         read_draft_config(str(partial))
     typed = tmp_path / "typed.json"
-    cfg = json.loads((CONFIGS / "llama3-8B-eagle3.json").read_text())
-    cfg["vocab_size"] = "128256"
+    cfg = shipped_config(vocab_size="128256")
     typed.write_text(json.dumps(cfg))
     with pytest.raises(InputError, match="field 'vocab_size' must be a positive integer, but got '128256'"):
         read_draft_config(str(typed))

@@ -1,30 +1,20 @@
 """Draft FLOPs model: the paper's formula, the generalisations, and every shipped config."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import SHIPPED_CONFIGS, shipped_arch, shipped_config
 
 from specforge_vocab.choosing.cost import DraftArchitecture, draft_flops, draft_flops_by_component, latency_reduction, lm_head_share, paper_latency_reduction
 from specforge_vocab.errors import InputError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SHIPPED = sorted(p.name for p in CONFIGS.glob("*.json"))
-
-
-def arch_of(name: str) -> DraftArchitecture:
-    path = CONFIGS / name
-    return DraftArchitecture.from_config(json.loads(path.read_text()), source=str(path))
-
 
 def test_configs_are_shipped():
-    assert {"llama3-8B-eagle3.json", "deepseek-v3-671b-eagle3.json", "gpt-oss-20B-eagle3.json"} <= set(SHIPPED)
+    assert {"llama3-8B-eagle3.json", "deepseek-v3-671b-eagle3.json", "gpt-oss-20B-eagle3.json"} <= set(SHIPPED_CONFIGS)
 
 
 def test_llama3_8b_lm_head_is_64_1_percent():
-    arch = arch_of("llama3-8B-eagle3.json")
+    arch = shipped_arch("llama3-8B-eagle3.json")
     # By hand, h = 4096, d = 128, 32 heads, 8 kv heads, I = 14336, V = 128256:
     h, I, V = 4096, 14336, 128256
     fc = 2 * 3 * h * h
@@ -40,7 +30,7 @@ def test_llama3_8b_lm_head_is_64_1_percent():
 
 @pytest.mark.parametrize("k", [1, 50, 1000, 13264, 32000, 50000, 128255, 128256])
 def test_latency_reduction_matches_paper_formula_llama3(k):
-    arch = arch_of("llama3-8B-eagle3.json")
+    arch = shipped_arch("llama3-8B-eagle3.json")
     ours = latency_reduction(arch, k)
     ref = paper_latency_reduction(4096, 14336, 32, 8, 128256, k)
     assert abs(ours - ref) <= 1e-12
@@ -66,7 +56,7 @@ def test_paper_reference_itself_by_hand():
 
 
 def test_vectorised_equals_scalar():
-    arch = arch_of("deepseek-v3-671b-eagle3.json")
+    arch = shipped_arch("deepseek-v3-671b-eagle3.json")
     ks = np.arange(1, 3000, 7)
     flops = draft_flops(arch, ks)
     assert flops.dtype == np.int64
@@ -75,7 +65,7 @@ def test_vectorised_equals_scalar():
 
 
 def test_gpt_oss_head_dim_differs_from_hidden_over_heads():
-    arch = arch_of("gpt-oss-20B-eagle3.json")
+    arch = shipped_arch("gpt-oss-20B-eagle3.json")
     assert arch.head_dim == 64 and arch.hidden_size // arch.num_attention_heads == 45
     h = 2880
     q_width, kv_width = 64 * 64, 8 * 64
@@ -85,7 +75,7 @@ def test_gpt_oss_head_dim_differs_from_hidden_over_heads():
 
 
 def test_fused_layers_and_target_hidden_size():
-    config = json.loads((CONFIGS / "llama3-8B-eagle3.json").read_text())
+    config = shipped_config()
     config["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": [2, 10, 20, 30]}
     config["target_hidden_size"] = 8192
     arch = DraftArchitecture.from_config(config, source="c.json")
@@ -94,7 +84,7 @@ def test_fused_layers_and_target_hidden_size():
 
 
 def test_more_draft_layers():
-    config = json.loads((CONFIGS / "llama3-8B-eagle3.json").read_text())
+    config = shipped_config()
     one = DraftArchitecture.from_config(config, source="c.json")
     config["num_hidden_layers"] = 3
     three = DraftArchitecture.from_config(config, source="c.json")
@@ -107,7 +97,7 @@ def test_more_draft_layers():
 
 
 def test_head_dim_null_falls_back_to_hidden_over_heads():
-    config = json.loads((CONFIGS / "llama3-8B-eagle3.json").read_text())
+    config = shipped_config()
     config["head_dim"] = None
     assert DraftArchitecture.from_config(config, source="c.json").head_dim == 128
 
@@ -126,16 +116,16 @@ def test_head_dim_null_falls_back_to_hidden_over_heads():
     ],
 )
 def test_config_errors_name_file_and_key(change, pattern):
-    config = json.loads((CONFIGS / "llama3-8B-eagle3.json").read_text())
+    config = shipped_config()
     change(config)
     with pytest.raises(InputError, match=pattern):
         DraftArchitecture.from_config(config, source="c.json")
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
 def test_every_shipped_config_has_a_sane_cost_model(name):
-    config = json.loads((CONFIGS / name).read_text())
-    arch = arch_of(name)
+    config = shipped_config(name)
+    arch = shipped_arch(name)
     assert arch.vocab_size == config["vocab_size"]
     assert arch.draft_vocab_size == config["draft_vocab_size"]
     share = lm_head_share(arch)

@@ -24,7 +24,7 @@ def test_jsonl_json_and_gz_give_the_same_records(tmp_path):
 
 
 def test_json_list_reports_lines_and_streams_across_chunks(tmp_path, monkeypatch):
-    import specforge_vocab.data as data
+    import specforge_vocab.counting.data as data
 
     monkeypatch.setattr(data, "_CHUNK", 7)  # force many chunk boundaries, mid-number and mid-string
     records = [{"text": "x" * i, "n": 12345 + i} for i in range(20)]

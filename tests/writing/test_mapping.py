@@ -4,18 +4,15 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import LLAMA3_CONFIG, shared_data_or_skip, shipped_config, zipf_counts
 from hypothesis import given, settings, strategies as st
 
 from specforge_vocab.errors import InputError
 from specforge_vocab.writing.mapping import build_mapping, check_mapping, kept_ids_from_d2t, kept_token_ids, load_mapping, mapping_from_counts, save_mapping, save_mapping_safetensors
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
 
 
 # --------------------------------------------------------------------------- a plain SpecForge builder
@@ -48,13 +45,6 @@ def specforge_builder(token_dict: Counter, draft_vocab_size: int, target_vocab_s
     members = set(used) if fast_membership else used
     t2d = [i in members for i in range(target_vocab_size)]
     return torch.tensor(d2t), torch.tensor(t2d)
-
-
-def zipf_counts(vocab_size: int, tokens: int, exponent: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    p = np.arange(1, vocab_size + 1, dtype=np.float64) ** -exponent
-    counts = rng.multinomial(tokens, p / p.sum())
-    return counts[rng.permutation(vocab_size)].astype(np.int64)
 
 
 def assert_same_mapping(ours, theirs):
@@ -213,10 +203,10 @@ class SpecForgeDraftBuffers(torch.nn.Module):
 
 
 def test_written_mapping_loads_into_patched_config_buffers(tmp_path):
-    from specforge_vocab.writing.draft_config import patch_draft_vocab_size, read_draft_config
+    from specforge_vocab.writing.draft_config import patch_draft_vocab_size
 
     config_path = tmp_path / "llama3-8B-eagle3.json"
-    config_path.write_bytes((CONFIGS / "llama3-8B-eagle3.json").read_bytes())
+    config_path.write_bytes(LLAMA3_CONFIG.read_bytes())
     counts = zipf_counts(128_256, 1_000_000, 1.1, seed=3)
     k = 13_264
     d2t, t2d = mapping_from_counts(counts, k)
@@ -233,7 +223,7 @@ def test_written_mapping_loads_into_patched_config_buffers(tmp_path):
     assert torch.equal(draft.d2t, d2t) and torch.equal(draft.t2d, t2d)
 
     # The unpatched config's shapes do not fit: why the config must be patched.
-    stale = SpecForgeDraftBuffers(json.loads((CONFIGS / "llama3-8B-eagle3.json").read_text()))
+    stale = SpecForgeDraftBuffers(shipped_config())
     with pytest.raises(RuntimeError):
         stale.d2t.copy_(loaded["d2t"])
 
@@ -304,7 +294,6 @@ def test_gsm8k_llama3_mapping_matches_specforge_builder(llama3_dir, tmp_path):
     TPE (seed 42, 100 trials) and exact agree within 0.01% utility, and the mapping at the
     chosen k equals SpecForge's builder bit for bit."""
     from specforge_vocab.counting import count as counting
-    from conftest import shared_data_or_skip
 
     from specforge_vocab.choosing.cost import DraftArchitecture
     from specforge_vocab.writing.draft_config import read_draft_config
@@ -313,7 +302,7 @@ def test_gsm8k_llama3_mapping_matches_specforge_builder(llama3_dir, tmp_path):
     data = shared_data_or_skip()
     files = [str(data / "gsm8k_train_part1.jsonl"), str(data / "gsm8k_train_part2.jsonl")]
     counts = counting.count_tokens(files, llama3_dir, chat_template="llama3", max_length=2048)
-    config_path = str(CONFIGS / "llama3-8B-eagle3.json")
+    config_path = str(LLAMA3_CONFIG)
     arch = DraftArchitecture.from_config(read_draft_config(config_path), source=config_path)
     assert counts.shape == (arch.vocab_size,)
 

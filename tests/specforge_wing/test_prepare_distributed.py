@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,19 +17,21 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DATA, LLAMA3_DIR, REPO, read_jsonl
-from test_hook import MAX_LENGTH, MULTITURN, masked_examples, write_features
+from conftest import DATA, LLAMA3_CONFIG, LLAMA3_DIR, REPO, child_env, masked_examples, read_jsonl, write_features, write_jsonl
 
 import specforge_standin as standin
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on CPU")
+
+MULTITURN = DATA / "hh_rlhf_multiturn_sample.jsonl"
+MAX_LENGTH = 512
 
 DRIVER = """\
 import json, os, sys
 import torch, torch.distributed as dist
 from specforge_vocab import before_training
 from specforge_vocab.errors import SpecForgeVocabError
-from specforge_vocab.search import SearchSettings
+from specforge_vocab.choosing.search import SearchSettings
 
 rank = int(os.environ.get("RANK", "0"))
 out = {}
@@ -58,7 +59,7 @@ def torchrun(args, cwd, *, log_dir=None, timeout=240):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     if log_dir is not None:
         command += ["--log-dir", str(log_dir), "--redirects", "3"]
-    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    env = child_env(TOKENIZERS_PARALLELISM="false")
     return subprocess.run([*command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -72,14 +73,14 @@ def rank_logs(log_dir: Path):
 @pytest.fixture()
 def workspace(tmp_path):
     """run.yaml (raw conversations), features.yaml (offline features), prompts_bad.yaml, raw_bad.yaml."""
-    shutil.copy(REPO / "configs" / "llama3-8B-eagle3.json", tmp_path / "draft.json")
-    shutil.copy(REPO / "configs" / "llama3-8B-eagle3.json", tmp_path / "draft_features.json")
+    shutil.copy(LLAMA3_CONFIG, tmp_path / "draft.json")
+    shutil.copy(LLAMA3_CONFIG, tmp_path / "draft_features.json")
     records = read_jsonl(DATA / "gsm8k_test_sample.jsonl")[:40] + read_jsonl(MULTITURN)[:10]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    write_jsonl(tmp_path / "train.jsonl", records)
     lines = (tmp_path / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     lines[6] = lines[6][:40] + "\n"  # a truncated record on line 7
     (tmp_path / "bad.jsonl").write_text("".join(lines), encoding="utf-8")
-    examples = masked_examples(records[:24], LLAMA3_DIR, "llama3")
+    examples = masked_examples(records[:24], LLAMA3_DIR, "llama3", MAX_LENGTH)
     write_features(tmp_path / "features", examples)
     prompts = [json.dumps({"input_ids": ids, "loss_mask": mask}) for ids, mask in examples]
     prompts[4] = json.dumps({"input_ids": [1, 2, 3], "loss_mask": [0, 2, 1]})
@@ -119,7 +120,7 @@ def test_two_ranks_write_what_one_process_writes_and_fail_together(workspace, mo
                  ["features", {"run_config": "features.yaml", "force": True}],
                  ["prompts_bad", {"run_config": "prompts_bad.yaml"}],
                  ["raw_bad", {"run_config": "raw_bad.yaml"}]]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = child_env()
     single = subprocess.run([sys.executable, "driver.py", json.dumps(scenarios)], cwd=workspace, env=env,
                             capture_output=True, text=True, timeout=240)
     assert single.returncode == 0, single.stderr

@@ -1,23 +1,20 @@
-"""fileio and outputs, piece by piece: how groups are swapped or journaled, when the swap falls back
-to the journal, recovery of what a killed run left, modes, links, signals held during a commit,
-and the config/mapping agreement checks."""
+"""fileio, piece by piece: how groups are swapped or journaled, when the swap falls back to the
+journal, recovery of what a killed run left, modes, links and signals held during a commit.
+The config/mapping agreement of writing.outputs.commit_outputs is in tests/writing/test_outputs.py."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import stat
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from reliability_helpers import leftovers
 from specforge_vocab import fileio
 from specforge_vocab.errors import InputError
-from specforge_vocab.writing.outputs import check_outputs_match_config, commit_outputs, config_disagreement, recorded_draft_vocab_size
 
 needs_exchange = pytest.mark.skipif(not fileio.exchange_supported(os.getcwd()),
                                     reason="no renameat2(RENAME_EXCHANGE) here; the journal path is tested instead")
@@ -249,58 +246,3 @@ def test_writable_dir_problem(tmp_path):
     assert "is an existing file" in fileio.writable_dir_problem(str(tmp_path / "file"))
     assert "because" in fileio.writable_dir_problem(str(tmp_path / "file" / "sub"))
     assert not (tmp_path / "new").exists()
-
-
-# --------------------------------------------------------------------------- config and mapping
-
-
-def optimize_like_outputs(out: Path, k: int, V: int = 1000):
-    import io
-
-    import torch
-    from safetensors.torch import save
-
-    from specforge_vocab.writing.mapping import mapping_from_counts
-
-    d2t, t2d = mapping_from_counts(np.arange(V, dtype=np.int64), k)
-    buffer = io.BytesIO()
-    torch.save({"d2t": d2t, "t2d": t2d}, buffer)
-    return {str(out / "summary.json"): json.dumps({"optimal_draft_vocab_size": k, "target_vocab_size": V}),
-            str(out / "vocab_mapping.pt"): buffer.getvalue(),
-            str(out / "vocab_mapping.safetensors"): save({"d2t": d2t, "t2d": t2d},
-                                                        metadata={"draft_vocab_size": str(k), "vocab_size": str(V)})}
-
-
-def test_commit_outputs_keeps_config_and_mapping_in_agreement(tmp_path, caplog):
-    out, config = tmp_path / "out", tmp_path / "draft.json"
-    config.write_text('{\n  "vocab_size": 1000,\n  "hidden_size": 64,\n  "draft_vocab_size": 500\n}\n')
-    original = config.read_text()
-    backup = commit_outputs(optimize_like_outputs(out, 120), output_dir=str(out), config_path=str(config),
-                            draft_vocab_size=120)
-    assert backup == str(config) + ".bak" and Path(backup).read_text() == original
-    assert json.loads(config.read_text())["draft_vocab_size"] == 120
-    assert recorded_draft_vocab_size(str(out))[:2] == (120, 1000)
-    assert config_disagreement(str(out), str(config)) is None
-    check_outputs_match_config(str(out), str(config))
-    # Someone edits the config by hand: the next check says so, the next run warns and rewrites both.
-    config.write_text(config.read_text().replace('"draft_vocab_size": 120', '"draft_vocab_size": 32000'))
-    problem = config_disagreement(str(out), str(config))
-    assert "has draft_vocab_size 32000, but the mapping" in problem and "has 120 rows" in problem
-    with pytest.raises(InputError, match=r"they disagree.*Rerun `specforge-vocab optimize`"):
-        check_outputs_match_config(str(out), str(config))
-    with caplog.at_level(logging.WARNING, logger="specforge_vocab.writing.outputs"):
-        commit_outputs(optimize_like_outputs(out, 130), output_dir=str(out), config_path=str(config),
-                       draft_vocab_size=130, backup=False)
-    assert "they disagree" in caplog.text and "This run rewrites both" in caplog.text
-    assert config_disagreement(str(out), str(config)) is None
-    assert leftovers(str(tmp_path)) == []
-
-
-def test_commit_outputs_refuses_before_writing_anything(tmp_path):
-    out, config = tmp_path / "out", tmp_path / "draft.json"
-    config.write_text('{"vocab_size": 100, "draft_vocab_size": 50}')
-    with pytest.raises(InputError, match=r"draft_vocab_size must be at most vocab_size \(100\), but got 120"):
-        commit_outputs(optimize_like_outputs(out, 120, V=1000), output_dir=str(out), config_path=str(config),
-                       draft_vocab_size=120)
-    assert not out.exists() or os.listdir(out) == []
-    assert config.read_text() == '{"vocab_size": 100, "draft_vocab_size": 50}' and not Path(str(config) + ".bak").exists()

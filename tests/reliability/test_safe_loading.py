@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-import shutil
-from pathlib import Path
 from typing import List
 
 import pytest
 
-from conftest import LLAMA3_DIR
+from conftest import REPO, remote_code_tokenizer
 from specforge_vocab.errors import InputError
 
-PACKAGE = Path(__file__).resolve().parents[1] / "specforge_vocab"
+PACKAGE = REPO / "specforge_vocab"
 UNSAFE_MODULES = {"pickle", "dill", "marshal", "cloudpickle", "joblib", "_pickle"}
 UNSAFE_FUNCTIONS = {"load", "loads", "Unpickler"}
 
@@ -112,17 +109,6 @@ def test_the_scan_accepts_safe_forms():
     source = ("import torch\nimport yaml\nimport numpy as np\ntorch.load(p, weights_only=True)\nyaml.safe_load(t)\n"
               "np.load(p)\nAutoTokenizer.from_pretrained(p, trust_remote_code=flag)\n")
     assert unsafe_calls(source) == []
-
-
-def remote_code_tokenizer(folder: Path, tokenizer_class: str) -> Path:
-    folder.mkdir()
-    shutil.copy(os.path.join(LLAMA3_DIR, "tokenizer.json"), folder / "tokenizer.json")
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": tokenizer_class, "auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}}))
-    (folder / "tokenization_evil.py").write_text(
-        f"open({str(folder / 'RAN')!r}, 'w').write('remote code ran')\n"
-        "from transformers import PreTrainedTokenizerFast\n\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
-    return folder
 
 
 def test_tokenizer_asking_for_remote_code_is_refused_without_the_flag(tmp_path, capsys):

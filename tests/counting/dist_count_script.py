@@ -1,4 +1,4 @@
-"""Run by tests/test_scale.py under torchrun: count with count_dataset_distributed, rank 0 writes.
+"""Run by tests/counting/test_scale.py under torchrun: count with count_dataset_distributed, rank 0 writes.
 
 Each rank writes <out-dir>/rank<r>.json ({"ok": ..., "message": ..., "seconds": ...}); exit 2 on a
 user error, as the CLI does.

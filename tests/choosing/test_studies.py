@@ -1,4 +1,4 @@
-"""Resumable TPE studies (specforge_vocab.studies): without storage exactly the paper's search
+"""Resumable TPE studies (specforge_vocab.choosing.studies): without storage exactly the paper's search
 (search.tpe_search); with an Optuna RDB storage an interrupted search resumes, runs only the
 missing trials, and picks the same k's as an uninterrupted run with the same seed."""
 from __future__ import annotations
