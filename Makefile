@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install lint format test demo bench clean
 
 install: $(STAMP)
 
@@ -17,7 +17,15 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: install
+lint: install
+	$(VENV)/bin/ruff format --check specforge_vocab tests benchmarks scripts
+	$(VENV)/bin/ruff check specforge_vocab tests benchmarks scripts
+
+format: install
+	$(VENV)/bin/ruff format specforge_vocab tests benchmarks scripts
+	$(VENV)/bin/ruff check --fix specforge_vocab tests benchmarks scripts
+
+test: lint
 	$(PY) -m pytest -q tests
 
 demo: install

@@ -1,4 +1,5 @@
 """Shared helpers for the benchmark scripts: data location, tokenizers, timing, machine facts."""
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 def shared_data_or_exit() -> Path:
     if not SHARED_DATA.is_dir():
-        print(f"skipped: the shared data folder {SHARED_DATA} is absent; benchmarks need ../shared/data next to the repo")
+        print(
+            f"skipped: the shared data folder {SHARED_DATA} is absent; benchmarks need ../shared/data next to the repo"
+        )
         sys.exit(0)
     return SHARED_DATA
 

@@ -11,6 +11,7 @@ slow paths on CPUs) and only a few sizes, to stay within about two minutes on tw
 Run: .venv/bin/python benchmarks/bench_latency.py [--device cpu|cuda|auto] [--dtype float32|bfloat16]
                                                    [--points 5] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,18 +44,25 @@ def main() -> int:
     device = resolve_device(args.device)
     dtype = args.dtype or ("float32" if device == "cpu" else None)
     print(f"machine: {machine()}")
-    print(f"draft: {CONFIG.name}  h={arch.hidden_size} I={arch.intermediate_size} heads={arch.num_attention_heads}/"
-          f"{arch.num_key_value_heads} V={arch.vocab_size:,}  config dtype {arch.torch_dtype}; "
-          f"LM head = {lm_head_share(arch):.1%} of draft FLOPs at V")
+    print(
+        f"draft: {CONFIG.name}  h={arch.hidden_size} I={arch.intermediate_size} heads={arch.num_attention_heads}/"
+        f"{arch.num_key_value_heads} V={arch.vocab_size:,}  config dtype {arch.torch_dtype}; "
+        f"LM head = {lm_head_share(arch):.1%} of draft FLOPs at V"
+    )
     grid = default_grid(arch.vocab_size, args.points)
-    print(f"timing on {device} ({dtype or arch.torch_dtype}), LM-head sizes {grid}, {args.repeats} repeats, "
-          f"KV cache {args.context} positions ...")
+    print(
+        f"timing on {device} ({dtype or arch.torch_dtype}), LM-head sizes {grid}, {args.repeats} repeats, "
+        f"KV cache {args.context} positions ..."
+    )
     start = time.perf_counter()
-    fit = measure_draft_latency(arch, device=device, dtype=dtype, ks=grid, repeats=args.repeats, context=args.context,
-                                cuda_graph=not args.eager)
+    fit = measure_draft_latency(
+        arch, device=device, dtype=dtype, ks=grid, repeats=args.repeats, context=args.context, cuda_graph=not args.eager
+    )
     elapsed = time.perf_counter() - start
     print(f"measured in {elapsed:.1f} s on {fit.device} ({fit.dtype}{'; ' + fit.dtype_note if fit.dtype_note else ''})")
-    print(f"fit: t(k) = {fit.intercept_s * 1e3:.4f} ms + {fit.slope_s_per_row * 1e9:.4f} ns * k   (R^2 {fit.r_squared:.4f})")
+    print(
+        f"fit: t(k) = {fit.intercept_s * 1e3:.4f} ms + {fit.slope_s_per_row * 1e9:.4f} ns * k   (R^2 {fit.r_squared:.4f})"
+    )
     for k, seconds in zip(fit.ks, fit.seconds):
         print(f"  k = {k:>7,}: median {seconds * 1e3:9.4f} ms   fit {float(fit.seconds_at(k)) * 1e3:9.4f} ms")
     t_full = float(fit.seconds_at(arch.vocab_size))

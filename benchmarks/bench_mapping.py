@@ -6,6 +6,7 @@ ours     = specforge_vocab.mapping.mapping_from_counts (selection + tensors + se
 
 Claim (issue 3): ours >= 1000x faster, same tensors.   Run: .venv/bin/python benchmarks/bench_mapping.py
 """
+
 from __future__ import annotations
 
 import sys

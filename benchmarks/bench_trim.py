@@ -16,6 +16,7 @@ Three measurements, each printed as baseline | ours | ratio:
     python benchmarks/bench_trim.py                    # all parts, k from part 1
     python benchmarks/bench_trim.py --part io,step --new-k 6000 --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,15 @@ sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data"
 CONFIG = REPO / "configs" / "llama3-8B-eagle3.json"
 
-from specforge_vocab.choosing.cost import DraftArchitecture, draft_flops
-from specforge_vocab.writing.mapping import build_mapping, kept_token_ids
+from specforge_vocab.choosing.cost import DraftArchitecture, draft_flops  # noqa: E402 (after the sys.path insert)
+from specforge_vocab.writing.mapping import build_mapping, kept_token_ids  # noqa: E402
 
-GENERAL = ["gsm8k_train_part1.jsonl", "gsm8k_train_part2.jsonl", "hh_rlhf_harmless_base_test.jsonl",
-           "mt_bench_gpt4_reference.jsonl"]
+GENERAL = [
+    "gsm8k_train_part1.jsonl",
+    "gsm8k_train_part2.jsonl",
+    "hh_rlhf_harmless_base_test.jsonl",
+    "mt_bench_gpt4_reference.jsonl",
+]
 CODE = ["humaneval.jsonl", "gpteacher_codegen.jsonl"]
 
 
@@ -57,9 +62,9 @@ def row(label, base, ours, unit, ratio_label):
 
 
 def part_choose(args):
-    from specforge_vocab.counting.engine import CountSettings
-    from specforge_vocab.counting.count import count_dataset
     from specforge_vocab.choosing.search import SearchSettings, search
+    from specforge_vocab.counting.count import count_dataset
+    from specforge_vocab.counting.engine import CountSettings
     from specforge_vocab.drafts.trim import choose_kept_ids, restricted_coverage_curve
 
     if not SHARED.is_dir():
@@ -71,10 +76,22 @@ def part_choose(args):
     arch, config = arch_and_config()
     old_k = config["draft_vocab_size"]
     t0 = time.perf_counter()
-    general = count_dataset(CountSettings(dataset_paths=[str(SHARED / f) for f in GENERAL], tokenizer_path=tok,
-                                          chat_template="llama3", target_vocab_size=arch.vocab_size)).counts
-    workload = count_dataset(CountSettings(dataset_paths=[str(SHARED / f) for f in CODE], tokenizer_path=tok,
-                                           chat_template="llama3", target_vocab_size=arch.vocab_size)).counts
+    general = count_dataset(
+        CountSettings(
+            dataset_paths=[str(SHARED / f) for f in GENERAL],
+            tokenizer_path=tok,
+            chat_template="llama3",
+            target_vocab_size=arch.vocab_size,
+        )
+    ).counts
+    workload = count_dataset(
+        CountSettings(
+            dataset_paths=[str(SHARED / f) for f in CODE],
+            tokenizer_path=tok,
+            chat_template="llama3",
+            target_vocab_size=arch.vocab_size,
+        )
+    ).counts
     counted = time.perf_counter() - t0
     old_kept = kept_token_ids(general, old_k)
     total = int(workload.sum())
@@ -83,13 +100,17 @@ def part_choose(args):
     result = search(curve, arch, SearchSettings(max_vocab_size=old_k, n_calls=args.n_calls, search="tpe"))
     searched = time.perf_counter() - t0
     picks = {"tpe": result.tpe.pick.k, "exact": result.exact.pick.k}
-    print(f"[choose] counted {general.sum():,} general + {total:,} code tokens in {counted:.1f} s; "
-          f"search ({args.n_calls} TPE trials + exact) {searched:.2f} s")
+    print(
+        f"[choose] counted {general.sum():,} general + {total:,} code tokens in {counted:.1f} s; "
+        f"search ({args.n_calls} TPE trials + exact) {searched:.2f} s"
+    )
     print(f"  old draft: k = {old_k:,}, covers {counts_share(workload, old_kept):.4%} of code tokens")
     for name, k in picks.items():
         kept = choose_kept_ids(workload, old_kept, k)
-        print(f"  {name:>5} pick: k = {k:,}, covers {counts_share(workload, kept):.4%}; FLOPs model: "
-              f"{1 - draft_flops(arch, k) / draft_flops(arch, old_k):.2%} fewer draft FLOPs per token than k = {old_k:,}")
+        print(
+            f"  {name:>5} pick: k = {k:,}, covers {counts_share(workload, kept):.4%}; FLOPs model: "
+            f"{1 - draft_flops(arch, k) / draft_flops(arch, old_k):.2%} fewer draft FLOPs per token than k = {old_k:,}"
+        )
     return picks["exact"]
 
 
@@ -159,13 +180,19 @@ def part_io(args, new_k):
             base.append(time.perf_counter() - t0)
             del loaded
             t0 = time.perf_counter()
-            trim_checkpoint(TrimSettings(checkpoint=str(src), output=str(work / f"out{rep}"), draft_vocab_size=new_k,
-                                         search=SearchSettings()), counts=counts)
+            trim_checkpoint(
+                TrimSettings(
+                    checkpoint=str(src), output=str(work / f"out{rep}"), draft_vocab_size=new_k, search=SearchSettings()
+                ),
+                counts=counts,
+            )
             ours.append(time.perf_counter() - t0)
             os.unlink(work / f"copy{rep}.safetensors")
             shutil.rmtree(work / f"out{rep}")
-        print(f"[io] {size / 1e6:,.0f} MB checkpoint, k {old_k:,} -> {new_k:,}, best of {args.io_repeats} "
-              "(trim also checks config, tensors and mapping, and writes atomically)")
+        print(
+            f"[io] {size / 1e6:,.0f} MB checkpoint, k {old_k:,} -> {new_k:,}, best of {args.io_repeats} "
+            "(trim also checks config, tensors and mapping, and writes atomically)"
+        )
         row("rewrite the checkpoint (s)", min(base), min(ours), "s", "copy/trim")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -252,8 +279,10 @@ def part_step(args, new_k):
     iters = args.iters or (200 if device == "cuda" else 10)
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     model = 1 - draft_flops(arch, new_k) / draft_flops(arch, old_k)
-    print(f"[step] {name}, {dtype}, {'CUDA graph replay' if device == 'cuda' else 'eager'}, median of 5 x {iters}; "
-          f"FLOPs model: {model:.2%} fewer per token (k {old_k:,} -> {new_k:,})")
+    print(
+        f"[step] {name}, {dtype}, {'CUDA graph replay' if device == 'cuda' else 'eager'}, median of 5 x {iters}; "
+        f"FLOPs model: {model:.2%} fewer per token (k {old_k:,} -> {new_k:,})"
+    )
     for batch in batches:
         base = time_step(w, old_head, old_d2t, arch, batch, device, iters)
         ours = time_step(w, new_head, new_d2t, arch, batch, device, iters)

@@ -7,6 +7,7 @@ which defaults to SpecForge's 2048), backed by `specforge-vocab optimize`.
 
 Besides the paper's outputs it writes the d2t/t2d mapping (vocab_mapping.pt) that the draft needs.
 """
+
 import os
 import sys
 

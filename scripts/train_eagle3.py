@@ -14,6 +14,7 @@ train_eagle3.py in this process with every other flag unchanged. Its own flags:
 and the search flags with a --vocab- prefix (--vocab-n-calls, --vocab-coverage-weight, ...);
 see --help. With --resume or --ckpt-dir the draft weights fix draft_vocab_size, so it is kept.
 """
+
 import os
 import sys
 

@@ -4,10 +4,10 @@ Every message is one paragraph: where (file, line, field or flag), what was
 expected, what was found, and how to fix it. The CLI prints it and exits with
 status 2; the Python API raises it.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, List, Optional
-
 
 EXIT_USAGE = 2
 
@@ -30,9 +30,7 @@ class SettingsError(InputError):
         if len(self.problems) == 1:
             text = self.problems[0]
         else:
-            text = f"{len(self.problems)} settings are invalid:\n" + "\n".join(
-                f"  - {p}" for p in self.problems
-            )
+            text = f"{len(self.problems)} settings are invalid:\n" + "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(text)
 
 

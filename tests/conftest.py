@@ -13,6 +13,7 @@ Test files import the plain helpers with ``from conftest import ...``: this fold
 ``reliability_helpers``, which live here too; scripts and modules used by one folder only live in
 it). Test files have unique basenames, so the folders need no ``__init__.py``: keep them unique.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,8 +41,15 @@ LLAMA3_CONFIG = CONFIGS / LLAMA3_CONFIG_NAME
 SHIPPED_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.json"))  # draft configs
 CONFIG_YAMLS = sorted(CONFIGS.glob("*.yaml"))  # `specforge train` run configs
 # summary.json's first keys, in the paper tool's order
-PAPER_KEYS = ["method", "optimal_draft_vocab_size", "target_vocab_size", "vocab_reduction_ratio", "coverage",
-              "latency_reduction", "utility"]
+PAPER_KEYS = [
+    "method",
+    "optimal_draft_vocab_size",
+    "target_vocab_size",
+    "vocab_reduction_ratio",
+    "coverage",
+    "latency_reduction",
+    "utility",
+]
 
 LLAMA3_CHAT_TEMPLATE = (
     "{% if bos_token %}{{ bos_token }}{% endif %}"
@@ -77,7 +85,11 @@ def with_chat_template(src: str, dst: Path, template: str, **config) -> str:
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copy(os.path.join(src, "tokenizer.json"), dst / "tokenizer.json")
     cfg_path = os.path.join(src, "tokenizer_config.json")
-    cfg = json.load(open(cfg_path, encoding="utf-8")) if os.path.exists(cfg_path) else {"tokenizer_class": "PreTrainedTokenizerFast"}
+    cfg = (
+        json.load(open(cfg_path, encoding="utf-8"))
+        if os.path.exists(cfg_path)
+        else {"tokenizer_class": "PreTrainedTokenizerFast"}
+    )
     cfg.update(config)
     cfg["chat_template"] = template
     (dst / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False), encoding="utf-8")
@@ -89,11 +101,18 @@ def remote_code_tokenizer(folder: Path, tokenizer_class: str = "EvilTokenizer") 
     (tokenization_evil.EvilTokenizer); that code leaves the file ``folder/RAN`` if it ever runs."""
     folder.mkdir()
     shutil.copy(os.path.join(LLAMA3_DIR, "tokenizer.json"), folder / "tokenizer.json")
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": tokenizer_class, "auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": tokenizer_class,
+                "auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]},
+            }
+        )
+    )
     (folder / "tokenization_evil.py").write_text(
         f"open({str(folder / 'RAN')!r}, 'w').write('remote code ran')\n"
-        "from transformers import PreTrainedTokenizerFast\n\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+        "from transformers import PreTrainedTokenizerFast\n\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
     return folder
 
 
@@ -109,8 +128,9 @@ def deepseek_dir():
 
 @pytest.fixture(scope="session")
 def llama3_chat_dir(tmp_path_factory):
-    return with_chat_template(LLAMA3_DIR, tmp_path_factory.mktemp("llama3chat"), LLAMA3_CHAT_TEMPLATE,
-                              bos_token="<|begin_of_text|>")
+    return with_chat_template(
+        LLAMA3_DIR, tmp_path_factory.mktemp("llama3chat"), LLAMA3_CHAT_TEMPLATE, bos_token="<|begin_of_text|>"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -152,7 +172,9 @@ def write_jsonl(path: Path, rows, *, blank_lines: bool = False) -> Path:
 
 def shared_data_or_skip():
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data folder {SHARED_DATA} is absent; the large checks need ../shared/data next to the repo")
+        pytest.skip(
+            f"shared data folder {SHARED_DATA} is absent; the large checks need ../shared/data next to the repo"
+        )
     return SHARED_DATA
 
 
@@ -229,8 +251,11 @@ def write_features(directory: Path, examples) -> None:
     import torch
 
     for i, (ids, mask) in enumerate(examples):
-        sample = {"input_ids": torch.tensor([ids], dtype=torch.int64), "loss_mask": torch.tensor([mask]),
-                  "hidden_state": torch.zeros(1, len(ids), 4, dtype=torch.bfloat16)}
+        sample = {
+            "input_ids": torch.tensor([ids], dtype=torch.int64),
+            "loss_mask": torch.tensor([mask]),
+            "hidden_state": torch.zeros(1, len(ids), 4, dtype=torch.bfloat16),
+        }
         folder = directory / f"rows_{i // 8:02d}"
         folder.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
@@ -259,6 +284,7 @@ def run_cli(argv, capsys):
 
 def strict_json(text: str):
     """json.loads that fails on NaN/Infinity (not JSON, though Python writes them)."""
+
     def refuse(name):
         raise AssertionError(f"summary.json holds {name}, which is not JSON")
 

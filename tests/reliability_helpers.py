@@ -1,5 +1,6 @@
 """Shared pieces of the interruption, concurrency and bad-input tests: reference output sets,
 classifying a directory as one complete set (never a mix), leftovers, forked runs."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,8 +14,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from specforge_vocab import fileio
 
-GROUP = ("summary.json", "full_results.json", "optimization_results.png", "token_counts.safetensors",
-         "vocab_mapping.pt", "vocab_mapping.safetensors")
+GROUP = (
+    "summary.json",
+    "full_results.json",
+    "optimization_results.png",
+    "token_counts.safetensors",
+    "vocab_mapping.pt",
+    "vocab_mapping.safetensors",
+)
 
 Signature = Dict[str, object]
 
@@ -30,8 +37,8 @@ def canonical_bytes(name: str, data: bytes):
             return ("unparseable", hashlib.sha256(data).hexdigest())
     if name.endswith(".safetensors"):
         (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8:8 + n])
-        return ("safetensors", json.dumps(header, sort_keys=True), hashlib.sha256(data[8 + n:]).hexdigest())
+        header = json.loads(data[8 : 8 + n])
+        return ("safetensors", json.dumps(header, sort_keys=True), hashlib.sha256(data[8 + n :]).hexdigest())
     return ("bytes", hashlib.sha256(data).hexdigest())
 
 
@@ -60,6 +67,7 @@ def classify(signature: Signature, references: Dict[str, object]) -> str:
 
     A reference is one signature or a list of equally valid variants of the same set (each
     file must then equal that file in one of the variants)."""
+
     def variants(reference):
         return reference if isinstance(reference, list) else [reference]
 
@@ -155,5 +163,7 @@ def pipeline_is_wired() -> bool:
     return hasattr(pipeline, "commit_outputs")
 
 
-WIRING_REASON = ("pipeline.optimize does not commit through specforge_vocab.writing.outputs.commit_outputs yet "
-                 "(see the wiring in the issue 8 report); the config is then patched after the outputs, outside the group")
+WIRING_REASON = (
+    "pipeline.optimize does not commit through specforge_vocab.writing.outputs.commit_outputs yet "
+    "(see the wiring in the issue 8 report); the config is then patched after the outputs, outside the group"
+)

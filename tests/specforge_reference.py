@@ -5,6 +5,7 @@ own code, encodes the whole text with the Hugging Face tokenizer call SpecForge 
 each span's token range by re-encoding the prefixes (quadratic, like SpecForge). The fast path
 must give the same counts, id for id.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,9 @@ import re
 
 import numpy as np
 
-TEMPLATES_JSON = __import__("pathlib").Path(__file__).resolve().parents[1] / "specforge_vocab" / "resources" / "templates.json"
+TEMPLATES_JSON = (
+    __import__("pathlib").Path(__file__).resolve().parents[1] / "specforge_vocab" / "resources" / "templates.json"
+)
 
 
 def load_template(name):
@@ -97,8 +100,16 @@ def reference_mask(text, template, tokenizer, max_length, train_only_last_turn=F
     return input_ids, mask
 
 
-def reference_counts(records, tokenizer, template_name, *, max_length=2048, vocab_size=None,
-                     is_preformatted=False, train_only_last_turn=False):
+def reference_counts(
+    records,
+    tokenizer,
+    template_name,
+    *,
+    max_length=2048,
+    vocab_size=None,
+    is_preformatted=False,
+    train_only_last_turn=False,
+):
     """Histogram of loss-masked ids over ``records`` (parsed JSON objects), SpecForge's way."""
     template = load_template(template_name)
     counts = np.zeros(vocab_size or len(tokenizer), dtype=np.int64)

@@ -30,14 +30,16 @@ Example (Llama-3-8B draft)::
     >>> round(lm_head_share(arch), 3)
     0.641
 """
+
 from __future__ import annotations
 
 import dataclasses
 import numbers
 from typing import Any, Dict, Mapping, Optional, Union
-import numpy as np
-from specforge_vocab.errors import InputError, short
 
+import numpy as np
+
+from specforge_vocab.errors import InputError, short
 
 ArrayOrInt = Union[int, np.ndarray]
 
@@ -71,7 +73,9 @@ class DraftArchitecture:
     ) -> "DraftArchitecture":
         """The architecture the paper's tool assumes: head_dim = hidden // n_heads,
         one layer, three fused target layers of the draft's own width."""
-        return cls(hidden, intermediate, n_heads, n_kv, hidden // n_heads, 1, DEFAULT_FUSED_LAYERS, hidden, vocab, draft_vocab)
+        return cls(
+            hidden, intermediate, n_heads, n_kv, hidden // n_heads, 1, DEFAULT_FUSED_LAYERS, hidden, vocab, draft_vocab
+        )
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], *, source: str) -> "DraftArchitecture":
@@ -204,10 +208,22 @@ def paper_latency_reduction(hidden: int, intermediate: int, n_heads: int, n_kv: 
 
 #: bytes per parameter of the dtype names found in HF configs (``torch_dtype`` / ``dtype``)
 DTYPE_BYTES = {
-    "float64": 8, "double": 8,
-    "float32": 4, "float": 4, "fp32": 4,
-    "float16": 2, "half": 2, "fp16": 2, "bfloat16": 2, "bf16": 2,
-    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "fp8": 1, "int8": 1,
+    "float64": 8,
+    "double": 8,
+    "float32": 4,
+    "float": 4,
+    "fp32": 4,
+    "float16": 2,
+    "half": 2,
+    "fp16": 2,
+    "bfloat16": 2,
+    "bf16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2fnuz": 1,
+    "fp8": 1,
+    "int8": 1,
 }
 
 

@@ -24,6 +24,7 @@ fill ``fresh()`` copies and ``merge`` them):
   in-sample (optimistic), out-of-bag (pessimistic) and, between them, what unseen
   conversations of the same kind should see.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,7 +35,9 @@ import math
 import numbers
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence
+
 import numpy as np
+
 from specforge_vocab.counting.engine import Tally, add_ids
 from specforge_vocab.errors import ValidatedSettings, must
 
@@ -61,7 +64,7 @@ def is_held_out(digest: bytes, fraction: float) -> bool:
 
 def poisson_weights(digest: bytes, seed: int, replicates: int) -> np.ndarray:
     """``replicates`` Poisson(1) weights for one record, fixed by (seed, record digest)."""
-    words = [int.from_bytes(digest[i:i + 4], "big") for i in range(0, 16, 4)]
+    words = [int.from_bytes(digest[i : i + 4], "big") for i in range(0, 16, 4)]
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), *words])))
     return rng.poisson(1.0, replicates).astype(np.int64)
 
@@ -266,19 +269,30 @@ class BootstrapResult:
             "confidence": self.confidence,
             "records": self.records,
             "method": "Poisson(1) weights per conversation from (seed, record sha256); percentile intervals",
-            "chosen_k": {"median": int(np.median(self.chosen_k)), "interval": self.interval(self.chosen_k, integer=True),
-                         "note": "k re-chosen by the exact search on each replicate"},
+            "chosen_k": {
+                "median": int(np.median(self.chosen_k)),
+                "interval": self.interval(self.chosen_k, integer=True),
+                "note": "k re-chosen by the exact search on each replicate",
+            },
             "coverage_at_k": {
                 "train": self.train_coverage,
-                "in_sample": {"median": median(self.coverage_in_sample), "interval": self.interval(self.coverage_in_sample),
-                              "note": "each replicate's top k on itself: optimistic for new conversations"},
-                "out_of_bag": {"median": median(self.coverage_out_of_bag),
-                               "interval": self.interval(self.coverage_out_of_bag),
-                               "note": "top k of each replicate's in-bag records on its out-of-bag records: "
-                                       "pessimistic (the choice saw ~63% distinct conversations)"},
-                "unseen": {"estimate": self.unseen_estimate, "interval": self.unseen_interval,
-                           "note": ".632 estimate (0.368 * train + 0.632 * out-of-bag); interval from the "
-                                   "out-of-bag lower to the .632 upper percentile"},
+                "in_sample": {
+                    "median": median(self.coverage_in_sample),
+                    "interval": self.interval(self.coverage_in_sample),
+                    "note": "each replicate's top k on itself: optimistic for new conversations",
+                },
+                "out_of_bag": {
+                    "median": median(self.coverage_out_of_bag),
+                    "interval": self.interval(self.coverage_out_of_bag),
+                    "note": "top k of each replicate's in-bag records on its out-of-bag records: "
+                    "pessimistic (the choice saw ~63% distinct conversations)",
+                },
+                "unseen": {
+                    "estimate": self.unseen_estimate,
+                    "interval": self.unseen_interval,
+                    "note": ".632 estimate (0.368 * train + 0.632 * out-of-bag); interval from the "
+                    "out-of-bag lower to the .632 upper percentile",
+                },
             },
         }
 
@@ -305,8 +319,9 @@ def bootstrap_analysis(
         in_sample[b] = coverage_of(kept, counts)
         out_of_bag[b] = coverage_of(kept, tally.replicate_out_of_bag(b))
         chosen[b] = choose_k(counts)
-    return BootstrapResult(n, tally.seed, float(confidence), tally.records, int(k), float(train_coverage), chosen,
-                           in_sample, out_of_bag)
+    return BootstrapResult(
+        n, tally.seed, float(confidence), tally.records, int(k), float(train_coverage), chosen, in_sample, out_of_bag
+    )
 
 
 @dataclasses.dataclass
@@ -338,7 +353,10 @@ class EvaluationSettings(ValidatedSettings):
             out.append(must("--bootstrap", "0 (off) or at least 2 replicates", self.bootstrap))
         if not isinstance(self.confidence, float) or not 0.0 < self.confidence < 1.0:
             out.append(must("--bootstrap-confidence", "a number in (0, 1)", self.confidence))
-        if isinstance(self.min_token_count, bool) or not isinstance(self.min_token_count, int) or self.min_token_count < 0:
+        if (
+            isinstance(self.min_token_count, bool)
+            or not isinstance(self.min_token_count, int)
+            or self.min_token_count < 0
+        ):
             out.append(must("--min-token-count", "a non-negative integer", self.min_token_count))
         return out
-

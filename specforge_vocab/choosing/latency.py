@@ -20,6 +20,7 @@ Example::
     >>> round(float(model(np.array([32000]))[0]), 3)
     0.481
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,11 +31,19 @@ import os
 import platform
 import time
 from typing import Any, Dict, List, Optional, Sequence
+
 import numpy as np
-from specforge_vocab.choosing.cost import DraftArchitecture, bytes_latency_reduction, draft_weight_bytes, dtype_bytes, latency_reduction
+import psutil
+
+from specforge_vocab.choosing.cost import (
+    DraftArchitecture,
+    bytes_latency_reduction,
+    draft_weight_bytes,
+    dtype_bytes,
+    latency_reduction,
+)
 from specforge_vocab.errors import InputError, ValidatedSettings, must
 from specforge_vocab.fileio import atomic_write, json_text
-import psutil
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +86,11 @@ class LatencySettings(ValidatedSettings):
                 _torch_dtype_name(self.measure_dtype)
             except InputError:
                 out.append(must("--measure-dtype", "float32, float16 or bfloat16", self.measure_dtype))
-        for flag, value, low in (("--measure-points", self.measure_points, 2), ("--measure-repeats", self.measure_repeats, 1),
-                                 ("--measure-context", self.measure_context, 1)):
+        for flag, value, low in (
+            ("--measure-points", self.measure_points, 2),
+            ("--measure-repeats", self.measure_repeats, 1),
+            ("--measure-context", self.measure_context, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 out.append(must(flag, f"an integer >= {low}", value))
         return out
@@ -129,8 +141,12 @@ class BytesLatency(DraftLatencyModel):
 
     def describe(self) -> Dict[str, Any]:
         dtype = self.dtype or self.arch.torch_dtype or "bfloat16"
-        return {"name": self.name, "unit": "weight bytes read per drafted token", "dtype": dtype,
-                "bytes_at_full_vocab": int(draft_weight_bytes(self.arch, self.arch.vocab_size, dtype=self.dtype))}
+        return {
+            "name": self.name,
+            "unit": "weight bytes read per drafted token",
+            "dtype": dtype,
+            "bytes_at_full_vocab": int(draft_weight_bytes(self.arch, self.arch.vocab_size, dtype=self.dtype)),
+        }
 
 
 @dataclasses.dataclass
@@ -173,8 +189,12 @@ class MeasuredLatency(DraftLatencyModel):
         return 1.0 - self.fit.seconds_at(ks) / float(self.fit.seconds_at(self.arch.vocab_size))
 
     def describe(self) -> Dict[str, Any]:
-        return {"name": self.name, "unit": "measured seconds per drafted token", "fit": self.fit.as_dict(),
-                "seconds_at_full_vocab": float(self.fit.seconds_at(self.arch.vocab_size))}
+        return {
+            "name": self.name,
+            "unit": "measured seconds per drafted token",
+            "fit": self.fit.as_dict(),
+            "seconds_at_full_vocab": float(self.fit.seconds_at(self.arch.vocab_size)),
+        }
 
 
 def build_latency_model(settings: LatencySettings, arch: DraftArchitecture, *, cache_dir: str) -> DraftLatencyModel:
@@ -184,10 +204,16 @@ def build_latency_model(settings: LatencySettings, arch: DraftArchitecture, *, c
         return FlopsLatency(arch)
     if settings.latency_model == "bytes":
         return BytesLatency(arch)
-    fit = measured_fit(arch, device=settings.measure_device, dtype=settings.measure_dtype,
-                       points=settings.measure_points, repeats=settings.measure_repeats,
-                       context=settings.measure_context, cuda_graph=settings.measure_cuda_graph,
-                       cache_dir=cache_dir if settings.latency_cache else None)
+    fit = measured_fit(
+        arch,
+        device=settings.measure_device,
+        dtype=settings.measure_dtype,
+        points=settings.measure_points,
+        repeats=settings.measure_repeats,
+        context=settings.measure_context,
+        cuda_graph=settings.measure_cuda_graph,
+        cache_dir=cache_dir if settings.latency_cache else None,
+    )
     return MeasuredLatency(arch, fit)
 
 
@@ -204,13 +230,15 @@ def _torch_dtype_name(name: Optional[str]) -> str:
 
 
 def resolve_device(device: str = "auto") -> str:
-    """"cuda" or "cpu"; ``auto`` is CUDA when torch sees one."""
+    """ "cuda" or "cpu"; ``auto`` is CUDA when torch sees one."""
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--measure-device cuda needs a CUDA GPU, but torch sees none. Use --measure-device cpu or auto.")
+        raise InputError(
+            "--measure-device cuda needs a CUDA GPU, but torch sees none. Use --measure-device cpu or auto."
+        )
     return device
 
 
@@ -244,7 +272,7 @@ def _fit_line(ks: Sequence[int], seconds: Sequence[float]):
     (a, b), *_ = np.linalg.lstsq(design, y, rcond=None)
     residual = y - (a + b * x)
     total = float(np.sum((y - y.mean()) ** 2))
-    r2 = 1.0 - float(np.sum(residual ** 2)) / total if total > 0 else 1.0
+    r2 = 1.0 - float(np.sum(residual**2)) / total if total > 0 else 1.0
     return float(a), float(b), r2
 
 
@@ -279,14 +307,21 @@ class _DraftStandIn:
         self.layers = []
         for layer in range(arch.num_hidden_layers):
             width_in = 2 * h if layer == 0 else h
-            self.layers.append({
-                "input_norm": norm_weight(), "post_norm": norm_weight(),
-                "q": weight(self.n_heads * d, width_in), "k": weight(self.n_kv * d, width_in),
-                "v": weight(self.n_kv * d, width_in), "o": weight(h, self.n_heads * d),
-                "gate": weight(arch.intermediate_size, h), "up": weight(arch.intermediate_size, h),
-                "down": weight(h, arch.intermediate_size),
-                "k_cache": weight(1, self.n_kv, context, d), "v_cache": weight(1, self.n_kv, context, d),
-            })
+            self.layers.append(
+                {
+                    "input_norm": norm_weight(),
+                    "post_norm": norm_weight(),
+                    "q": weight(self.n_heads * d, width_in),
+                    "k": weight(self.n_kv * d, width_in),
+                    "v": weight(self.n_kv * d, width_in),
+                    "o": weight(h, self.n_heads * d),
+                    "gate": weight(arch.intermediate_size, h),
+                    "up": weight(arch.intermediate_size, h),
+                    "down": weight(h, arch.intermediate_size),
+                    "k_cache": weight(1, self.n_kv, context, d),
+                    "v_cache": weight(1, self.n_kv, context, d),
+                }
+            )
         self.final_norm = norm_weight()
         self.lm_head = weight(max_rows, h)
         self.context = context
@@ -298,7 +333,9 @@ class _DraftStandIn:
     def step(self, k: int):
         torch, F = self.torch, self.torch.nn.functional
         hidden = F.linear(self.fused, self.fc)
-        x = torch.cat([self._rms(self.embedding, self.layers[0]["input_norm"]), self._rms(hidden, self.hidden_norm)], -1)
+        x = torch.cat(
+            [self._rms(self.embedding, self.layers[0]["input_norm"]), self._rms(hidden, self.hidden_norm)], -1
+        )
         residual = hidden
         for i, layer in enumerate(self.layers):
             if i > 0:
@@ -339,13 +376,18 @@ def _capture_graphs(model: _DraftStandIn, grid: Sequence[int]) -> Optional[Dict[
             graphs[k] = graph
         torch.cuda.synchronize()
     except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager timing
-        logger.warning("measured latency: CUDA graph capture failed (%s: %s); timing eager launches instead.",
-                       type(exc).__name__, exc)
+        logger.warning(
+            "measured latency: CUDA graph capture failed (%s: %s); timing eager launches instead.",
+            type(exc).__name__,
+            exc,
+        )
         return None
     return graphs
 
 
-def _time_steps(model: _DraftStandIn, k: int, inner: int, device_type: str, graphs: Optional[Dict[int, Any]] = None) -> float:
+def _time_steps(
+    model: _DraftStandIn, k: int, inner: int, device_type: str, graphs: Optional[Dict[int, Any]] = None
+) -> float:
     import torch
 
     if device_type == "cuda":
@@ -401,7 +443,6 @@ def _memory_check(arch: DraftArchitecture, max_rows: int, context: int, size: in
         free, _ = torch.cuda.mem_get_info()
     else:
         try:
-
             free = psutil.virtual_memory().available
         except Exception:  # pragma: no cover - psutil is a dependency
             return
@@ -440,8 +481,10 @@ def measure_draft_latency(
     if device_type == "cpu" and effective != "float32":
         slowdown = _cpu_half_is_slow(torch_dtype, arch)
         if slowdown > CPU_HALF_SLOWDOWN_LIMIT:
-            note = (f"{requested} matmul on this CPU took {slowdown:.1f}x as long as float32, so the draft was "
-                    "timed in float32")
+            note = (
+                f"{requested} matmul on this CPU took {slowdown:.1f}x as long as float32, so the draft was "
+                "timed in float32"
+            )
             logger.warning("measured latency: %s.", note)
             effective, torch_dtype = "float32", torch.float32
     grid = sorted({int(k) for k in (ks if ks is not None else default_grid(arch.vocab_size, points))})
@@ -471,26 +514,70 @@ def measure_draft_latency(
     seconds = [float(np.median(samples[k])) for k in grid]
     a, b, r2 = _fit_line(grid, seconds)
     if b <= 0:
-        logger.warning("measured latency: the time did not grow with the LM-head size on %s (slope %.3g s/row); "
-                       "the measured model sees no gain from a smaller head.", name, b)
+        logger.warning(
+            "measured latency: the time did not grow with the LM-head size on %s (slope %.3g s/row); "
+            "the measured model sees no gain from a smaller head.",
+            name,
+            b,
+        )
     if device_type == "cuda":
         mode = "CUDA graphs" if graphs_used else "eager launches"
         note = f"{note}; {mode}" if note else mode
-    return LatencyFit(a, b, r2, grid, seconds, name, device_type, effective, requested, note, int(repeats),
-                      int(context), torch.__version__)
+    return LatencyFit(
+        a,
+        b,
+        r2,
+        grid,
+        seconds,
+        name,
+        device_type,
+        effective,
+        requested,
+        note,
+        int(repeats),
+        int(context),
+        torch.__version__,
+    )
 
 
-def fit_cache_key(arch: DraftArchitecture, *, device_name_: str, dtype: str, ks: Sequence[int], repeats: int,
-                  context: int, cuda_graph: bool = True) -> str:
+def fit_cache_key(
+    arch: DraftArchitecture,
+    *,
+    device_name_: str,
+    dtype: str,
+    ks: Sequence[int],
+    repeats: int,
+    context: int,
+    cuda_graph: bool = True,
+) -> str:
     """sha256 over the device, dtype, the draft's shapes and the measuring settings."""
-    shapes = {f: getattr(arch, f) for f in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                            "num_key_value_heads", "head_dim", "num_hidden_layers",
-                                            "num_fused_layers", "target_hidden_size", "vocab_size")}
+    shapes = {
+        f: getattr(arch, f)
+        for f in (
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "num_hidden_layers",
+            "num_fused_layers",
+            "target_hidden_size",
+            "vocab_size",
+        )
+    }
     import torch
 
-    payload = {"format": CACHE_FORMAT, "device": device_name_, "dtype": dtype, "shapes": shapes,
-               "ks": [int(k) for k in ks], "repeats": int(repeats), "context": int(context),
-               "cuda_graph": bool(cuda_graph), "torch": torch.__version__}
+    payload = {
+        "format": CACHE_FORMAT,
+        "device": device_name_,
+        "dtype": dtype,
+        "shapes": shapes,
+        "ks": [int(k) for k in ks],
+        "repeats": int(repeats),
+        "context": int(context),
+        "cuda_graph": bool(cuda_graph),
+        "torch": torch.__version__,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -512,8 +599,9 @@ def measured_fit(
     grid = sorted({int(k) for k in (ks if ks is not None else default_grid(arch.vocab_size, points))})
     name = device_name(device_type)
     graphs = bool(cuda_graph) and device_type == "cuda"
-    key = fit_cache_key(arch, device_name_=name, dtype=requested, ks=grid, repeats=repeats, context=context,
-                        cuda_graph=graphs)
+    key = fit_cache_key(
+        arch, device_name_=name, dtype=requested, ks=grid, repeats=repeats, context=context, cuda_graph=graphs
+    )
     path = os.path.join(cache_dir, "latency", f"{key[:32]}.json") if cache_dir else None
     if path and os.path.isfile(path):
         try:
@@ -525,10 +613,10 @@ def measured_fit(
                 return LatencyFit(**stored)
         except (OSError, ValueError, TypeError) as exc:
             logger.warning("measured latency: ignoring unreadable cache file %s (%s); measuring again.", path, exc)
-    fit = measure_draft_latency(arch, device=device_type, dtype=requested, ks=grid, repeats=repeats, context=context,
-                                cuda_graph=graphs)
+    fit = measure_draft_latency(
+        arch, device=device_type, dtype=requested, ks=grid, repeats=repeats, context=context, cuda_graph=graphs
+    )
     fit.key = key
     if path:
-
         atomic_write(path, json_text(fit.as_dict()))
     return fit

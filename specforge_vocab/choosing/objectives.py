@@ -49,6 +49,7 @@ Defaults and where they come from (all are assumptions about *your* serving; mea
   suggest; pass ``--target-cost-ratio`` from a measurement, or ``--target-config`` for your
   target's shapes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,10 +58,11 @@ import math
 import numbers
 import os
 from typing import Any, Dict, List, Mapping, Optional
+
 import numpy as np
+
 from specforge_vocab.choosing.cost import DraftArchitecture, draft_flops, draft_weight_bytes, dtype_bytes
 from specforge_vocab.errors import InputError, ValidatedSettings, must, short
-
 
 OBJECTIVES = ("utility", "speedup")
 
@@ -72,8 +74,15 @@ DEFAULT_DRAFT_STEPS = 3
 
 
 #: Llama-3.1-8B's shapes (its public config.json), used for the default cost ratio.
-LLAMA_3_1_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-                "num_key_value_heads": 8, "vocab_size": 128256, "torch_dtype": "bfloat16"}
+LLAMA_3_1_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "torch_dtype": "bfloat16",
+}
 
 
 #: configs/llama3-8B-eagle3.json's shapes (the same draft the paper's tool assumes).
@@ -102,8 +111,13 @@ def speedup_objective(*, p_full: float, draft_steps: int, cost_ratio: float):
     """An objective for :func:`specforge_vocab.choosing.search.search`: (coverage, latency_reduction, a) -> speed-up."""
 
     def objective(coverage, latency, coverage_weight):  # coverage_weight is not used by this objective
-        return chain_speedup(coverage, 1.0 - np.asarray(latency, dtype=np.float64), p_full=p_full,
-                             draft_steps=draft_steps, cost_ratio=cost_ratio)
+        return chain_speedup(
+            coverage,
+            1.0 - np.asarray(latency, dtype=np.float64),
+            p_full=p_full,
+            draft_steps=draft_steps,
+            cost_ratio=cost_ratio,
+        )
 
     objective.__name__ = "speedup"
     return objective
@@ -185,8 +199,9 @@ def target_params_by_component(config: Mapping[str, Any], *, source: str) -> Dic
     }
 
 
-def target_cost_ratio(target_config: Mapping[str, Any], draft: DraftArchitecture, *, unit: str = "bytes",
-                      source: str = "--target-config") -> float:
+def target_cost_ratio(
+    target_config: Mapping[str, Any], draft: DraftArchitecture, *, unit: str = "bytes", source: str = "--target-config"
+) -> float:
     """``t_target / t_draft(V)`` estimated as a ratio of per-token weight bytes (``unit="bytes"``)
     or matmul FLOPs (``unit="flops"``) of the target and of the draft with its full LM head."""
     parts = target_params_by_component(target_config, source=source)
@@ -195,7 +210,11 @@ def target_cost_ratio(target_config: Mapping[str, Any], draft: DraftArchitecture
         return target / draft_flops(draft, draft.vocab_size)
     if unit != "bytes":
         raise ValueError(f"unit must be 'bytes' or 'flops', but got {unit!r}")
-    dtype = _section(target_config).get("torch_dtype") or _section(target_config).get("dtype") or target_config.get("torch_dtype")
+    dtype = (
+        _section(target_config).get("torch_dtype")
+        or _section(target_config).get("dtype")
+        or target_config.get("torch_dtype")
+    )
     target = sum(parts.values()) * dtype_bytes(dtype if isinstance(dtype, str) else None, source=source)
     return target / draft_weight_bytes(draft, draft.vocab_size)
 
@@ -229,11 +248,15 @@ class ObjectiveSettings(ValidatedSettings):
         if self.target_cost_ratio is not None and (not _is_real(self.target_cost_ratio) or self.target_cost_ratio <= 0):
             out.append(must("--target-cost-ratio", "a positive number", self.target_cost_ratio))
         if self.target_config is not None and self.target_cost_ratio is not None:
-            out.append("--target-cost-ratio and --target-config must not both be given, but got both. Keep the "
-                       "measured ratio (--target-cost-ratio) or the config to estimate it from (--target-config).")
+            out.append(
+                "--target-cost-ratio and --target-config must not both be given, but got both. Keep the "
+                "measured ratio (--target-cost-ratio) or the config to estimate it from (--target-config)."
+            )
         if self.target_config is not None and not os.path.isfile(self.target_config):
-            out.append(f"--target-config {self.target_config} does not exist. Point it at the target model's "
-                       "config.json (Hugging Face format).")
+            out.append(
+                f"--target-config {self.target_config} does not exist. Point it at the target model's "
+                "config.json (Hugging Face format)."
+            )
         return out
 
     def resolve_cost_ratio(self, draft: DraftArchitecture, *, latency_model: str = "flops"):
@@ -245,9 +268,14 @@ class ObjectiveSettings(ValidatedSettings):
                 with open(self.target_config, encoding="utf-8") as handle:
                     config = json.load(handle)
             except (OSError, ValueError) as exc:
-                raise InputError(f"--target-config {self.target_config} is not readable JSON ({exc}). Pass the "
-                                 "target model's config.json.") from None
+                raise InputError(
+                    f"--target-config {self.target_config} is not readable JSON ({exc}). Pass the "
+                    "target model's config.json."
+                ) from None
             unit = "flops" if latency_model == "flops" else "bytes"
             ratio = target_cost_ratio(config, draft, unit=unit, source=f"--target-config {self.target_config}")
-            return ratio, f"--target-config {self.target_config} (per-token {'FLOPs' if unit == 'flops' else 'weight bytes'})"
+            return (
+                ratio,
+                f"--target-config {self.target_config} (per-token {'FLOPs' if unit == 'flops' else 'weight bytes'})",
+            )
         return DEFAULT_TARGET_COST_RATIO, "default (Llama-3.1-8B over its EAGLE-3 draft, weight bytes)"

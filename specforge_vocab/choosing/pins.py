@@ -10,11 +10,13 @@ of them (e.g. Qwen's ``<|im_end|>\\n`` pins ``<|im_end|>`` and ``\\n``).
 Pinning changes nothing when the pinned ids are already among the most frequent: the usual
 case for an end-of-turn token, which closes every assistant turn.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 from typing import Any, Dict, List, Optional, Sequence
+
 from specforge_vocab.counting.templates import get_template
 from specforge_vocab.errors import InputError, ValidatedSettings
 
@@ -49,7 +51,11 @@ class PinSettings(ValidatedSettings):
 def _ids_of_string(tokenizer, text: str) -> List[int]:
     vocab_id = tokenizer.convert_tokens_to_ids(text)
     unk = getattr(tokenizer, "unk_token_id", None)
-    if isinstance(vocab_id, int) and vocab_id >= 0 and (vocab_id != unk or text == getattr(tokenizer, "unk_token", None)):
+    if (
+        isinstance(vocab_id, int)
+        and vocab_id >= 0
+        and (vocab_id != unk or text == getattr(tokenizer, "unk_token", None))
+    ):
         return [vocab_id]
     return list(tokenizer.encode(text, add_special_tokens=False))
 
@@ -84,11 +90,12 @@ def resolve_pinned_tokens(
 
     if settings.pin_special_tokens:
         if tokenizer is None:
-            notes.append("the template's end-of-turn token and the EOS were not pinned: no tokenizer is known "
-                         "(the counts file names none); pass --tokenizer-path or pin ids with --pin-token")
+            notes.append(
+                "the template's end-of-turn token and the EOS were not pinned: no tokenizer is known "
+                "(the counts file names none); pass --tokenizer-path or pin ids with --pin-token"
+            )
         else:
             if chat_template:
-
                 eot = get_template(chat_template).end_of_turn_token
                 if eot:
                     for i in _ids_of_string(tokenizer, eot):
@@ -101,8 +108,10 @@ def resolve_pinned_tokens(
         if text.lstrip("-").isdigit():
             add(int(text), f"--pin-token {text}")
         elif tokenizer is None:
-            notes.append(f"--pin-token {value!r} was not pinned: a token string needs the tokenizer, and none is "
-                         "known; pass its id instead")
+            notes.append(
+                f"--pin-token {value!r} was not pinned: a token string needs the tokenizer, and none is "
+                "known; pass its id instead"
+            )
         else:
             ids = _ids_of_string(tokenizer, value)
             if len(ids) != 1:

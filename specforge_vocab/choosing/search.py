@@ -27,18 +27,21 @@ Example::
     >>> curve.tolist()
     [0.0, 0.6, 0.9, 1.0, 1.0]
 """
+
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import numbers
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
 import numpy as np
+
 from specforge_vocab.choosing.cost import DraftArchitecture, latency_reduction
 from specforge_vocab.choosing.studies import best_of, check_storage_settings, run_tpe_trials
 from specforge_vocab.errors import InputError, SettingsError, must
-import hashlib
 
 logger = logging.getLogger(__name__)
 
@@ -156,9 +159,7 @@ class SearchSettings:
                 must("--min-vocab-size", f"at most --max-vocab-size ({self.max_vocab_size})", self.min_vocab_size)
             )
         if sizes_ok and vocab_size is not None and self.min_vocab_size > vocab_size:
-            out.append(
-                must("--min-vocab-size", f"at most the target vocab_size ({vocab_size})", self.min_vocab_size)
-            )
+            out.append(must("--min-vocab-size", f"at most the target vocab_size ({vocab_size})", self.min_vocab_size))
         if not _is_int(self.n_calls) or self.n_calls < 1:
             out.append(must("--n-calls", "a positive integer", self.n_calls))
         if not _is_int(self.random_state) or not 0 <= self.random_state < 2**32:
@@ -167,8 +168,10 @@ class SearchSettings:
             out.append(must("--search", f"one of {', '.join(SEARCH_METHODS)}", self.search))
         if self.draft_vocab_size is not None:
             upper = vocab_size if vocab_size is not None else None
-            if not _is_int(self.draft_vocab_size) or self.draft_vocab_size < 1 or (
-                upper is not None and self.draft_vocab_size > upper
+            if (
+                not _is_int(self.draft_vocab_size)
+                or self.draft_vocab_size < 1
+                or (upper is not None and self.draft_vocab_size > upper)
             ):
                 expected = f"an integer in [1, {upper}] (the target vocab_size)" if upper else "a positive integer"
                 out.append(must("--draft-vocab-size", expected, self.draft_vocab_size))
@@ -374,8 +377,15 @@ def tpe_search(
         return INFEASIBLE_SCORE if point.coverage < min_coverage else point.utility
 
     pairs = run_tpe_trials(
-        value, low=low, high=high, step=step, n_trials=n_trials, random_state=random_state,
-        storage=storage, study_name=study_name, fingerprint=fingerprint,
+        value,
+        low=low,
+        high=high,
+        step=step,
+        n_trials=n_trials,
+        random_state=random_state,
+        storage=storage,
+        study_name=study_name,
+        fingerprint=fingerprint,
         user_attrs=lambda k: {"coverage": cached(k).coverage, "latency_reduction": cached(k).latency_reduction},
     )
     best_k = best_of(pairs)[0]
@@ -455,13 +465,18 @@ def search(
 
     def score(ks: np.ndarray) -> Candidates:
         return score_candidates(
-            curve, ks, model(ks), coverage_weight=settings.coverage_weight,
-            min_coverage=settings.min_coverage, objective=objective,
+            curve,
+            ks,
+            model(ks),
+            coverage_weight=settings.coverage_weight,
+            min_coverage=settings.min_coverage,
+            objective=objective,
         )
 
     def result(method: str, pick: Evaluation, **parts: Any) -> SearchResult:
-        return SearchResult(method, pick, vocab_size, settings, objective=objective_name, pinned_ids=pinned,
-                            curve=curve, **parts)
+        return SearchResult(
+            method, pick, vocab_size, settings, objective=objective_name, pinned_ids=pinned, curve=curve, **parts
+        )
 
     if pinned and len(pinned) > settings.min_vocab_size:
         logger.info("%d pinned token ids: candidates start at k = %d.", len(pinned), len(pinned))
@@ -474,12 +489,16 @@ def search(
                 "Raise it or pin fewer tokens."
             )
         if k % step:
-            logger.warning("--draft-vocab-size %d is not a multiple of --vocab-multiple %d; using it as given.", k, step)
+            logger.warning(
+                "--draft-vocab-size %d is not a multiple of --vocab-multiple %d; using it as given.", k, step
+            )
         fixed = score(np.array([k], dtype=np.int64))
         if not fixed.feasible[0]:
             logger.warning(
                 "--draft-vocab-size %d covers %.4f of tokens, below --min-coverage %s.",
-                k, fixed.coverage[0], settings.min_coverage,
+                k,
+                fixed.coverage[0],
+                settings.min_coverage,
             )
         context = score(settings.candidate_ks(vocab_size, at_least=len(pinned)))  # only drawn, never used to choose
         return result("fixed", fixed.point(k), candidates=context)
@@ -491,15 +510,30 @@ def search(
     exact = exact_search(candidates)
     fingerprint = None
     if settings.storage:
-
         digest = hashlib.sha256(curve.tobytes())
-        digest.update(repr((settings.coverage_weight, settings.min_coverage, objective_name, arch,
-                            model(np.array([low, high], dtype=np.int64)).tolist())).encode())
+        digest.update(
+            repr(
+                (
+                    settings.coverage_weight,
+                    settings.min_coverage,
+                    objective_name,
+                    arch,
+                    model(np.array([low, high], dtype=np.int64)).tolist(),
+                )
+            ).encode()
+        )
         fingerprint = digest.hexdigest()
     tpe = tpe_search(
-        candidates.point, low=low, high=high, n_trials=settings.n_calls,
-        random_state=settings.random_state, min_coverage=settings.min_coverage, step=step,
-        storage=settings.storage, study_name=settings.study_name, fingerprint=fingerprint,
+        candidates.point,
+        low=low,
+        high=high,
+        n_trials=settings.n_calls,
+        random_state=settings.random_state,
+        min_coverage=settings.min_coverage,
+        step=step,
+        storage=settings.storage,
+        study_name=settings.study_name,
+        fingerprint=fingerprint,
     )
     pick = tpe.pick if settings.search == "tpe" else exact.pick
     return result(settings.search, pick, exact=exact, tpe=tpe, candidates=candidates)

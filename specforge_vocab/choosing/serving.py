@@ -6,18 +6,37 @@ the objective the search maximises, and :func:`analyse` computes, after the sear
 k on every split, the bootstrap intervals, the best k of each objective, the predicted
 speed-ups and the rare-token check. ``optimize`` (pipeline.py) calls these.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 from typing import Any, Callable, Dict, List, Optional, Sequence
+
 import numpy as np
+
 from specforge_vocab.choosing.cost import DraftArchitecture
-from specforge_vocab.choosing.holdout import BootstrapResult, BootstrapTally, EvaluationSettings, HoldoutTally, bootstrap_analysis, coverage_curve_in_order, coverage_of, pinned_frequency_order
+from specforge_vocab.choosing.holdout import (
+    BootstrapResult,
+    BootstrapTally,
+    EvaluationSettings,
+    HoldoutTally,
+    bootstrap_analysis,
+    coverage_curve_in_order,
+    coverage_of,
+    pinned_frequency_order,
+)
 from specforge_vocab.choosing.latency import DraftLatencyModel, LatencySettings
 from specforge_vocab.choosing.objectives import ObjectiveSettings, chain_speedup, speedup_objective
-from specforge_vocab.choosing.pins import PinSettings, PinnedToken
-from specforge_vocab.choosing.search import Candidates, Evaluation, SearchResult, SearchSettings, coverage_curve, weighted_utility
+from specforge_vocab.choosing.pins import PinnedToken, PinSettings
+from specforge_vocab.choosing.search import (
+    Candidates,
+    Evaluation,
+    SearchResult,
+    SearchSettings,
+    coverage_curve,
+    weighted_utility,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +54,9 @@ class ServingSettings:
         return self.evaluation.problems() + self.latency.problems() + self.objective.problems() + self.pins.problems()
 
     def as_dict(self) -> Dict[str, Any]:
-        return {name: dataclasses.asdict(getattr(self, name)) for name in ("evaluation", "latency", "objective", "pins")}
+        return {
+            name: dataclasses.asdict(getattr(self, name)) for name in ("evaluation", "latency", "objective", "pins")
+        }
 
 
 @dataclasses.dataclass
@@ -50,8 +71,9 @@ class ObjectiveChoice:
     cost_ratio_source: str
 
     def speedup(self, coverage, relative_time):
-        return chain_speedup(coverage, relative_time, p_full=self.p_full, draft_steps=self.draft_steps,
-                             cost_ratio=self.cost_ratio)
+        return chain_speedup(
+            coverage, relative_time, p_full=self.p_full, draft_steps=self.draft_steps, cost_ratio=self.cost_ratio
+        )
 
     def speedup_function(self) -> Callable:
         return speedup_objective(p_full=self.p_full, draft_steps=self.draft_steps, cost_ratio=self.cost_ratio)
@@ -59,8 +81,9 @@ class ObjectiveChoice:
 
 def choose_objective(settings: ObjectiveSettings, arch: DraftArchitecture, *, latency_model: str) -> ObjectiveChoice:
     ratio, source = settings.resolve_cost_ratio(arch, latency_model=latency_model)
-    choice = ObjectiveChoice(settings.objective, weighted_utility, float(settings.p_full), int(settings.draft_steps),
-                             float(ratio), source)
+    choice = ObjectiveChoice(
+        settings.objective, weighted_utility, float(settings.p_full), int(settings.draft_steps), float(ratio), source
+    )
     if settings.objective == "speedup":
         choice.function = choice.speedup_function()
     return choice
@@ -96,25 +119,34 @@ class ServingAnalysis:
 
     def summary(self) -> Dict[str, Any]:
         """JSON-ready: NaN (an empty split, no out-of-bag records) becomes null."""
-        return _json_ready({
-            "objective": self.objective.name,
-            "latency_model": self.latency,
-            "pinned_tokens": [t.as_dict() for t in self.pinned],
-            "pinned_tokens_note": "; ".join(self.pin_notes) or None,
-            "coverage_at_draft_vocab_size": self.coverage_at_k,
-            "holdout": self.holdout,
-            "bootstrap": self.bootstrap.as_dict() if self.bootstrap is not None else None,
-            "picks_by_objective": {name: {"draft_vocab_size": e.k, "coverage": e.coverage,
-                                          "latency_reduction": e.latency_reduction, name: e.utility}
-                                   for name, e in self.picks.items()},
-            "speedup": self.speedup,
-            "rare_tokens": self.rare_tokens,
-            "warnings": list(self.warnings),
-        })
+        return _json_ready(
+            {
+                "objective": self.objective.name,
+                "latency_model": self.latency,
+                "pinned_tokens": [t.as_dict() for t in self.pinned],
+                "pinned_tokens_note": "; ".join(self.pin_notes) or None,
+                "coverage_at_draft_vocab_size": self.coverage_at_k,
+                "holdout": self.holdout,
+                "bootstrap": self.bootstrap.as_dict() if self.bootstrap is not None else None,
+                "picks_by_objective": {
+                    name: {
+                        "draft_vocab_size": e.k,
+                        "coverage": e.coverage,
+                        "latency_reduction": e.latency_reduction,
+                        name: e.utility,
+                    }
+                    for name, e in self.picks.items()
+                },
+                "speedup": self.speedup,
+                "rare_tokens": self.rare_tokens,
+                "warnings": list(self.warnings),
+            }
+        )
 
     def summary_lines(self) -> List[str]:
         lines = []
         cov = self.coverage_at_k
+
         def percent(value) -> str:
             return f"{value:.4%}" if value is not None and np.isfinite(value) else "n/a (no tokens)"
 
@@ -129,24 +161,31 @@ class ServingAnalysis:
             cov = b["coverage_at_k"]
             oob, ins, unseen = cov["out_of_bag"]["interval"], cov["in_sample"]["interval"], cov["unseen"]
             kk = b["chosen_k"]["interval"]
-            lines.append(f"bootstrap ({self.bootstrap.replicates} replicates, {level}): chosen k in [{kk[0]:,}, {kk[1]:,}]; "
-                         f"coverage at k on unseen conversations {unseen['estimate']:.4%} in [{unseen['interval'][0]:.4%}, "
-                         f"{unseen['interval'][1]:.4%}] (in-sample [{ins[0]:.4%}, {ins[1]:.4%}], "
-                         f"out-of-bag [{oob[0]:.4%}, {oob[1]:.4%}])")
+            lines.append(
+                f"bootstrap ({self.bootstrap.replicates} replicates, {level}): chosen k in [{kk[0]:,}, {kk[1]:,}]; "
+                f"coverage at k on unseen conversations {unseen['estimate']:.4%} in [{unseen['interval'][0]:.4%}, "
+                f"{unseen['interval'][1]:.4%}] (in-sample [{ins[0]:.4%}, {ins[1]:.4%}], "
+                f"out-of-bag [{oob[0]:.4%}, {oob[1]:.4%}])"
+            )
         s = self.speedup
-        lines.append(f"predicted chain speed-up (p_full {s['p_full']}, g {s['draft_steps']}, R {s['target_cost_ratio']:.2f}): "
-                     f"{s['at_draft_vocab_size']:.4f}x at k vs {s['at_full_vocab']:.4f}x at V "
-                     f"({self.latency['name']} latency model)")
+        lines.append(
+            f"predicted chain speed-up (p_full {s['p_full']}, g {s['draft_steps']}, R {s['target_cost_ratio']:.2f}): "
+            f"{s['at_draft_vocab_size']:.4f}x at k vs {s['at_full_vocab']:.4f}x at V "
+            f"({self.latency['name']} latency model)"
+        )
         picks = ", ".join(f"{name} {e.k:,}" for name, e in self.picks.items())
         lines.append(f"best k by objective (exact): {picks}")
         if self.latency.get("fit"):
             fit = self.latency["fit"]
-            lines.append(f"measured draft time on {fit['device']} ({fit['dtype']}): {fit['intercept_s'] * 1e6:.1f} us + "
-                         f"{fit['slope_s_per_row'] * 1e9:.3f} ns * k (R^2 {fit['r_squared']:.3f}"
-                         f"{', cached' if fit.get('cached') else ''})")
+            lines.append(
+                f"measured draft time on {fit['device']} ({fit['dtype']}): {fit['intercept_s'] * 1e6:.1f} us + "
+                f"{fit['slope_s_per_row'] * 1e9:.3f} ns * k (R^2 {fit['r_squared']:.3f}"
+                f"{', cached' if fit.get('cached') else ''})"
+            )
         if self.pinned:
-            lines.append("pinned: " + ", ".join(f"{t.id} {t.token!r}" if t.token is not None else str(t.id)
-                                                for t in self.pinned))
+            lines.append(
+                "pinned: " + ", ".join(f"{t.id} {t.token!r}" if t.token is not None else str(t.id) for t in self.pinned)
+            )
         lines += [f"warning: {w}" for w in self.warnings]
         return lines
 
@@ -200,27 +239,34 @@ def analyse(
             coverage["held_out"] = coverage_of(kept, holdout.held_out)
             curves["held-out"] = coverage_curve_in_order(order, holdout.held_out)[ks]
         else:
-            warnings.append("the held-out split is empty (no record hashed below --holdout-fraction, or its records "
-                            "have no loss-masked tokens); raise --holdout-fraction")
+            warnings.append(
+                "the held-out split is empty (no record hashed below --holdout-fraction, or its records "
+                "have no loss-masked tokens); raise --holdout-fraction"
+            )
     for name, counts in (eval_counts or {}).items():
         coverage["eval"][name] = coverage_of(kept, counts)
         curves[name] = coverage_curve_in_order(order, counts)[ks]
 
     # the best k of each objective, exactly, over the same candidates
-    utility_scores = weighted_utility(candidates.coverage, candidates.latency_reduction, search_settings.coverage_weight)
+    utility_scores = weighted_utility(
+        candidates.coverage, candidates.latency_reduction, search_settings.coverage_weight
+    )
     speedup_scores = objective.speedup(candidates.coverage, 1.0 - candidates.latency_reduction)
     picks = {}
     for name, scores in (("utility", utility_scores), ("speedup", speedup_scores)):
         best = exact_best(candidates, scores)
         if best is not None:
             i = candidates.index_of(best)
-            picks[name] = Evaluation(best, float(candidates.coverage[i]), float(candidates.latency_reduction[i]),
-                                     float(scores[i]))
+            picks[name] = Evaluation(
+                best, float(candidates.coverage[i]), float(candidates.latency_reduction[i]), float(scores[i])
+            )
 
     # predicted speed-ups
     relative_k = float(latency_model.relative_time(np.array([k]))[0])
     speedup = {
-        "p_full": objective.p_full, "draft_steps": objective.draft_steps, "target_cost_ratio": objective.cost_ratio,
+        "p_full": objective.p_full,
+        "draft_steps": objective.draft_steps,
+        "target_cost_ratio": objective.cost_ratio,
         "target_cost_ratio_source": objective.cost_ratio_source,
         "model": "T(p) * R / (g * t_draft(k)/t_draft(V) + R), T(p) = (1 - p^(g+1)) / (1 - p), p = p_full * coverage",
         "at_draft_vocab_size": objective.speedup(result.pick.coverage, relative_k),
@@ -230,8 +276,9 @@ def analyse(
     if coverage["held_out"] is not None and np.isfinite(coverage["held_out"]):
         speedup["at_draft_vocab_size_held_out"] = objective.speedup(coverage["held_out"], relative_k)
     if coverage["eval"]:
-        speedup["at_draft_vocab_size_eval"] = {name: objective.speedup(c, relative_k)
-                                               for name, c in coverage["eval"].items() if np.isfinite(c)}
+        speedup["at_draft_vocab_size_eval"] = {
+            name: objective.speedup(c, relative_k) for name, c in coverage["eval"].items() if np.isfinite(c)
+        }
 
     # rare tokens at the edge of the vocabulary
     pinned_mask = np.zeros(V, dtype=bool)
@@ -242,18 +289,24 @@ def analyse(
     rare = int(np.count_nonzero(search_counts[free_kept] < threshold)) if free_kept.size else 0
     rare_tokens = {"min_token_count": threshold, "kth_token_count": kth, "kept_ids_below_min_token_count": rare}
     if kth is not None and kth < threshold:
-        message = (f"the chosen k = {k:,} keeps {rare:,} ids seen fewer than --min-token-count {threshold} times "
-                   f"(the k-th most frequent id was seen {kth} times): which of these rare ids make the cut is noise "
-                   "at this data size; count more data, or prefer a smaller k or the held-out/bootstrap figures")
+        message = (
+            f"the chosen k = {k:,} keeps {rare:,} ids seen fewer than --min-token-count {threshold} times "
+            f"(the k-th most frequent id was seen {kth} times): which of these rare ids make the cut is noise "
+            "at this data size; count more data, or prefer a smaller k or the held-out/bootstrap figures"
+        )
         warnings.append(message)
         logger.warning("%s.", message)
 
     holdout_summary = None
     if holdout is not None:
-        holdout_summary = {"fraction": holdout.fraction, "train_records": holdout.train_records,
-                           "held_out_records": holdout.held_out_records,
-                           "train_tokens": int(holdout.train.sum()), "held_out_tokens": int(holdout.held_out.sum()),
-                           "split": "sha256 of each record's canonical JSON; k and the mapping come from the train side"}
+        holdout_summary = {
+            "fraction": holdout.fraction,
+            "train_records": holdout.train_records,
+            "held_out_records": holdout.held_out_records,
+            "train_tokens": int(holdout.train.sum()),
+            "held_out_tokens": int(holdout.held_out.sum()),
+            "split": "sha256 of each record's canonical JSON; k and the mapping come from the train side",
+        }
 
     boot = None
     if bootstrap is not None:
@@ -268,12 +321,30 @@ def analyse(
                 return int(ks[-1])
             return int(ks[int(np.argmax(np.where(feasible, scores, -np.inf)))])
 
-        boot = bootstrap_analysis(bootstrap, k=k, train_coverage=coverage["train"], choose_k=choose_k, pinned_ids=pins,
-                                  confidence=settings.evaluation.confidence)
+        boot = bootstrap_analysis(
+            bootstrap,
+            k=k,
+            train_coverage=coverage["train"],
+            choose_k=choose_k,
+            pinned_ids=pins,
+            confidence=settings.evaluation.confidence,
+        )
 
     return ServingAnalysis(
-        k=k, vocab_size=V, objective=objective, latency=latency_model.describe(), pinned=list(pinned),
-        pin_notes=list(pin_notes), coverage_at_k=coverage, curves=curves, ks=ks,
-        latency_reduction=candidates.latency_reduction, picks=picks, speedup=speedup, rare_tokens=rare_tokens,
-        holdout=holdout_summary, bootstrap=boot, warnings=warnings,
+        k=k,
+        vocab_size=V,
+        objective=objective,
+        latency=latency_model.describe(),
+        pinned=list(pinned),
+        pin_notes=list(pin_notes),
+        coverage_at_k=coverage,
+        curves=curves,
+        ks=ks,
+        latency_reduction=candidates.latency_reduction,
+        picks=picks,
+        speedup=speedup,
+        rare_tokens=rare_tokens,
+        holdout=holdout_summary,
+        bootstrap=boot,
+        warnings=warnings,
     )

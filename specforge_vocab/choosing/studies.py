@@ -28,15 +28,16 @@ Example::
     >>> len(pairs), all(10 <= k <= 1000 for k, _ in pairs)
     (5, True)
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
 from specforge_vocab.errors import InputError, SettingsError, must, short
-from specforge_vocab.fileio import file_lock
-from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT
+from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT, file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -75,13 +76,19 @@ def best_of(pairs: List[Tuple[int, float]]) -> Tuple[int, float]:
 
 
 def _study_settings(low: int, high: int, step: int, random_state: int, fingerprint: Optional[str]) -> Dict[str, Any]:
-    return {"param": PARAM_NAME, "low": int(low), "high": int(high), "step": int(step),
-            "random_state": int(random_state), "fingerprint": fingerprint}
+    return {
+        "param": PARAM_NAME,
+        "low": int(low),
+        "high": int(high),
+        "step": int(step),
+        "random_state": int(random_state),
+        "fingerprint": fingerprint,
+    }
 
 
 def _sqlite_path(storage: str) -> Optional[str]:
     if storage.startswith("sqlite:///"):
-        path = storage[len("sqlite:///"):]
+        path = storage[len("sqlite:///") :]
         return path if path and path != ":memory:" else None
     return None
 
@@ -91,14 +98,26 @@ def check_storage_settings(storage: Optional[str], study_name: Optional[str]) ->
     out = []
     if storage is None:
         if study_name is not None:
-            out.append(must("--study-name", "given together with --storage", study_name,
-                            "Add --storage sqlite:///study.db to keep the study."))
+            out.append(
+                must(
+                    "--study-name",
+                    "given together with --storage",
+                    study_name,
+                    "Add --storage sqlite:///study.db to keep the study.",
+                )
+            )
         return out
     if not isinstance(storage, str) or "://" not in storage:
         out.append(must("--storage", "an SQLAlchemy database URL such as sqlite:///study.db", storage))
     if not study_name or not isinstance(study_name, str):
-        out.append(must("--study-name", "a name for the study kept in --storage", study_name,
-                        "A rerun with the same name resumes it."))
+        out.append(
+            must(
+                "--study-name",
+                "a name for the study kept in --storage",
+                study_name,
+                "A rerun with the same name resumes it.",
+            )
+        )
     path = _sqlite_path(storage) if isinstance(storage, str) else None
     if path is not None:
         parent = os.path.dirname(os.path.abspath(path))
@@ -109,8 +128,9 @@ def check_storage_settings(storage: Optional[str], study_name: Optional[str]) ->
 
 def _load_study(optuna, storage: str, study_name: str, sampler, settings: Dict[str, Any]):
     try:
-        study = optuna.create_study(storage=storage, study_name=study_name, load_if_exists=True,
-                                    sampler=sampler, direction="maximize")
+        study = optuna.create_study(
+            storage=storage, study_name=study_name, load_if_exists=True, sampler=sampler, direction="maximize"
+        )
     except Exception as exc:  # noqa: BLE001 - storage backends raise many types
         raise InputError(
             f"--storage {storage} --study-name {study_name}: the study cannot be created or loaded "
@@ -118,7 +138,9 @@ def _load_study(optuna, storage: str, study_name: str, sampler, settings: Dict[s
             "another --study-name."
         ) from None
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise InputError(f"--study-name {study_name} in {storage} minimizes; the search maximizes. Choose another name.")
+        raise InputError(
+            f"--study-name {study_name} in {storage} minimizes; the search maximizes. Choose another name."
+        )
     recorded = study.user_attrs.get(SETTINGS_ATTR)
     if recorded is None:
         if study.trials:
@@ -128,8 +150,11 @@ def _load_study(optuna, storage: str, study_name: str, sampler, settings: Dict[s
             )
         study.set_user_attr(SETTINGS_ATTR, settings)
     elif recorded != settings:
-        differ = [f"{key} {short(recorded.get(key))} -> {short(settings.get(key))}"
-                  for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
+        differ = [
+            f"{key} {short(recorded.get(key))} -> {short(settings.get(key))}"
+            for key in sorted(set(recorded) | set(settings))
+            if recorded.get(key) != settings.get(key)
+        ]
         raise InputError(
             f"--study-name {study_name} in {storage} was made with other settings ({'; '.join(differ)}), so it "
             "cannot be resumed by this search. Use a new --study-name (or the original settings and data)."
@@ -184,7 +209,6 @@ def run_tpe_trials(
     """
     problems = check_storage_settings(storage, study_name)
     if problems:
-
         raise SettingsError(problems)
 
     def trial_objective(trial) -> float:
@@ -203,7 +227,6 @@ def run_tpe_trials(
             study.optimize(trial_objective, n_trials=n_trials, show_progress_bar=False)
             return [(int(t.params[PARAM_NAME]), float(t.value)) for t in study.trials]
 
-
         path = _sqlite_path(storage)
         lock = file_lock(os.path.abspath(path), timeout=DEFAULT_LOCK_TIMEOUT) if path else contextlib.nullcontext()
         with lock:
@@ -219,18 +242,30 @@ def run_tpe_trials(
 
             shadow = optuna.create_study(direction="maximize", sampler=sampler)
             try:
-                shadow.optimize(_shadow_objective(trial_objective, done, low=low, high=high, step=step),
-                                n_trials=n_trials, show_progress_bar=False,
-                                callbacks=[mirror])
+                shadow.optimize(
+                    _shadow_objective(trial_objective, done, low=low, high=high, step=step),
+                    n_trials=n_trials,
+                    show_progress_bar=False,
+                    callbacks=[mirror],
+                )
             except _ReplayDiverged as exc:
                 logger.warning(
                     "Study %s: trial %s was not suggested by this seed's sampler (another Optuna version?); the "
-                    "remaining trials continue the study but may differ from an uninterrupted run.", study_name, exc,
+                    "remaining trials continue the study but may differ from an uninterrupted run.",
+                    study_name,
+                    exc,
                 )
                 shadow = optuna.create_study(direction="maximize", sampler=TPESampler(seed=random_state))
                 for frozen in done:
                     shadow.add_trial(frozen)
-                shadow.optimize(trial_objective, n_trials=max(0, n_trials - len(done)), show_progress_bar=False,
-                                callbacks=[lambda _s, frozen: kept.add_trial(frozen)
-                                           if frozen.state == optuna.trial.TrialState.COMPLETE else None])
+                shadow.optimize(
+                    trial_objective,
+                    n_trials=max(0, n_trials - len(done)),
+                    show_progress_bar=False,
+                    callbacks=[
+                        lambda _s, frozen: (
+                            kept.add_trial(frozen) if frozen.state == optuna.trial.TrialState.COMPLETE else None
+                        )
+                    ],
+                )
         return [(int(t.params[PARAM_NAME]), float(t.value)) for t in _completed(shadow)[:n_trials]]

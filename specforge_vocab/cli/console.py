@@ -1,4 +1,5 @@
 """What the command line prints: a short human summary on stdout, logging on stderr."""
+
 from __future__ import annotations
 
 import argparse

@@ -12,6 +12,7 @@ dataclass default and no default is written twice.
 >>> settings_from(SearchSettings, parser.parse_args([])).coverage_weight == SearchSettings.coverage_weight
 True
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,13 @@ from typing import Type, TypeVar
 
 from specforge_vocab.choosing.holdout import EvaluationSettings
 from specforge_vocab.choosing.latency import LATENCY_MODELS, MEASURE_DEVICES, LatencySettings
-from specforge_vocab.choosing.objectives import (DEFAULT_DRAFT_STEPS, DEFAULT_P_FULL, DEFAULT_TARGET_COST_RATIO,
-                                                 OBJECTIVES, ObjectiveSettings)
+from specforge_vocab.choosing.objectives import (
+    DEFAULT_DRAFT_STEPS,
+    DEFAULT_P_FULL,
+    DEFAULT_TARGET_COST_RATIO,
+    OBJECTIVES,
+    ObjectiveSettings,
+)
 from specforge_vocab.choosing.pins import PinSettings
 from specforge_vocab.choosing.search import SEARCH_METHODS, SearchSettings
 from specforge_vocab.choosing.serving import ServingSettings
@@ -59,36 +65,80 @@ def add_count_flags(parser: argparse.ArgumentParser, *, datasets_required: bool 
     ``shard=False`` leaves out ``--shard`` (for commands that need every record, e.g. optimize).
     """
     data = parser.add_argument_group("data (what SpecForge trains on)")
-    data.add_argument("--dataset-path", dest="dataset_paths", nargs="+", required=datasets_required, default=[],
-                      metavar="PATH", help="dataset files (.jsonl, .json, optionally .gz) or directories, read in order")
-    data.add_argument("--is-preformatted", action="store_true", default=CountSettings.is_preformatted,
-                      help="records hold rendered 'text' instead of 'conversations'")
-    data.add_argument("--train-only-last-turn", action="store_true", default=CountSettings.train_only_last_turn,
-                      help="count only the last assistant turn")
-    data.add_argument("--sample-size", type=positive_int, default=CountSettings.sample_size,
-                      help="count only the first N records")
-    data.add_argument("--skip-invalid", action="store_true", default=CountSettings.skip_invalid,
-                      help="skip malformed records (reported) instead of stopping at the first")
+    data.add_argument(
+        "--dataset-path",
+        dest="dataset_paths",
+        nargs="+",
+        required=datasets_required,
+        default=[],
+        metavar="PATH",
+        help="dataset files (.jsonl, .json, optionally .gz) or directories, read in order",
+    )
+    data.add_argument(
+        "--is-preformatted",
+        action="store_true",
+        default=CountSettings.is_preformatted,
+        help="records hold rendered 'text' instead of 'conversations'",
+    )
+    data.add_argument(
+        "--train-only-last-turn",
+        action="store_true",
+        default=CountSettings.train_only_last_turn,
+        help="count only the last assistant turn",
+    )
+    data.add_argument(
+        "--sample-size", type=positive_int, default=CountSettings.sample_size, help="count only the first N records"
+    )
+    data.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        default=CountSettings.skip_invalid,
+        help="skip malformed records (reported) instead of stopping at the first",
+    )
     tok = parser.add_argument_group("tokenizer and template")
-    tok.add_argument("--tokenizer-path", default=CountSettings.tokenizer_path,
-                     help="the target model's tokenizer directory")
-    tok.add_argument("--chat-template", default=CountSettings.chat_template,
-                     help=f"SpecForge chat template name (default {CountSettings.chat_template})")
-    tok.add_argument("--max-length", type=positive_int, default=CountSettings.max_length,
-                     help=f"truncation length (SpecForge: {CountSettings.max_length})")
-    tok.add_argument("--target-vocab-size", type=positive_int, default=CountSettings.target_vocab_size,
-                     help="V, the target vocabulary size (default: the tokenizer's length)")
-    tok.add_argument("--trust-remote-code", action="store_true", default=CountSettings.trust_remote_code,
-                     help="allow the tokenizer to run its own code")
+    tok.add_argument(
+        "--tokenizer-path", default=CountSettings.tokenizer_path, help="the target model's tokenizer directory"
+    )
+    tok.add_argument(
+        "--chat-template",
+        default=CountSettings.chat_template,
+        help=f"SpecForge chat template name (default {CountSettings.chat_template})",
+    )
+    tok.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=CountSettings.max_length,
+        help=f"truncation length (SpecForge: {CountSettings.max_length})",
+    )
+    tok.add_argument(
+        "--target-vocab-size",
+        type=positive_int,
+        default=CountSettings.target_vocab_size,
+        help="V, the target vocabulary size (default: the tokenizer's length)",
+    )
+    tok.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        default=CountSettings.trust_remote_code,
+        help="allow the tokenizer to run its own code",
+    )
     par = parser.add_argument_group("parallelism")
-    par.add_argument("--num-workers", type=positive_int, default=CountSettings.num_workers,
-                     help="worker processes counting in parallel (default: one per core, or in this process "
-                          "for small data; 1 = count in this process)")
+    par.add_argument(
+        "--num-workers",
+        type=positive_int,
+        default=CountSettings.num_workers,
+        help="worker processes counting in parallel (default: one per core, or in this process "
+        "for small data; 1 = count in this process)",
+    )
     if shard:
-        par.add_argument("--shard", default=CountSettings.shard, metavar="I/N",
-                         help="count only the I-th of N deterministic shards of the records (0-based: record "
-                              "position %% N == I, after --sample-size); merge the N files with "
-                              "`specforge-vocab merge`")
+        par.add_argument(
+            "--shard",
+            default=CountSettings.shard,
+            metavar="I/N",
+            help="count only the I-th of N deterministic shards of the records (0-based: record "
+            "position %% N == I, after --sample-size); merge the N files with "
+            "`specforge-vocab merge`",
+        )
 
 
 # ---------------------------------------------------------------- choosing
@@ -106,107 +156,243 @@ def add_search_flags(parser: argparse.ArgumentParser, *, prefix: str = "--") -> 
 
     s = SearchSettings
     group = parser.add_argument_group("search (the paper's flags and defaults)")
-    group.add_argument(name("coverage-weight"), dest="coverage_weight", type=float, default=s.coverage_weight,
-                       help=f"a in a*coverage + (1-a)*latency_reduction (default {s.coverage_weight})")
-    group.add_argument(name("min-coverage"), dest="min_coverage", type=float, default=s.min_coverage,
-                       help="minimum acceptable coverage (0 = none)")
-    group.add_argument(name("min-vocab-size"), dest="min_vocab_size", type=int, default=s.min_vocab_size,
-                       help=f"lower bound of the search range ({s.min_vocab_size})")
-    group.add_argument(name("max-vocab-size"), dest="max_vocab_size", type=int, default=s.max_vocab_size,
-                       help=f"upper bound of the search range ({s.max_vocab_size})")
-    group.add_argument(name("n-calls"), dest="n_calls", type=int, default=s.n_calls,
-                       help=f"number of TPE trials ({s.n_calls})")
-    group.add_argument(name("random-state"), dest="random_state", type=int, default=s.random_state,
-                       help=f"TPE seed ({s.random_state})")
-    group.add_argument(name("search"), dest="search", choices=SEARCH_METHODS, default=s.search,
-                       help="which pick to use: the paper's TPE (default) or the exact optimum; both are reported")
-    group.add_argument(name("draft-vocab-size"), dest="draft_vocab_size", type=positive_int,
-                       default=s.draft_vocab_size, help="skip the search and use this k")
-    group.add_argument(name("vocab-multiple"), dest="vocab_multiple", type=positive_int, default=s.vocab_multiple,
-                       metavar="M", help="only multiples of M are candidates (vLLM and SGLang pad LM-head rows to a "
-                                         "multiple of 64; default 1 = every k)")
-    group.add_argument(name("storage"), dest="storage", default=s.storage, metavar="URL",
-                       help="keep the TPE study in an Optuna RDB storage (e.g. sqlite:///study.db) so an "
-                            "interrupted search resumes; needs --study-name")
-    group.add_argument(name("study-name"), dest="study_name", default=s.study_name, metavar="NAME",
-                       help="the study's name in --storage")
+    group.add_argument(
+        name("coverage-weight"),
+        dest="coverage_weight",
+        type=float,
+        default=s.coverage_weight,
+        help=f"a in a*coverage + (1-a)*latency_reduction (default {s.coverage_weight})",
+    )
+    group.add_argument(
+        name("min-coverage"),
+        dest="min_coverage",
+        type=float,
+        default=s.min_coverage,
+        help="minimum acceptable coverage (0 = none)",
+    )
+    group.add_argument(
+        name("min-vocab-size"),
+        dest="min_vocab_size",
+        type=int,
+        default=s.min_vocab_size,
+        help=f"lower bound of the search range ({s.min_vocab_size})",
+    )
+    group.add_argument(
+        name("max-vocab-size"),
+        dest="max_vocab_size",
+        type=int,
+        default=s.max_vocab_size,
+        help=f"upper bound of the search range ({s.max_vocab_size})",
+    )
+    group.add_argument(
+        name("n-calls"), dest="n_calls", type=int, default=s.n_calls, help=f"number of TPE trials ({s.n_calls})"
+    )
+    group.add_argument(
+        name("random-state"), dest="random_state", type=int, default=s.random_state, help=f"TPE seed ({s.random_state})"
+    )
+    group.add_argument(
+        name("search"),
+        dest="search",
+        choices=SEARCH_METHODS,
+        default=s.search,
+        help="which pick to use: the paper's TPE (default) or the exact optimum; both are reported",
+    )
+    group.add_argument(
+        name("draft-vocab-size"),
+        dest="draft_vocab_size",
+        type=positive_int,
+        default=s.draft_vocab_size,
+        help="skip the search and use this k",
+    )
+    group.add_argument(
+        name("vocab-multiple"),
+        dest="vocab_multiple",
+        type=positive_int,
+        default=s.vocab_multiple,
+        metavar="M",
+        help="only multiples of M are candidates (vLLM and SGLang pad LM-head rows to a "
+        "multiple of 64; default 1 = every k)",
+    )
+    group.add_argument(
+        name("storage"),
+        dest="storage",
+        default=s.storage,
+        metavar="URL",
+        help="keep the TPE study in an Optuna RDB storage (e.g. sqlite:///study.db) so an "
+        "interrupted search resumes; needs --study-name",
+    )
+    group.add_argument(
+        name("study-name"),
+        dest="study_name",
+        default=s.study_name,
+        metavar="NAME",
+        help="the study's name in --storage",
+    )
 
 
 def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
     """The :class:`EvaluationSettings` flags: held-out split, evaluation sets, bootstrap."""
     e = EvaluationSettings
     group = parser.add_argument_group("evaluation (how far the coverage can be trusted)")
-    group.add_argument("--holdout-fraction", type=float, default=e.holdout_fraction, metavar="F",
-                       help="hold out this share of the records (split by a hash of each record's content) and "
-                            "choose k on the rest; coverage on both is reported (default 0 = off)")
-    group.add_argument("--eval-dataset-path", dest="eval_dataset_paths", nargs="+", default=[], metavar="PATH",
-                       help="evaluation sets (e.g. other domains), counted with the same settings; coverage at k "
-                            "is reported for each")
-    group.add_argument("--bootstrap", type=int, default=e.bootstrap, metavar="N",
-                       help="N Poisson-bootstrap replicates over conversations, seeded by --random-state: "
-                            "intervals for the chosen k and coverage at k (default 0 = off; memory 8*V*N bytes)")
-    group.add_argument("--bootstrap-confidence", dest="confidence", type=float, default=e.confidence,
-                       help=f"level of the bootstrap intervals ({e.confidence})")
-    group.add_argument("--min-token-count", type=int, default=e.min_token_count,
-                       help=f"warn when the chosen k keeps ids seen fewer than this many times ({e.min_token_count})")
+    group.add_argument(
+        "--holdout-fraction",
+        type=float,
+        default=e.holdout_fraction,
+        metavar="F",
+        help="hold out this share of the records (split by a hash of each record's content) and "
+        "choose k on the rest; coverage on both is reported (default 0 = off)",
+    )
+    group.add_argument(
+        "--eval-dataset-path",
+        dest="eval_dataset_paths",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="evaluation sets (e.g. other domains), counted with the same settings; coverage at k is reported for each",
+    )
+    group.add_argument(
+        "--bootstrap",
+        type=int,
+        default=e.bootstrap,
+        metavar="N",
+        help="N Poisson-bootstrap replicates over conversations, seeded by --random-state: "
+        "intervals for the chosen k and coverage at k (default 0 = off; memory 8*V*N bytes)",
+    )
+    group.add_argument(
+        "--bootstrap-confidence",
+        dest="confidence",
+        type=float,
+        default=e.confidence,
+        help=f"level of the bootstrap intervals ({e.confidence})",
+    )
+    group.add_argument(
+        "--min-token-count",
+        type=int,
+        default=e.min_token_count,
+        help=f"warn when the chosen k keeps ids seen fewer than this many times ({e.min_token_count})",
+    )
 
 
 def add_latency_flags(parser: argparse.ArgumentParser) -> None:
     """The :class:`LatencySettings` flags: what a smaller LM head saves."""
     lat = LatencySettings
     group = parser.add_argument_group("latency model (what a smaller LM head saves)")
-    group.add_argument("--latency-model", choices=LATENCY_MODELS, default=lat.latency_model,
-                       help="flops: the paper's per-token FLOPs (default); bytes: weight bytes read per drafted "
-                            "token in the config's dtype (batch-1 decoding is memory bound); measured: time the "
-                            "draft layer and LM heads of several sizes on this machine and fit t = a + b*k "
-                            "(cached under --cache-dir/latency)")
-    group.add_argument("--measure-device", choices=MEASURE_DEVICES, default=lat.measure_device,
-                       help="where --latency-model measured times the draft (auto: CUDA when present, else CPU)")
-    group.add_argument("--measure-dtype", default=lat.measure_dtype,
-                       help="dtype to time in (default: the draft config's torch_dtype, else bfloat16)")
-    group.add_argument("--measure-points", type=int, default=lat.measure_points,
-                       help=f"LM-head sizes timed, geometric up to V ({lat.measure_points})")
-    group.add_argument("--measure-repeats", type=int, default=lat.measure_repeats,
-                       help=f"timings per size; the median is fitted ({lat.measure_repeats})")
-    group.add_argument("--measure-context", type=int, default=lat.measure_context,
-                       help=f"KV-cache length the timed attention reads ({lat.measure_context})")
-    group.add_argument("--measure-eager", dest="measure_cuda_graph", action="store_false",
-                       default=lat.measure_cuda_graph,
-                       help="on CUDA, time eager kernel launches instead of CUDA-graph replays (serving engines "
-                            "replay the draft as CUDA graphs)")
-    group.add_argument("--no-latency-cache", dest="latency_cache", action="store_false", default=lat.latency_cache,
-                       help="always re-measure instead of reusing a cached fit")
+    group.add_argument(
+        "--latency-model",
+        choices=LATENCY_MODELS,
+        default=lat.latency_model,
+        help="flops: the paper's per-token FLOPs (default); bytes: weight bytes read per drafted "
+        "token in the config's dtype (batch-1 decoding is memory bound); measured: time the "
+        "draft layer and LM heads of several sizes on this machine and fit t = a + b*k "
+        "(cached under --cache-dir/latency)",
+    )
+    group.add_argument(
+        "--measure-device",
+        choices=MEASURE_DEVICES,
+        default=lat.measure_device,
+        help="where --latency-model measured times the draft (auto: CUDA when present, else CPU)",
+    )
+    group.add_argument(
+        "--measure-dtype",
+        default=lat.measure_dtype,
+        help="dtype to time in (default: the draft config's torch_dtype, else bfloat16)",
+    )
+    group.add_argument(
+        "--measure-points",
+        type=int,
+        default=lat.measure_points,
+        help=f"LM-head sizes timed, geometric up to V ({lat.measure_points})",
+    )
+    group.add_argument(
+        "--measure-repeats",
+        type=int,
+        default=lat.measure_repeats,
+        help=f"timings per size; the median is fitted ({lat.measure_repeats})",
+    )
+    group.add_argument(
+        "--measure-context",
+        type=int,
+        default=lat.measure_context,
+        help=f"KV-cache length the timed attention reads ({lat.measure_context})",
+    )
+    group.add_argument(
+        "--measure-eager",
+        dest="measure_cuda_graph",
+        action="store_false",
+        default=lat.measure_cuda_graph,
+        help="on CUDA, time eager kernel launches instead of CUDA-graph replays (serving engines "
+        "replay the draft as CUDA graphs)",
+    )
+    group.add_argument(
+        "--no-latency-cache",
+        dest="latency_cache",
+        action="store_false",
+        default=lat.latency_cache,
+        help="always re-measure instead of reusing a cached fit",
+    )
 
 
 def add_objective_flags(parser: argparse.ArgumentParser) -> None:
     """The :class:`ObjectiveSettings` flags: what k is chosen for."""
     o = ObjectiveSettings
     group = parser.add_argument_group("objective (what k is chosen for)")
-    group.add_argument("--objective", choices=OBJECTIVES, default=o.objective,
-                       help="utility: the paper's a*coverage + (1-a)*latency_reduction (default); speedup: the "
-                            "expected speed-up of chain drafting, T(p_full*coverage)*R/(g*t_draft(k)/t_draft(V)+R)")
-    group.add_argument("--p-full", type=float, default=o.p_full,
-                       help=f"acceptance rate of a drafted token with the full vocabulary (default {DEFAULT_P_FULL}: "
-                            "what published EAGLE-3 Llama-3.1-8B acceptance lengths imply; see "
-                            "choosing/objectives.py)")
-    group.add_argument("--draft-steps", type=int, default=o.draft_steps,
-                       help=f"g, tokens drafted per cycle (default {DEFAULT_DRAFT_STEPS}, SGLang's chain examples)")
-    group.add_argument("--target-cost-ratio", type=float, default=o.target_cost_ratio, metavar="R",
-                       help="t_target / t_draft(V), measured on your serving setup (default: from --target-config, "
-                            f"else {DEFAULT_TARGET_COST_RATIO}, Llama-3.1-8B over its draft by weight bytes)")
-    group.add_argument("--target-config", default=o.target_config, metavar="CONFIG_JSON",
-                       help="the target model's config.json, to estimate R from per-token weight bytes (FLOPs "
-                            "with --latency-model flops)")
+    group.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default=o.objective,
+        help="utility: the paper's a*coverage + (1-a)*latency_reduction (default); speedup: the "
+        "expected speed-up of chain drafting, T(p_full*coverage)*R/(g*t_draft(k)/t_draft(V)+R)",
+    )
+    group.add_argument(
+        "--p-full",
+        type=float,
+        default=o.p_full,
+        help=f"acceptance rate of a drafted token with the full vocabulary (default {DEFAULT_P_FULL}: "
+        "what published EAGLE-3 Llama-3.1-8B acceptance lengths imply; see "
+        "choosing/objectives.py)",
+    )
+    group.add_argument(
+        "--draft-steps",
+        type=int,
+        default=o.draft_steps,
+        help=f"g, tokens drafted per cycle (default {DEFAULT_DRAFT_STEPS}, SGLang's chain examples)",
+    )
+    group.add_argument(
+        "--target-cost-ratio",
+        type=float,
+        default=o.target_cost_ratio,
+        metavar="R",
+        help="t_target / t_draft(V), measured on your serving setup (default: from --target-config, "
+        f"else {DEFAULT_TARGET_COST_RATIO}, Llama-3.1-8B over its draft by weight bytes)",
+    )
+    group.add_argument(
+        "--target-config",
+        default=o.target_config,
+        metavar="CONFIG_JSON",
+        help="the target model's config.json, to estimate R from per-token weight bytes (FLOPs "
+        "with --latency-model flops)",
+    )
 
 
 def add_pin_flags(parser: argparse.ArgumentParser) -> None:
     """The :class:`PinSettings` flags: tokens always kept."""
     group = parser.add_argument_group("pinned tokens (always kept, counted toward k)")
-    group.add_argument("--pin-token", dest="pin_tokens", nargs="+", action="extend", default=[], metavar="TOKEN",
-                       help="token strings or integer ids to keep whatever their counts")
-    group.add_argument("--no-pin-special-tokens", dest="pin_special_tokens", action="store_false",
-                       default=PinSettings.pin_special_tokens,
-                       help="do not pin the template's end-of-turn token and the tokenizer's EOS (pinned by default)")
+    group.add_argument(
+        "--pin-token",
+        dest="pin_tokens",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="TOKEN",
+        help="token strings or integer ids to keep whatever their counts",
+    )
+    group.add_argument(
+        "--no-pin-special-tokens",
+        dest="pin_special_tokens",
+        action="store_false",
+        default=PinSettings.pin_special_tokens,
+        help="do not pin the template's end-of-turn token and the tokenizer's EOS (pinned by default)",
+    )
 
 
 def add_serving_flags(parser: argparse.ArgumentParser) -> None:
@@ -218,9 +404,12 @@ def add_serving_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def serving_settings(args: argparse.Namespace) -> ServingSettings:
-    return ServingSettings(evaluation=settings_from(EvaluationSettings, args),
-                           latency=settings_from(LatencySettings, args),
-                           objective=settings_from(ObjectiveSettings, args), pins=settings_from(PinSettings, args))
+    return ServingSettings(
+        evaluation=settings_from(EvaluationSettings, args),
+        latency=settings_from(LatencySettings, args),
+        objective=settings_from(ObjectiveSettings, args),
+        pins=settings_from(PinSettings, args),
+    )
 
 
 # ---------------------------------------------------------------- outputs
@@ -230,21 +419,32 @@ def add_output_flags(parser: argparse.ArgumentParser, *, output_dir_default: str
     """The :class:`OutputSettings` flags: the draft config to patch, counts to reuse, where results go."""
     o = OutputSettings
     group = parser.add_argument_group("inputs and outputs")
-    group.add_argument("--config-path", default=o.config_path,
-                       help="draft config JSON whose draft_vocab_size is rewritten")
-    group.add_argument("--counts", dest="counts_path", default=o.counts_path, metavar="FILE",
-                       help="reuse a counts file from `specforge-vocab count` instead of counting")
+    group.add_argument(
+        "--config-path", default=o.config_path, help="draft config JSON whose draft_vocab_size is rewritten"
+    )
+    group.add_argument(
+        "--counts",
+        dest="counts_path",
+        default=o.counts_path,
+        metavar="FILE",
+        help="reuse a counts file from `specforge-vocab count` instead of counting",
+    )
     group.add_argument("--output-dir", default=output_dir_default, help="where results and the mapping are written")
     group.add_argument("--cache-dir", default=o.cache_dir, help="counts cache directory (as SpecForge's --cache-dir)")
     group.add_argument("--no-cache", action="store_true", default=o.no_cache, help="always recount")
-    group.add_argument("--no-backup", dest="backup", action="store_false", default=o.backup,
-                       help="do not keep <config>.bak")
+    group.add_argument(
+        "--no-backup", dest="backup", action="store_false", default=o.backup, help="do not keep <config>.bak"
+    )
     add_lock_timeout_flag(group)
 
 
 def add_lock_timeout_flag(group) -> None:
-    group.add_argument("--lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT,
-                       help="seconds to wait for another run holding the same output directory")
+    group.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=DEFAULT_LOCK_TIMEOUT,
+        help="seconds to wait for another run holding the same output directory",
+    )
 
 
 # ---------------------------------------------------------------- trim
@@ -255,18 +455,38 @@ def add_trim_flags(parser: argparse.ArgumentParser) -> None:
     (as `optimize` has them; --draft-vocab-size among the latter)."""
     t = TrimSettings
     ckpt = parser.add_argument_group("checkpoint")
-    ckpt.add_argument("--checkpoint", required=True, metavar="DIR",
-                      help="trained draft directory: config.json plus model.safetensors (sharded or not) or "
-                           "pytorch_model.bin")
-    ckpt.add_argument("--vocab-mapping", metavar="FILE", default=t.vocab_mapping,
-                      help="d2t/t2d the draft was trained with (.pt or .safetensors); needed when the checkpoint holds "
-                           "none and draft_vocab_size < vocab_size")
-    ckpt.add_argument("--counts", dest="counts_path", default=t.counts_path, metavar="FILE",
-                      help="token counts from `specforge-vocab count`, instead of --dataset-path")
-    ckpt.add_argument("--output", required=True, metavar="DIR",
-                      help="directory for the trimmed draft (safetensors, index if sharded, config.json)")
-    ckpt.add_argument("--overwrite", action="store_true", default=t.overwrite,
-                      help="write into an existing, non-empty --output directory")
+    ckpt.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="trained draft directory: config.json plus model.safetensors (sharded or not) or pytorch_model.bin",
+    )
+    ckpt.add_argument(
+        "--vocab-mapping",
+        metavar="FILE",
+        default=t.vocab_mapping,
+        help="d2t/t2d the draft was trained with (.pt or .safetensors); needed when the checkpoint holds "
+        "none and draft_vocab_size < vocab_size",
+    )
+    ckpt.add_argument(
+        "--counts",
+        dest="counts_path",
+        default=t.counts_path,
+        metavar="FILE",
+        help="token counts from `specforge-vocab count`, instead of --dataset-path",
+    )
+    ckpt.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="directory for the trimmed draft (safetensors, index if sharded, config.json)",
+    )
+    ckpt.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=t.overwrite,
+        help="write into an existing, non-empty --output directory",
+    )
     add_count_flags(parser, datasets_required=False, shard=False)
     add_search_flags(parser)
 
@@ -274,8 +494,12 @@ def add_trim_flags(parser: argparse.ArgumentParser) -> None:
 def trim_settings(args: argparse.Namespace) -> TrimSettings:
     search = settings_from(SearchSettings, args)
     return TrimSettings(
-        checkpoint=args.checkpoint, output=args.output, vocab_mapping=args.vocab_mapping,
+        checkpoint=args.checkpoint,
+        output=args.output,
+        vocab_mapping=args.vocab_mapping,
         draft_vocab_size=search.draft_vocab_size,
         count=settings_from(CountSettings, args) if args.dataset_paths else None,
-        counts_path=args.counts_path, search=search, overwrite=args.overwrite,
+        counts_path=args.counts_path,
+        search=search,
+        overwrite=args.overwrite,
     )

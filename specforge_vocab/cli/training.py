@@ -1,21 +1,23 @@
 """The training commands: `prepare` (specforge train), `pre-step` and scripts/train_eagle3.py (the
 hand-over to SpecForge's own train_eagle3.py). They build settings, call
 :func:`~specforge_vocab.specforge.prepare.before_training` and print its result."""
+
 from __future__ import annotations
 
 import argparse
 import contextlib
 import logging
 import os
+import subprocess
 import sys
 from typing import List, Optional, Sequence, Tuple
+
 from specforge_vocab.choosing.search import SearchSettings
+from specforge_vocab.cli.console import say
+from specforge_vocab.cli.flags import add_lock_timeout_flag, add_search_flags, settings_from
 from specforge_vocab.errors import InputError, SpecForgeVocabError
 from specforge_vocab.specforge.prepare import PrepareResult, before_training
 from specforge_vocab.specforge.train_eagle3 import find_specforge_train_script
-from specforge_vocab.cli.console import say
-from specforge_vocab.cli.flags import add_lock_timeout_flag, add_search_flags, settings_from
-import subprocess
 
 logger = logging.getLogger(__name__)
 
@@ -23,31 +25,54 @@ logger = logging.getLogger(__name__)
 def add_prepare_flags(parser: argparse.ArgumentParser) -> None:
     """What prepare and pre-step write, and the search flags."""
     group = parser.add_argument_group("what prepare writes")
-    group.add_argument("--keep-draft-vocab-size", action="store_true",
-                       help="keep draft_vocab_size as the draft config has it; write only the mapping")
+    group.add_argument(
+        "--keep-draft-vocab-size",
+        action="store_true",
+        help="keep draft_vocab_size as the draft config has it; write only the mapping",
+    )
     group.add_argument("--force", action="store_true", help="recount and search again even if nothing changed")
-    group.add_argument("--output-dir", default=None,
-                       help="results directory (default: <cache_dir>/vocab_optimization/<data>-<hash>)")
-    group.add_argument("--no-backup", dest="backup", action="store_false",
-                       help="do not keep <file>.bak copies of the configs it changes")
+    group.add_argument(
+        "--output-dir", default=None, help="results directory (default: <cache_dir>/vocab_optimization/<data>-<hash>)"
+    )
+    group.add_argument(
+        "--no-backup",
+        dest="backup",
+        action="store_false",
+        help="do not keep <file>.bak copies of the configs it changes",
+    )
     add_lock_timeout_flag(group)
     add_search_flags(parser)
 
 
 def add_prepare_parser(sub) -> None:
     parser = sub.add_parser(
-        "prepare", help="before `specforge train --config`: choose k, write the mapping, set vocab_mapping_path",
+        "prepare",
+        help="before `specforge train --config`: choose k, write the mapping, set vocab_mapping_path",
         description="Count the tokens a SpecForge run config trains on (data.train_data_path, data.prompts_path or "
-                    "data.hidden_states_path), choose draft_vocab_size, patch the draft config, write the d2t/t2d "
-                    "mapping and set model.vocab_mapping_path in the run config. A second run with unchanged inputs "
-                    "reuses the results.")
+        "data.hidden_states_path), choose draft_vocab_size, patch the draft config, write the d2t/t2d "
+        "mapping and set model.vocab_mapping_path in the run config. A second run with unchanged inputs "
+        "reuses the results.",
+    )
     parser.add_argument("--config", required=True, help="the run config (YAML, or JSON) given to `specforge train`")
-    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
-                        help="overrides, as given to `specforge train` (pass it the same ones)")
-    parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="section.field=value",
-                        help="an override (repeatable; applied after the positional ones)")
-    parser.add_argument("--output-config", default=None,
-                        help="write the run config with vocab_mapping_path here instead of changing --config")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.field=value",
+        help="overrides, as given to `specforge train` (pass it the same ones)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="set_overrides",
+        action="append",
+        default=[],
+        metavar="section.field=value",
+        help="an override (repeatable; applied after the positional ones)",
+    )
+    parser.add_argument(
+        "--output-config",
+        default=None,
+        help="write the run config with vocab_mapping_path here instead of changing --config",
+    )
     add_prepare_flags(parser)
     parser.set_defaults(run=run_prepare_command)
 
@@ -60,9 +85,15 @@ def _say_result(args: argparse.Namespace, result: PrepareResult) -> None:
 
 def run_prepare_command(args: argparse.Namespace) -> int:
     result = before_training(
-        args.config, overrides=[*args.overrides, *args.set_overrides], output_config=args.output_config,
-        keep_draft_vocab_size=args.keep_draft_vocab_size, force=args.force, search=settings_from(SearchSettings, args),
-        output_dir=args.output_dir, backup=args.backup, lock_timeout=args.lock_timeout,
+        args.config,
+        overrides=[*args.overrides, *args.set_overrides],
+        output_config=args.output_config,
+        keep_draft_vocab_size=args.keep_draft_vocab_size,
+        force=args.force,
+        search=settings_from(SearchSettings, args),
+        output_dir=args.output_dir,
+        backup=args.backup,
+        lock_timeout=args.lock_timeout,
         progress=not args.quiet,
     )
     _say_result(args, result)
@@ -71,14 +102,20 @@ def run_prepare_command(args: argparse.Namespace) -> int:
 
 def add_pre_step_parser(sub) -> None:
     parser = sub.add_parser(
-        "pre-step", help="before scripts/train_eagle3.py: choose k and write the mapping at its cache path",
+        "pre-step",
+        help="before scripts/train_eagle3.py: choose k and write the mapping at its cache path",
         description="Run only the pre-step of scripts/train_eagle3.py: count --train-data-path, choose "
-                    "draft_vocab_size, patch --draft-model-config and write the mapping at "
-                    "<cache-dir>/vocab_mapping/<md5 key>.pt (both key versions), where train_eagle3.py loads it. "
-                    "Usage: specforge-vocab pre-step [options] -- <train_eagle3 flags>.")
+        "draft_vocab_size, patch --draft-model-config and write the mapping at "
+        "<cache-dir>/vocab_mapping/<md5 key>.pt (both key versions), where train_eagle3.py loads it. "
+        "Usage: specforge-vocab pre-step [options] -- <train_eagle3 flags>.",
+    )
     add_prepare_flags(parser)
-    parser.add_argument("train_eagle3_args", nargs=argparse.REMAINDER, metavar="-- FLAGS",
-                        help="SpecForge's train_eagle3.py flags, after --")
+    parser.add_argument(
+        "train_eagle3_args",
+        nargs=argparse.REMAINDER,
+        metavar="-- FLAGS",
+        help="SpecForge's train_eagle3.py flags, after --",
+    )
     parser.set_defaults(run=run_pre_step_command)
 
 
@@ -87,13 +124,20 @@ def run_pre_step_command(args: argparse.Namespace) -> int:
     if flags[:1] == ["--"]:
         flags = flags[1:]
     if not flags:
-        raise InputError("pre-step needs SpecForge's train_eagle3 flags after --, for example: specforge-vocab "
-                         "pre-step -- --target-model-path ./Llama-3.1-8B-Instruct --draft-model-config "
-                         "configs/llama3-8B-eagle3.json --train-data-path train.jsonl")
+        raise InputError(
+            "pre-step needs SpecForge's train_eagle3 flags after --, for example: specforge-vocab "
+            "pre-step -- --target-model-path ./Llama-3.1-8B-Instruct --draft-model-config "
+            "configs/llama3-8B-eagle3.json --train-data-path train.jsonl"
+        )
     result = before_training(
-        train_eagle3_args=flags, keep_draft_vocab_size=args.keep_draft_vocab_size, force=args.force,
-        search=settings_from(SearchSettings, args), output_dir=args.output_dir, backup=args.backup,
-        lock_timeout=args.lock_timeout, progress=not args.quiet,
+        train_eagle3_args=flags,
+        keep_draft_vocab_size=args.keep_draft_vocab_size,
+        force=args.force,
+        search=settings_from(SearchSettings, args),
+        output_dir=args.output_dir,
+        backup=args.backup,
+        lock_timeout=args.lock_timeout,
+        progress=not args.quiet,
     )
     _say_result(args, result)
     return 0
@@ -109,28 +153,49 @@ def handover_parser() -> argparse.ArgumentParser:
     clash with SpecForge's flags.
     """
     parser = argparse.ArgumentParser(
-        prog="scripts/train_eagle3.py", allow_abbrev=False,
+        prog="scripts/train_eagle3.py",
+        allow_abbrev=False,
         description="SpecForge's scripts/train_eagle3.py with the specforge-vocab pre-step: count --train-data-path, "
-                    "choose draft_vocab_size, patch --draft-model-config, write the mapping at train_eagle3.py's "
-                    "cache path, then run SpecForge's train_eagle3.py with all other flags unchanged. Under "
-                    "torchrun every rank runs it; rank 0 writes.")
-    parser.add_argument("--specforge-script", default=None, metavar="PATH",
-                        help="SpecForge's scripts/train_eagle3.py (default: found next to an installed source "
-                             "checkout of SpecForge)")
-    parser.add_argument("--keep-draft-vocab-size", action="store_true",
-                        help="keep draft_vocab_size as the draft config has it; write only the mapping")
-    parser.add_argument(HANDOVER_PREFIX + "force", dest="force", action="store_true",
-                        help="recount and search again even if nothing changed")
-    parser.add_argument(HANDOVER_PREFIX + "output-dir", dest="output_dir", default=None,
-                        help="results directory (default: <cache-dir>/vocab_optimization/<data>-<hash>)")
-    parser.add_argument(HANDOVER_PREFIX + "no-backup", dest="backup", action="store_false",
-                        help="do not keep a .bak of the draft config")
+        "choose draft_vocab_size, patch --draft-model-config, write the mapping at train_eagle3.py's "
+        "cache path, then run SpecForge's train_eagle3.py with all other flags unchanged. Under "
+        "torchrun every rank runs it; rank 0 writes.",
+    )
+    parser.add_argument(
+        "--specforge-script",
+        default=None,
+        metavar="PATH",
+        help="SpecForge's scripts/train_eagle3.py (default: found next to an installed source checkout of SpecForge)",
+    )
+    parser.add_argument(
+        "--keep-draft-vocab-size",
+        action="store_true",
+        help="keep draft_vocab_size as the draft config has it; write only the mapping",
+    )
+    parser.add_argument(
+        HANDOVER_PREFIX + "force",
+        dest="force",
+        action="store_true",
+        help="recount and search again even if nothing changed",
+    )
+    parser.add_argument(
+        HANDOVER_PREFIX + "output-dir",
+        dest="output_dir",
+        default=None,
+        help="results directory (default: <cache-dir>/vocab_optimization/<data>-<hash>)",
+    )
+    parser.add_argument(
+        HANDOVER_PREFIX + "no-backup",
+        dest="backup",
+        action="store_false",
+        help="do not keep a .bak of the draft config",
+    )
     add_search_flags(parser, prefix=HANDOVER_PREFIX)
     return parser
 
 
-def split_handover_flags(argv: Sequence[str], parser: Optional[argparse.ArgumentParser] = None
-                         ) -> Tuple[List[str], List[str]]:
+def split_handover_flags(
+    argv: Sequence[str], parser: Optional[argparse.ArgumentParser] = None
+) -> Tuple[List[str], List[str]]:
     """(our flags, SpecForge's flags), each in the given order; ``--flag value`` and ``--flag=value``."""
     parser = parser or handover_parser()
     takes_value = {}
@@ -165,7 +230,6 @@ def hand_over(script: str, flags: Sequence[str]) -> None:  # pragma: no cover - 
     logging.shutdown()
     argv = [sys.executable, script, *flags]
     if os.name == "nt":
-
         sys.exit(subprocess.call(argv))
     os.execv(sys.executable, argv)
 
@@ -186,9 +250,15 @@ def train_eagle3_main(argv: Optional[Sequence[str]] = None) -> int:
         except SystemExit as exc:  # argparse already printed the problem
             return int(exc.code or 2)
         script = find_specforge_train_script(args.specforge_script)
-        result = before_training(train_eagle3_args=flags, keep_draft_vocab_size=args.keep_draft_vocab_size,
-                                 force=args.force, search=settings_from(SearchSettings, args), output_dir=args.output_dir,
-                                 backup=args.backup, progress=True)
+        result = before_training(
+            train_eagle3_args=flags,
+            keep_draft_vocab_size=args.keep_draft_vocab_size,
+            force=args.force,
+            search=settings_from(SearchSettings, args),
+            output_dir=args.output_dir,
+            backup=args.backup,
+            progress=True,
+        )
     except SpecForgeVocabError as exc:
         print(f"specforge-vocab: error: {exc}", file=sys.stderr)
         return exc.exit_code

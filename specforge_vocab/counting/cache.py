@@ -21,6 +21,7 @@ tallies are asked for, it counts (and refreshes the cache entry).
 >>> _ = open(path, "w").write("abc"); memo.sha256(path)[:12]
 'ba7816bf8f01'
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,7 +30,9 @@ import json
 import logging
 import os
 from dataclasses import replace
+from importlib import metadata
 from typing import Dict, Optional, Sequence, Tuple
+
 from specforge_vocab.counting.count import CountResult, count_dataset, file_infos
 from specforge_vocab.counting.counts_file import load_counts, save_counts
 from specforge_vocab.counting.data import dataset_files
@@ -38,7 +41,6 @@ from specforge_vocab.counting.templates import get_template
 from specforge_vocab.counting.tokenizer import tokenizer_sha256
 from specforge_vocab.errors import InputError
 from specforge_vocab.fileio import atomic_write, json_text, sha256_file
-from importlib import metadata
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +75,12 @@ class HashMemo:
         full = os.path.abspath(path)
         st = os.stat(full)
         entry = self.entries.get(full)
-        if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns \
-                and isinstance(entry.get("sha256"), str):
+        if (
+            entry
+            and entry.get("size") == st.st_size
+            and entry.get("mtime_ns") == st.st_mtime_ns
+            and isinstance(entry.get("sha256"), str)
+        ):
             return str(entry["sha256"])
         digest = sha256_file(full)
         self.entries[full] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
@@ -112,14 +118,21 @@ def counting_fingerprint(settings: CountSettings, *, memo: Optional[HashMemo] = 
         "counting_version": COUNTING_VERSION,
         "libraries": {"tokenizers": _version("tokenizers"), "transformers": _version("transformers")},
         "files": [{"size": os.path.getsize(p), "sha256": memo.sha256(p)} for p in files],
-        "tokenizer": {"sha256": tokenizer_sha256(settings.tokenizer_path, trust_remote_code=settings.trust_remote_code,
-                                                 sha256=memo.sha256),
-                      "trust_remote_code": bool(settings.trust_remote_code)},
-        "chat_template": {"name": template.name, "assistant_header": template.assistant_header,
-                          "user_header": template.user_header, "end_of_turn_token": template.end_of_turn_token,
-                          "system_prompt": template.system_prompt,
-                          "assistant_pattern_type": template.assistant_pattern_type,
-                          "ignore_tokens": list(template.ignore_tokens)},
+        "tokenizer": {
+            "sha256": tokenizer_sha256(
+                settings.tokenizer_path, trust_remote_code=settings.trust_remote_code, sha256=memo.sha256
+            ),
+            "trust_remote_code": bool(settings.trust_remote_code),
+        },
+        "chat_template": {
+            "name": template.name,
+            "assistant_header": template.assistant_header,
+            "user_header": template.user_header,
+            "end_of_turn_token": template.end_of_turn_token,
+            "system_prompt": template.system_prompt,
+            "assistant_pattern_type": template.assistant_pattern_type,
+            "ignore_tokens": list(template.ignore_tokens),
+        },
         "max_length": int(settings.max_length),
         "is_preformatted": bool(settings.is_preformatted),
         "train_only_last_turn": bool(settings.train_only_last_turn),
@@ -148,8 +161,9 @@ def memo_for(cache_dir: Optional[str]) -> HashMemo:
     return HashMemo(os.path.join(cache_dir, COUNTS_SUBDIR, MEMO_NAME) if cache_dir else None)
 
 
-def load_cached(settings: CountSettings, path: str, fingerprint: Dict[str, object],
-                memo: HashMemo) -> Optional[CountResult]:
+def load_cached(
+    settings: CountSettings, path: str, fingerprint: Dict[str, object], memo: HashMemo
+) -> Optional[CountResult]:
     """The cached result at ``path`` if it is there, readable and of this fingerprint; else None."""
     if not os.path.isfile(path):
         return None
@@ -178,8 +192,14 @@ def store_cached(path: str, result: CountResult, fingerprint: Dict[str, object])
         logger.warning("could not store the counts cache entry: %s", exc)
 
 
-def cached_count(settings: CountSettings, *, cache_dir: str = "./cache", progress: bool = False, force: bool = False,
-                 tallies: Sequence[Tally] = ()) -> Tuple[CountResult, bool]:
+def cached_count(
+    settings: CountSettings,
+    *,
+    cache_dir: str = "./cache",
+    progress: bool = False,
+    force: bool = False,
+    tallies: Sequence[Tally] = (),
+) -> Tuple[CountResult, bool]:
     """``count_dataset(settings)`` through the counts cache: (result, True) on a hit, (result, False) after counting.
 
     ``force`` recounts and replaces the entry. ``tallies`` cannot be served from the cache, so

@@ -4,6 +4,7 @@
 (masking.py) and adds each record's masked ids to the histogram, in this process or in worker
 processes (workers.py) with the same result; :func:`count_tokens` is the Python API's shortcut.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,15 +12,17 @@ import logging
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
 import numpy as np
+from tqdm import tqdm
+
 from specforge_vocab.counting.counts_file import FORMAT_VERSION, settings_from_metadata
 from specforge_vocab.counting.data import ReadStats, Record, Shard, dataset_files, iter_raw_records
-from specforge_vocab.counting.engine import CountAborted, CountSettings, Counter, Tally, Totals, resolve_vocab_size
+from specforge_vocab.counting.engine import CountAborted, Counter, CountSettings, Tally, Totals, resolve_vocab_size
 from specforge_vocab.counting.tokenizer import load_tokenizer, tokenizer_sha256
 from specforge_vocab.counting.workers import count_in_workers
 from specforge_vocab.errors import InputError
 from specforge_vocab.fileio import sha256_file
-from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -79,15 +82,22 @@ class CountResult:
             "records_counted": str(self.records_counted),
             "records_skipped_empty": str(self.records_skipped_empty),
             "records_invalid_skipped": str(self.records_invalid_skipped),
-            "invalid_examples": json.dumps([[i, m] for i, m in zip(self.invalid_example_indices, self.invalid_examples)],
-                                           ensure_ascii=False),
+            "invalid_examples": json.dumps(
+                [[i, m] for i, m in zip(self.invalid_example_indices, self.invalid_examples)], ensure_ascii=False
+            ),
             "tokens_counted": str(self.tokens_counted),
             "unique_tokens": str(self.unique_tokens),
         }
 
     @classmethod
-    def from_metadata(cls, counts: np.ndarray, metadata: Dict[str, str], *,
-                      settings: Optional[CountSettings] = None, source: str = "counts file") -> "CountResult":
+    def from_metadata(
+        cls,
+        counts: np.ndarray,
+        metadata: Dict[str, str],
+        *,
+        settings: Optional[CountSettings] = None,
+        source: str = "counts file",
+    ) -> "CountResult":
         """Rebuild a result from a counts file (``settings`` default: those the metadata records).
 
         Raises InputError naming ``source`` and the field when the metadata lacks one.
@@ -95,18 +105,24 @@ class CountResult:
         try:
             examples = json.loads(metadata.get("invalid_examples") or "[]")
             result = cls(
-                counts=counts, settings=settings if settings is not None else settings_from_metadata(metadata, source=source),
+                counts=counts,
+                settings=settings if settings is not None else settings_from_metadata(metadata, source=source),
                 tokenizer_length=int(metadata["tokenizer_length"]),
-                records_read=int(metadata["records_read"]), records_counted=int(metadata["records_counted"]),
+                records_read=int(metadata["records_read"]),
+                records_counted=int(metadata["records_counted"]),
                 records_skipped_empty=int(metadata["records_skipped_empty"]),
                 records_invalid_skipped=int(metadata["records_invalid_skipped"]),
-                invalid_examples=[str(m) for _, m in examples], invalid_example_indices=[int(i) for i, _ in examples],
-                tokens_counted=int(metadata["tokens_counted"]), files=json.loads(metadata["files"]),
+                invalid_examples=[str(m) for _, m in examples],
+                invalid_example_indices=[int(i) for i, _ in examples],
+                tokens_counted=int(metadata["tokens_counted"]),
+                files=json.loads(metadata["files"]),
                 tokenizer_sha256=metadata.get("tokenizer_sha256", ""),
             )
         except KeyError as exc:
-            raise InputError(f"{source}: metadata field {exc.args[0]!r} is missing; the file was not written by "
-                             "`specforge-vocab count` (or by an older version). Recount it.") from None
+            raise InputError(
+                f"{source}: metadata field {exc.args[0]!r} is missing; the file was not written by "
+                "`specforge-vocab count` (or by an older version). Recount it."
+            ) from None
         except (ValueError, TypeError) as exc:
             raise InputError(f"{source}: the metadata is malformed ({exc}); the file is corrupt. Recount it.") from None
         return result
@@ -119,8 +135,11 @@ class CountResult:
         ]
         shard = self.settings.shard_spec()
         if shard is not None:
-            lines.insert(0, f"shard {shard} (records at position % {shard.count} == {shard.index}; "
-                            "`specforge-vocab merge` sums the shards)")
+            lines.insert(
+                0,
+                f"shard {shard} (records at position % {shard.count} == {shard.index}; "
+                "`specforge-vocab merge` sums the shards)",
+            )
         if self.records_invalid_skipped:
             lines.append(f"invalid records skipped (--skip-invalid): {self.records_invalid_skipped:,}")
             lines.extend(f"  e.g. {m}" for m in self.invalid_examples[:3])
@@ -160,9 +179,15 @@ def resolve_num_workers(settings: CountSettings, files: Sequence[str], shard: Op
     return 1 if size / parts < AUTO_WORKERS_MIN_BYTES else cores
 
 
-def count_dataset(settings: CountSettings, *, progress: bool = False, tallies: Sequence[Tally] = (),
-                  records: Optional[Iterable[Record]] = None, sha256: Callable[[str], str] = sha256_file,
-                  stop: Optional[Callable[[], bool]] = None) -> CountResult:
+def count_dataset(
+    settings: CountSettings,
+    *,
+    progress: bool = False,
+    tallies: Sequence[Tally] = (),
+    records: Optional[Iterable[Record]] = None,
+    sha256: Callable[[str], str] = sha256_file,
+    stop: Optional[Callable[[], bool]] = None,
+) -> CountResult:
     """Count ``settings.dataset_paths`` (or the given ``records``) and report what was read.
 
     Uses ``settings.num_workers`` processes (default: every core; see :func:`resolve_num_workers`);
@@ -175,14 +200,28 @@ def count_dataset(settings: CountSettings, *, progress: bool = False, tallies: S
     top level must guard it with ``if __name__ == "__main__":`` (or pass ``num_workers=1``).
     """
     settings.validate()
-    return count_records(settings, shard=settings.shard_spec(), progress=progress, tallies=tallies,
-                         records=records, sha256=sha256, stop=stop)
+    return count_records(
+        settings,
+        shard=settings.shard_spec(),
+        progress=progress,
+        tallies=tallies,
+        records=records,
+        sha256=sha256,
+        stop=stop,
+    )
 
 
-def count_records(settings: CountSettings, *, shard: Optional[Shard], progress: bool = False,
-                  tallies: Sequence[Tally] = (), records: Optional[Iterable[Record]] = None,
-                  sha256: Callable[[str], str] = sha256_file, stop: Optional[Callable[[], bool]] = None,
-                  check_empty: bool = True) -> CountResult:
+def count_records(
+    settings: CountSettings,
+    *,
+    shard: Optional[Shard],
+    progress: bool = False,
+    tallies: Sequence[Tally] = (),
+    records: Optional[Iterable[Record]] = None,
+    sha256: Callable[[str], str] = sha256_file,
+    stop: Optional[Callable[[], bool]] = None,
+    check_empty: bool = True,
+) -> CountResult:
     """:func:`count_dataset` with the shard given explicitly (the distributed path splits one shard
     further by rank); the result carries ``settings`` as given."""
     files = dataset_files(settings.dataset_paths)
@@ -192,12 +231,13 @@ def count_records(settings: CountSettings, *, shard: Optional[Shard], progress: 
     tallies = list(tallies)
     try:
         if workers > 1:
-
-            totals = count_in_workers(settings, files, workers=workers, shard=shard, tallies=tallies, stats=stats,
-                                      bar=bar, stop=stop)
+            totals = count_in_workers(
+                settings, files, workers=workers, shard=shard, tallies=tallies, stats=stats, bar=bar, stop=stop
+            )
         else:
-            totals = _count_in_process(settings, files, shard=shard, tallies=tallies, stats=stats, records=records,
-                                       bar=bar, stop=stop)
+            totals = _count_in_process(
+                settings, files, shard=shard, tallies=tallies, stats=stats, records=records, bar=bar, stop=stop
+            )
     finally:
         if bar is not None:
             bar.close()
@@ -208,13 +248,21 @@ def count_records(settings: CountSettings, *, shard: Optional[Shard], progress: 
         totals.tokenizer_length = len(tokenizer)
         totals.counts = np.zeros(resolve_vocab_size(tokenizer, settings.target_vocab_size), dtype=np.int64)
     return CountResult(
-        counts=totals.counts, settings=settings, tokenizer_length=totals.tokenizer_length,
-        records_read=totals.records_read, records_counted=totals.records_counted,
-        records_skipped_empty=totals.records_skipped_empty, records_invalid_skipped=stats.invalid_skipped,
-        invalid_examples=list(stats.examples), invalid_example_indices=list(stats.example_indices),
-        tokens_counted=totals.tokens_counted, files=file_infos(files, sha256=sha256),
-        tallies=totals.tallies, tokenizer_sha256=tokenizer_sha256(
-            settings.tokenizer_path, trust_remote_code=settings.trust_remote_code, sha256=sha256),
+        counts=totals.counts,
+        settings=settings,
+        tokenizer_length=totals.tokenizer_length,
+        records_read=totals.records_read,
+        records_counted=totals.records_counted,
+        records_skipped_empty=totals.records_skipped_empty,
+        records_invalid_skipped=stats.invalid_skipped,
+        invalid_examples=list(stats.examples),
+        invalid_example_indices=list(stats.example_indices),
+        tokens_counted=totals.tokens_counted,
+        files=file_infos(files, sha256=sha256),
+        tallies=totals.tallies,
+        tokenizer_sha256=tokenizer_sha256(
+            settings.tokenizer_path, trust_remote_code=settings.trust_remote_code, sha256=sha256
+        ),
     )
 
 
@@ -227,17 +275,28 @@ def check_not_empty(files: Sequence[str], records_read: int, records_counted: in
         )
 
 
-def _count_in_process(settings: CountSettings, files: Sequence[str], *, shard: Optional[Shard],
-                      tallies: List[Tally], stats: ReadStats, records: Optional[Iterable[Record]], bar,
-                      stop: Optional[Callable[[], bool]]) -> Totals:
+def _count_in_process(
+    settings: CountSettings,
+    files: Sequence[str],
+    *,
+    shard: Optional[Shard],
+    tallies: List[Tally],
+    stats: ReadStats,
+    records: Optional[Iterable[Record]],
+    bar,
+    stop: Optional[Callable[[], bool]],
+) -> Totals:
     tokenizer = load_tokenizer(settings.tokenizer_path, trust_remote_code=settings.trust_remote_code)
-    counter = Counter(tokenizer, settings, vocab_size=resolve_vocab_size(tokenizer, settings.target_vocab_size),
-                      tallies=tallies)
+    counter = Counter(
+        tokenizer, settings, vocab_size=resolve_vocab_size(tokenizer, settings.target_vocab_size), tallies=tallies
+    )
     if records is not None:
         add, items = counter.add, (r for r in records if shard is None or shard.contains(r.index))
     else:
-        add, items = counter.add_raw, iter_raw_records(files, sample_size=settings.sample_size, shard=shard,
-                                                       stats=stats)
+        add, items = (
+            counter.add_raw,
+            iter_raw_records(files, sample_size=settings.sample_size, shard=shard, stats=stats),
+        )
     n = 0
     while True:
         try:
@@ -254,9 +313,15 @@ def _count_in_process(settings: CountSettings, files: Sequence[str], *, shard: O
         if stop is not None and n % 256 == 0 and stop():
             raise CountAborted("counting stopped: another rank failed")
     counter.flush()
-    return Totals(counts=counter.counts, tokenizer_length=len(tokenizer), records_read=counter.records_read,
-                  records_counted=counter.records_counted, records_skipped_empty=counter.records_skipped_empty,
-                  tokens_counted=counter.tokens_counted, tallies=tallies)
+    return Totals(
+        counts=counter.counts,
+        tokenizer_length=len(tokenizer),
+        records_read=counter.records_read,
+        records_counted=counter.records_counted,
+        records_skipped_empty=counter.records_skipped_empty,
+        tokens_counted=counter.tokens_counted,
+        tallies=tallies,
+    )
 
 
 def _progress_bar(enabled: bool, files: Sequence[str], sample_size: Optional[int]):
@@ -264,13 +329,28 @@ def _progress_bar(enabled: bool, files: Sequence[str], sample_size: Optional[int
         return None
 
     # disable=None: no bar when stderr is not a terminal (CI logs, pipes).
-    return tqdm(total=sample_size, unit=" records", desc="counting", dynamic_ncols=True, mininterval=0.5,
-                disable=None, leave=False)
+    return tqdm(
+        total=sample_size,
+        unit=" records",
+        desc="counting",
+        dynamic_ncols=True,
+        mininterval=0.5,
+        disable=None,
+        leave=False,
+    )
 
 
-def count_tokens(dataset_paths, tokenizer_path: str, *, chat_template: str, max_length: int = 2048,
-                 is_preformatted: bool = False, train_only_last_turn: bool = False,
-                 sample_size: Optional[int] = None, target_vocab_size: Optional[int] = None) -> np.ndarray:
+def count_tokens(
+    dataset_paths,
+    tokenizer_path: str,
+    *,
+    chat_template: str,
+    max_length: int = 2048,
+    is_preformatted: bool = False,
+    train_only_last_turn: bool = False,
+    sample_size: Optional[int] = None,
+    target_vocab_size: Optional[int] = None,
+) -> np.ndarray:
     """Loss-masked token counts of a SpecForge dataset: int64 array of length V.
 
     ``dataset_paths`` is a path or a list of files/directories, read in order.
@@ -278,8 +358,13 @@ def count_tokens(dataset_paths, tokenizer_path: str, *, chat_template: str, max_
     if isinstance(dataset_paths, (str, os.PathLike)):
         dataset_paths = [os.fspath(dataset_paths)]
     settings = CountSettings(
-        dataset_paths=list(dataset_paths), tokenizer_path=os.fspath(tokenizer_path), chat_template=chat_template,
-        max_length=max_length, is_preformatted=is_preformatted, train_only_last_turn=train_only_last_turn,
-        sample_size=sample_size, target_vocab_size=target_vocab_size,
+        dataset_paths=list(dataset_paths),
+        tokenizer_path=os.fspath(tokenizer_path),
+        chat_template=chat_template,
+        max_length=max_length,
+        is_preformatted=is_preformatted,
+        train_only_last_turn=train_only_last_turn,
+        sample_size=sample_size,
+        target_vocab_size=target_vocab_size,
     )
     return count_dataset(settings).counts

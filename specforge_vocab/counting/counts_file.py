@@ -1,17 +1,20 @@
 """The counts file: tensor ``counts`` (int64 [V]) in a safetensors file, with the counting settings
 and what was read as string metadata. Equal counts and metadata give byte-identical files.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
 from typing import Dict, Tuple
+
 import numpy as np
+from safetensors import SafetensorError, safe_open
+
 from specforge_vocab.counting.engine import CountSettings
 from specforge_vocab.errors import InputError
 from specforge_vocab.fileio import atomic_write, safetensors_bytes
-from safetensors import SafetensorError, safe_open
 
 logger = logging.getLogger(__name__)
 
@@ -27,16 +30,20 @@ def settings_from_metadata(metadata: Dict[str, str], *, source: str = "counts fi
     try:
         return CountSettings(
             dataset_paths=[str(f["path"]) for f in json.loads(metadata["files"])],
-            tokenizer_path=metadata["tokenizer_path"], chat_template=metadata["chat_template"],
-            max_length=int(metadata["max_length"]), is_preformatted=bool(json.loads(metadata["is_preformatted"])),
+            tokenizer_path=metadata["tokenizer_path"],
+            chat_template=metadata["chat_template"],
+            max_length=int(metadata["max_length"]),
+            is_preformatted=bool(json.loads(metadata["is_preformatted"])),
             train_only_last_turn=bool(json.loads(metadata["train_only_last_turn"])),
             sample_size=json.loads(metadata.get("sample_size") or "null"),
             skip_invalid=bool(json.loads(metadata.get("skip_invalid") or "false")),
             shard=metadata.get("shard") or None,
         )
     except KeyError as exc:
-        raise InputError(f"{source}: metadata field {exc.args[0]!r} is missing; the file was not written by "
-                         "`specforge-vocab count` (or by an older version). Recount it.") from None
+        raise InputError(
+            f"{source}: metadata field {exc.args[0]!r} is missing; the file was not written by "
+            "`specforge-vocab count` (or by an older version). Recount it."
+        ) from None
     except (ValueError, TypeError) as exc:
         raise InputError(f"{source}: the metadata is malformed ({exc}); the file is corrupt. Recount it.") from None
 
@@ -65,9 +72,15 @@ def load_counts(path: str, *, flag: str = "--counts") -> Tuple[np.ndarray, Dict[
                 )
             counts = handle.get_tensor(COUNTS_TENSOR)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise InputError(f"{flag} {path} is not a readable safetensors file ({exc}). Recount with `specforge-vocab count`.") from None
+        raise InputError(
+            f"{flag} {path} is not a readable safetensors file ({exc}). Recount with `specforge-vocab count`."
+        ) from None
     if counts.dtype != np.int64 or counts.ndim != 1:
-        raise InputError(f"{flag} {path}: 'counts' must be int64 with shape [V], but got {counts.dtype} {list(counts.shape)}.")
+        raise InputError(
+            f"{flag} {path}: 'counts' must be int64 with shape [V], but got {counts.dtype} {list(counts.shape)}."
+        )
     if (counts < 0).any():
-        raise InputError(f"{flag} {path}: 'counts' must be non-negative, but holds negative values; the file is corrupt.")
+        raise InputError(
+            f"{flag} {path}: 'counts' must be non-negative, but holds negative values; the file is corrupt."
+        )
     return counts, metadata

@@ -9,6 +9,7 @@ be named and memory stays flat however large the data is.
 >>> [(r.line, r.data) for r in iter_records([p])]
 [(1, {'text': 'hi'})]
 """
+
 from __future__ import annotations
 
 import gzip
@@ -19,6 +20,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, List, Optional, Sequence
+
 from specforge_vocab.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -283,7 +285,9 @@ def iter_raw_records(
                     "Datasets must be UTF-8 JSON; re-encode the file."
                 ) from None
             except (OSError, EOFError, gzip.BadGzipFile) as exc:
-                raise InputError(f"{path}: cannot be read to the end ({exc}). The file may be truncated or corrupt.") from None
+                raise InputError(
+                    f"{path}: cannot be read to the end ({exc}). The file may be truncated or corrupt."
+                ) from None
 
 
 def iter_records(

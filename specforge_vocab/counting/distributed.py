@@ -20,6 +20,7 @@ Shard(index=1, count=4)
 >>> rank_shard(Shard(1, 2), 1, 3)
 Shard(index=3, count=6)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,14 +30,16 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+
 import numpy as np
+
+from specforge_vocab.counting import cache
 from specforge_vocab.counting.count import CountResult, check_not_empty, count_dataset, count_records
 from specforge_vocab.counting.data import Shard
 from specforge_vocab.counting.engine import CountAborted, CountSettings, Tally
 from specforge_vocab.errors import InputError, SpecForgeVocabError
-from specforge_vocab.counting import cache
-from datetime import timedelta
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +104,9 @@ class Session:
         return dist.get_global_rank(self.group, group_rank)
 
     # -- errors
-    def agree(self, fn: Callable[[], Any], *, abort_key: Optional[str] = None,
-              info: Callable[[Any], Any] = lambda value: None) -> Tuple[Any, List[Any]]:
+    def agree(
+        self, fn: Callable[[], Any], *, abort_key: Optional[str] = None, info: Callable[[Any], Any] = lambda value: None
+    ) -> Tuple[Any, List[Any]]:
         """Run ``fn`` here, then exchange statuses: (fn's value, every rank's ``info(value)``).
 
         If any rank failed, every rank raises the first failing rank's error (same message). A
@@ -129,7 +133,9 @@ class Session:
                     raise error
                 if kind == "input":
                     raise InputError(detail)
-                raise RankFailed(f"rank {r} of {self.world_size} failed: {detail} (see that rank's log for the traceback).")
+                raise RankFailed(
+                    f"rank {r} of {self.world_size} failed: {detail} (see that rank's log for the traceback)."
+                )
         if any(kind == "aborted" for kind, _ in statuses):  # pragma: no cover - a stale abort flag
             raise RankFailed("a rank stopped counting because another signalled a failure that none reported.")
         return value, [detail for _, detail in statuses]
@@ -251,8 +257,14 @@ def on_rank_zero(fn: Callable[[], Any]) -> Any:
         return session.on_rank_zero(fn)
 
 
-def count_dataset_distributed(settings: CountSettings, *, progress: bool = False, tallies: Sequence[Tally] = (),
-                              cache_dir: Optional[str] = None, force: bool = False) -> CountResult:
+def count_dataset_distributed(
+    settings: CountSettings,
+    *,
+    progress: bool = False,
+    tallies: Sequence[Tally] = (),
+    cache_dir: Optional[str] = None,
+    force: bool = False,
+) -> CountResult:
     """``count_dataset(settings)`` split over the ranks of a torch.distributed job; same result on every rank.
 
     With ``cache_dir``, rank 0 looks the counts up in the counts cache (see counting/cache.py); a hit is
@@ -263,14 +275,16 @@ def count_dataset_distributed(settings: CountSettings, *, progress: bool = False
     with distributed_session() as session:
         if session is None:
             if cache_dir is not None:
-                return cache.cached_count(settings, cache_dir=cache_dir, progress=progress, force=force,
-                                          tallies=tallies)[0]
+                return cache.cached_count(
+                    settings, cache_dir=cache_dir, progress=progress, force=force, tallies=tallies
+                )[0]
             return count_dataset(settings, progress=progress, tallies=tallies)
         show = progress and session.rank == 0
         session.agree(settings.validate)
         abort_key = session.broadcast_object(f"specforge_vocab/abort/{uuid.uuid4().hex}")
         fingerprint = memo = None
         if cache_dir is not None:
+
             def look_up():
                 nonlocal fingerprint, memo
                 memo = cache.memo_for(cache_dir)
@@ -288,14 +302,22 @@ def count_dataset_distributed(settings: CountSettings, *, progress: bool = False
         mine = rank_shard(settings.shard_spec(), session.rank, session.world_size)
 
         def count_mine() -> CountResult:
-            return count_records(settings, shard=mine, progress=show, tallies=tallies, check_empty=False,
-                                 stop=session.stop_flag(abort_key))
+            return count_records(
+                settings,
+                shard=mine,
+                progress=show,
+                tallies=tallies,
+                check_empty=False,
+                stop=session.stop_flag(abort_key),
+            )
 
-        local, identities = session.agree(count_mine, abort_key=abort_key,
-                                          info=lambda r: (r.vocab_size, r.tokenizer_sha256, r.files))
+        local, identities = session.agree(
+            count_mine, abort_key=abort_key, info=lambda r: (r.vocab_size, r.tokenizer_sha256, r.files)
+        )
         _check_same_inputs(identities, session.rank)
         result = _sum_over_ranks(session, settings, local, tallies)
         if cache_dir is not None:
+
             def store() -> None:
                 cache.store_cached(cache.cache_entry_path(cache_dir, fingerprint), result, fingerprint)
                 memo.save()
@@ -310,23 +332,43 @@ def _check_same_inputs(identities: List[Tuple[int, str, list]], rank: int) -> No
     for r, other in enumerate(identities[1:], start=1):
         for position, what in ((0, "vocabulary size V"), (1, "tokenizer (sha256 of its files)")):
             if other[position] != first[position]:
-                raise InputError(f"rank 0 and rank {r} counted with different {what}: {first[position]} vs "
-                                 f"{other[position]}. Every rank must see the same --tokenizer-path contents.")
+                raise InputError(
+                    f"rank 0 and rank {r} counted with different {what}: {first[position]} vs "
+                    f"{other[position]}. Every rank must see the same --tokenizer-path contents."
+                )
         sums_0 = [(f["size"], f["sha256"]) for f in first[2]]
         sums_r = [(f["size"], f["sha256"]) for f in other[2]]
         if sums_0 != sums_r:
-            raise InputError(f"rank 0 and rank {r} read different data files: {[f['path'] for f in first[2]]} vs "
-                             f"{[f['path'] for f in other[2]]} (sizes or sha256 differ). Every rank must read the "
-                             "same, unchanged --dataset-path files.")
+            raise InputError(
+                f"rank 0 and rank {r} read different data files: {[f['path'] for f in first[2]]} vs "
+                f"{[f['path'] for f in other[2]]} (sizes or sha256 differ). Every rank must read the "
+                "same, unchanged --dataset-path files."
+            )
 
 
-def _sum_over_ranks(session: Session, settings: CountSettings, local: CountResult,
-                    tallies: Sequence[Tally]) -> CountResult:
+def _sum_over_ranks(
+    session: Session, settings: CountSettings, local: CountResult, tallies: Sequence[Tally]
+) -> CountResult:
     counts = session.all_reduce_int64(local.counts)
-    totals = session.all_reduce_int64(np.array([local.records_read, local.records_counted, local.records_skipped_empty,
-                                                local.records_invalid_skipped, local.tokens_counted], dtype=np.int64))
-    gathered = session.all_gather_object((list(zip(local.invalid_example_indices, local.invalid_examples)),
-                                          local.tallies if tallies else [], local.files))
+    totals = session.all_reduce_int64(
+        np.array(
+            [
+                local.records_read,
+                local.records_counted,
+                local.records_skipped_empty,
+                local.records_invalid_skipped,
+                local.tokens_counted,
+            ],
+            dtype=np.int64,
+        )
+    )
+    gathered = session.all_gather_object(
+        (
+            list(zip(local.invalid_example_indices, local.invalid_examples)),
+            local.tallies if tallies else [],
+            local.files,
+        )
+    )
     examples = sorted((pair for ex, _, _ in gathered for pair in ex), key=lambda pair: pair[0])[:5]
     for r, (_, theirs, _) in enumerate(gathered):
         if r != session.rank:
@@ -336,8 +378,17 @@ def _sum_over_ranks(session: Session, settings: CountSettings, local: CountResul
     files = gathered[0][2]  # rank 0's paths, so every rank returns the same result
     check_not_empty([str(f["path"]) for f in files], records_read, records_counted, invalid)
     return CountResult(
-        counts=counts, settings=settings, tokenizer_length=local.tokenizer_length, records_read=records_read,
-        records_counted=records_counted, records_skipped_empty=skipped_empty, records_invalid_skipped=invalid,
-        invalid_examples=[m for _, m in examples], invalid_example_indices=[i for i, _ in examples],
-        tokens_counted=tokens, files=files, tallies=local.tallies, tokenizer_sha256=local.tokenizer_sha256,
+        counts=counts,
+        settings=settings,
+        tokenizer_length=local.tokenizer_length,
+        records_read=records_read,
+        records_counted=records_counted,
+        records_skipped_empty=skipped_empty,
+        records_invalid_skipped=invalid,
+        invalid_examples=[m for _, m in examples],
+        invalid_example_indices=[i for i, _ in examples],
+        tokens_counted=tokens,
+        files=files,
+        tallies=local.tallies,
+        tokenizer_sha256=local.tokenizer_sha256,
     )

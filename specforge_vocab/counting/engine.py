@@ -8,18 +8,21 @@ the same pass (held-out splits and bootstrap replicates in choosing/holdout.py).
 >>> add_ids(np.zeros(5, dtype=np.int64), np.array([1, 1, 4]))
 array([0, 2, 0, 0, 1])
 """
+
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
+
 import numpy as np
+
 from specforge_vocab.counting.data import RawRecord, ReadStats, Record, Shard
 from specforge_vocab.counting.masking import MaskEngine, render_record
 from specforge_vocab.counting.templates import canonical_template_name, get_template, template_names
 from specforge_vocab.errors import InputError, SpecForgeVocabError, ValidatedSettings, must
-import copy
 
 logger = logging.getLogger(__name__)
 
@@ -67,15 +70,19 @@ class CountSettings(ValidatedSettings):
         if not self.tokenizer_path:
             out.append("--tokenizer-path must name the target model's tokenizer directory, but got nothing.")
         elif not os.path.isdir(self.tokenizer_path):
-            out.append(f"--tokenizer-path {self.tokenizer_path} must be a directory holding tokenizer.json, but it "
-                       "does not exist. Point it at the target model's tokenizer folder.")
+            out.append(
+                f"--tokenizer-path {self.tokenizer_path} must be a directory holding tokenizer.json, but it "
+                "does not exist. Point it at the target model's tokenizer folder."
+            )
         if canonical_template_name(self.chat_template) not in template_names():
             out.append(must("--chat-template", f"one of {', '.join(template_names())}", self.chat_template))
         if not isinstance(self.max_length, int) or self.max_length < 1:
             out.append(must("--max-length", "a positive integer", self.max_length))
         if self.sample_size is not None and (not isinstance(self.sample_size, int) or self.sample_size < 1):
             out.append(must("--sample-size", "a positive integer", self.sample_size))
-        if self.target_vocab_size is not None and (not isinstance(self.target_vocab_size, int) or self.target_vocab_size < 1):
+        if self.target_vocab_size is not None and (
+            not isinstance(self.target_vocab_size, int) or self.target_vocab_size < 1
+        ):
             out.append(must("--target-vocab-size", "a positive integer", self.target_vocab_size))
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             out.append(must("--batch-size", "a positive integer", self.batch_size))
@@ -130,8 +137,12 @@ class Counter:
         self.tokenizer = tokenizer
         self.settings = settings
         self.template = get_template(settings.chat_template)
-        self.engine = MaskEngine(tokenizer, max_length=settings.max_length, template=self.template,
-                                 train_only_last_turn=settings.train_only_last_turn)
+        self.engine = MaskEngine(
+            tokenizer,
+            max_length=settings.max_length,
+            template=self.template,
+            train_only_last_turn=settings.train_only_last_turn,
+        )
         self.counts = np.zeros(vocab_size, dtype=np.int64)
         self.tallies = list(tallies)
         self.records_read = 0
@@ -159,8 +170,14 @@ class Counter:
     def add(self, record: Record, stats: ReadStats) -> None:
         self.records_read += 1
         try:
-            text = render_record(record.data, template=self.template, tokenizer=self.tokenizer,
-                                 is_preformatted=self.settings.is_preformatted, source=record.source, line=record.line)
+            text = render_record(
+                record.data,
+                template=self.template,
+                tokenizer=self.tokenizer,
+                is_preformatted=self.settings.is_preformatted,
+                source=record.source,
+                line=record.line,
+            )
         except InputError as exc:
             self._invalid(exc, record.index, stats)
             return

@@ -16,12 +16,15 @@ last added token that ends at or before ``c`` plus ``encode(text[p:c])``, where
 added token and the tail of a header) and repeats, so its length is cached.
 With no added token before ``c`` the whole prefix is encoded, as SpecForge does.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
 import numpy as np
+
 from specforge_vocab.counting.templates import ChatTemplate
 from specforge_vocab.errors import InputError, short, where
 
@@ -69,7 +72,10 @@ def normalize_messages(raw: Any, *, source: str = "input", line: Optional[int] =
                     f"{type(value).__name__} {short(value)}. Flatten multimodal or structured content to text."
                 )
         # SpecForge: content, else value, else "" (an empty content falls through to value).
-        normalized = {"role": ROLE_ALIASES.get(role, role), "content": message.get("content") or message.get("value") or ""}
+        normalized = {
+            "role": ROLE_ALIASES.get(role, role),
+            "content": message.get("content") or message.get("value") or "",
+        }
         if isinstance(message.get("tool_calls"), (list, str)):
             normalized["tool_calls"] = _tool_calls(message["tool_calls"])
         messages.append(normalized)
@@ -144,8 +150,15 @@ def render_fallback(messages: Sequence[Dict[str, Any]], template: ChatTemplate, 
     return "".join(parts)
 
 
-def render_record(data: Any, *, template: ChatTemplate, tokenizer, is_preformatted: bool,
-                  source: str = "input", line: Optional[int] = None) -> Optional[str]:
+def render_record(
+    data: Any,
+    *,
+    template: ChatTemplate,
+    tokenizer,
+    is_preformatted: bool,
+    source: str = "input",
+    line: Optional[int] = None,
+) -> Optional[str]:
     """The text SpecForge tokenizes for one record, or None for a record it skips (empty)."""
     if not isinstance(data, dict):
         raise InputError(
@@ -166,8 +179,7 @@ def render_record(data: Any, *, template: ChatTemplate, tokenizer, is_preformatt
     if "conversations" not in data:
         hint = " Pass --is-preformatted for records with a 'text' field." if "text" in data else ""
         raise InputError(
-            f"{where(source, line)}: every record needs a 'conversations' field, but this one has "
-            f"{sorted(data)}.{hint}"
+            f"{where(source, line)}: every record needs a 'conversations' field, but this one has {sorted(data)}.{hint}"
         )
     raw = data["conversations"]
     if not raw:
@@ -192,7 +204,9 @@ def _record_tools(value):
     return value if isinstance(value, list) else []
 
 
-def assistant_char_spans(text: str, template: ChatTemplate, *, train_only_last_turn: bool = False) -> List[Tuple[int, int]]:
+def assistant_char_spans(
+    text: str, template: ChatTemplate, *, train_only_last_turn: bool = False
+) -> List[Tuple[int, int]]:
     """Character spans of the assistant replies (each including its end-of-turn marker).
 
     >>> from .templates import get_template
@@ -302,7 +316,7 @@ class MaskEngine:
 
     def _truncate(self, full: np.ndarray) -> np.ndarray:
         n = min(len(full), self.max_length)
-        return full[len(full) - n:] if self.left_truncation else full[:n]
+        return full[len(full) - n :] if self.left_truncation else full[:n]
 
     def loss_mask(self, text: str, encoding) -> Tuple[np.ndarray, np.ndarray]:
         """(ids, mask) exactly as SpecForge computes them: ids truncated to max_length, mask int8."""
@@ -326,5 +340,5 @@ class MaskEngine:
                 mask[start:end] = bool(value)
             return ids[mask]
         if len(ranges) == 1:
-            return ids[ranges[0][0]:ranges[0][1]]
+            return ids[ranges[0][0] : ranges[0][1]]
         return np.concatenate([ids[start:end] for start, end, _ in ranges])

@@ -12,23 +12,28 @@ The result is the counts file of an unsharded count of the same data: the same b
 >>> merge_shard_numbers(["0/2", "1/2"], ["a", "b"])
 2
 """
+
 from __future__ import annotations
 
 import json
 import logging
 from dataclasses import replace
 from typing import Dict, List, Sequence
+
+import numpy as np
+
 from specforge_vocab.counting.count import CountResult, check_not_empty
 from specforge_vocab.counting.counts_file import load_counts, save_counts, settings_from_metadata
 from specforge_vocab.counting.data import Shard
 from specforge_vocab.errors import InputError
-import numpy as np
 
 logger = logging.getLogger(__name__)
 
 
-FIX = ("Only the shard files of one `specforge-vocab count` run (the same data, tokenizer and options, "
-       "each with its own --shard i/n) can be merged")
+FIX = (
+    "Only the shard files of one `specforge-vocab count` run (the same data, tokenizer and options, "
+    "each with its own --shard i/n) can be merged"
+)
 
 
 # (metadata key, what the message calls it)
@@ -45,7 +50,9 @@ SAME_FIELDS = [
 
 
 def _differ(a: str, b: str, what: str, va: object, vb: object, fix: str = "") -> InputError:
-    return InputError(f"merge: {a} and {b} differ in {what}: {va} vs {vb}. {FIX}; {fix or f'recount {b} with the settings of {a}.'}")
+    return InputError(
+        f"merge: {a} and {b} differ in {what}: {va} vs {vb}. {FIX}; {fix or f'recount {b} with the settings of {a}.'}"
+    )
 
 
 def check_same_count(paths: Sequence[str], metadatas: Sequence[Dict[str, str]]) -> None:
@@ -55,10 +62,14 @@ def check_same_count(paths: Sequence[str], metadatas: Sequence[Dict[str, str]]) 
         ta, tb = first.get("tokenizer_sha256", ""), meta.get("tokenizer_sha256", "")
         if ta and tb:
             if ta != tb:
-                raise _differ(a, b, "tokenizer (sha256 of its files)",
-                              f"{ta[:16]}... at {first.get('tokenizer_path')}",
-                              f"{tb[:16]}... at {meta.get('tokenizer_path')}",
-                              "count every shard with the same --tokenizer-path.")
+                raise _differ(
+                    a,
+                    b,
+                    "tokenizer (sha256 of its files)",
+                    f"{ta[:16]}... at {first.get('tokenizer_path')}",
+                    f"{tb[:16]}... at {meta.get('tokenizer_path')}",
+                    "count every shard with the same --tokenizer-path.",
+                )
         elif first.get("tokenizer_path") != meta.get("tokenizer_path"):
             raise _differ(a, b, "tokenizer_path", repr(first.get("tokenizer_path")), repr(meta.get("tokenizer_path")))
         for key, what in SAME_FIELDS:
@@ -66,12 +77,24 @@ def check_same_count(paths: Sequence[str], metadatas: Sequence[Dict[str, str]]) 
                 raise _differ(a, b, what, first.get(key), meta.get(key))
         files_a, files_b = json.loads(first["files"]), json.loads(meta["files"])
         if len(files_a) != len(files_b):
-            raise _differ(a, b, "data files", f"{len(files_a)} files ({_names(files_a)})",
-                          f"{len(files_b)} files ({_names(files_b)})", "count every shard with the same --dataset-path.")
+            raise _differ(
+                a,
+                b,
+                "data files",
+                f"{len(files_a)} files ({_names(files_a)})",
+                f"{len(files_b)} files ({_names(files_b)})",
+                "count every shard with the same --dataset-path.",
+            )
         for n, (fa, fb) in enumerate(zip(files_a, files_b), start=1):
             if (fa["size"], fa["sha256"]) != (fb["size"], fb["sha256"]):
-                raise _differ(a, b, f"data file {n}", _file(fa), _file(fb),
-                              "count every shard from the same, unchanged data files in the same order.")
+                raise _differ(
+                    a,
+                    b,
+                    f"data file {n}",
+                    _file(fa),
+                    _file(fb),
+                    "count every shard from the same, unchanged data files in the same order.",
+                )
 
 
 def _names(files: List[dict]) -> str:
@@ -95,8 +118,10 @@ def merge_shard_numbers(shards: Sequence[str], paths: Sequence[str]) -> int:
         )
     if unsharded:
         if len(paths) == 1:
-            raise InputError(f"merge: {paths[0]} is an unsharded count already; there is nothing to merge. "
-                             "Use it as it is (optimize --counts).")
+            raise InputError(
+                f"merge: {paths[0]} is an unsharded count already; there is nothing to merge. "
+                "Use it as it is (optimize --counts)."
+            )
         raise InputError(
             f"merge: {paths[0]} and {paths[1]} are both unsharded counts of the same data: they overlap, every record "
             f"would be counted twice. {FIX}."
@@ -132,19 +157,22 @@ def merge_shard_numbers(shards: Sequence[str], paths: Sequence[str]) -> int:
 def merge_counts(paths: Sequence[str]) -> "CountResult":
     """Sum the shard counts files ``paths`` (any order) into the result of an unsharded count."""
 
-
     if not paths:
         raise InputError("merge needs the counts files of every shard, but got none.")
     loaded = [load_counts(p, flag="merge input") for p in paths]
     for path, (_, meta) in zip(paths, loaded):
         if meta.get("format") != "specforge-vocab-counts":
-            raise InputError(f"merge: {path} is not a counts file of `specforge-vocab count` (format "
-                             f"{meta.get('format')!r}, expected 'specforge-vocab-counts'). Pass the --output files of "
-                             "`specforge-vocab count --shard i/n`.")
+            raise InputError(
+                f"merge: {path} is not a counts file of `specforge-vocab count` (format "
+                f"{meta.get('format')!r}, expected 'specforge-vocab-counts'). Pass the --output files of "
+                "`specforge-vocab count --shard i/n`."
+            )
         for key in ["files", "tokenizer_path", "records_read", "tokens_counted"] + [k for k, _ in SAME_FIELDS]:
             if key not in meta:
-                raise InputError(f"merge: {path} has no metadata field {key!r}; it was written by another tool or "
-                                 "version. Recount it with `specforge-vocab count`.")
+                raise InputError(
+                    f"merge: {path} has no metadata field {key!r}; it was written by another tool or "
+                    "version. Recount it with `specforge-vocab count`."
+                )
     metadatas = [meta for _, meta in loaded]
     check_same_count(paths, metadatas)
     merge_shard_numbers([meta.get("shard", "") for meta in metadatas], paths)
@@ -153,20 +181,31 @@ def merge_counts(paths: Sequence[str]) -> "CountResult":
     counts = np.zeros_like(parts[0].counts)
     for part in parts:
         counts += part.counts
-    examples = sorted(((i, m) for part in parts for i, m in zip(part.invalid_example_indices, part.invalid_examples)),
-                      key=lambda pair: pair[0])[:5]
+    examples = sorted(
+        ((i, m) for part in parts for i, m in zip(part.invalid_example_indices, part.invalid_examples)),
+        key=lambda pair: pair[0],
+    )[:5]
     first = parts[0]
     merged = CountResult(
-        counts=counts, settings=replace(settings_from_metadata(metadatas[order[0]], source=paths[order[0]]), shard=None),
+        counts=counts,
+        settings=replace(settings_from_metadata(metadatas[order[0]], source=paths[order[0]]), shard=None),
         tokenizer_length=first.tokenizer_length,
-        records_read=sum(p.records_read for p in parts), records_counted=sum(p.records_counted for p in parts),
+        records_read=sum(p.records_read for p in parts),
+        records_counted=sum(p.records_counted for p in parts),
         records_skipped_empty=sum(p.records_skipped_empty for p in parts),
         records_invalid_skipped=sum(p.records_invalid_skipped for p in parts),
-        invalid_examples=[m for _, m in examples], invalid_example_indices=[i for i, _ in examples],
-        tokens_counted=sum(p.tokens_counted for p in parts), files=first.files, tokenizer_sha256=first.tokenizer_sha256,
+        invalid_examples=[m for _, m in examples],
+        invalid_example_indices=[i for i, _ in examples],
+        tokens_counted=sum(p.tokens_counted for p in parts),
+        files=first.files,
+        tokenizer_sha256=first.tokenizer_sha256,
     )
-    check_not_empty([str(f["path"]) for f in first.files], merged.records_read, merged.records_counted,
-                    merged.records_invalid_skipped)
+    check_not_empty(
+        [str(f["path"]) for f in first.files],
+        merged.records_read,
+        merged.records_counted,
+        merged.records_invalid_skipped,
+    )
     return merged
 
 

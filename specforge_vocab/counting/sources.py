@@ -6,6 +6,7 @@ spread over the ranks in one way only.
 
 >>> counted = obtain_counts(None, counts_path=None)  # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,9 +40,17 @@ class Counted:
         return self.result.tallies if self.result is not None else ()
 
 
-def obtain_counts(settings: Optional[CountSettings], *, counts_path: Optional[str] = None,
-                  cache_dir: Optional[str] = None, force: bool = False, distributed: bool = False,
-                  progress: bool = False, tallies: Sequence[Tally] = (), flag: str = "--counts") -> Counted:
+def obtain_counts(
+    settings: Optional[CountSettings],
+    *,
+    counts_path: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    force: bool = False,
+    distributed: bool = False,
+    progress: bool = False,
+    tallies: Sequence[Tally] = (),
+    flag: str = "--counts",
+) -> Counted:
     """Counts from ``counts_path`` (a file of `specforge-vocab count`), else counted from ``settings``.
 
     ``cache_dir`` reuses (and stores) counts by a fingerprint of the data, tokenizer and options
@@ -55,14 +64,17 @@ def obtain_counts(settings: Optional[CountSettings], *, counts_path: Optional[st
     if settings is None:
         raise ValueError("obtain_counts needs count settings or a counts file")
     if distributed:
-        result = count_dataset_distributed(settings, progress=progress, tallies=tallies, cache_dir=cache_dir,
-                                           force=force)
+        result = count_dataset_distributed(
+            settings, progress=progress, tallies=tallies, cache_dir=cache_dir, force=force
+        )
         return Counted(result.counts, result.metadata(), result)
     if cache_dir is None:
         result = count_dataset(settings, progress=progress, tallies=tallies)
         return Counted(result.counts, result.metadata(), result)
     result, hit = cached_count(settings, cache_dir=cache_dir, progress=progress, force=force, tallies=tallies)
     if hit:
-        logger.warning("Reusing the counts cached in %s (same data, tokenizer and settings; --no-cache recounts).",
-                       os.path.join(cache_dir, COUNTS_SUBDIR))
+        logger.warning(
+            "Reusing the counts cached in %s (same data, tokenizer and settings; --no-cache recounts).",
+            os.path.join(cache_dir, COUNTS_SUBDIR),
+        )
     return Counted(result.counts, result.metadata(), result, cache_hit=hit)

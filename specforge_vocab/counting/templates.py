@@ -8,6 +8,7 @@ The strings come from SpecForge's template registry (resources/templates.json).
 >>> bool(t.assistant_pattern.match("<|start_header_id|>assistant<|end_header_id|>\\n\\nHi<|eot_id|>"))
 True
 """
+
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from typing import Dict, Optional, Tuple
+
 from specforge_vocab.errors import InputError
 
 

@@ -1,15 +1,17 @@
 """Load a Hugging Face fast tokenizer from a local directory, never running remote code by default."""
+
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from functools import lru_cache
-
-logger = logging.getLogger(__name__)
 from typing import Callable, List
+
 from specforge_vocab.errors import InputError
 from specforge_vocab.fileio import sha256_file
-import hashlib
+
+logger = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=4)
@@ -35,18 +37,37 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, flag: str = "-
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except Exception as exc:  # transformers raises many types here
-        hint = " It asks to run its own code: pass --trust-remote-code if you trust it." if "trust_remote_code" in str(exc) else ""
+        hint = (
+            " It asks to run its own code: pass --trust-remote-code if you trust it."
+            if "trust_remote_code" in str(exc)
+            else ""
+        )
         detail = " ".join(str(exc).split())  # one paragraph, whatever transformers printed
-        raise InputError(f"{flag} {path}: the tokenizer cannot be loaded ({type(exc).__name__}: {detail}).{hint}") from None
+        raise InputError(
+            f"{flag} {path}: the tokenizer cannot be loaded ({type(exc).__name__}: {detail}).{hint}"
+        ) from None
     if not getattr(tokenizer, "is_fast", False):
         raise InputError(f"{flag} {path}: a fast tokenizer is required, but {type(tokenizer).__name__} was loaded.")
     return tokenizer
 
 
 # Files of a tokenizer directory that decide how it tokenizes and renders (weights never are).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json", "config.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.txt", "tiktoken.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "config.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.txt",
+    "tiktoken.model",
+)
 
 
 def tokenizer_files(path: str, *, trust_remote_code: bool = False) -> List[str]:

@@ -19,6 +19,7 @@ At most ``2 * workers + 2`` chunks are in flight or waiting to be merged, so mem
 No worker outlives :func:`count_in_workers`: on success, error or interrupt the pool is
 shut down and joined.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,12 +29,14 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
 import numpy as np
+
+from specforge_vocab.counting import engine
 from specforge_vocab.counting.data import RawRecord, ReadStats, Shard, iter_raw_records
-from specforge_vocab.counting.engine import CountAborted, CountSettings, Counter, Tally, Totals, resolve_vocab_size
+from specforge_vocab.counting.engine import CountAborted, Counter, CountSettings, Tally, Totals, resolve_vocab_size
 from specforge_vocab.counting.tokenizer import load_tokenizer
 from specforge_vocab.errors import InputError, SpecForgeVocabError
-from specforge_vocab.counting import engine
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +45,9 @@ logger = logging.getLogger(__name__)
 Chunk = Tuple[str, bool, List[Tuple[int, int, Any]]]
 
 
-def iter_chunks(raws: Iterator[RawRecord], *, records: Optional[int] = None, size: Optional[int] = None) -> Iterator[Chunk]:
+def iter_chunks(
+    raws: Iterator[RawRecord], *, records: Optional[int] = None, size: Optional[int] = None
+) -> Iterator[Chunk]:
     """Group raw records into chunks of one file, at most ``records`` long or about ``size`` bytes
     (default: engine.CHUNK_RECORDS and CHUNK_BYTES)."""
 
@@ -109,7 +114,6 @@ def _init_worker(settings: CountSettings, tallies: List[Tally]) -> None:
 def _counter() -> Counter:
     global _COUNTER
     if _COUNTER is None:
-
         settings = _SETTINGS
         tokenizer = load_tokenizer(settings.tokenizer_path, trust_remote_code=settings.trust_remote_code)
         _COUNTER = Counter(tokenizer, settings, vocab_size=resolve_vocab_size(tokenizer, settings.target_vocab_size))
@@ -137,9 +141,19 @@ def count_chunk(chunk: Chunk) -> ChunkResult:
     ids = np.flatnonzero(counter.counts)
     values = counter.counts[ids].copy()
     counter.counts[ids] = 0
-    return ChunkResult(ids, values, counter.records_read, counter.records_counted, counter.records_skipped_empty,
-                       counter.tokens_counted, skips.all, counter.tallies, error, len(counter.tokenizer),
-                       int(counter.counts.shape[0]))
+    return ChunkResult(
+        ids,
+        values,
+        counter.records_read,
+        counter.records_counted,
+        counter.records_skipped_empty,
+        counter.tokens_counted,
+        skips.all,
+        counter.tallies,
+        error,
+        len(counter.tokenizer),
+        int(counter.counts.shape[0]),
+    )
 
 
 def worker_context():
@@ -166,9 +180,17 @@ def _merge(totals: Totals, result: ChunkResult, stats: ReadStats) -> None:
         mine.merge(theirs)
 
 
-def count_in_workers(settings: CountSettings, files: Sequence[str], *, workers: int, shard: Optional[Shard],
-                     tallies: Sequence[Tally], stats: ReadStats, bar=None,
-                     stop: Optional[Callable[[], bool]] = None) -> Totals:
+def count_in_workers(
+    settings: CountSettings,
+    files: Sequence[str],
+    *,
+    workers: int,
+    shard: Optional[Shard],
+    tallies: Sequence[Tally],
+    stats: ReadStats,
+    bar=None,
+    stop: Optional[Callable[[], bool]] = None,
+) -> Totals:
     """Count ``files`` with ``workers`` processes; see the module docstring for the guarantees."""
     totals = Totals(tallies=list(tallies))
     templates = [t.fresh() for t in tallies]
@@ -179,8 +201,9 @@ def count_in_workers(settings: CountSettings, files: Sequence[str], *, workers: 
     error: Optional[Tuple[int, BaseException]] = None  # (chunk number, error): the earliest wins
     sent = merged = 0
     exhausted = aborted = False
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=worker_context(),
-                               initializer=_init_worker, initargs=(settings, templates))
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=worker_context(), initializer=_init_worker, initargs=(settings, templates)
+    )
     try:
         while True:
             while not exhausted and error is None and len(pending) + len(finished) < max_in_flight:
@@ -204,7 +227,7 @@ def count_in_workers(settings: CountSettings, files: Sequence[str], *, workers: 
                 except BrokenProcessPool:
                     raise SpecForgeVocabError(
                         "A counting worker process died (killed for memory, or a crash; a script that starts "
-                        "counting at its top level needs `if __name__ == \"__main__\":`). Rerun with "
+                        'counting at its top level needs `if __name__ == "__main__":`). Rerun with '
                         "--num-workers 1 to count in this process, or with fewer workers."
                     ) from None
                 finished[number] = result

@@ -5,6 +5,7 @@ d2t/t2d mapping, and write safetensors files tensor by tensor.
 A draft's LM-head row ``i`` predicts target id ``i + d2t[i]`` (docs/SPECFORGE.md section 1), so
 :func:`draft_vocabulary` refuses a checkpoint whose rows cannot be identified: k < V and no mapping.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,6 +16,7 @@ import os
 import shutil
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
@@ -57,10 +59,23 @@ HEAD_TENSORS = ("lm_head.weight", "lm_head.bias")
 
 
 _SAFE_DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "F4": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 
 
@@ -89,6 +104,7 @@ def find_head_names(shapes: Mapping[str, Sequence[int]], *, source: str = "check
     containing "d2t" or "t2d" is refused as ambiguous, as is any other
     ``lm_head.*`` tensor (a quantisation scale, say) that trimming cannot slice.
     """
+
     def unique(base: str) -> Optional[str]:
         hits = [n for n in shapes if _is_named(n, base)]
         if len(hits) > 1:
@@ -119,7 +135,8 @@ def other_draft_sized(shapes: Mapping[str, Sequence[int]], names: HeadNames, dra
     """Tensors left unchanged although one of their dimensions equals draft_vocab_size (reported, not sliced)."""
     skip = set(names.sliced) | {names.d2t, names.t2d}
     return [
-        n for n, shape in shapes.items()
+        n
+        for n, shape in shapes.items()
         if n not in skip and not _is_named(n, "embed_tokens.weight") and draft_vocab_size in tuple(shape)
     ]
 
@@ -135,9 +152,21 @@ class TensorInfo:
 
 # torch dtype name -> safetensors dtype code.
 SAFETENSORS_DTYPE_CODES = {
-    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64",
-    "uint16": "U16", "uint32": "U32", "uint64": "U64", "float16": "F16", "bfloat16": "BF16", "float32": "F32",
-    "float64": "F64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "int16": "I16",
+    "int32": "I32",
+    "int64": "I64",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float32": "F32",
+    "float64": "F64",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
 }
 
 
@@ -201,6 +230,7 @@ class DraftCheckpoint:
 
 def _load_bin(path: str) -> "OrderedDict[str, torch.Tensor]":
     import torch
+
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure means the file is unusable here
@@ -243,8 +273,10 @@ def _read_json(path: str, what: str) -> Tuple[str, Any]:
 
 def _index_files(index_path: str, index: Any) -> Tuple[Dict[str, str], List[str]]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    if (
+        not isinstance(weight_map, dict)
+        or not weight_map
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())
     ):
         raise InputError(
             f"{index_path}: field 'weight_map' must be a non-empty object mapping tensor names to shard files, but "
@@ -353,7 +385,9 @@ def _safetensors_infos(path: str, file: str) -> Tuple[List[TensorInfo], Optional
                 nbytes = math.prod(shape) * size if size is not None else 0
                 infos.append(TensorInfo(name, file, dtype, shape, nbytes))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise InputError(f"{path} is not a readable safetensors file ({exc}). Re-download or re-save the draft.") from None
+        raise InputError(
+            f"{path} is not a readable safetensors file ({exc}). Re-download or re-save the draft."
+        ) from None
     return infos, (dict(meta) if meta is not None else None)
 
 
@@ -375,7 +409,9 @@ class DraftVocabulary:
         return kept_ids_from_d2t(self.d2t)
 
 
-def _check_shapes(ckpt: DraftCheckpoint, names: HeadNames, arch: DraftArchitecture, config_k: int, has_key: bool) -> None:
+def _check_shapes(
+    ckpt: DraftCheckpoint, names: HeadNames, arch: DraftArchitecture, config_k: int, has_key: bool
+) -> None:
     where = f"{ckpt.directory}"
     if names.weight is None:
         raise InputError(
@@ -384,7 +420,8 @@ def _check_shapes(ckpt: DraftCheckpoint, names: HeadNames, arch: DraftArchitectu
         )
     shape = ckpt.tensors[names.weight].shape
     said = (
-        f"config.json says draft_vocab_size = {config_k}" if has_key
+        f"config.json says draft_vocab_size = {config_k}"
+        if has_key
         else f"config.json has no draft_vocab_size, so vLLM and SGLang take vocab_size = {config_k}"
     )
     if len(shape) != 2 or shape[0] != config_k:
@@ -404,7 +441,9 @@ def _check_shapes(ckpt: DraftCheckpoint, names: HeadNames, arch: DraftArchitectu
         )
 
 
-def _check_mapping_shapes(d2t: torch.Tensor, t2d: Optional[torch.Tensor], rows: int, vocab_size: int, source: str) -> None:
+def _check_mapping_shapes(
+    d2t: torch.Tensor, t2d: Optional[torch.Tensor], rows: int, vocab_size: int, source: str
+) -> None:
     if d2t.dim() != 1 or d2t.shape[0] != rows:
         raise InputError(
             f"{source}: d2t has shape {list(d2t.shape)} but the LM head has {rows} rows; d2t must have one entry per "
@@ -424,6 +463,7 @@ def draft_vocabulary(ckpt: DraftCheckpoint, *, vocab_mapping: Optional[str] = No
     k < V and no mapping (its rows cannot be identified).
     """
     import torch
+
     arch = DraftArchitecture.from_config(ckpt.config, source=ckpt.config_path)
     vocab_size = arch.vocab_size
     has_key = ckpt.config.get("draft_vocab_size") is not None
@@ -473,7 +513,9 @@ def draft_vocabulary(ckpt: DraftCheckpoint, *, vocab_mapping: Optional[str] = No
                 )
         elif own_error is not None:
             logger.warning(
-                "The checkpoint's own d2t/t2d are invalid (%s); using --vocab-mapping %s instead.", own_error, vocab_mapping
+                "The checkpoint's own d2t/t2d are invalid (%s); using --vocab-mapping %s instead.",
+                own_error,
+                vocab_mapping,
             )
         return DraftVocabulary(ckpt, arch, names, vocab_size, rows, d2t, t2d, f"--vocab-mapping {vocab_mapping}")
 
@@ -483,7 +525,9 @@ def draft_vocabulary(ckpt: DraftCheckpoint, *, vocab_mapping: Optional[str] = No
         if rows < vocab_size and not bool(torch.any(own_d2t != 0)):
             logger.warning(
                 "%s: d2t is all zeros, so the draft keeps target ids 0..%d. That is what an untouched buffer holds; "
-                "if the draft was trained with another mapping, pass it with --vocab-mapping.", ckpt.directory, rows - 1,
+                "if the draft was trained with another mapping, pass it with --vocab-mapping.",
+                ckpt.directory,
+                rows - 1,
             )
         return DraftVocabulary(ckpt, arch, names, vocab_size, rows, own_d2t, own_t2d, "checkpoint d2t/t2d")
     if rows < vocab_size:
@@ -493,11 +537,15 @@ def draft_vocabulary(ckpt: DraftCheckpoint, *, vocab_mapping: Optional[str] = No
             "vocab_mapping .pt the draft was trained with (SpecForge's cache/vocab_mapping/<hash>.pt)."
         )
     d2t, t2d = build_mapping(np.arange(vocab_size, dtype=np.int64), vocab_size)
-    logger.info("%s has no d2t/t2d and draft_vocab_size == vocab_size; the identity mapping is implied.", ckpt.directory)
+    logger.info(
+        "%s has no d2t/t2d and draft_vocab_size == vocab_size; the identity mapping is implied.", ckpt.directory
+    )
     return DraftVocabulary(ckpt, arch, names, vocab_size, rows, d2t, t2d, "identity (draft_vocab_size == vocab_size)")
 
 
-def write_safetensors(handle, tensors: Mapping[str, torch.Tensor], *, metadata: Optional[Dict[str, str]] = None) -> None:
+def write_safetensors(
+    handle, tensors: Mapping[str, torch.Tensor], *, metadata: Optional[Dict[str, str]] = None
+) -> None:
     """Stream ``tensors`` to an open binary file in the safetensors format, without building it in memory.
 
     Layout as the safetensors writer does it: an 8-byte little-endian header length, a JSON
@@ -505,6 +553,7 @@ def write_safetensors(handle, tensors: Mapping[str, torch.Tensor], *, metadata: 
     size first (so every tensor starts aligned), then by name.
     """
     import torch
+
     order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
     header: Dict[str, Any] = {}
     if metadata:
@@ -516,8 +565,7 @@ def write_safetensors(handle, tensors: Mapping[str, torch.Tensor], *, metadata: 
         if code is None:
             raise InputError(f"Tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store.")
         size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": code, "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": code, "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
@@ -545,6 +593,7 @@ def copier(src: str):
     def write(handle) -> None:
         with open(src, "rb") as source:
             shutil.copyfileobj(source, handle, 1 << 20)
+
     return write
 
 

@@ -16,6 +16,7 @@ Example (the pure core)::
     >>> out["lm_head.weight"].tolist(), out["d2t"].tolist()
     ([[2.0, 3.0], [6.0, 7.0]], [3, 6])
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,23 +25,39 @@ import logging
 import os
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
+
 import numpy as np
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: `specforge-vocab --help` stays fast
     import torch
 from specforge_vocab.choosing.cost import draft_flops
 from specforge_vocab.choosing.search import SearchResult, SearchSettings, search
-from specforge_vocab.counting.sources import obtain_counts
 from specforge_vocab.counting.engine import CountSettings
-from specforge_vocab.drafts.checkpoint import D2T, T2D, BIN_SINGLE, CONFIG_NAME, DraftCheckpoint, DraftVocabulary, SAFE_INDEX, SAFE_SINGLE, WEIGHT_SUFFIXES, copier, side_files, draft_vocabulary, find_head_names, other_draft_sized, read_checkpoint, write_safetensors
+from specforge_vocab.counting.sources import obtain_counts
+from specforge_vocab.drafts.checkpoint import (
+    BIN_SINGLE,
+    CONFIG_NAME,
+    D2T,
+    SAFE_INDEX,
+    SAFE_SINGLE,
+    T2D,
+    WEIGHT_SUFFIXES,
+    DraftCheckpoint,
+    DraftVocabulary,
+    copier,
+    draft_vocabulary,
+    find_head_names,
+    other_draft_sized,
+    read_checkpoint,
+    side_files,
+    write_safetensors,
+)
 from specforge_vocab.errors import InputError, SettingsError, must, short
 from specforge_vocab.fileio import atomic_write_many, file_lock, json_text
 from specforge_vocab.writing.draft_config import check_vocab_size, patched_text
 from specforge_vocab.writing.mapping import build_mapping, check_mapping, kept_token_ids
 
 logger = logging.getLogger(__name__)
-
-
 
 
 def _row_indices(old_kept: np.ndarray, new_kept: np.ndarray) -> np.ndarray:
@@ -67,6 +84,7 @@ def _row_indices(old_kept: np.ndarray, new_kept: np.ndarray) -> np.ndarray:
 def slice_rows(tensor: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
     """``tensor[rows]`` along dim 0, copying the rows' bytes exactly (any dtype, float8 included)."""
     import torch
+
     n = tensor.shape[0]
     flat = tensor.detach().contiguous().reshape(n, -1)
     raw = flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
@@ -174,7 +192,9 @@ class TrimSettings:
         if not self.output:
             out.append("--output must name the directory to write the trimmed draft to, but got nothing.")
         if self.checkpoint and self.output and os.path.realpath(self.checkpoint) == os.path.realpath(self.output):
-            out.append(must("--output", "a directory other than --checkpoint (the input is never overwritten)", self.output))
+            out.append(
+                must("--output", "a directory other than --checkpoint (the input is never overwritten)", self.output)
+            )
         sources = [s for s, on in (("--counts", self.counts_path), ("--dataset-path", self.count)) if on]
         if not counts_given:
             if not sources:
@@ -185,7 +205,9 @@ class TrimSettings:
             elif len(sources) > 1:
                 out.append("Pass either --counts or --dataset-path, not both.")
         if self.draft_vocab_size is not None and (
-            isinstance(self.draft_vocab_size, bool) or not isinstance(self.draft_vocab_size, int) or self.draft_vocab_size < 1
+            isinstance(self.draft_vocab_size, bool)
+            or not isinstance(self.draft_vocab_size, int)
+            or self.draft_vocab_size < 1
         ):
             out.append(must("--draft-vocab-size", "a positive integer", self.draft_vocab_size))
         search_k = getattr(self.search, "draft_vocab_size", None)
@@ -327,7 +349,7 @@ def _output_file_name(ckpt: DraftCheckpoint, file: str) -> str:
         return SAFE_SINGLE
     stem = file[: -len(".bin")] if file.endswith(".bin") else file
     if stem.startswith("pytorch_model"):
-        stem = "model" + stem[len("pytorch_model"):]
+        stem = "model" + stem[len("pytorch_model") :]
     return stem + ".safetensors"
 
 
@@ -351,9 +373,17 @@ def _prepare_output(settings: TrimSettings, planned: Sequence[str]) -> None:
         )
 
 
-def _shard_writer(ckpt: DraftCheckpoint, file: str, vocab: DraftVocabulary, rows: np.ndarray,
-                  d2t: torch.Tensor, t2d: torch.Tensor, extra: Dict[str, torch.Tensor]):
+def _shard_writer(
+    ckpt: DraftCheckpoint,
+    file: str,
+    vocab: DraftVocabulary,
+    rows: np.ndarray,
+    d2t: torch.Tensor,
+    t2d: torch.Tensor,
+    extra: Dict[str, torch.Tensor],
+):
     """A payload for fileio: loads one input file, trims it, writes it as safetensors."""
+
     def write(handle) -> None:
         tensors = ckpt.read_file(file)
         out: Dict[str, torch.Tensor] = OrderedDict()
@@ -370,6 +400,7 @@ def _shard_writer(ckpt: DraftCheckpoint, file: str, vocab: DraftVocabulary, rows
         if metadata is None:
             metadata = {"format": "pt"}  # transformers refuses safetensors files without it
         write_safetensors(handle, out, metadata=metadata)
+
     return write
 
 
@@ -408,7 +439,9 @@ def trim_checkpoint(settings: TrimSettings, *, counts: Optional[np.ndarray] = No
     payloads: Dict[str, Any] = OrderedDict()
     for file in ckpt.files:
         extra = added if file == head_file else {}
-        payloads[os.path.join(settings.output, out_names[file])] = _shard_writer(ckpt, file, vocab, rows, d2t, t2d, extra)
+        payloads[os.path.join(settings.output, out_names[file])] = _shard_writer(
+            ckpt, file, vocab, rows, d2t, t2d, extra
+        )
     if ckpt.index is not None:
         payloads[os.path.join(settings.output, SAFE_INDEX)] = json_text(
             _new_index(ckpt, vocab, out_names, head_file, added, new_k)
@@ -426,7 +459,9 @@ def trim_checkpoint(settings: TrimSettings, *, counts: Optional[np.ndarray] = No
     if unsliced and old_k != vocab.vocab_size:
         logger.warning(
             "Left unchanged although a dimension equals the old draft_vocab_size %d: %s. If any of them belongs to "
-            "the LM head, the trimmed draft is wrong.", old_k, ", ".join(unsliced),
+            "the LM head, the trimmed draft is wrong.",
+            old_k,
+            ", ".join(unsliced),
         )
     total = int(counts.sum())
     return TrimResult(
@@ -453,8 +488,14 @@ def trim_checkpoint(settings: TrimSettings, *, counts: Optional[np.ndarray] = No
     )
 
 
-def _new_index(ckpt: DraftCheckpoint, vocab: DraftVocabulary, out_names: Dict[str, str], head_file: str,
-               added: Dict[str, torch.Tensor], new_k: int) -> Dict[str, Any]:
+def _new_index(
+    ckpt: DraftCheckpoint,
+    vocab: DraftVocabulary,
+    out_names: Dict[str, str],
+    head_file: str,
+    added: Dict[str, torch.Tensor],
+    new_k: int,
+) -> Dict[str, Any]:
     """The input index with shard names mapped, added tensors listed and total_size recomputed."""
     index = json.loads(json.dumps(ckpt.index))  # deep copy, key order kept
     weight_map = OrderedDict((name, out_names[file]) for name, file in index["weight_map"].items())

@@ -6,6 +6,7 @@ with ``input_ids`` and ``loss_mask``) and offline feature files (``data.hidden_s
 record (truncated to max_length, as SpecForge does) and :func:`count_masked_ids` turns them into
 dense counts (docs/SPECFORGE.md section 4).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -16,7 +17,9 @@ import os
 import pickle
 import zipfile
 from typing import Any, Iterable, Iterator, List, Mapping, Optional, Tuple
+
 import numpy as np
+
 from specforge_vocab.errors import InputError, short, where
 
 logger = logging.getLogger(__name__)
@@ -46,7 +49,9 @@ def _iter_json_records(path: str, field: str) -> Iterator[Tuple[int, Optional[st
     try:
         handle = open(path, encoding="utf-8")
     except FileNotFoundError:
-        raise InputError(f"{where(path, field=field)}: the file does not exist. Check the path in the run config.") from None
+        raise InputError(
+            f"{where(path, field=field)}: the file does not exist. Check the path in the run config."
+        ) from None
     except OSError as exc:
         raise InputError(f"Cannot read {path} ({field}): {exc.strerror}.") from None
     with handle:
@@ -70,7 +75,9 @@ def _iter_json_records(path: str, field: str) -> Iterator[Tuple[int, Optional[st
                 if line.strip():
                     yield number, line, None
         except UnicodeDecodeError as exc:
-            raise InputError(f"{where(path, field=field)}: the file is not UTF-8 ({exc.reason}). Save it as UTF-8.") from None
+            raise InputError(
+                f"{where(path, field=field)}: the file is not UTF-8 ({exc.reason}). Save it as UTF-8."
+            ) from None
 
 
 def _parse_line(path: str, number: int, line: Optional[str], record: Any, is_array: bool) -> dict:
@@ -78,7 +85,9 @@ def _parse_line(path: str, number: int, line: Optional[str], record: Any, is_arr
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise InputError(f"{where(path, number)}: invalid JSON ({exc.msg}, column {exc.colno}). Fix or remove the line.") from None
+            raise InputError(
+                f"{where(path, number)}: invalid JSON ({exc.msg}, column {exc.colno}). Fix or remove the line."
+            ) from None
     if not isinstance(record, dict):
         place = f"{path}, record {number}" if is_array else where(path, number)
         raise InputError(f"{place} must be a JSON object, but got {short(record)}.")
@@ -100,9 +109,13 @@ def _int_array(value: Any, *, place: str, field: str, binary: bool) -> np.ndarra
         raise InputError(f"{place}, field '{field}' must be a flat list of integers, but it is nested or ragged.")
     kinds = "iub" if binary else "iu"
     if array.dtype.kind not in kinds or (not binary and any(type(x) is bool for x in value)):
-        bad = next((i for i, x in enumerate(value) if (not binary and isinstance(x, bool)) or not isinstance(x, int)), None)
+        bad = next(
+            (i for i, x in enumerate(value) if (not binary and isinstance(x, bool)) or not isinstance(x, int)), None
+        )
         if bad is None:
-            raise InputError(f"{place}, field '{field}' holds integers outside the 64-bit range; re-tokenize the record.")
+            raise InputError(
+                f"{place}, field '{field}' holds integers outside the 64-bit range; re-tokenize the record."
+            )
         raise InputError(
             f"{place}, field '{field}[{bad}]' must be an integer, but got {short(value[bad])}. "
             "Token ids and loss-mask entries are whole numbers."
@@ -119,7 +132,9 @@ def _check_id_range(ids: np.ndarray, vocab_size: Optional[int], place: str) -> N
         return
     low, high = int(ids.min()), int(ids.max())
     if low < 0:
-        raise InputError(f"{place} holds the negative token id {low}. Token ids must be in [0, vocab_size); re-tokenize the data.")
+        raise InputError(
+            f"{place} holds the negative token id {low}. Token ids must be in [0, vocab_size); re-tokenize the data."
+        )
     if vocab_size is not None and high >= vocab_size:
         raise InputError(
             f"{place} holds the token id {high}, outside the target vocabulary of {vocab_size} ids. "
@@ -245,7 +260,9 @@ def read_feature_file(path: str, max_length: int, *, vocab_size: Optional[int] =
 
     data = _load_feature(path)
     if not isinstance(data, Mapping):
-        raise InputError(f"{path} must hold a dict of tensors (input_ids, loss_mask, ...), but holds {type(data).__name__}.")
+        raise InputError(
+            f"{path} must hold a dict of tensors (input_ids, loss_mask, ...), but holds {type(data).__name__}."
+        )
     missing = [name for name in ("input_ids", "loss_mask") if name not in data]
     if missing:
         raise InputError(

@@ -5,6 +5,7 @@ A :class:`Plan` comes from a run config (:func:`plan_from_run_config`) or from t
 flags (:func:`plan_from_train_eagle3_args`); it is picklable, so rank 0 makes it and sends it to
 every rank.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,14 +17,21 @@ import logging
 import os
 import re
 from typing import Optional, Sequence, Tuple
+
 from specforge_vocab.choosing.search import SearchSettings
 from specforge_vocab.counting.engine import CountSettings
 from specforge_vocab.errors import InputError, where
+from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT
 from specforge_vocab.specforge.data_files import prompts_file_kind
-from specforge_vocab.specforge.run_config import DEFAULT_CHAT_TEMPLATE, RunConfig, as_bool, read_run_config, resolve_path
+from specforge_vocab.specforge.run_config import (
+    DEFAULT_CHAT_TEMPLATE,
+    RunConfig,
+    as_bool,
+    read_run_config,
+    resolve_path,
+)
 from specforge_vocab.specforge.train_eagle3 import draft_config_path_from_args, parse_train_eagle3_args
 from specforge_vocab.writing.draft_config import read_draft_vocab_sizes
-from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT
 
 logger = logging.getLogger(__name__)
 
@@ -51,25 +59,30 @@ SOURCE_NAMES = {
 class DataSpec:
     """The data to count and how SpecForge masks it; ``path`` is absolute."""
 
-    source: str                  # CONVERSATIONS | PRETOKENIZED | FEATURES
-    field: str                   # where it was named: "data.train_data_path", "--train-data-path", ...
+    source: str  # CONVERSATIONS | PRETOKENIZED | FEATURES
+    field: str  # where it was named: "data.train_data_path", "--train-data-path", ...
     path: str
-    vocab_size: int              # V: the draft config's vocab_size
+    vocab_size: int  # V: the draft config's vocab_size
     max_length: int
-    tokenizer_path: str = ""     # local tokenizer directory (raw conversations only)
+    tokenizer_path: str = ""  # local tokenizer directory (raw conversations only)
     chat_template: str = DEFAULT_CHAT_TEMPLATE
     is_preformatted: bool = False
     train_only_last_turn: bool = False
     trust_remote_code: bool = False
-    skip_invalid: bool = False   # train_eagle3.py skips malformed lines (newer SpecForge refuses them)
+    skip_invalid: bool = False  # train_eagle3.py skips malformed lines (newer SpecForge refuses them)
 
     def count_settings(self):
 
         return CountSettings(
-            dataset_paths=[self.path], tokenizer_path=self.tokenizer_path, chat_template=self.chat_template,
-            max_length=self.max_length, is_preformatted=self.is_preformatted,
-            train_only_last_turn=self.train_only_last_turn, target_vocab_size=self.vocab_size,
-            trust_remote_code=self.trust_remote_code, skip_invalid=self.skip_invalid,
+            dataset_paths=[self.path],
+            tokenizer_path=self.tokenizer_path,
+            chat_template=self.chat_template,
+            max_length=self.max_length,
+            is_preformatted=self.is_preformatted,
+            train_only_last_turn=self.train_only_last_turn,
+            target_vocab_size=self.vocab_size,
+            trust_remote_code=self.trust_remote_code,
+            skip_invalid=self.skip_invalid,
         )
 
 
@@ -78,17 +91,17 @@ class Plan:
     """Everything one prepare / pre-step call decided before counting (picklable: sent to every rank)."""
 
     data: DataSpec
-    draft_config: str                       # absolute path of the draft config JSON
-    search: SearchSettings                  # with draft_vocab_size set under keep
+    draft_config: str  # absolute path of the draft config JSON
+    search: SearchSettings  # with draft_vocab_size set under keep
     keep_draft_vocab_size: bool
-    keep_reason: str                        # "--keep-draft-vocab-size", "--resume", "--ckpt-dir" or ""
+    keep_reason: str  # "--keep-draft-vocab-size", "--resume", "--ckpt-dir" or ""
     output_dir: str
-    cache_dir: str                          # absolute; holds the counts cache
+    cache_dir: str  # absolute; holds the counts cache
     cwd: str
     force: bool = False
     backup: bool = True
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
-    run: Optional[RunConfig] = None      # newer SpecForge
+    run: Optional[RunConfig] = None  # newer SpecForge
     output_config: Optional[str] = None
     overrides: Tuple[str, ...] = ()
     train_args: Optional[argparse.Namespace] = None  # older SpecForge
@@ -167,10 +180,19 @@ def _existing(path: str, *, raw: str, field: str, source: str, cwd: str) -> str:
     return path
 
 
-def plan_from_run_config(config_path: str, *, overrides: Sequence[str] = (), output_config: Optional[str] = None,
-                         keep_draft_vocab_size: bool = False, force: bool = False,
-                         search: Optional[SearchSettings] = None, output_dir: Optional[str] = None,
-                         backup: bool = True, lock_timeout: float = DEFAULT_LOCK_TIMEOUT, cwd: Optional[str] = None) -> Plan:
+def plan_from_run_config(
+    config_path: str,
+    *,
+    overrides: Sequence[str] = (),
+    output_config: Optional[str] = None,
+    keep_draft_vocab_size: bool = False,
+    force: bool = False,
+    search: Optional[SearchSettings] = None,
+    output_dir: Optional[str] = None,
+    backup: bool = True,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    cwd: Optional[str] = None,
+) -> Plan:
     """What to count and write for a ``specforge train --config`` run."""
     cwd = os.path.abspath(cwd or os.getcwd())
     config_path = resolve_path(os.fspath(config_path), cwd=cwd)
@@ -191,16 +213,25 @@ def plan_from_run_config(config_path: str, *, overrides: Sequence[str] = (), out
     if source is None:
         kind = prompts_file_kind(path)
         if kind == "empty":
-            raise InputError(f"{where(config_path, field=field)}: {path} holds no records. Point it at the prompts "
-                             "file SpecForge trains on.")
+            raise InputError(
+                f"{where(config_path, field=field)}: {path} holds no records. Point it at the prompts "
+                "file SpecForge trains on."
+            )
         source = PRETOKENIZED if kind == "pretokenized" else CONVERSATIONS
     if source == CONVERSATIONS:
-        data = DataSpec(source, **common, chat_template=run.chat_template, is_preformatted=run.is_preformatted,
-                        train_only_last_turn=run.train_only_last_turn,
-                        tokenizer_path=resolve_tokenizer_dir(run.target_model_path, cwd=cwd,
-                                                             field="model.target_model_path", source=config_path),
-                        trust_remote_code=as_bool(run.raw["model"].get("trust_remote_code", False),
-                                                      "model.trust_remote_code", config_path))
+        data = DataSpec(
+            source,
+            **common,
+            chat_template=run.chat_template,
+            is_preformatted=run.is_preformatted,
+            train_only_last_turn=run.train_only_last_turn,
+            tokenizer_path=resolve_tokenizer_dir(
+                run.target_model_path, cwd=cwd, field="model.target_model_path", source=config_path
+            ),
+            trust_remote_code=as_bool(
+                run.raw["model"].get("trust_remote_code", False), "model.trust_remote_code", config_path
+            ),
+        )
     else:
         data = DataSpec(source, **common)
     search = search if search is not None else SearchSettings()
@@ -209,19 +240,35 @@ def plan_from_run_config(config_path: str, *, overrides: Sequence[str] = (), out
         search = _search_for_keep(search, draft, keep_reason)
     cache_dir = run.resolved_cache_dir
     return Plan(
-        data=data, draft_config=draft, search=search, keep_draft_vocab_size=bool(keep_reason),
+        data=data,
+        draft_config=draft,
+        search=search,
+        keep_draft_vocab_size=bool(keep_reason),
         keep_reason=keep_reason,
         output_dir=resolve_path(output_dir, cwd=cwd) if output_dir else default_output_dir(cache_dir, data, draft),
-        cache_dir=cache_dir, cwd=cwd, force=force, backup=backup, lock_timeout=lock_timeout, run=run,
-        output_config=resolve_path(output_config, cwd=cwd) if output_config else None, overrides=overrides,
+        cache_dir=cache_dir,
+        cwd=cwd,
+        force=force,
+        backup=backup,
+        lock_timeout=lock_timeout,
+        run=run,
+        output_config=resolve_path(output_config, cwd=cwd) if output_config else None,
+        overrides=overrides,
         target_vocab_size=target_model_vocab_size(run.target_model_path, cwd=cwd) if source == FEATURES else None,
     )
 
 
-def plan_from_train_eagle3_args(argv: Sequence[str], *, keep_draft_vocab_size: bool = False, force: bool = False,
-                                search: Optional[SearchSettings] = None, output_dir: Optional[str] = None,
-                                backup: bool = True, lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-                                cwd: Optional[str] = None) -> Plan:
+def plan_from_train_eagle3_args(
+    argv: Sequence[str],
+    *,
+    keep_draft_vocab_size: bool = False,
+    force: bool = False,
+    search: Optional[SearchSettings] = None,
+    output_dir: Optional[str] = None,
+    backup: bool = True,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    cwd: Optional[str] = None,
+) -> Plan:
     """What to count and write for SpecForge's scripts/train_eagle3.py with these flags."""
     cwd = os.path.abspath(cwd or os.getcwd())
     args, _rest = parse_train_eagle3_args(list(argv))
@@ -229,32 +276,55 @@ def plan_from_train_eagle3_args(argv: Sequence[str], *, keep_draft_vocab_size: b
     if args.ckpt_dir:
         ckpt = resolve_path(args.ckpt_dir, cwd=cwd)
         if not os.path.isdir(ckpt):
-            raise InputError(f"--ckpt-dir {args.ckpt_dir} is not a directory ({ckpt}); SpecForge would stop with the "
-                             "same complaint. Point it at a draft checkpoint directory holding config.json.")
+            raise InputError(
+                f"--ckpt-dir {args.ckpt_dir} is not a directory ({ckpt}); SpecForge would stop with the "
+                "same complaint. Point it at a draft checkpoint directory holding config.json."
+            )
         draft = os.path.join(ckpt, "config.json")
         if not os.path.isfile(draft):
-            raise InputError(f"--ckpt-dir {args.ckpt_dir} has no config.json, which train_eagle3.py reads the draft "
-                             "shapes from. Point it at a checkpoint written by SpecForge.")
+            raise InputError(
+                f"--ckpt-dir {args.ckpt_dir} has no config.json, which train_eagle3.py reads the draft "
+                "shapes from. Point it at a checkpoint written by SpecForge."
+            )
     else:
-        draft = _existing(resolve_path(draft_config_path_from_args(args), cwd=cwd), raw=args.draft_model_config,
-                          field="--draft-model-config", source=source, cwd=cwd)
+        draft = _existing(
+            resolve_path(draft_config_path_from_args(args), cwd=cwd),
+            raw=args.draft_model_config,
+            field="--draft-model-config",
+            source=source,
+            cwd=cwd,
+        )
     _k, vocab = read_draft_vocab_sizes(draft)
-    path = _existing(resolve_path(args.train_data_path, cwd=cwd), raw=args.train_data_path,
-                     field="--train-data-path", source=source, cwd=cwd)
+    path = _existing(
+        resolve_path(args.train_data_path, cwd=cwd),
+        raw=args.train_data_path,
+        field="--train-data-path",
+        source=source,
+        cwd=cwd,
+    )
     data = DataSpec(
-        CONVERSATIONS, field="--train-data-path", path=path, vocab_size=vocab, max_length=args.max_length,
-        tokenizer_path=resolve_tokenizer_dir(args.target_model_path, cwd=cwd, field="--target-model-path",
-                                             source=source),
-        chat_template=args.chat_template, is_preformatted=args.is_preformatted,
-        train_only_last_turn=args.train_only_last_turn, trust_remote_code=args.trust_remote_code,
+        CONVERSATIONS,
+        field="--train-data-path",
+        path=path,
+        vocab_size=vocab,
+        max_length=args.max_length,
+        tokenizer_path=resolve_tokenizer_dir(
+            args.target_model_path, cwd=cwd, field="--target-model-path", source=source
+        ),
+        chat_template=args.chat_template,
+        is_preformatted=args.is_preformatted,
+        train_only_last_turn=args.train_only_last_turn,
+        trust_remote_code=args.trust_remote_code,
         # train_eagle3.py reads --train-data-path with safe_conversations_generator, which skips (and logs) lines
         # that are not valid JSON; count the same records.
         skip_invalid=True,
     )
     if args.is_vlm:
-        logger.warning("--is-vlm: the conversations' text is counted with the target tokenizer; image tokens "
-                       "(never loss-masked in SpecForge) are not, so the counts cover the trained tokens only if "
-                       "the chat template renders the replies as plain text.")
+        logger.warning(
+            "--is-vlm: the conversations' text is counted with the target tokenizer; image tokens "
+            "(never loss-masked in SpecForge) are not, so the counts cover the trained tokens only if "
+            "the chat template renders the replies as plain text."
+        )
     keep_reason = ""
     if args.ckpt_dir:
         keep_reason = "--ckpt-dir"
@@ -265,12 +335,25 @@ def plan_from_train_eagle3_args(argv: Sequence[str], *, keep_draft_vocab_size: b
     search = search if search is not None else SearchSettings()
     if keep_reason:
         if keep_reason != "--keep-draft-vocab-size":
-            logger.warning("%s: the draft weights fix draft_vocab_size, so it is kept as in %s and only the mapping "
-                           "is written (as with --keep-draft-vocab-size).", keep_reason, draft)
+            logger.warning(
+                "%s: the draft weights fix draft_vocab_size, so it is kept as in %s and only the mapping "
+                "is written (as with --keep-draft-vocab-size).",
+                keep_reason,
+                draft,
+            )
         search = _search_for_keep(search, draft, keep_reason)
     cache_dir = resolve_path(args.cache_dir, cwd=cwd)
     return Plan(
-        data=data, draft_config=draft, search=search, keep_draft_vocab_size=bool(keep_reason), keep_reason=keep_reason,
+        data=data,
+        draft_config=draft,
+        search=search,
+        keep_draft_vocab_size=bool(keep_reason),
+        keep_reason=keep_reason,
         output_dir=resolve_path(output_dir, cwd=cwd) if output_dir else default_output_dir(cache_dir, data, draft),
-        cache_dir=cache_dir, cwd=cwd, force=force, backup=backup, lock_timeout=lock_timeout, train_args=args,
+        cache_dir=cache_dir,
+        cwd=cwd,
+        force=force,
+        backup=backup,
+        lock_timeout=lock_timeout,
+        train_args=args,
     )

@@ -26,6 +26,7 @@ rank 0 alone writes, and every rank then reads the same files back. An error on 
 raised on every rank with the same message. A gloo group started here lives under its own store
 prefix and is destroyed on return, so the training script can start its own group afterwards.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,26 +34,41 @@ import dataclasses
 import json
 import logging
 import os
+import uuid
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
 import numpy as np
+
 from specforge_vocab.choosing.search import SearchSettings
 from specforge_vocab.counting.counts_file import FORMAT_VERSION, load_counts
 from specforge_vocab.counting.distributed import distributed_session
-from specforge_vocab.counting.sources import obtain_counts
 from specforge_vocab.counting.engine import CountAborted, CountSettings
+from specforge_vocab.counting.sources import obtain_counts
 from specforge_vocab.errors import InputError
-from specforge_vocab.fileio import atomic_write, file_lock, json_text, sha256_file
+from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT, atomic_write, file_lock, json_text, sha256_file
 from specforge_vocab.pipeline import OutputSettings, optimize
-from specforge_vocab.specforge.plan import CONVERSATIONS, DataSpec, FEATURES, PRETOKENIZED, Plan, SOURCE_NAMES, plan_from_run_config, plan_from_train_eagle3_args
+from specforge_vocab.specforge.data_files import (
+    count_masked_ids,
+    iter_feature_files,
+    iter_prompt_records,
+    list_feature_files,
+)
+from specforge_vocab.specforge.plan import (
+    CONVERSATIONS,
+    FEATURES,
+    PRETOKENIZED,
+    SOURCE_NAMES,
+    DataSpec,
+    Plan,
+    plan_from_run_config,
+    plan_from_train_eagle3_args,
+)
 from specforge_vocab.specforge.ranks import agreed, process_group, run_on_rank_zero
 from specforge_vocab.specforge.reuse import Decision, decide, read_fingerprint
-from specforge_vocab.writing.draft_config import patch_draft_vocab_size
-from specforge_vocab.writing.outputs import COUNTS_FILE, FINGERPRINT_FILE, MAPPING_FILE, SUMMARY_FILE
-from specforge_vocab.specforge.data_files import count_masked_ids, iter_feature_files, iter_prompt_records, list_feature_files
 from specforge_vocab.specforge.train_eagle3 import cache_mapping_paths, offline_cache_mapping_path
 from specforge_vocab.specforge.yaml_patch import set_vocab_mapping_path
-from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT
-import uuid
+from specforge_vocab.writing.draft_config import patch_draft_vocab_size
+from specforge_vocab.writing.outputs import COUNTS_FILE, FINGERPRINT_FILE, MAPPING_FILE, SUMMARY_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -62,30 +78,35 @@ class PrepareResult:
     """What :func:`before_training` chose and where SpecForge will find it."""
 
     k: int
-    mapping_path: str                       # absolute path of the .pt SpecForge loads
-    summary: Dict[str, Any]                 # summary.json
-    reused: bool                            # True: nothing counted or searched (inputs unchanged)
-    action: str = "reuse"                   # "reuse" | "search" (stored counts) | "count"
+    mapping_path: str  # absolute path of the .pt SpecForge loads
+    summary: Dict[str, Any]  # summary.json
+    reused: bool  # True: nothing counted or searched (inputs unchanged)
+    action: str = "reuse"  # "reuse" | "search" (stored counts) | "count"
     reason: str = ""
     output_dir: str = ""
     draft_config: str = ""
     cache_paths: List[str] = dataclasses.field(default_factory=list)  # md5 / sha256 copies SpecForge finds
-    run_config: Optional[str] = None        # the file whose model.vocab_mapping_path was set
+    run_config: Optional[str] = None  # the file whose model.vocab_mapping_path was set
     overrides: Tuple[str, ...] = ()
     source: str = ""
     rank: int = 0
 
     def summary_lines(self) -> List[str]:
         s = self.summary
-        verb = {"reuse": "reused (inputs unchanged)", "search": "searched again on the stored counts",
-                "count": "counted and searched"}.get(self.action, self.action)
-        lines = [f"{verb}: {self.reason}" if self.reason else verb,
-                 f"data: {self.source}",
-                 f"loss-masked tokens counted: {int(s.get('tokens_counted', 0)):,}  unique ids: "
-                 f"{int(s.get('unique_tokens', 0)):,}",
-                 f"draft_vocab_size: {self.k:,} of {s.get('target_vocab_size', 0):,}  coverage "
-                 f"{float(s.get('coverage', 0.0)):.4%}  ({s.get('method')}), set in {self.draft_config}",
-                 f"mapping: {self.mapping_path}"]
+        verb = {
+            "reuse": "reused (inputs unchanged)",
+            "search": "searched again on the stored counts",
+            "count": "counted and searched",
+        }.get(self.action, self.action)
+        lines = [
+            f"{verb}: {self.reason}" if self.reason else verb,
+            f"data: {self.source}",
+            f"loss-masked tokens counted: {int(s.get('tokens_counted', 0)):,}  unique ids: "
+            f"{int(s.get('unique_tokens', 0)):,}",
+            f"draft_vocab_size: {self.k:,} of {s.get('target_vocab_size', 0):,}  coverage "
+            f"{float(s.get('coverage', 0.0)):.4%}  ({s.get('method')}), set in {self.draft_config}",
+            f"mapping: {self.mapping_path}",
+        ]
         lines += [f"  copy at SpecForge's cache path: {p}" for p in self.cache_paths]
         if self.run_config:
             lines.append(f"model.vocab_mapping_path set in {self.run_config}")
@@ -124,23 +145,33 @@ def before_training(
     (13264, '/abs/cache/vocab_optimization/.../vocab_mapping.pt', False)
     """
     if (run_config is None) == (train_eagle3_args is None):
-        raise InputError("before_training needs exactly one of run_config (a `specforge train` config file) or "
-                         "train_eagle3_args (scripts/train_eagle3.py's flags), but got "
-                         f"{'both' if run_config is not None else 'neither'}.")
+        raise InputError(
+            "before_training needs exactly one of run_config (a `specforge train` config file) or "
+            "train_eagle3_args (scripts/train_eagle3.py's flags), but got "
+            f"{'both' if run_config is not None else 'neither'}."
+        )
     if train_eagle3_args is not None and (overrides or output_config):
-        raise InputError("overrides and output_config apply to a run config; with train_eagle3_args give the "
-                         "values as train_eagle3 flags instead.")
+        raise InputError(
+            "overrides and output_config apply to a run config; with train_eagle3_args give the "
+            "values as train_eagle3 flags instead."
+        )
     cwd = os.path.abspath(cwd or os.getcwd())
     search = search if search is not None else SearchSettings()
     search.validate()  # every search flag is checked before any work
-    options = dict(keep_draft_vocab_size=keep_draft_vocab_size, force=force, search=search, output_dir=output_dir,
-                   backup=backup, lock_timeout=lock_timeout, cwd=cwd)
+    options = dict(
+        keep_draft_vocab_size=keep_draft_vocab_size,
+        force=force,
+        search=search,
+        output_dir=output_dir,
+        backup=backup,
+        lock_timeout=lock_timeout,
+        cwd=cwd,
+    )
 
     def make_plan() -> Plan:
         if run_config is not None:
             return plan_from_run_config(run_config, overrides=overrides, output_config=output_config, **options)
         return plan_from_train_eagle3_args(train_eagle3_args, **options)
-
 
     with process_group(), distributed_session() as session, contextlib.ExitStack() as held:
         rank = session.rank if session is not None else 0
@@ -160,16 +191,17 @@ def before_training(
         return agreed(session, lambda: load_result(info, plan, rank=rank))
 
 
-def _local_masked_counts(data: DataSpec, rank: int, world_size: int,
-                         stop: Optional[Callable[[], bool]]) -> np.ndarray:
+def _local_masked_counts(data: DataSpec, rank: int, world_size: int, stop: Optional[Callable[[], bool]]) -> np.ndarray:
     """This rank's counts of prompts records / feature files, with the record count appended."""
 
     if data.source == PRETOKENIZED:
-        arrays = iter_prompt_records(data.path, data.max_length, vocab_size=data.vocab_size, rank=rank,
-                                        world_size=world_size)
+        arrays = iter_prompt_records(
+            data.path, data.max_length, vocab_size=data.vocab_size, rank=rank, world_size=world_size
+        )
     else:
-        arrays = iter_feature_files(data.path, data.max_length, vocab_size=data.vocab_size, rank=rank,
-                                       world_size=world_size)
+        arrays = iter_feature_files(
+            data.path, data.max_length, vocab_size=data.vocab_size, rank=rank, world_size=world_size
+        )
     records = 0
 
     def counted() -> Iterator[np.ndarray]:
@@ -189,11 +221,16 @@ def _masked_metadata(data: DataSpec, counts: np.ndarray, records: int) -> Dict[s
     paths = [data.path] if data.source == PRETOKENIZED else list_feature_files(data.path)
     files = [{"path": p, "size": os.path.getsize(p)} for p in paths]
     return {
-        "format": "specforge-vocab-counts", "format_version": FORMAT_VERSION,
-        "source": f"{data.field} ({SOURCE_NAMES[data.source]})", "data_path": data.path,
-        "files": json.dumps(files, ensure_ascii=False), "max_length": str(data.max_length),
-        "vocab_size": str(data.vocab_size), "records_counted": str(records),
-        "tokens_counted": str(int(counts.sum())), "unique_tokens": str(int(np.count_nonzero(counts))),
+        "format": "specforge-vocab-counts",
+        "format_version": FORMAT_VERSION,
+        "source": f"{data.field} ({SOURCE_NAMES[data.source]})",
+        "data_path": data.path,
+        "files": json.dumps(files, ensure_ascii=False),
+        "max_length": str(data.max_length),
+        "vocab_size": str(data.vocab_size),
+        "records_counted": str(records),
+        "tokens_counted": str(int(counts.sum())),
+        "unique_tokens": str(int(np.count_nonzero(counts))),
     }
 
 
@@ -201,17 +238,22 @@ def count_data(plan: Plan, *, session=None, progress: bool = False) -> Tuple[np.
     """Counts [V] and their metadata for ``plan.data``; split over the ranks of ``session``."""
     data = plan.data
     if data.source == CONVERSATIONS:
-        counted = obtain_counts(data.count_settings(), cache_dir=plan.cache_dir, force=plan.force,
-                                distributed=session is not None, progress=progress)
+        counted = obtain_counts(
+            data.count_settings(),
+            cache_dir=plan.cache_dir,
+            force=plan.force,
+            distributed=session is not None,
+            progress=progress,
+        )
         return counted.counts, counted.metadata
     if session is None:
         local = _local_masked_counts(data, 0, 1, None)
         total = local
     else:
-
         key = run_on_rank_zero(session, lambda: f"specforge_vocab/prepare-abort/{uuid.uuid4().hex}")
-        local, _ = session.agree(lambda: _local_masked_counts(data, session.rank, session.world_size,
-                                                              session.stop_flag(key)), abort_key=key)
+        local, _ = session.agree(
+            lambda: _local_masked_counts(data, session.rank, session.world_size, session.stop_flag(key)), abort_key=key
+        )
         total = session.all_reduce_int64(local)
     counts, records = total[:-1].copy(), int(total[-1])
     if records == 0 or counts.sum() == 0:
@@ -236,23 +278,30 @@ def cache_copy_paths(plan: Plan, k: int) -> List[str]:
     then legacy), or newer SpecForge's offline sha256 key for feature files."""
     paths = []
     if plan.train_args is not None:
-        paths += [os.path.normpath(os.path.join(plan.cwd, p))
-                  for p in cache_mapping_paths(plan.train_args, plan.draft_config)]
+        paths += [
+            os.path.normpath(os.path.join(plan.cwd, p)) for p in cache_mapping_paths(plan.train_args, plan.draft_config)
+        ]
     if plan.data.source == FEATURES and plan.run is not None:
         if plan.target_vocab_size is None:
-            logger.info("The target model's config.json is not local, so the offline cache copy is skipped "
-                        "(model.vocab_mapping_path is what SpecForge loads).")
+            logger.info(
+                "The target model's config.json is not local, so the offline cache copy is skipped "
+                "(model.vocab_mapping_path is what SpecForge loads)."
+            )
         elif plan.target_vocab_size != plan.data.vocab_size:
-            logger.warning("The target model's vocab size %d differs from the draft config's vocab_size %d; "
-                           "SpecForge's own offline cache key would not match this mapping, so no copy is written there.",
-                           plan.target_vocab_size, plan.data.vocab_size)
+            logger.warning(
+                "The target model's vocab size %d differs from the draft config's vocab_size %d; "
+                "SpecForge's own offline cache key would not match this mapping, so no copy is written there.",
+                plan.target_vocab_size,
+                plan.data.vocab_size,
+            )
         else:
             paths.append(offline_cache_mapping_path(plan.run, plan.target_vocab_size, k))
     return paths
 
 
-def write_outputs(plan: Plan, decision: Decision,
-                  counted: Optional[Tuple[np.ndarray, Dict[str, str]]]) -> Dict[str, Any]:
+def write_outputs(
+    plan: Plan, decision: Decision, counted: Optional[Tuple[np.ndarray, Dict[str, str]]]
+) -> Dict[str, Any]:
     """Rank 0: search and write (unless reused), then hand over; fingerprint.json goes last."""
 
     out = plan.output_dir
@@ -269,10 +318,14 @@ def write_outputs(plan: Plan, decision: Decision,
         if counted is None:
             counted = load_counts(os.path.join(out, COUNTS_FILE), flag=f"the stored counts in {out}")
         count = plan.data.count_settings() if plan.data.source == CONVERSATIONS else CountSettings()
-        result = optimize(count, plan.search,
-                          OutputSettings(output_dir=out, config_path=plan.draft_config, backup=plan.backup,
-                                         lock_timeout=plan.lock_timeout),
-                          precounted=counted)
+        result = optimize(
+            count,
+            plan.search,
+            OutputSettings(
+                output_dir=out, config_path=plan.draft_config, backup=plan.backup, lock_timeout=plan.lock_timeout
+            ),
+            precounted=counted,
+        )
         k = result.k
     with open(mapping, "rb") as handle:
         payload = handle.read()
@@ -281,15 +334,23 @@ def write_outputs(plan: Plan, decision: Decision,
         _write_if_different(path, payload)
     run_config = None
     if plan.run is not None:
-        patched = set_vocab_mapping_path(plan.run.config_path, mapping, output_path=plan.output_config,
-                                            backup=plan.backup)
+        patched = set_vocab_mapping_path(
+            plan.run.config_path, mapping, output_path=plan.output_config, backup=plan.backup
+        )
         run_config = patched.path
     sums = {name: sha256_file(os.path.join(out, name)) for name in (MAPPING_FILE, COUNTS_FILE, SUMMARY_FILE)}
     stored = dict(decision.fingerprint, result={"draft_vocab_size": k, "sha256": sums})
     if read_fingerprint(out) != json.loads(json_text(stored)):
         atomic_write(fingerprint_path, json_text(stored))
-    return {"k": k, "mapping": mapping, "mapping_sha256": sums[MAPPING_FILE], "copies": copies,
-            "run_config": run_config, "action": decision.action, "reason": decision.reason}
+    return {
+        "k": k,
+        "mapping": mapping,
+        "mapping_sha256": sums[MAPPING_FILE],
+        "copies": copies,
+        "run_config": run_config,
+        "action": decision.action,
+        "reason": decision.reason,
+    }
 
 
 def load_result(info: Dict[str, Any], plan: Plan, *, rank: int = 0) -> PrepareResult:
@@ -305,8 +366,17 @@ def load_result(info: Dict[str, Any], plan: Plan, *, rank: int = 0) -> PrepareRe
     with open(os.path.join(plan.output_dir, SUMMARY_FILE), encoding="utf-8") as handle:
         summary = json.load(handle)
     return PrepareResult(
-        k=int(info["k"]), mapping_path=mapping, summary=summary, reused=info["action"] == "reuse",
-        action=info["action"], reason=info["reason"], output_dir=plan.output_dir, draft_config=plan.draft_config,
-        cache_paths=list(info["copies"]), run_config=info["run_config"], overrides=tuple(plan.overrides),
-        source=f"{plan.data.field} {plan.data.path} ({SOURCE_NAMES[plan.data.source]})", rank=rank,
+        k=int(info["k"]),
+        mapping_path=mapping,
+        summary=summary,
+        reused=info["action"] == "reuse",
+        action=info["action"],
+        reason=info["reason"],
+        output_dir=plan.output_dir,
+        draft_config=plan.draft_config,
+        cache_paths=list(info["copies"]),
+        run_config=info["run_config"],
+        overrides=tuple(plan.overrides),
+        source=f"{plan.data.field} {plan.data.path} ({SOURCE_NAMES[plan.data.source]})",
+        rank=rank,
     )

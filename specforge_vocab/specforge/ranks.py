@@ -3,14 +3,16 @@
 >>> run_on_rank_zero(None, lambda: 42)  # outside a distributed job the function just runs
 42
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-from typing import Any, Callable, Iterator
-from specforge_vocab.errors import InputError
 from datetime import timedelta
+from typing import Any, Callable, Iterator
+
+from specforge_vocab.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -42,18 +44,28 @@ def process_group() -> Iterator[None]:
         yield
         return
     env = os.environ
-    if not dist.is_available() or dist.is_initialized() or int(env.get("WORLD_SIZE", "1") or 1) <= 1 \
-            or not all(env.get(name) for name in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
+    if (
+        not dist.is_available()
+        or dist.is_initialized()
+        or int(env.get("WORLD_SIZE", "1") or 1) <= 1
+        or not all(env.get(name) for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"))
+    ):
         yield
         return
 
     _GROUPS_STARTED += 1
-    prefix = "specforge_vocab/{}/{}/{}".format(env.get("TORCHELASTIC_RUN_ID", "run"),
-                                               env.get("TORCHELASTIC_RESTART_COUNT", "0"), _GROUPS_STARTED)
+    prefix = "specforge_vocab/{}/{}/{}".format(
+        env.get("TORCHELASTIC_RUN_ID", "run"), env.get("TORCHELASTIC_RESTART_COUNT", "0"), _GROUPS_STARTED
+    )
     try:
         store, rank, world_size = next(dist.rendezvous("env://", timeout=timedelta(minutes=10)))
-        dist.init_process_group("gloo", store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size,
-                                timeout=timedelta(minutes=60))
+        dist.init_process_group(
+            "gloo",
+            store=dist.PrefixStore(prefix, store),
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(minutes=60),
+        )
     except Exception as exc:
         raise InputError(
             f"torchrun's environment is set (RANK={env.get('RANK')}, WORLD_SIZE={env.get('WORLD_SIZE')}, "

@@ -8,6 +8,7 @@ SpecForge itself uses). *choice*: the search settings and the draft config (with
 ``draft_vocab_size``, which prepare writes). :func:`decide` compares them with the stored ones:
 reuse, search the stored counts again, or count.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,19 +17,18 @@ import json
 import logging
 import os
 from typing import Any, Dict, Optional, Sequence
-from specforge_vocab.version import __version__
+
 from specforge_vocab.counting.cache import HashMemo, counting_fingerprint, memo_for
 from specforge_vocab.counting.engine import COUNTING_VERSION
 from specforge_vocab.errors import short
 from specforge_vocab.fileio import json_text, sha256_file
+from specforge_vocab.specforge.data_files import list_feature_files
 from specforge_vocab.specforge.plan import CONVERSATIONS, PRETOKENIZED, Plan
+from specforge_vocab.version import __version__
 from specforge_vocab.writing.draft_config import read_draft_config
 from specforge_vocab.writing.outputs import COUNTS_FILE, FINGERPRINT_FILE, MAPPING_FILE, SUMMARY_FILE, recover_outputs
-from specforge_vocab.specforge.data_files import list_feature_files
 
 logger = logging.getLogger(__name__)
-
-
 
 
 FINGERPRINT_FORMAT = "specforge-vocab-prepare"
@@ -39,7 +39,7 @@ FINGERPRINT_VERSION = 1
 
 @dataclasses.dataclass
 class Decision:
-    action: str            # "reuse" | "search" | "count"
+    action: str  # "reuse" | "search" | "count"
     reason: str
     fingerprint: Dict[str, Any]
 
@@ -67,8 +67,13 @@ def counting_identity(plan: Plan, memo=None) -> Dict[str, Any]:
         for path in list_feature_files(data.path):
             stat = os.stat(path)
             files.append({"path": path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-    return {"source": data.source, "counting_version": COUNTING_VERSION, "files": files,
-            "max_length": data.max_length, "vocab_size": data.vocab_size}
+    return {
+        "source": data.source,
+        "counting_version": COUNTING_VERSION,
+        "files": files,
+        "max_length": data.max_length,
+        "vocab_size": data.vocab_size,
+    }
 
 
 def choice_identity(plan: Plan) -> Dict[str, Any]:
@@ -78,14 +83,21 @@ def choice_identity(plan: Plan) -> Dict[str, Any]:
     if not plan.keep_draft_vocab_size:
         config.pop("draft_vocab_size", None)  # we write it: our own patch must not look like a change
 
-    return {"tool_version": __version__, "search": dataclasses.asdict(plan.search),
-            "keep_draft_vocab_size": plan.keep_draft_vocab_size,
-            "draft_config_sha256": hashlib.sha256(_canonical(config).encode()).hexdigest()}
+    return {
+        "tool_version": __version__,
+        "search": dataclasses.asdict(plan.search),
+        "keep_draft_vocab_size": plan.keep_draft_vocab_size,
+        "draft_config_sha256": hashlib.sha256(_canonical(config).encode()).hexdigest(),
+    }
 
 
 def fingerprint(plan: Plan, memo=None) -> Dict[str, Any]:
-    return {"format": FINGERPRINT_FORMAT, "version": FINGERPRINT_VERSION,
-            "counting": counting_identity(plan, memo), "choice": choice_identity(plan)}
+    return {
+        "format": FINGERPRINT_FORMAT,
+        "version": FINGERPRINT_VERSION,
+        "counting": counting_identity(plan, memo),
+        "choice": choice_identity(plan),
+    }
 
 
 def read_fingerprint(output_dir: str) -> Optional[Dict[str, Any]]:
@@ -96,8 +108,11 @@ def read_fingerprint(output_dir: str) -> Optional[Dict[str, Any]]:
             stored = json.load(handle)
     except (OSError, ValueError):
         return None
-    if not isinstance(stored, dict) or stored.get("format") != FINGERPRINT_FORMAT \
-            or stored.get("version") != FINGERPRINT_VERSION:
+    if (
+        not isinstance(stored, dict)
+        or stored.get("format") != FINGERPRINT_FORMAT
+        or stored.get("version") != FINGERPRINT_VERSION
+    ):
         return None
     return stored
 

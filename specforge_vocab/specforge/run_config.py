@@ -5,6 +5,7 @@ SpecForge reads a YAML (``.yaml``/``.yml``) or JSON file with sections ``model``
 not from the config's folder, and :func:`read_run_config` resolves them the same way. Overrides
 are applied as SpecForge applies them, and unknown fields are reported as SpecForge would reject them.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,8 +16,10 @@ import logging
 import os
 import re
 from typing import Any, Mapping, Optional, Sequence, Tuple
-from specforge_vocab.errors import InputError, short, where
+
 import yaml
+
+from specforge_vocab.errors import InputError, short, where
 
 logger = logging.getLogger(__name__)
 
@@ -37,19 +40,43 @@ DATA_SOURCES = ("train_data_path", "prompts_path", "hidden_states_path")
 # rejects any other key in these sections; keys named sglang_* are many and
 # change often, so any of them is accepted.
 MODEL_FIELDS = (
-    "target_model_path", "draft_model_config", "draft_checkpoint_path", "draft_num_hidden_layers",
-    "draft_block_size", "target_backend", "shard_target_output", "input_modality",
-    "trust_remote_code", "use_liger_kernel", "embedding_key", "lm_head_key", "vocab_mapping_path",
-    "load_target_embedding", "aux_hidden_state_layer_ids", "torch_dtype", "cache_dir",
-    "mask_token_id", "tokenizer_pad_token_id",
+    "target_model_path",
+    "draft_model_config",
+    "draft_checkpoint_path",
+    "draft_num_hidden_layers",
+    "draft_block_size",
+    "target_backend",
+    "shard_target_output",
+    "input_modality",
+    "trust_remote_code",
+    "use_liger_kernel",
+    "embedding_key",
+    "lm_head_key",
+    "vocab_mapping_path",
+    "load_target_embedding",
+    "aux_hidden_state_layer_ids",
+    "torch_dtype",
+    "cache_dir",
+    "mask_token_id",
+    "tokenizer_pad_token_id",
 )
 
 
 DATA_FIELDS = (
-    "train_data_path", "prompts_path", "hidden_states_path", "eval_data_path",
-    "eval_hidden_states_path", "max_length", "chat_template", "is_preformatted",
-    "train_only_last_turn", "build_dataset_num_proc", "dataloader_num_workers", "cache_dir",
-    "cache_key", "max_prompts",
+    "train_data_path",
+    "prompts_path",
+    "hidden_states_path",
+    "eval_data_path",
+    "eval_hidden_states_path",
+    "max_length",
+    "chat_template",
+    "is_preformatted",
+    "train_only_last_turn",
+    "build_dataset_num_proc",
+    "dataloader_num_workers",
+    "cache_dir",
+    "cache_key",
+    "max_prompts",
 )
 
 
@@ -59,12 +86,26 @@ TOP_LEVEL_KEYS = ("model", "data", "training", "tracking", "profiling", "runtime
 # Override values for these stay the literal text after "=" (SpecForge passes
 # the text to pydantic, which keeps strings as strings).
 _STRING_FIELDS = {
-    "model.target_model_path", "model.draft_model_config", "model.draft_checkpoint_path",
-    "model.vocab_mapping_path", "model.embedding_key", "model.lm_head_key", "model.cache_dir",
-    "model.input_modality", "model.target_backend", "model.torch_dtype",
-    "data.train_data_path", "data.prompts_path", "data.hidden_states_path", "data.eval_data_path",
-    "data.eval_hidden_states_path", "data.chat_template", "data.cache_dir", "data.cache_key",
-    "run_id", "output_dir",
+    "model.target_model_path",
+    "model.draft_model_config",
+    "model.draft_checkpoint_path",
+    "model.vocab_mapping_path",
+    "model.embedding_key",
+    "model.lm_head_key",
+    "model.cache_dir",
+    "model.input_modality",
+    "model.target_backend",
+    "model.torch_dtype",
+    "data.train_data_path",
+    "data.prompts_path",
+    "data.hidden_states_path",
+    "data.eval_data_path",
+    "data.eval_hidden_states_path",
+    "data.chat_template",
+    "data.cache_dir",
+    "data.cache_key",
+    "run_id",
+    "output_dir",
 }
 
 
@@ -78,7 +119,9 @@ def read_run_text(path: str, what: str) -> str:
         with open(path, "rb") as handle:
             data = handle.read()
     except FileNotFoundError:
-        raise InputError(f"{what} {path} does not exist. Check the path (relative paths start at the current directory).") from None
+        raise InputError(
+            f"{what} {path} does not exist. Check the path (relative paths start at the current directory)."
+        ) from None
     except IsADirectoryError:
         raise InputError(f"{what} {path} is a directory, but a file was expected. Point at the file itself.") from None
     except OSError as exc:
@@ -210,8 +253,7 @@ def apply_overrides(raw: dict, overrides: Sequence[str], *, config_path: str = "
                 close = difflib.get_close_matches(field, known, n=1)
                 hint = f" Did you mean {keys[0]}.{close[0]}?" if close else ""
                 raise InputError(
-                    f"--set {item}: SpecForge has no field {dotted}.{hint} "
-                    f"Known {keys[0]} fields: {', '.join(known)}."
+                    f"--set {item}: SpecForge has no field {dotted}.{hint} Known {keys[0]} fields: {', '.join(known)}."
                 )
         node[field] = _override_value(dotted, text, node.get(field))
     return result
@@ -265,7 +307,7 @@ def resolve_path(value: str, *, cwd: Optional[str] = None) -> str:
     """Absolute form of a config path, as SpecForge sees it: ``~`` expanded,
     a ``file://`` prefix dropped, relative paths joined to ``cwd`` (default:
     the current working directory)."""
-    text = value[len("file://"):] if value.startswith("file://") else value
+    text = value[len("file://") :] if value.startswith("file://") else value
     text = os.path.expanduser(text)
     return os.path.normpath(os.path.join(cwd or os.getcwd(), text))
 
@@ -308,7 +350,12 @@ class RunConfig:
         for section_name, section, known in (("model", model, MODEL_FIELDS), ("data", data, DATA_FIELDS)):
             for key in section:
                 if key not in known and not (section_name == "model" and str(key).startswith("sglang_")):
-                    logger.warning("%s: SpecForge does not know the field %s.%s; it will reject the config.", path, section_name, key)
+                    logger.warning(
+                        "%s: SpecForge does not know the field %s.%s; it will reject the config.",
+                        path,
+                        section_name,
+                        key,
+                    )
         target = _as_str(model.get("target_model_path"), "model.target_model_path", path)
         if not target:
             raise InputError(

@@ -7,6 +7,7 @@ the draft and target vocabulary sizes. Writing the mapping there before the scri
 the pre-step hands it over. Newer SpecForge's offline runs use a sha256 key instead
 (:func:`offline_cache_mapping_path`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 from typing import List, Mapping, Optional, Sequence, Tuple, Union
+
 from specforge_vocab.errors import InputError
 from specforge_vocab.specforge.data_files import list_feature_files
 from specforge_vocab.specforge.run_config import DEFAULT_CACHE_DIR, DEFAULT_CHAT_TEMPLATE, DEFAULT_MAX_LENGTH, RunConfig
@@ -39,8 +41,16 @@ class _Parser(argparse.ArgumentParser):
 # Flags that decide the mapping; an abbreviation of one of them is refused
 # because SpecForge's full parser could resolve it differently from ours.
 _KEY_FLAGS = (
-    "--target-model-path", "--draft-model-config", "--train-data-path", "--chat-template", "--max-length",
-    "--cache-dir", "--ckpt-dir", "--is-preformatted", "--train-only-last-turn", "--vocab-mapping-path",
+    "--target-model-path",
+    "--draft-model-config",
+    "--train-data-path",
+    "--chat-template",
+    "--max-length",
+    "--cache-dir",
+    "--ckpt-dir",
+    "--is-preformatted",
+    "--train-only-last-turn",
+    "--vocab-mapping-path",
     "--train-hidden-states-path",
 )
 
@@ -137,7 +147,14 @@ def cache_mapping_paths(args: argparse.Namespace, draft_config: Union[str, Mappi
     legacy key (the paths as train_eagle3.py joins them: relative to the
     directory it runs in when --cache-dir is relative)."""
     draft_vocab_size, vocab_size = read_draft_vocab_sizes(draft_config)
-    parts = (args.train_data_path, args.max_length, args.chat_template, args.target_model_path, draft_vocab_size, vocab_size)
+    parts = (
+        args.train_data_path,
+        args.max_length,
+        args.chat_template,
+        args.target_model_path,
+        draft_vocab_size,
+        vocab_size,
+    )
     directory = os.path.join(args.cache_dir, VOCAB_MAPPING_DIR)
     return [
         os.path.join(directory, md5_cache_key(*parts) + ".pt"),

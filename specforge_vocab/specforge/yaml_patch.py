@@ -4,6 +4,7 @@ The YAML is edited as text: comments, key order, quoting and every other line st
 Layouts that cannot be edited safely this way (a flow mapping, anchors, a block scalar at that
 key) are refused with the exact place named, before any file is written.
 """
+
 from __future__ import annotations
 
 import copy
@@ -12,11 +13,12 @@ import logging
 import os
 import re
 from typing import NamedTuple, Optional, Tuple
+
+import yaml
+
 from specforge_vocab.errors import InputError, short, where
 from specforge_vocab.fileio import atomic_write, backup_file
-from specforge_vocab.specforge.run_config import is_json_config, parse_yaml_text
-from specforge_vocab.specforge.run_config import read_run_text
-import yaml
+from specforge_vocab.specforge.run_config import is_json_config, parse_yaml_text, read_run_text
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +32,9 @@ class PatchResult(NamedTuple):
 _TOP_KEY = re.compile(r"""^(?P<key>[A-Za-z_][\w.-]*|"[^"]*"|'[^']*')[ \t]*:(?=[ \t]|$)(?P<rest>.*)$""")
 
 
-_CHILD_KEY = re.compile(r"""^(?P<indent>[ ]+)(?P<key>[A-Za-z_][\w.-]*|"[^"]*"|'[^']*')(?P<colon>[ \t]*:)(?=[ \t]|$)(?P<rest>.*)$""")
+_CHILD_KEY = re.compile(
+    r"""^(?P<indent>[ ]+)(?P<key>[A-Za-z_][\w.-]*|"[^"]*"|'[^']*')(?P<colon>[ \t]*:)(?=[ \t]|$)(?P<rest>.*)$"""
+)
 
 
 _BAD_VALUE_START = set("|>&*!{[%@`?,")
@@ -69,7 +73,7 @@ def _scan_quoted(text: str, start: int) -> int:
             i += 2
             continue
         if c == quote:
-            if quote == "'" and text[i + 1: i + 2] == "'":
+            if quote == "'" and text[i + 1 : i + 2] == "'":
                 i += 2
                 continue
             return i + 1
@@ -92,8 +96,9 @@ def _plain_ok(value: str) -> bool:
 def _yaml_printable(c: str) -> bool:
     """A character YAML allows as it is inside a quoted scalar (no line breaks)."""
     o = ord(c)
-    return (0x20 <= o <= 0x7E or 0xA0 <= o <= 0xD7FF or 0xE000 <= o <= 0xFFFD or 0x10000 <= o <= 0x10FFFF) and c not in (
-        "\u2028", "\u2029", "\ufeff")
+    return (
+        0x20 <= o <= 0x7E or 0xA0 <= o <= 0xD7FF or 0xE000 <= o <= 0xFFFD or 0x10000 <= o <= 0x10FFFF
+    ) and c not in ("\u2028", "\u2029", "\ufeff")
 
 
 def _double_quoted(value: str) -> str:
@@ -166,7 +171,11 @@ def patch_vocab_mapping_text(text: str, mapping_path: str, *, source: str = "run
     start, match = starts[0]
     rest = match.group("rest").strip()
     if rest and not rest.startswith("#"):
-        raise _odd_layout(source, start + 1, f"'model:' is followed by {short(rest)} on the same line (flow style, an anchor or a tag)")
+        raise _odd_layout(
+            source,
+            start + 1,
+            f"'model:' is followed by {short(rest)} on the same line (flow style, an anchor or a tag)",
+        )
     end = len(lines)
     for j in range(start + 1, len(lines)):
         body = bodies[j]
@@ -204,7 +213,7 @@ def patch_vocab_mapping_text(text: str, mapping_path: str, *, source: str = "run
         rest_raw = body[value_from:]
         lead = len(rest_raw) - len(rest_raw.lstrip(" \t"))
         v0 = value_from + lead
-        head = body[v0:v0 + 1]
+        head = body[v0 : v0 + 1]
         if continues(j):
             raise _odd_layout(source, j + 1, "its value continues on the following, more indented lines")
         if head in ('"', "'"):
@@ -216,7 +225,9 @@ def patch_vocab_mapping_text(text: str, mapping_path: str, *, source: str = "run
             v1 = v0
             style = ""
         elif head in _BAD_VALUE_START:
-            raise _odd_layout(source, j + 1, f"its value starts with {head!r} (a block scalar, anchor, alias, tag or flow value)")
+            raise _odd_layout(
+                source, j + 1, f"its value starts with {head!r} (a block scalar, anchor, alias, tag or flow value)"
+            )
         else:
             comment = re.search(r"[ \t]#", body[v0:])
             v1 = v0 + (comment.start() if comment else len(body) - v0)
@@ -231,17 +242,17 @@ def patch_vocab_mapping_text(text: str, mapping_path: str, *, source: str = "run
             new_body = body[:value_from] + " " + rendered + body[value_from:]
         else:
             new_body = body[:v0] + rendered + body[v1:]
-        new_lines = lines[:j] + [new_body + eol] + lines[j + 1:]
+        new_lines = lines[:j] + [new_body + eol] + lines[j + 1 :]
     else:
         last = content[-1]
         body, eol = _split_eol(lines[last])
-        eol_new = eol or next((_split_eol(l)[1] for l in lines if _split_eol(l)[1]), "\n")
+        eol_new = eol or next((_split_eol(line)[1] for line in lines if _split_eol(line)[1]), "\n")
         style = '"' if '"' in other_styles else ""
         new_line = " " * indent + f"{_KEY}: " + _render_scalar(mapping_path, style)
         if eol:
-            new_lines = lines[: last + 1] + [new_line + eol_new] + lines[last + 1:]
+            new_lines = lines[: last + 1] + [new_line + eol_new] + lines[last + 1 :]
         else:
-            new_lines = lines[:last] + [body + eol_new, new_line] + lines[last + 1:]
+            new_lines = lines[:last] + [body + eol_new, new_line] + lines[last + 1 :]
     new_text = "".join(new_lines)
     expected = copy.deepcopy(original)
     expected["model"][_KEY] = mapping_path
@@ -250,7 +261,9 @@ def patch_vocab_mapping_text(text: str, mapping_path: str, *, source: str = "run
     except yaml.YAMLError:
         reparsed = None
     if reparsed != expected:
-        raise _odd_layout(source, start + 1, "re-reading the edited file did not give the original config with only this key changed")
+        raise _odd_layout(
+            source, start + 1, "re-reading the edited file did not give the original config with only this key changed"
+        )
     return new_text
 
 
@@ -262,7 +275,7 @@ def _patch_json_text(text: str, mapping_path: str, source: str) -> str:
     except json.JSONDecodeError as exc:
         raise InputError(f"{where(source, exc.lineno)}: the run config is not valid JSON ({exc.msg}).") from None
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-        raise InputError(f"{source} has no \"model\" object, so there is nowhere to set model.vocab_mapping_path.")
+        raise InputError(f'{source} has no "model" object, so there is nowhere to set model.vocab_mapping_path.')
     data["model"][_KEY] = mapping_path
     indent_match = re.search(r"\n([ \t]+)\S", text)
     indent = indent_match.group(1) if indent_match else None
@@ -293,9 +306,7 @@ def set_vocab_mapping_path(
         new_text = _patch_json_text(text, mapping_path, yaml_path)
     else:
         new_text = patch_vocab_mapping_text(text, mapping_path, source=yaml_path)
-    in_place = output_path is None or (
-        os.path.exists(output_path) and os.path.samefile(output_path, yaml_path)
-    )
+    in_place = output_path is None or (os.path.exists(output_path) and os.path.samefile(output_path, yaml_path))
     target = yaml_path if in_place else str(output_path)
     if in_place and new_text == text:
         logger.info("%s already has model.vocab_mapping_path = %s", yaml_path, mapping_path)

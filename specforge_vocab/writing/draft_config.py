@@ -10,18 +10,18 @@ Example::
     >>> patch_draft_vocab_size("configs/llama3-8B-eagle3.json", 13264)   # doctest: +SKIP
     'configs/llama3-8B-eagle3.json.bak'
 """
+
 from __future__ import annotations
 
 import json
 import logging
 from json.decoder import scanstring
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-logger = logging.getLogger(__name__)
-from typing import Mapping, Union
 from specforge_vocab.errors import InputError, short, where
 from specforge_vocab.fileio import atomic_write, backup_file
 
+logger = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 
@@ -161,7 +161,9 @@ def patched_text(text: str, k: int, *, path: str = "draft config") -> str:
     # The only change must be draft_vocab_size (a check on our own splice).
     expected = dict(original)
     expected["draft_vocab_size"] = int(k)
-    if json.dumps(_parse(new, path), sort_keys=True) != json.dumps(expected, sort_keys=True):  # pragma: no cover - would be a bug in the splice
+    if json.dumps(_parse(new, path), sort_keys=True) != json.dumps(
+        expected, sort_keys=True
+    ):  # pragma: no cover - would be a bug in the splice
         raise RuntimeError(f"internal error: patching draft_vocab_size in {path} changed other keys")
     return new
 

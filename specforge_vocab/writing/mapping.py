@@ -15,21 +15,23 @@ Example::
     >>> d2t.tolist(), t2d.tolist()
     ([0, 1, 1], [True, False, True, True, False])
 """
+
 from __future__ import annotations
 
 import io
 import logging
 import os
 from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
+
 import numpy as np
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: `specforge-vocab --help` stays fast
     import torch
 
-logger = logging.getLogger(__name__)
 from specforge_vocab.errors import InputError
 from specforge_vocab.fileio import atomic_write, safetensors_bytes
 
+logger = logging.getLogger(__name__)
 
 MAPPING_KEYS = ("d2t", "t2d")
 
@@ -113,7 +115,10 @@ def kept_token_ids(counts: np.ndarray, k: int, *, pinned_ids: Sequence[int] = ()
             "Only %d token ids were seen in the data but draft_vocab_size is %d; "
             "%d unseen ids (the smallest ones%s) fill the draft vocabulary. "
             "Use more data or a smaller draft_vocab_size.",
-            seen, k, unseen_kept, " and pinned ids" if pinned.size else "",
+            seen,
+            k,
+            unseen_kept,
+            " and pinned ids" if pinned.size else "",
         )
     return chosen
 
@@ -121,11 +126,11 @@ def kept_token_ids(counts: np.ndarray, k: int, *, pinned_ids: Sequence[int] = ()
 def build_mapping(kept_ids: np.ndarray, vocab_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """d2t (int64 [k], ``kept - arange(k)``) and t2d (bool [V]) for ascending kept ids."""
     import torch
+
     kept = np.asarray(kept_ids)
     if kept.ndim != 1 or kept.size == 0 or not np.issubdtype(kept.dtype, np.integer):
         raise InputError(
-            f"Kept token ids must be a non-empty 1-D integer array, but got shape {kept.shape} "
-            f"and dtype {kept.dtype}."
+            f"Kept token ids must be a non-empty 1-D integer array, but got shape {kept.shape} and dtype {kept.dtype}."
         )
     kept = kept.astype(np.int64, copy=False)
     _check_kept(kept, vocab_size, source="kept token ids")
@@ -150,6 +155,7 @@ def mapping_from_counts(
 def kept_ids_from_d2t(d2t: torch.Tensor) -> np.ndarray:
     """Target ids kept by a mapping: ``arange(k) + d2t`` (int64 numpy)."""
     import torch
+
     d2t_np = torch.as_tensor(d2t).detach().cpu().numpy().astype(np.int64)
     return np.arange(d2t_np.shape[0], dtype=np.int64) + d2t_np
 
@@ -185,10 +191,10 @@ def check_mapping(
     ``source`` names where the tensors came from (a file path) in the messages.
     """
     import torch
+
     if not isinstance(d2t, torch.Tensor) or not isinstance(t2d, torch.Tensor):
         raise InputError(
-            f"{source}: d2t and t2d must be torch tensors, but got {type(d2t).__name__} and "
-            f"{type(t2d).__name__}."
+            f"{source}: d2t and t2d must be torch tensors, but got {type(d2t).__name__} and {type(t2d).__name__}."
         )
     if d2t.dtype.is_floating_point or d2t.dtype.is_complex:
         raise InputError(
@@ -229,6 +235,7 @@ def check_mapping(
 def save_mapping(path_pt: str, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
     """Write ``torch.save({"d2t": d2t, "t2d": t2d})`` atomically (SpecForge's format)."""
     import torch
+
     payload = {"d2t": d2t.detach().cpu().contiguous(), "t2d": t2d.detach().cpu().contiguous()}
     atomic_write(path_pt, lambda handle: torch.save(payload, handle))
 
@@ -253,6 +260,7 @@ def load_mapping(
     are checked too.
     """
     import torch
+
     if not os.path.isfile(path):
         raise InputError(
             f"Vocab mapping file {path} does not exist. Pass the path of a vocab_mapping.pt or "
@@ -299,8 +307,11 @@ def mapping_payloads(d2t, t2d, *, draft_vocab_size: int, vocab_size: int) -> Tup
     ``vocab_mapping.safetensors`` (the same tensors, deterministic bytes)."""
     import torch
 
-    metadata = {"draft_vocab_size": str(draft_vocab_size), "vocab_size": str(vocab_size),
-                "format": "specforge-vocab-mapping"}
+    metadata = {
+        "draft_vocab_size": str(draft_vocab_size),
+        "vocab_size": str(vocab_size),
+        "format": "specforge-vocab-mapping",
+    }
     buffer = io.BytesIO()
     torch.save({"d2t": d2t, "t2d": t2d}, buffer)
     return buffer.getvalue(), safetensors_bytes({"d2t": d2t.numpy(), "t2d": t2d.numpy()}, metadata)

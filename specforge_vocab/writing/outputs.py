@@ -14,6 +14,7 @@ Example::
     ...                draft_vocab_size=32000)                                   # doctest: +SKIP
     'draft.json.bak'
 """
+
 from __future__ import annotations
 
 import json
@@ -21,14 +22,22 @@ import logging
 import os
 from typing import Dict, Optional, Tuple
 
-logger = logging.getLogger(__name__)
-from specforge_vocab.errors import InputError, short
-from specforge_vocab.fileio import Payload, Recovery, atomic_write_many, file_locks, recover_directory, writable_dir_problem
-from specforge_vocab.writing.draft_config import checked_patch, read_draft_config
-from specforge_vocab.writing.mapping import load_mapping
-from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT
 from safetensors import safe_open
 
+from specforge_vocab.errors import InputError, short
+from specforge_vocab.fileio import (
+    DEFAULT_LOCK_TIMEOUT,
+    Payload,
+    Recovery,
+    atomic_write_many,
+    file_locks,
+    recover_directory,
+    writable_dir_problem,
+)
+from specforge_vocab.writing.draft_config import checked_patch, read_draft_config
+from specforge_vocab.writing.mapping import load_mapping
+
+logger = logging.getLogger(__name__)
 
 # The files of one output directory, by role (``optimize`` writes them as one group; prepare adds
 # fingerprint.json after them).
@@ -40,9 +49,15 @@ COUNTS_FILE = "token_counts.safetensors"
 MAPPING_FILE = "vocab_mapping.pt"
 MAPPING_SAFETENSORS_FILE = "vocab_mapping.safetensors"
 FINGERPRINT_FILE = "fingerprint.json"
-OUTPUT_FILES = {"summary": SUMMARY_FILE, "full_results": FULL_RESULTS_FILE, "plot": PLOT_FILE,
-                "coverage_plot": COVERAGE_PLOT_FILE, "counts": COUNTS_FILE, "mapping_pt": MAPPING_FILE,
-                "mapping_safetensors": MAPPING_SAFETENSORS_FILE}
+OUTPUT_FILES = {
+    "summary": SUMMARY_FILE,
+    "full_results": FULL_RESULTS_FILE,
+    "plot": PLOT_FILE,
+    "coverage_plot": COVERAGE_PLOT_FILE,
+    "counts": COUNTS_FILE,
+    "mapping_pt": MAPPING_FILE,
+    "mapping_safetensors": MAPPING_SAFETENSORS_FILE,
+}
 
 
 def recover_outputs(output_dir: str, config_path: Optional[str] = None, *, clean: bool = False) -> Recovery:
@@ -64,7 +79,6 @@ def recorded_draft_vocab_size(output_dir: str) -> Optional[Tuple[int, Optional[i
     else vocab_mapping.pt's d2t shape, else summary.json; None when there is no output."""
     path = os.path.join(output_dir, MAPPING_SAFETENSORS_FILE)
     if os.path.isfile(path):
-
         try:
             with safe_open(path, framework="numpy") as handle:
                 meta = handle.metadata() or {}
@@ -75,10 +89,11 @@ def recorded_draft_vocab_size(output_dir: str) -> Optional[Tuple[int, Optional[i
             if k is not None:
                 return k, V, path
         except Exception as exc:  # noqa: BLE001 - any reader failure means the file is unusable
-            raise InputError(f"{path} cannot be read ({type(exc).__name__}: {exc}). Rerun optimize to rewrite it.") from None
+            raise InputError(
+                f"{path} cannot be read ({type(exc).__name__}: {exc}). Rerun optimize to rewrite it."
+            ) from None
     path = os.path.join(output_dir, MAPPING_FILE)
     if os.path.isfile(path):
-
         d2t, t2d = load_mapping(path)
         return int(d2t.shape[0]), int(t2d.shape[0]), path
     path = os.path.join(output_dir, SUMMARY_FILE)
@@ -131,9 +146,15 @@ def _patched_config(config_path: str, k: int) -> Tuple[str, str]:
     return checked_patch(config_path, k)
 
 
-def commit_outputs(payloads: Dict[str, Payload], *, output_dir: str, config_path: Optional[str] = None,
-                   draft_vocab_size: Optional[int] = None, backup: bool = True,
-                   lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Optional[str]:
+def commit_outputs(
+    payloads: Dict[str, Payload],
+    *,
+    output_dir: str,
+    config_path: Optional[str] = None,
+    draft_vocab_size: Optional[int] = None,
+    backup: bool = True,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+) -> Optional[str]:
     """Write ``payloads`` (paths inside ``output_dir``) and set ``draft_vocab_size`` in
     ``config_path`` as one commit, under the locks of both. Returns the config backup
     path (``<config>.bak``) or None.
@@ -166,9 +187,11 @@ def commit_outputs(payloads: Dict[str, Payload], *, output_dir: str, config_path
             else:
                 logger.info("%s already has draft_vocab_size %d; left unchanged.", config_path, draft_vocab_size)
         method = atomic_write_many(payloads, linked=linked)
-        logger.info("wrote %d file(s) to %s (%s)%s", len(payloads), output_dir, method,
-                    f" and set draft_vocab_size = {draft_vocab_size} in {config_path}" if linked else "")
+        logger.info(
+            "wrote %d file(s) to %s (%s)%s",
+            len(payloads),
+            output_dir,
+            method,
+            f" and set draft_vocab_size = {draft_vocab_size} in {config_path}" if linked else "",
+        )
     return saved
-
-
-

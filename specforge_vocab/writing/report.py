@@ -5,13 +5,16 @@ for a TPE pick, as in the paper's tool); everything this tool adds (the exact
 optimum, the FLOPs, the settings) follows. These functions build plain dicts;
 the caller writes them with :func:`specforge_vocab.fileio.json_text`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import io
 import logging
 from typing import Any, Dict, Mapping, Optional
+
 import numpy as np
+
 from specforge_vocab.choosing.cost import DraftArchitecture, draft_flops_by_component, lm_head_share
 from specforge_vocab.choosing.search import Evaluation, SearchResult, weighted_utility
 from specforge_vocab.fileio import atomic_write
@@ -34,8 +37,12 @@ def _scores(e: Evaluation, result: Optional[SearchResult]) -> Dict[str, float]:
     if result is None or result.objective == "utility":
         return e.as_dict()
     paper = weighted_utility(e.coverage, e.latency_reduction, result.settings.coverage_weight)
-    return {"coverage": e.coverage, "latency_reduction": e.latency_reduction, "utility": paper,
-            result.objective: e.utility}
+    return {
+        "coverage": e.coverage,
+        "latency_reduction": e.latency_reduction,
+        "utility": paper,
+        result.objective: e.utility,
+    }
 
 
 def _evaluation(e: Optional[Evaluation], result: Optional[SearchResult] = None) -> Optional[Dict[str, Any]]:
@@ -133,8 +140,9 @@ def full_results(result: SearchResult, *, include_exact_curve: bool = False) -> 
     return out
 
 
-def render_optimization_results(result: SearchResult, *, title: Optional[str] = None, dpi: int = 120,
-                                latency_label: str = "relative FLOPs") -> bytes:
+def render_optimization_results(
+    result: SearchResult, *, title: Optional[str] = None, dpi: int = 120, latency_label: str = "relative FLOPs"
+) -> bytes:
     """PNG bytes of the paper's four panels: coverage, latency reduction and utility (or the
     search's other objective) against k, and the coverage / latency Pareto front, with the exact
     curve drawn in. ``latency_label`` names the latency model in the second panel's axis."""
@@ -163,20 +171,32 @@ def render_optimization_results(result: SearchResult, *, title: Optional[str] = 
 
     panels = [
         (axes[0, 0], "coverage", tcov, "Token coverage", "Token coverage vs draft vocab size", "tab:blue"),
-        (axes[0, 1], "latency_reduction", tlat, f"Latency reduction ({latency_label})",
-         "Latency reduction vs draft vocab size", "tab:orange"),
+        (
+            axes[0, 1],
+            "latency_reduction",
+            tlat,
+            f"Latency reduction ({latency_label})",
+            "Latency reduction vs draft vocab size",
+            "tab:orange",
+        ),
         (axes[1, 0], "utility", tutil, objective_label, f"{objective_label} vs draft vocab size", "tab:purple"),
     ]
     for ax, field, values, ylabel, panel_title, colour in panels:
         if curve is not None:
             ax.plot(curve.ks, getattr(curve, field), color=colour, linewidth=1.5, label="exact (every k)")
-        ax.scatter(tk, values, s=14, color="black", alpha=0.6, zorder=3,
-                   label="TPE trials" if result.tpe else "evaluated")
+        ax.scatter(
+            tk, values, s=14, color="black", alpha=0.6, zorder=3, label="TPE trials" if result.tpe else "evaluated"
+        )
         for label, pick, pcolour, style in picks:
             ax.axvline(pick.k, color=pcolour, linestyle=style, linewidth=1.2, label=f"{label}: {pick.k:,}")
         if field == "coverage" and result.settings.min_coverage > 0:
-            ax.axhline(result.settings.min_coverage, color="gray", linestyle="-.", linewidth=1,
-                       label=f"min coverage {result.settings.min_coverage:g}")
+            ax.axhline(
+                result.settings.min_coverage,
+                color="gray",
+                linestyle="-.",
+                linewidth=1,
+                label=f"min coverage {result.settings.min_coverage:g}",
+            )
         if field == "utility" and curve is not None:
             # Zoom near the top so the gap between the picks is visible.
             top = float(curve.utility.max())
@@ -191,14 +211,23 @@ def render_optimization_results(result: SearchResult, *, title: Optional[str] = 
     ax4 = axes[1, 1]
     if curve is not None:
         ax4.plot(curve.latency_reduction, curve.coverage, color="gray", linewidth=1.2, label="exact front (every k)")
-    scatter = ax4.scatter(tlat, tcov, c=tk, cmap="viridis", s=22, alpha=0.8, zorder=3,
-                          label="TPE trials" if result.tpe else "evaluated")
+    scatter = ax4.scatter(
+        tlat, tcov, c=tk, cmap="viridis", s=22, alpha=0.8, zorder=3, label="TPE trials" if result.tpe else "evaluated"
+    )
     # marker, size, zorder: the TPE star is drawn larger and on top, so both picks stay visible.
     markers = {"TPE pick": ("*", 320, 6), "exact optimum": ("X", 110, 7), "fixed": ("*", 320, 6)}
     for label, pick, pcolour, _ in picks:
         marker, size, order = markers[label]
-        ax4.scatter([pick.latency_reduction], [pick.coverage], color=pcolour, s=size, marker=marker,
-                    edgecolor="black", zorder=order, label=f"{label}: {pick.k:,}")
+        ax4.scatter(
+            [pick.latency_reduction],
+            [pick.coverage],
+            color=pcolour,
+            s=size,
+            marker=marker,
+            edgecolor="black",
+            zorder=order,
+            label=f"{label}: {pick.k:,}",
+        )
     ax4.set_xlabel("Latency reduction")
     ax4.set_ylabel("Token coverage")
     ax4.set_title("Pareto front: coverage vs latency")
@@ -246,12 +275,24 @@ def render_coverage_curves(result: SearchResult, analysis, *, dpi: int = 110) ->
     ax1.axvline(result.k, color="black", linestyle="--", linewidth=1.2, label=f"chosen k = {result.k:,}")
     if analysis.bootstrap is not None:
         low, high = analysis.bootstrap.interval(analysis.bootstrap.chosen_k, integer=True)
-        ax1.axvspan(low, high, color="gray", alpha=0.2,
-                    label=f"bootstrap {analysis.bootstrap.confidence:.0%} interval of k: [{low:,}, {high:,}]")
+        ax1.axvspan(
+            low,
+            high,
+            color="gray",
+            alpha=0.2,
+            label=f"bootstrap {analysis.bootstrap.confidence:.0%} interval of k: [{low:,}, {high:,}]",
+        )
         unseen = analysis.bootstrap.unseen_interval
         if np.all(np.isfinite(unseen)):
-            ax1.errorbar([result.k], [0.5 * (unseen[0] + unseen[1])], yerr=[[0.5 * (unseen[1] - unseen[0])]],
-                         color="black", capsize=5, fmt="none", label="bootstrap coverage at k on unseen conversations")
+            ax1.errorbar(
+                [result.k],
+                [0.5 * (unseen[0] + unseen[1])],
+                yerr=[[0.5 * (unseen[1] - unseen[0])]],
+                color="black",
+                capsize=5,
+                fmt="none",
+                label="bootstrap coverage at k on unseen conversations",
+            )
     ax1.set_xscale("log")
     ax1.set_xlabel("Draft vocab size k (log scale)")
     ax1.set_ylabel("Token coverage")
@@ -260,17 +301,39 @@ def render_coverage_curves(result: SearchResult, analysis, *, dpi: int = 110) ->
     ax1.legend(fontsize=8, loc="lower right")
 
     shown = _thin(len(ks))  # a few thousand points draw the same front as 50,000, in a fraction of the time
-    sc = ax2.scatter(np.asarray(analysis.latency_reduction)[shown], np.asarray(result.candidates.coverage)[shown],
-                     c=np.asarray(ks)[shown], cmap="viridis", s=4)
+    sc = ax2.scatter(
+        np.asarray(analysis.latency_reduction)[shown],
+        np.asarray(result.candidates.coverage)[shown],
+        c=np.asarray(ks)[shown],
+        cmap="viridis",
+        s=4,
+    )
     markers = {"utility": ("*", "tab:green"), "speedup": ("X", "tab:red")}
     for name, pick in analysis.picks.items():
         marker, colour = markers.get(name, ("o", "black"))
-        ax2.scatter([pick.latency_reduction], [pick.coverage], marker=marker, s=220, color=colour, edgecolor="black",
-                    zorder=5, label=f"best {name}: k = {pick.k:,}")
+        ax2.scatter(
+            [pick.latency_reduction],
+            [pick.coverage],
+            marker=marker,
+            s=220,
+            color=colour,
+            edgecolor="black",
+            zorder=5,
+            label=f"best {name}: k = {pick.k:,}",
+        )
     i = result.candidates.index_of(result.k) if result.k in set(ks.tolist()) else None
     if i is not None:
-        ax2.scatter([result.candidates.latency_reduction[i]], [result.candidates.coverage[i]], marker="o", s=80,
-                    facecolor="none", edgecolor="black", linewidth=1.5, zorder=6, label=f"chosen: k = {result.k:,}")
+        ax2.scatter(
+            [result.candidates.latency_reduction[i]],
+            [result.candidates.coverage[i]],
+            marker="o",
+            s=80,
+            facecolor="none",
+            edgecolor="black",
+            linewidth=1.5,
+            zorder=6,
+            label=f"chosen: k = {result.k:,}",
+        )
     ax2.set_xlabel(f"Latency reduction ({analysis.latency['name']} model)")
     ax2.set_ylabel("Token coverage (train)")
     ax2.set_title("Pareto front: coverage vs latency reduction")
@@ -280,10 +343,20 @@ def render_coverage_curves(result: SearchResult, analysis, *, dpi: int = 110) ->
 
     speed = analysis.objective.speedup(result.candidates.coverage, 1.0 - analysis.latency_reduction)
     ax3.plot(ks, speed, color="tab:red", linewidth=1.5, label="predicted speed-up (train coverage)")
-    ax3.axhline(analysis.speedup["at_full_vocab"], color="gray", linestyle="-.", linewidth=1,
-                label=f"full vocabulary: {analysis.speedup['at_full_vocab']:.3f}x")
-    ax3.axvline(result.k, color="black", linestyle="--", linewidth=1.2,
-                label=f"chosen k: {analysis.speedup['at_draft_vocab_size']:.3f}x")
+    ax3.axhline(
+        analysis.speedup["at_full_vocab"],
+        color="gray",
+        linestyle="-.",
+        linewidth=1,
+        label=f"full vocabulary: {analysis.speedup['at_full_vocab']:.3f}x",
+    )
+    ax3.axvline(
+        result.k,
+        color="black",
+        linestyle="--",
+        linewidth=1.2,
+        label=f"chosen k: {analysis.speedup['at_draft_vocab_size']:.3f}x",
+    )
     s = analysis.speedup
     ax3.set_xscale("log")
     ax3.set_xlabel("Draft vocab size k (log scale)")
@@ -292,8 +365,10 @@ def render_coverage_curves(result: SearchResult, analysis, *, dpi: int = 110) ->
     ax3.grid(True, alpha=0.3, which="both")
     ax3.legend(fontsize=8, loc="lower right")
 
-    fig.suptitle(f"k = {result.k:,} of V = {result.vocab_size:,} chosen by {analysis.objective.name} "
-                 f"({result.method}); coverage on train / held-out / evaluation sets")
+    fig.suptitle(
+        f"k = {result.k:,} of V = {result.vocab_size:,} chosen by {analysis.objective.name} "
+        f"({result.method}); coverage on train / held-out / evaluation sets"
+    )
     fig.tight_layout()
     buffer = io.BytesIO()
     # compress_level 1: a few percent larger file, a fraction of the encoding time.

@@ -1,11 +1,19 @@
 """Draft FLOPs model: the paper's formula, the generalisations, and every shipped config."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from conftest import SHIPPED_CONFIGS, shipped_arch, shipped_config
 
-from specforge_vocab.choosing.cost import DraftArchitecture, draft_flops, draft_flops_by_component, latency_reduction, lm_head_share, paper_latency_reduction
+from specforge_vocab.choosing.cost import (
+    DraftArchitecture,
+    draft_flops,
+    draft_flops_by_component,
+    latency_reduction,
+    lm_head_share,
+    paper_latency_reduction,
+)
 from specforge_vocab.errors import InputError
 
 
@@ -22,7 +30,11 @@ def test_llama3_8b_lm_head_is_64_1_percent():
     mlp = 6 * h * I
     lm_head = 2 * h * V
     assert draft_flops_by_component(arch, V) == {
-        "fc": fc, "attention": attention, "mlp": mlp, "lm_head": lm_head, "total": fc + attention + mlp + lm_head,
+        "fc": fc,
+        "attention": attention,
+        "mlp": mlp,
+        "lm_head": lm_head,
+        "total": fc + attention + mlp + lm_head,
     }
     assert lm_head_share(arch) == pytest.approx(lm_head / (fc + attention + mlp + lm_head))
     assert round(100 * lm_head_share(arch), 1) == 64.1
@@ -37,7 +49,9 @@ def test_latency_reduction_matches_paper_formula_llama3(k):
     assert ours == ref  # in fact bit-identical: same integers, one rounding
 
 
-@pytest.mark.parametrize("dims", [(7168, 40960, 56, 8, 129280), (2048, 8192, 16, 4, 32000), (5120, 25600, 64, 8, 151936)])
+@pytest.mark.parametrize(
+    "dims", [(7168, 40960, 56, 8, 129280), (2048, 8192, 16, 4, 32000), (5120, 25600, 64, 8, 151936)]
+)
 def test_latency_reduction_matches_paper_formula_other_shapes(dims):
     arch = DraftArchitecture.paper(*dims)
     ks = np.array([50, 777, 5000, 20000, 31999])
@@ -107,7 +121,10 @@ def test_head_dim_null_falls_back_to_hidden_over_heads():
     [
         (lambda c: c.pop("hidden_size"), r"c\.json: the draft config has no 'hidden_size'"),
         (lambda c: c.pop("num_key_value_heads"), "'num_key_value_heads'"),
-        (lambda c: c.update(hidden_size="4096"), r"c\.json: field 'hidden_size' must be a positive integer, but got '4096'"),
+        (
+            lambda c: c.update(hidden_size="4096"),
+            r"c\.json: field 'hidden_size' must be a positive integer, but got '4096'",
+        ),
         (lambda c: c.update(intermediate_size=True), "'intermediate_size' must be a positive integer"),
         (lambda c: c.update(num_attention_heads=0), "'num_attention_heads' must be a positive integer"),
         (lambda c: c.update(head_dim=64.0), "'head_dim' must be a positive integer"),
@@ -145,6 +162,11 @@ def test_every_shipped_config_has_a_sane_cost_model(name):
         and config.get("target_hidden_size", config["hidden_size"]) == config["hidden_size"]
     )
     if paper_assumptions:  # then the paper's formula applies exactly
-        dims = (config["hidden_size"], config["intermediate_size"], config["num_attention_heads"],
-                config["num_key_value_heads"], config["vocab_size"])
+        dims = (
+            config["hidden_size"],
+            config["intermediate_size"],
+            config["num_attention_heads"],
+            config["num_key_value_heads"],
+            config["vocab_size"],
+        )
         assert latency_reduction(arch, 20000) == paper_latency_reduction(*dims, 20000)

@@ -1,5 +1,6 @@
 """Held-out split by record hash, evaluation sets and the Poisson bootstrap: unit checks, the
 fixture-size gsm8k check, and the full gsm8k check on ../shared/data (skipped when absent)."""
+
 from __future__ import annotations
 
 import json
@@ -10,11 +11,23 @@ import numpy as np
 import pytest
 from conftest import DATA, optimize_summary, read_jsonl, shared_data_or_skip
 
+from specforge_vocab.choosing.holdout import (
+    WEIGHT_632,
+    BootstrapTally,
+    EvaluationSettings,
+    HoldoutTally,
+    bootstrap_analysis,
+    coverage_of,
+    holdout_unit,
+    is_held_out,
+    pinned_frequency_order,
+    poisson_weights,
+    record_digest,
+)
 from specforge_vocab.cli.main import main
-from specforge_vocab.counting.engine import CountSettings
 from specforge_vocab.counting.count import count_dataset
 from specforge_vocab.counting.data import Record
-from specforge_vocab.choosing.holdout import BootstrapTally, EvaluationSettings, HoldoutTally, WEIGHT_632, bootstrap_analysis, coverage_of, holdout_unit, is_held_out, pinned_frequency_order, poisson_weights, record_digest
+from specforge_vocab.counting.engine import CountSettings
 from specforge_vocab.writing.mapping import kept_token_ids
 
 V = 1000
@@ -73,8 +86,12 @@ def test_split_is_deterministic_disjoint_and_independent_of_order():
 
 
 def test_split_of_real_records_with_the_counter(llama3_dir):
-    settings = CountSettings(dataset_paths=[str(DATA / "gsm8k_train_sample.jsonl")], tokenizer_path=llama3_dir,
-                             chat_template="llama3", num_workers=1)
+    settings = CountSettings(
+        dataset_paths=[str(DATA / "gsm8k_train_sample.jsonl")],
+        tokenizer_path=llama3_dir,
+        chat_template="llama3",
+        num_workers=1,
+    )
     tally = HoldoutTally(128256, 0.3)
     result = count_dataset(settings, tallies=[tally])
     assert np.array_equal(tally.train + tally.held_out, result.counts)
@@ -148,8 +165,9 @@ def test_bootstrap_analysis_by_hand():
         counts += np.bincount(ids, minlength=V)
     k = 40
     train = coverage_of(kept_token_ids(counts, k), counts)
-    result = bootstrap_analysis(tally, k=k, train_coverage=train, choose_k=lambda c: int(np.count_nonzero(c)),
-                                confidence=0.9)
+    result = bootstrap_analysis(
+        tally, k=k, train_coverage=train, choose_k=lambda c: int(np.count_nonzero(c)), confidence=0.9
+    )
     for b in (0, 7, 29):
         c = tally.in_bag[:, b].astype(np.int64)
         kept = kept_token_ids(c, k)
@@ -170,25 +188,50 @@ def test_bootstrap_analysis_by_hand():
 
 def test_evaluation_settings_problems(tmp_path):
     assert EvaluationSettings().problems() == []
-    bad = EvaluationSettings(holdout_fraction=1.0, eval_dataset_paths=[str(tmp_path / "none.jsonl")], bootstrap=1,
-                             confidence=1.5, min_token_count=-1)
-    assert [p.split()[0] for p in bad.problems()] == ["--holdout-fraction", "--eval-dataset-path", "--bootstrap",
-                                                      "--bootstrap-confidence", "--min-token-count"]
+    bad = EvaluationSettings(
+        holdout_fraction=1.0,
+        eval_dataset_paths=[str(tmp_path / "none.jsonl")],
+        bootstrap=1,
+        confidence=1.5,
+        min_token_count=-1,
+    )
+    assert [p.split()[0] for p in bad.problems()] == [
+        "--holdout-fraction",
+        "--eval-dataset-path",
+        "--bootstrap",
+        "--bootstrap-confidence",
+        "--min-token-count",
+    ]
 
 
 # --------------------------------------------------------------------------- end to end
 
 
 def run(tmp_path, llama3_dir, *extra, name="out"):
-    summary, _ = optimize_summary(tmp_path, "--tokenizer-path", llama3_dir, "--chat-template", "llama3", "--n-calls",
-                                  "10", *extra, name=name)
+    summary, _ = optimize_summary(
+        tmp_path, "--tokenizer-path", llama3_dir, "--chat-template", "llama3", "--n-calls", "10", *extra, name=name
+    )
     return summary
 
 
 def test_fixture_gsm8k_test_coverage_falls_in_the_bootstrap_interval(tmp_path, llama3_dir):
-    evals = [str(DATA / n) for n in ("gsm8k_test_sample.jsonl", "humaneval_sample.jsonl", "mt_bench_gpt4_reference.jsonl")]
-    summary = run(tmp_path, llama3_dir, "--dataset-path", str(DATA / "gsm8k_train_sample.jsonl"), "--search", "exact",
-                  "--max-vocab-size", "4000", "--bootstrap", "40", "--eval-dataset-path", *evals)
+    evals = [
+        str(DATA / n) for n in ("gsm8k_test_sample.jsonl", "humaneval_sample.jsonl", "mt_bench_gpt4_reference.jsonl")
+    ]
+    summary = run(
+        tmp_path,
+        llama3_dir,
+        "--dataset-path",
+        str(DATA / "gsm8k_train_sample.jsonl"),
+        "--search",
+        "exact",
+        "--max-vocab-size",
+        "4000",
+        "--bootstrap",
+        "40",
+        "--eval-dataset-path",
+        *evals,
+    )
     coverage = summary["coverage_at_draft_vocab_size"]
     assert coverage["train"] == summary["coverage"]
     evaluated = coverage["eval"]
@@ -202,8 +245,18 @@ def test_fixture_gsm8k_test_coverage_falls_in_the_bootstrap_interval(tmp_path, l
 
 
 def test_holdout_picks_on_the_train_side(tmp_path, llama3_dir):
-    summary = run(tmp_path, llama3_dir, "--dataset-path", str(DATA / "gsm8k_train_sample.jsonl"), "--search", "exact",
-                  "--max-vocab-size", "4000", "--holdout-fraction", "0.3")
+    summary = run(
+        tmp_path,
+        llama3_dir,
+        "--dataset-path",
+        str(DATA / "gsm8k_train_sample.jsonl"),
+        "--search",
+        "exact",
+        "--max-vocab-size",
+        "4000",
+        "--holdout-fraction",
+        "0.3",
+    )
     rows = read_jsonl(DATA / "gsm8k_train_sample.jsonl")
     held = sum(is_held_out(record_digest(r), 0.3) for r in rows)
     assert summary["holdout"]["held_out_records"] == held and summary["holdout"]["train_records"] == len(rows) - held
@@ -220,8 +273,16 @@ def test_holdout_picks_on_the_train_side(tmp_path, llama3_dir):
 def test_an_empty_held_out_side_is_reported_not_divided_by(tmp_path, llama3_dir):
     rows = read_jsonl(DATA / "gsm8k_train_sample.jsonl")
     assert not any(is_held_out(record_digest(r), 0.0001) for r in rows)
-    summary = run(tmp_path, llama3_dir, "--dataset-path", str(DATA / "gsm8k_train_sample.jsonl"), "--max-vocab-size",
-                  "2000", "--holdout-fraction", "0.0001")
+    summary = run(
+        tmp_path,
+        llama3_dir,
+        "--dataset-path",
+        str(DATA / "gsm8k_train_sample.jsonl"),
+        "--max-vocab-size",
+        "2000",
+        "--holdout-fraction",
+        "0.0001",
+    )
     assert summary["holdout"]["held_out_records"] == 0
     assert summary["coverage_at_draft_vocab_size"]["held_out"] is None
     assert any("held-out split is empty" in w for w in summary["warnings"])
@@ -229,8 +290,17 @@ def test_an_empty_held_out_side_is_reported_not_divided_by(tmp_path, llama3_dir)
 
 def test_split_and_bootstrap_need_the_records(tmp_path, llama3_dir, capsys):
     run(tmp_path, llama3_dir, "--dataset-path", str(DATA / "gsm8k_train_sample.jsonl"), "--max-vocab-size", "2000")
-    code = main(["optimize", "--counts", str(tmp_path / "out" / "token_counts.safetensors"), "--output-dir",
-                 str(tmp_path / "again"), "--holdout-fraction", "0.2"])
+    code = main(
+        [
+            "optimize",
+            "--counts",
+            str(tmp_path / "out" / "token_counts.safetensors"),
+            "--output-dir",
+            str(tmp_path / "again"),
+            "--holdout-fraction",
+            "0.2",
+        ]
+    )
     assert code == 2 and "--holdout-fraction and --bootstrap must see each record" in capsys.readouterr().err
 
 
@@ -238,10 +308,21 @@ def test_full_gsm8k_test_coverage_falls_in_the_bootstrap_interval(tmp_path, llam
     """Pick k on the two gsm8k train files; gsm8k test (unseen, same kind) lands in the interval;
     humaneval and mt_bench (other domains) are reported and covered worse."""
     shared = shared_data_or_skip()
-    summary = run(tmp_path, llama3_dir, "--dataset-path", str(shared / "gsm8k_train_part1.jsonl"),
-                  str(shared / "gsm8k_train_part2.jsonl"), "--bootstrap", "60", "--eval-dataset-path",
-                  str(shared / "gsm8k_test.jsonl"), str(shared / "humaneval.jsonl"),
-                  str(shared / "mt_bench_gpt4_reference.jsonl"), "--n-calls", "30")
+    summary = run(
+        tmp_path,
+        llama3_dir,
+        "--dataset-path",
+        str(shared / "gsm8k_train_part1.jsonl"),
+        str(shared / "gsm8k_train_part2.jsonl"),
+        "--bootstrap",
+        "60",
+        "--eval-dataset-path",
+        str(shared / "gsm8k_test.jsonl"),
+        str(shared / "humaneval.jsonl"),
+        str(shared / "mt_bench_gpt4_reference.jsonl"),
+        "--n-calls",
+        "30",
+    )
     coverage = summary["coverage_at_draft_vocab_size"]["eval"]
     boot = summary["bootstrap"]["coverage_at_k"]
     low, high = boot["unseen"]["interval"]

@@ -1,5 +1,6 @@
 """Latency models: weight bytes by hand, the measured fit on a scaled-down draft (CPU, and CUDA when
 present), its cache, and the settings. No timing assertions: only structure and sanity."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,24 @@ import torch
 from conftest import llama3_arch
 
 from specforge_vocab.choosing import latency as latency_module
-from specforge_vocab.choosing.cost import DraftArchitecture, bytes_latency_reduction, draft_weight_bytes, draft_weight_bytes_by_component, dtype_bytes, latency_reduction
+from specforge_vocab.choosing.cost import (
+    DraftArchitecture,
+    bytes_latency_reduction,
+    draft_weight_bytes,
+    draft_weight_bytes_by_component,
+    dtype_bytes,
+    latency_reduction,
+)
+from specforge_vocab.choosing.latency import (
+    BytesLatency,
+    FlopsLatency,
+    LatencySettings,
+    MeasuredLatency,
+    build_latency_model,
+    default_grid,
+    measured_fit,
+)
 from specforge_vocab.errors import InputError, SettingsError
-from specforge_vocab.choosing.latency import BytesLatency, FlopsLatency, LatencySettings, MeasuredLatency, build_latency_model, default_grid, measured_fit
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
 
@@ -33,16 +49,24 @@ def test_weight_bytes_of_the_llama3_draft_by_hand():
     mlp = 3 * h * I
     norms = 4 * h  # hidden_norm, input_layernorm, post_attention_layernorm, final norm
     parts = draft_weight_bytes_by_component(arch, k)
-    assert parts == {"fc": 2 * fc, "attention": 2 * attention, "mlp": 2 * mlp, "norms": 2 * norms,
-                     "embedding_row": 2 * h, "lm_head": 2 * h * k,
-                     "total": 2 * (fc + attention + mlp + norms + h + h * k)}
+    assert parts == {
+        "fc": 2 * fc,
+        "attention": 2 * attention,
+        "mlp": 2 * mlp,
+        "norms": 2 * norms,
+        "embedding_row": 2 * h,
+        "lm_head": 2 * h * k,
+        "total": 2 * (fc + attention + mlp + norms + h + h * k),
+    }
     full = 2 * (fc + attention + mlp + norms + h + h * V)
     assert draft_weight_bytes(arch, V) == full
     assert bytes_latency_reduction(arch, k) == 1.0 - parts["total"] / full
     # vectorised and scalar agree; the ratio does not depend on the dtype
     ks = np.array([1000, k, V])
     assert np.array_equal(draft_weight_bytes(arch, ks), [draft_weight_bytes(arch, int(x)) for x in ks])
-    assert bytes_latency_reduction(arch, k, dtype="float32") == pytest.approx(bytes_latency_reduction(arch, k), rel=1e-12)
+    assert bytes_latency_reduction(arch, k, dtype="float32") == pytest.approx(
+        bytes_latency_reduction(arch, k), rel=1e-12
+    )
     # norms and one embedding row are all that separate it from the FLOPs model here
     assert 0 < latency_reduction(arch, k) - bytes_latency_reduction(arch, k) < 1e-4
 
@@ -62,7 +86,9 @@ def test_flops_and_bytes_models():
     assert np.array_equal(model(ks), bytes_latency_reduction(arch, ks))
     assert np.allclose(model.relative_time(ks), 1 - bytes_latency_reduction(arch, ks))
     assert model.describe()["dtype"] == "float16"
-    assert isinstance(build_latency_model(LatencySettings(latency_model="bytes"), arch, cache_dir="unused"), BytesLatency)
+    assert isinstance(
+        build_latency_model(LatencySettings(latency_model="bytes"), arch, cache_dir="unused"), BytesLatency
+    )
     assert isinstance(build_latency_model(LatencySettings(), arch, cache_dir="unused"), FlopsLatency)
 
 
@@ -95,11 +121,22 @@ def test_measured_fit_on_a_scaled_down_draft_and_its_cache(tmp_path, device, mon
 
     monkeypatch.setattr(latency_module, "measure_draft_latency", fail)
     again = measured_fit(arch, device=device, dtype="float32", points=4, repeats=2, context=16, cache_dir=str(tmp_path))
-    assert again.cached and (again.intercept_s, again.slope_s_per_row, again.ks) == (fit.intercept_s, fit.slope_s_per_row, fit.ks)
+    assert again.cached and (again.intercept_s, again.slope_s_per_row, again.ks) == (
+        fit.intercept_s,
+        fit.slope_s_per_row,
+        fit.ks,
+    )
     # another config (a wider draft) does not hit that cache entry
     with pytest.raises(AssertionError, match="measured again"):
-        measured_fit(tiny_arch().with_vocab_size(4096), device=device, dtype="float32", points=4, repeats=2,
-                     context=16, cache_dir=str(tmp_path))
+        measured_fit(
+            tiny_arch().with_vocab_size(4096),
+            device=device,
+            dtype="float32",
+            points=4,
+            repeats=2,
+            context=16,
+            cache_dir=str(tmp_path),
+        )
 
     model = MeasuredLatency(arch, again)
     reduction = model(np.array([64, 1024, 2048]))
@@ -117,10 +154,22 @@ def test_measured_in_the_configured_half_dtype_or_float32_with_a_note():
 
 def test_latency_settings_problems_name_their_flags():
     assert LatencySettings().problems() == []
-    bad = LatencySettings(latency_model="wallclock", measure_device="tpu", measure_dtype="int4", measure_points=1,
-                          measure_repeats=0, measure_context=0)
+    bad = LatencySettings(
+        latency_model="wallclock",
+        measure_device="tpu",
+        measure_dtype="int4",
+        measure_points=1,
+        measure_repeats=0,
+        measure_context=0,
+    )
     flags = [p.split()[0] for p in bad.problems()]
-    assert flags == ["--latency-model", "--measure-device", "--measure-dtype", "--measure-points", "--measure-repeats",
-                     "--measure-context"]
+    assert flags == [
+        "--latency-model",
+        "--measure-device",
+        "--measure-dtype",
+        "--measure-points",
+        "--measure-repeats",
+        "--measure-context",
+    ]
     with pytest.raises(SettingsError):
         bad.validate()

@@ -1,4 +1,5 @@
 """The chain speed-up objective: hand-computed values, how its optimum moves, search hooks, defaults."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,20 @@ import pytest
 from conftest import llama3_arch, zipf_counts
 
 from specforge_vocab.choosing.cost import DraftArchitecture, latency_reduction
-from specforge_vocab.errors import InputError
-from specforge_vocab.choosing.objectives import DEFAULT_P_FULL, DEFAULT_TARGET_COST_RATIO, LLAMA_3_8B_DRAFT, ObjectiveSettings, acceptance_from_length, chain_speedup, speedup_objective, target_cost_ratio, target_params_by_component, tokens_per_cycle
+from specforge_vocab.choosing.objectives import (
+    DEFAULT_P_FULL,
+    DEFAULT_TARGET_COST_RATIO,
+    LLAMA_3_8B_DRAFT,
+    ObjectiveSettings,
+    acceptance_from_length,
+    chain_speedup,
+    speedup_objective,
+    target_cost_ratio,
+    target_params_by_component,
+    tokens_per_cycle,
+)
 from specforge_vocab.choosing.search import SearchSettings, coverage_curve, search
+from specforge_vocab.errors import InputError
 
 # --------------------------------------------------------------------------- by hand
 
@@ -52,7 +64,7 @@ def test_exact_and_tpe_search_maximise_the_speedup():
     best_k, best = None, -1.0
     for k in range(10, V + 1):
         p = 0.75 * curve[k]
-        tokens = sum(p ** j for j in range(4))
+        tokens = sum(p**j for j in range(4))
         value = tokens * 5.0 / (3 * (1 - latency_reduction(arch, k)) + 5.0)
         if value > best + 1e-12:
             best_k, best = k, value
@@ -76,8 +88,9 @@ def llama_setup():
 
 def best_k(curve, arch, *, p_full, draft_steps, cost_ratio):
     s = SearchSettings(min_vocab_size=50, max_vocab_size=128256, n_calls=1, search="exact")
-    return search(curve, arch, s, objective=speedup_objective(p_full=p_full, draft_steps=draft_steps,
-                                                               cost_ratio=cost_ratio)).exact.pick.k
+    return search(
+        curve, arch, s, objective=speedup_objective(p_full=p_full, draft_steps=draft_steps, cost_ratio=cost_ratio)
+    ).exact.pick.k
 
 
 def test_a_dearer_target_makes_k_larger(llama_setup):
@@ -111,7 +124,7 @@ def test_default_acceptance_is_what_published_acceptance_lengths_imply():
     found = []
     for tau in (2.77, 3.49, 3.34):
         p = acceptance_from_length(tau, 7)
-        assert sum(p ** j for j in range(8)) == pytest.approx(tau, abs=1e-9)
+        assert sum(p**j for j in range(8)) == pytest.approx(tau, abs=1e-9)
         found.append(round(p, 2))
     assert found == [0.65, 0.74, 0.72]
     assert min(found) <= DEFAULT_P_FULL <= max(found)
@@ -119,32 +132,63 @@ def test_default_acceptance_is_what_published_acceptance_lengths_imply():
 
 def test_default_cost_ratio_recomputed_by_hand():
     h, I, V, L = 4096, 14336, 128256, 32
-    target = L * (h * h + 2 * h * 1024 + h * h + 3 * h * I + 2 * h) + h + h * V + h  # layers, norms, head, embedding row
+    target = (
+        L * (h * h + 2 * h * 1024 + h * h + 3 * h * I + 2 * h) + h + h * V + h
+    )  # layers, norms, head, embedding row
     draft = 3 * h * h + (2 * h * h + 2 * 2 * h * 1024 + h * h) + 3 * h * I + 4 * h + h + h * V
     assert DEFAULT_TARGET_COST_RATIO == round(target / draft, 2) == 9.16
     arch = llama3_arch()
-    llama = {"hidden_size": h, "intermediate_size": I, "num_hidden_layers": L, "num_attention_heads": 32,
-             "num_key_value_heads": 8, "vocab_size": V, "torch_dtype": "float16"}
+    llama = {
+        "hidden_size": h,
+        "intermediate_size": I,
+        "num_hidden_layers": L,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": V,
+        "torch_dtype": "float16",
+    }
     assert target_cost_ratio(llama, arch) == pytest.approx(target / draft, rel=1e-12)
     assert target_cost_ratio(llama, arch, unit="flops") == pytest.approx(
-        2 * (L * (2 * h * h + 2 * h * 1024 + 3 * h * I) + h * V) / (2 * (3 * h * h + 3 * h * h + 4 * h * 1024 + 3 * h * I + h * V)),
-        rel=1e-12)
+        2
+        * (L * (2 * h * h + 2 * h * 1024 + 3 * h * I) + h * V)
+        / (2 * (3 * h * h + 3 * h * h + 4 * h * 1024 + 3 * h * I + h * V)),
+        rel=1e-12,
+    )
     assert LLAMA_3_8B_DRAFT.vocab_size == arch.vocab_size
 
 
 def test_target_params_of_mixture_of_experts_and_latent_attention():
-    moe = {"hidden_size": 8, "intermediate_size": 32, "moe_intermediate_size": 4, "num_hidden_layers": 3,
-           "first_k_dense_replace": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "n_routed_experts": 16,
-           "num_experts_per_tok": 2, "n_shared_experts": 1, "vocab_size": 100}
+    moe = {
+        "hidden_size": 8,
+        "intermediate_size": 32,
+        "moe_intermediate_size": 4,
+        "num_hidden_layers": 3,
+        "first_k_dense_replace": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "n_routed_experts": 16,
+        "num_experts_per_tok": 2,
+        "n_shared_experts": 1,
+        "vocab_size": 100,
+    }
     parts = target_params_by_component(moe, source="moe")
     head_dim = 4
     assert parts["attention"] == 3 * (8 * 2 * head_dim + 2 * 8 * 1 * head_dim + 2 * head_dim * 8)
     # layer 0 dense (3*8*32); layers 1-2: 2 active + 1 shared expert of 3*8*4, plus the router 8*16
     assert parts["mlp"] == 3 * 8 * 32 + 2 * ((2 + 1) * 3 * 8 * 4 + 8 * 16)
     assert parts["lm_head"] == 800 and parts["norms"] == 7 * 8
-    mla = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-           "kv_lora_rank": 4, "q_lora_rank": 6, "qk_nope_head_dim": 3, "qk_rope_head_dim": 1, "v_head_dim": 2,
-           "vocab_size": 10}
+    mla = {
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "kv_lora_rank": 4,
+        "q_lora_rank": 6,
+        "qk_nope_head_dim": 3,
+        "qk_rope_head_dim": 1,
+        "v_head_dim": 2,
+        "vocab_size": 10,
+    }
     q = 8 * 6 + 6 * 2 * (3 + 1)
     kv = 8 * (4 + 1) + 4 * 2 * (3 + 2)
     assert target_params_by_component(mla, source="mla")["attention"] == q + kv + 2 * 2 * 8
@@ -154,16 +198,37 @@ def test_target_params_of_mixture_of_experts_and_latent_attention():
 
 def test_objective_settings(tmp_path):
     assert ObjectiveSettings().problems() == []
-    bad = ObjectiveSettings(objective="tokens", p_full=1.5, draft_steps=0, target_cost_ratio=-1.0,
-                            target_config=str(tmp_path / "missing.json"))
+    bad = ObjectiveSettings(
+        objective="tokens",
+        p_full=1.5,
+        draft_steps=0,
+        target_cost_ratio=-1.0,
+        target_config=str(tmp_path / "missing.json"),
+    )
     flags = [p.split()[0] for p in bad.problems()]
-    assert flags == ["--objective", "--p-full", "--draft-steps", "--target-cost-ratio", "--target-cost-ratio",
-                     "--target-config"]
+    assert flags == [
+        "--objective",
+        "--p-full",
+        "--draft-steps",
+        "--target-cost-ratio",
+        "--target-cost-ratio",
+        "--target-config",
+    ]
     arch = LLAMA_3_8B_DRAFT
     assert ObjectiveSettings(target_cost_ratio=4.0).resolve_cost_ratio(arch) == (4.0, "--target-cost-ratio")
     path = tmp_path / "target.json"
-    path.write_text(json.dumps({"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                                "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
-                                "torch_dtype": "bfloat16"}))
+    path.write_text(
+        json.dumps(
+            {
+                "hidden_size": 4096,
+                "intermediate_size": 14336,
+                "num_hidden_layers": 32,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+                "vocab_size": 128256,
+                "torch_dtype": "bfloat16",
+            }
+        )
+    )
     ratio, source = ObjectiveSettings(target_config=str(path)).resolve_cost_ratio(arch, latency_model="bytes")
     assert round(ratio, 2) == DEFAULT_TARGET_COST_RATIO and "weight bytes" in source

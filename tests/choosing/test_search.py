@@ -1,4 +1,5 @@
 """Coverage curve, settings checks, the exact search and the paper-faithful TPE search."""
+
 from __future__ import annotations
 
 import logging
@@ -10,8 +11,18 @@ import pytest
 from conftest import llama3_arch, zipf_counts
 
 from specforge_vocab.choosing.cost import DraftArchitecture, latency_reduction, paper_latency_reduction
+from specforge_vocab.choosing.search import (
+    Evaluation,
+    SearchSettings,
+    coverage_at,
+    coverage_curve,
+    k_for_coverage,
+    score_candidates,
+    search,
+    tpe_search,
+)
 from specforge_vocab.errors import InputError, SettingsError
-from specforge_vocab.choosing.search import Evaluation, SearchSettings, coverage_at, coverage_curve, k_for_coverage, score_candidates, search, tpe_search
+
 
 @pytest.fixture(scope="module")
 def llama3_zipf():
@@ -55,7 +66,13 @@ def test_coverage_errors():
 def test_default_settings_are_the_papers_and_valid():
     s = SearchSettings()
     assert (s.coverage_weight, s.min_coverage, s.min_vocab_size, s.max_vocab_size, s.n_calls, s.random_state) == (
-        0.5, 0.0, 50, 50000, 30, 42)
+        0.5,
+        0.0,
+        50,
+        50000,
+        30,
+        42,
+    )
     assert s.problems(128256) == []
 
 
@@ -186,8 +203,9 @@ def test_tpe_picks_what_the_paper_tool_picks(seed, a, min_cov):
     arch = DraftArchitecture.paper(4096, 14336, 32, 8, V)
     s = SearchSettings(n_calls=30, random_state=seed, coverage_weight=a, min_coverage=min_cov)
     ours = search(counts, arch, s)
-    k, trial_ks = paper_tool_pick(counts, 4096, 14336, 32, 8, V, lo=50, hi=50000, n_trials=30, seed=seed,
-                                  a=a, min_cov=min_cov)
+    k, trial_ks = paper_tool_pick(
+        counts, 4096, 14336, 32, 8, V, lo=50, hi=50000, n_trials=30, seed=seed, a=a, min_cov=min_cov
+    )
     assert [t.k for t in ours.tpe.trials] == trial_ks
     assert ours.tpe.pick.k == k
     assert ours.k == k  # --search tpe is the default

@@ -6,6 +6,7 @@ hashed before and after; only lock files may appear).
 To cover another entry point (prepare, pre-step, trim, merge), add rows to CASES: ``entry`` is the
 CLI subcommand (any subcommand works through ``run_cli``) or an "api:" name registered in API.
 """
+
 from __future__ import annotations
 
 import errno
@@ -20,11 +21,12 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import pytest
-
 from conftest import DATA, LLAMA3_CONFIG, LLAMA3_DIR, remote_code_tokenizer, run_cli, shipped_config
 from reliability_helpers import leftovers, snapshot_tree
+
 from specforge_vocab import fileio
 from specforge_vocab.errors import InputError
+from specforge_vocab.fileio import atomic
 
 GOOD = {"conversations": [{"role": "user", "content": "What is 7 * 6?"}, {"role": "assistant", "content": "42."}]}
 
@@ -51,8 +53,13 @@ class Env:
         return self.write(name, "".join(line + "\n" for line in lines))
 
 
-FILES = {"data": "data.jsonl", "config": "draft.json", "counts": "counts.safetensors", "out": "out",
-         "counts_out": "old_counts.safetensors"}
+FILES = {
+    "data": "data.jsonl",
+    "config": "draft.json",
+    "counts": "counts.safetensors",
+    "out": "out",
+    "counts_out": "old_counts.safetensors",
+}
 
 
 @dataclass(frozen=True)
@@ -67,14 +74,35 @@ class Case:
 
 
 def count_args(env: Env, *extra: str, data: Optional[str] = None) -> List[str]:
-    return ["--dataset-path", data or env.data, "--tokenizer-path", LLAMA3_DIR, "--output", env.counts_out,
-            "--max-length", "256", *extra]
+    return [
+        "--dataset-path",
+        data or env.data,
+        "--tokenizer-path",
+        LLAMA3_DIR,
+        "--output",
+        env.counts_out,
+        "--max-length",
+        "256",
+        *extra,
+    ]
 
 
-def optimize_args(env: Env, *extra: str, counts: Optional[str] = None, config: Optional[str] = None,
-                  out: Optional[str] = None) -> List[str]:
-    return ["--counts", counts or env.counts, "--config-path", config or env.config, "--output-dir", out or env.out,
-            "--n-calls", "5", "--lock-timeout", "5", *extra]
+def optimize_args(
+    env: Env, *extra: str, counts: Optional[str] = None, config: Optional[str] = None, out: Optional[str] = None
+) -> List[str]:
+    return [
+        "--counts",
+        counts or env.counts,
+        "--config-path",
+        config or env.config,
+        "--output-dir",
+        out or env.out,
+        "--n-calls",
+        "5",
+        "--lock-timeout",
+        "5",
+        *extra,
+    ]
 
 
 def bad_data(env: Env, *lines: str, name: str = "bad.jsonl") -> str:
@@ -97,8 +125,9 @@ def unreadable(env: Env) -> None:
 
 def full_disk_at(write_number: int):
     """Simulate ENOSPC: the Nth payload written by fileio gets some bytes out, then fails."""
+
     def patch(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-        real, calls = fileio._write_payload, []
+        real, calls = atomic._write_payload, []
 
         def failing(handle, payload):
             calls.append(1)
@@ -107,7 +136,7 @@ def full_disk_at(write_number: int):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             return real(handle, payload)
 
-        monkeypatch.setattr(fileio, "_write_payload", failing)
+        monkeypatch.setattr(atomic, "_write_payload", failing)
 
     return patch
 
@@ -124,255 +153,640 @@ NO_SPACE = r"Cannot write .*No space left on device\. Nothing was changed"
 
 CASES: List[Case] = [
     # ---------------------------------------------------------------- count: data
-    Case("malformed-json", "count", lambda e: count_args(e, data=bad_data(e, '{"conversations": [')),
-         r"bad\.jsonl, line 2: malformed JSON"),
-    Case("truncated-jsonl", "count",
-         lambda e: count_args(e, data=e.write("cut.jsonl", json.dumps(GOOD) + "\n" + json.dumps(GOOD)[:25])),
-         r"cut\.jsonl, line 2: malformed JSON"),
-    Case("truncated-json-array", "count",
-         lambda e: count_args(e, data=e.write("cut.json", "[" + json.dumps(GOOD) + ", " + json.dumps(GOOD)[:30])),
-         r"cut\.json, line 1: malformed JSON: expected"),
-    Case("not-utf8", "count", lambda e: count_args(e, data=e.write("latin.jsonl", b'{"conversations": "\xe9"}\n',
-                                                                     binary=True)),
-         r"latin\.jsonl: not valid UTF-8"),
-    Case("corrupt-gzip", "count", lambda e: count_args(e, data=e.write("bad.jsonl.gz", b"\x1f\x8bnot gzip at all",
-                                                                         binary=True)),
-         r"bad\.jsonl\.gz: cannot be read to the end"),
-    Case("truncated-gzip", "count",
-         lambda e: count_args(e, data=e.write("cut.jsonl.gz", gzip.compress((json.dumps(GOOD) + "\n").encode() * 50)[:60],
-                                              binary=True)),
-         r"cut\.jsonl\.gz: cannot be read to the end"),
-    Case("record-not-object", "count", lambda e: count_args(e, data=bad_data(e, '["user", "hi"]')),
-         r"line 2: each record must be a JSON object"),
-    Case("no-conversations-field", "count", lambda e: count_args(e, data=bad_data(e, '{"messages": []}')),
-         r"line 2: every record needs a 'conversations' field"),
-    Case("conversations-not-a-list", "count", lambda e: count_args(e, data=bad_data(e, '{"conversations": "hi"}')),
-         r"line 2, field 'conversations': must be a list of messages"),
-    Case("message-not-object", "count", lambda e: count_args(e, data=bad_data(e, '{"conversations": ["hi"]}')),
-         r"field 'conversations\[0\]': each message must be an object"),
-    Case("content-wrong-type", "count",
-         lambda e: count_args(e, data=bad_data(e, '{"conversations": [{"role": "user", "content": {"a": 1}}]}')),
-         r"field 'conversations\[0\]\.content': content must be a string or null"),
-    Case("content-number", "count",
-         lambda e: count_args(e, data=bad_data(e, '{"conversations": [{"role": "user", "content": 7}]}')),
-         r"content must be a string or null, but got int 7"),
-    Case("unknown-role", "count",
-         lambda e: count_args(e, data=bad_data(e, '{"conversations": [{"role": "narrator", "content": "x"}]}')),
-         r"field 'conversations\[0\]\.role': unknown role 'narrator'"),
-    Case("role-wrong-type", "count",
-         lambda e: count_args(e, data=bad_data(e, '{"conversations": [{"role": 5, "content": "x"}]}')),
-         r"unknown role 5"),
-    Case("preformatted-without-text", "count", lambda e: count_args(e, "--is-preformatted"),
-         r"with --is-preformatted every record needs a 'text' field"),
-    Case("text-wrong-type", "count",
-         lambda e: count_args(e, "--is-preformatted", data=e.lines("pre.jsonl", '{"text": "ok"}', '{"text": 3}')),
-         r"pre\.jsonl, line 2, field 'text': must be a string, but got int 3"),
+    Case(
+        "malformed-json",
+        "count",
+        lambda e: count_args(e, data=bad_data(e, '{"conversations": [')),
+        r"bad\.jsonl, line 2: malformed JSON",
+    ),
+    Case(
+        "truncated-jsonl",
+        "count",
+        lambda e: count_args(e, data=e.write("cut.jsonl", json.dumps(GOOD) + "\n" + json.dumps(GOOD)[:25])),
+        r"cut\.jsonl, line 2: malformed JSON",
+    ),
+    Case(
+        "truncated-json-array",
+        "count",
+        lambda e: count_args(e, data=e.write("cut.json", "[" + json.dumps(GOOD) + ", " + json.dumps(GOOD)[:30])),
+        r"cut\.json, line 1: malformed JSON: expected",
+    ),
+    Case(
+        "not-utf8",
+        "count",
+        lambda e: count_args(e, data=e.write("latin.jsonl", b'{"conversations": "\xe9"}\n', binary=True)),
+        r"latin\.jsonl: not valid UTF-8",
+    ),
+    Case(
+        "corrupt-gzip",
+        "count",
+        lambda e: count_args(e, data=e.write("bad.jsonl.gz", b"\x1f\x8bnot gzip at all", binary=True)),
+        r"bad\.jsonl\.gz: cannot be read to the end",
+    ),
+    Case(
+        "truncated-gzip",
+        "count",
+        lambda e: count_args(
+            e, data=e.write("cut.jsonl.gz", gzip.compress((json.dumps(GOOD) + "\n").encode() * 50)[:60], binary=True)
+        ),
+        r"cut\.jsonl\.gz: cannot be read to the end",
+    ),
+    Case(
+        "record-not-object",
+        "count",
+        lambda e: count_args(e, data=bad_data(e, '["user", "hi"]')),
+        r"line 2: each record must be a JSON object",
+    ),
+    Case(
+        "no-conversations-field",
+        "count",
+        lambda e: count_args(e, data=bad_data(e, '{"messages": []}')),
+        r"line 2: every record needs a 'conversations' field",
+    ),
+    Case(
+        "conversations-not-a-list",
+        "count",
+        lambda e: count_args(e, data=bad_data(e, '{"conversations": "hi"}')),
+        r"line 2, field 'conversations': must be a list of messages",
+    ),
+    Case(
+        "message-not-object",
+        "count",
+        lambda e: count_args(e, data=bad_data(e, '{"conversations": ["hi"]}')),
+        r"field 'conversations\[0\]': each message must be an object",
+    ),
+    Case(
+        "content-wrong-type",
+        "count",
+        lambda e: count_args(e, data=bad_data(e, '{"conversations": [{"role": "user", "content": {"a": 1}}]}')),
+        r"field 'conversations\[0\]\.content': content must be a string or null",
+    ),
+    Case(
+        "content-number",
+        "count",
+        lambda e: count_args(e, data=bad_data(e, '{"conversations": [{"role": "user", "content": 7}]}')),
+        r"content must be a string or null, but got int 7",
+    ),
+    Case(
+        "unknown-role",
+        "count",
+        lambda e: count_args(e, data=bad_data(e, '{"conversations": [{"role": "narrator", "content": "x"}]}')),
+        r"field 'conversations\[0\]\.role': unknown role 'narrator'",
+    ),
+    Case(
+        "role-wrong-type",
+        "count",
+        lambda e: count_args(e, data=bad_data(e, '{"conversations": [{"role": 5, "content": "x"}]}')),
+        r"unknown role 5",
+    ),
+    Case(
+        "preformatted-without-text",
+        "count",
+        lambda e: count_args(e, "--is-preformatted"),
+        r"with --is-preformatted every record needs a 'text' field",
+    ),
+    Case(
+        "text-wrong-type",
+        "count",
+        lambda e: count_args(e, "--is-preformatted", data=e.lines("pre.jsonl", '{"text": "ok"}', '{"text": 3}')),
+        r"pre\.jsonl, line 2, field 'text': must be a string, but got int 3",
+    ),
     Case("empty-file", "count", lambda e: count_args(e, data=e.write("empty.jsonl", "")), r"no records to count"),
-    Case("blank-lines-only", "count", lambda e: count_args(e, data=e.write("blank.jsonl", "\n\n  \n")),
-         r"no records to count"),
-    Case("missing-dataset", "count", lambda e: count_args(e, data=e.path("nowhere.jsonl")),
-         r"--dataset-path .*nowhere\.jsonl does not exist"),
-    Case("dataset-dir-without-data", "count",
-         lambda e: count_args(e, data=os.path.dirname(e.write("docs/readme.txt", "hello"))),
-         r"is a directory with no dataset files"),
-    Case("wrong-extension", "count", lambda e: count_args(e, data=e.write("data.txt", json.dumps(GOOD))),
-         r"must be a \.jsonl, \.json, \.jsonl\.gz or \.json\.gz file"),
-    Case("unreadable-file", "count", lambda e: count_args(e, data=e.path("secret.jsonl")),
-         r"Cannot read dataset .*secret\.jsonl: Permission denied", setup=unreadable, skip=as_root_reason),
-    Case("directory-named-like-a-file", "count",
-         lambda e: count_args(e, data=os.path.dirname(e.write("dir.jsonl/x.txt", "not data"))),
-         r"dir\.jsonl is a directory with no dataset files"),
+    Case(
+        "blank-lines-only",
+        "count",
+        lambda e: count_args(e, data=e.write("blank.jsonl", "\n\n  \n")),
+        r"no records to count",
+    ),
+    Case(
+        "missing-dataset",
+        "count",
+        lambda e: count_args(e, data=e.path("nowhere.jsonl")),
+        r"--dataset-path .*nowhere\.jsonl does not exist",
+    ),
+    Case(
+        "dataset-dir-without-data",
+        "count",
+        lambda e: count_args(e, data=os.path.dirname(e.write("docs/readme.txt", "hello"))),
+        r"is a directory with no dataset files",
+    ),
+    Case(
+        "wrong-extension",
+        "count",
+        lambda e: count_args(e, data=e.write("data.txt", json.dumps(GOOD))),
+        r"must be a \.jsonl, \.json, \.jsonl\.gz or \.json\.gz file",
+    ),
+    Case(
+        "unreadable-file",
+        "count",
+        lambda e: count_args(e, data=e.path("secret.jsonl")),
+        r"Cannot read dataset .*secret\.jsonl: Permission denied",
+        setup=unreadable,
+        skip=as_root_reason,
+    ),
+    Case(
+        "directory-named-like-a-file",
+        "count",
+        lambda e: count_args(e, data=os.path.dirname(e.write("dir.jsonl/x.txt", "not data"))),
+        r"dir\.jsonl is a directory with no dataset files",
+    ),
     # ---------------------------------------------------------------- count: tokenizer, template, flags
-    Case("unknown-template", "count", lambda e: count_args(e, "--chat-template", "llama-3"),
-         r"--chat-template must be one of .*but got 'llama-3'"),
-    Case("missing-tokenizer", "count",
-         lambda e: ["--dataset-path", e.data, "--tokenizer-path", e.path("no_tok"), "--output", e.counts_out],
-         r"--tokenizer-path .*no_tok must be a directory holding tokenizer\.json"),
-    Case("tokenizer-without-tokenizer-json", "count",
-         lambda e: ["--dataset-path", e.data, "--tokenizer-path", os.path.dirname(e.write("tok/vocab.txt", "a")),
-                    "--output", e.counts_out],
-         r"has no tokenizer\.json; a fast tokenizer is required"),
-    Case("tokenizer-asks-for-remote-code", "count",
-         lambda e: ["--dataset-path", e.data, "--tokenizer-path", e.path("evil_tok"), "--output", e.counts_out],
-         r"evil_tok.*pass --trust-remote-code if you trust it",
-         setup=lambda e: remote_code_tokenizer(Path(e.path("evil_tok")))),
-    Case("target-vocab-size-too-small", "count", lambda e: count_args(e, "--target-vocab-size", "1000"),
-         r"token id \d+ is at or above the vocabulary size V=1,000"),
-    Case("max-length-zero", "count", lambda e: count_args(e, "--max-length", "0"),
-         r"--max-length: must be a positive integer, but got 0"),
-    Case("max-length-not-a-number", "count", lambda e: count_args(e, "--max-length", "lots"),
-         r"--max-length: must be a positive integer, but got 'lots'"),
-    Case("sample-size-negative", "count", lambda e: count_args(e, "--sample-size", "-3"),
-         r"--sample-size: must be a positive integer, but got -3"),
-    Case("output-under-a-file", "count", lambda e: count_args(e)[:-4] + ["--output", e.path("plain_file", "c.safetensors")],
-         r"(Cannot create output directory|Cannot write).*plain_file", setup=lambda e: e.write("plain_file", "x")),
-    Case("output-is-a-directory", "count", lambda e: count_args(e)[:-4] + ["--output", e.out],
-         r"(Cannot move the new .*out into place|out.*is a directory)"),
+    Case(
+        "unknown-template",
+        "count",
+        lambda e: count_args(e, "--chat-template", "llama-3"),
+        r"--chat-template must be one of .*but got 'llama-3'",
+    ),
+    Case(
+        "missing-tokenizer",
+        "count",
+        lambda e: ["--dataset-path", e.data, "--tokenizer-path", e.path("no_tok"), "--output", e.counts_out],
+        r"--tokenizer-path .*no_tok must be a directory holding tokenizer\.json",
+    ),
+    Case(
+        "tokenizer-without-tokenizer-json",
+        "count",
+        lambda e: [
+            "--dataset-path",
+            e.data,
+            "--tokenizer-path",
+            os.path.dirname(e.write("tok/vocab.txt", "a")),
+            "--output",
+            e.counts_out,
+        ],
+        r"has no tokenizer\.json; a fast tokenizer is required",
+    ),
+    Case(
+        "tokenizer-asks-for-remote-code",
+        "count",
+        lambda e: ["--dataset-path", e.data, "--tokenizer-path", e.path("evil_tok"), "--output", e.counts_out],
+        r"evil_tok.*pass --trust-remote-code if you trust it",
+        setup=lambda e: remote_code_tokenizer(Path(e.path("evil_tok"))),
+    ),
+    Case(
+        "target-vocab-size-too-small",
+        "count",
+        lambda e: count_args(e, "--target-vocab-size", "1000"),
+        r"token id \d+ is at or above the vocabulary size V=1,000",
+    ),
+    Case(
+        "max-length-zero",
+        "count",
+        lambda e: count_args(e, "--max-length", "0"),
+        r"--max-length: must be a positive integer, but got 0",
+    ),
+    Case(
+        "max-length-not-a-number",
+        "count",
+        lambda e: count_args(e, "--max-length", "lots"),
+        r"--max-length: must be a positive integer, but got 'lots'",
+    ),
+    Case(
+        "sample-size-negative",
+        "count",
+        lambda e: count_args(e, "--sample-size", "-3"),
+        r"--sample-size: must be a positive integer, but got -3",
+    ),
+    Case(
+        "output-under-a-file",
+        "count",
+        lambda e: count_args(e)[:-4] + ["--output", e.path("plain_file", "c.safetensors")],
+        r"(Cannot create output directory|Cannot write).*plain_file",
+        setup=lambda e: e.write("plain_file", "x"),
+    ),
+    Case(
+        "output-is-a-directory",
+        "count",
+        lambda e: count_args(e)[:-4] + ["--output", e.out],
+        r"(Cannot move the new .*out into place|out.*is a directory)",
+    ),
     Case("full-disk", "count", lambda e: count_args(e), NO_SPACE, patch=full_disk_at(1)),
     # ---------------------------------------------------------------- optimize: counts and config files
-    Case("counts-missing", "optimize", lambda e: optimize_args(e, counts=e.path("none.safetensors")),
-         r"--counts .*none\.safetensors does not exist"),
-    Case("counts-not-safetensors", "optimize",
-         lambda e: optimize_args(e, counts=e.write("junk.safetensors", b"not a safetensors file", binary=True)),
-         r"--counts .*junk\.safetensors is not a readable safetensors file"),
-    Case("counts-truncated", "optimize",
-         lambda e: optimize_args(e, counts=e.write("cut.safetensors", Path(e.counts).read_bytes()[:5000], binary=True)),
-         r"--counts .*cut\.safetensors is not a readable safetensors file"),
-    Case("counts-wrong-tensor", "optimize",
-         lambda e: optimize_args(e, counts=write_counts(e, "wrong.safetensors", tokens=np.ones(5, dtype=np.int64))),
-         r"must hold a tensor named 'counts'"),
-    Case("counts-float", "optimize",
-         lambda e: optimize_args(e, counts=write_counts(e, "float.safetensors", counts=np.ones(128256))),
-         r"'counts' must be int64 with shape \[V\], but got float64"),
-    Case("counts-negative", "optimize",
-         lambda e: optimize_args(e, counts=write_counts(e, "neg.safetensors", counts=-np.ones(128256, dtype=np.int64))),
-         r"'counts' must be non-negative"),
-    Case("counts-all-zero", "optimize",
-         lambda e: optimize_args(e, counts=write_counts(e, "zero.safetensors", counts=np.zeros(128256, dtype=np.int64))),
-         r"No loss-masked tokens were counted"),
-    Case("config-missing", "optimize", lambda e: optimize_args(e, config=e.path("nope.json")),
-         r"--config-path .*nope\.json does not exist"),
-    Case("config-malformed", "optimize", lambda e: optimize_args(e, config=e.write("bad.json", '{"vocab_size": 5,,}')),
-         r"bad\.json, line 1, column \d+: the draft config is not valid JSON"),
-    Case("config-truncated", "optimize",
-         lambda e: optimize_args(e, config=e.write("cut.json", Path(e.config).read_text()[:80])),
-         r"cut\.json, line \d+, column \d+: the draft config is not valid JSON"),
-    Case("config-not-an-object", "optimize", lambda e: optimize_args(e, config=e.write("list.json", "[1, 2]")),
-         r"a draft config must be a JSON object"),
-    Case("config-missing-keys", "optimize",
-         lambda e: optimize_args(e, config=e.write("few.json", json.dumps({"vocab_size": 128256}))),
-         r"the draft config must have 'hidden_size', 'intermediate_size'"),
-    Case("config-wrong-type", "optimize", lambda e: optimize_args(e, config=config_with(e, hidden_size="4096")),
-         r"field 'hidden_size' must be a positive integer, but got '4096'"),
-    Case("config-disagrees-with-counts", "optimize", lambda e: optimize_args(e, config=config_with(e, vocab_size=32000)),
-         r"vocab_size is 32000 but the token counts cover 128256 ids"),
-    Case("tokenizer-longer-than-config", "optimize",
-         lambda e: ["--dataset-path", e.data, "--tokenizer-path", LLAMA3_DIR, "--config-path",
-                    config_with(e, vocab_size=100000), "--output-dir", e.out, "--n-calls", "5", "--max-length", "256"],
-         r"(vocab_size is 100000 but the tokenizer has 128256 ids|at or above the vocabulary size V=100,000)"),
-    Case("config-not-utf8", "optimize", lambda e: optimize_args(e, config=e.write("l1.json", b'{"a": "\xe9"}', binary=True)),
-         r"l1\.json must be UTF-8 text"),
+    Case(
+        "counts-missing",
+        "optimize",
+        lambda e: optimize_args(e, counts=e.path("none.safetensors")),
+        r"--counts .*none\.safetensors does not exist",
+    ),
+    Case(
+        "counts-not-safetensors",
+        "optimize",
+        lambda e: optimize_args(e, counts=e.write("junk.safetensors", b"not a safetensors file", binary=True)),
+        r"--counts .*junk\.safetensors is not a readable safetensors file",
+    ),
+    Case(
+        "counts-truncated",
+        "optimize",
+        lambda e: optimize_args(e, counts=e.write("cut.safetensors", Path(e.counts).read_bytes()[:5000], binary=True)),
+        r"--counts .*cut\.safetensors is not a readable safetensors file",
+    ),
+    Case(
+        "counts-wrong-tensor",
+        "optimize",
+        lambda e: optimize_args(e, counts=write_counts(e, "wrong.safetensors", tokens=np.ones(5, dtype=np.int64))),
+        r"must hold a tensor named 'counts'",
+    ),
+    Case(
+        "counts-float",
+        "optimize",
+        lambda e: optimize_args(e, counts=write_counts(e, "float.safetensors", counts=np.ones(128256))),
+        r"'counts' must be int64 with shape \[V\], but got float64",
+    ),
+    Case(
+        "counts-negative",
+        "optimize",
+        lambda e: optimize_args(e, counts=write_counts(e, "neg.safetensors", counts=-np.ones(128256, dtype=np.int64))),
+        r"'counts' must be non-negative",
+    ),
+    Case(
+        "counts-all-zero",
+        "optimize",
+        lambda e: optimize_args(e, counts=write_counts(e, "zero.safetensors", counts=np.zeros(128256, dtype=np.int64))),
+        r"No loss-masked tokens were counted",
+    ),
+    Case(
+        "config-missing",
+        "optimize",
+        lambda e: optimize_args(e, config=e.path("nope.json")),
+        r"--config-path .*nope\.json does not exist",
+    ),
+    Case(
+        "config-malformed",
+        "optimize",
+        lambda e: optimize_args(e, config=e.write("bad.json", '{"vocab_size": 5,,}')),
+        r"bad\.json, line 1, column \d+: the draft config is not valid JSON",
+    ),
+    Case(
+        "config-truncated",
+        "optimize",
+        lambda e: optimize_args(e, config=e.write("cut.json", Path(e.config).read_text()[:80])),
+        r"cut\.json, line \d+, column \d+: the draft config is not valid JSON",
+    ),
+    Case(
+        "config-not-an-object",
+        "optimize",
+        lambda e: optimize_args(e, config=e.write("list.json", "[1, 2]")),
+        r"a draft config must be a JSON object",
+    ),
+    Case(
+        "config-missing-keys",
+        "optimize",
+        lambda e: optimize_args(e, config=e.write("few.json", json.dumps({"vocab_size": 128256}))),
+        r"the draft config must have 'hidden_size', 'intermediate_size'",
+    ),
+    Case(
+        "config-wrong-type",
+        "optimize",
+        lambda e: optimize_args(e, config=config_with(e, hidden_size="4096")),
+        r"field 'hidden_size' must be a positive integer, but got '4096'",
+    ),
+    Case(
+        "config-disagrees-with-counts",
+        "optimize",
+        lambda e: optimize_args(e, config=config_with(e, vocab_size=32000)),
+        r"vocab_size is 32000 but the token counts cover 128256 ids",
+    ),
+    Case(
+        "tokenizer-longer-than-config",
+        "optimize",
+        lambda e: [
+            "--dataset-path",
+            e.data,
+            "--tokenizer-path",
+            LLAMA3_DIR,
+            "--config-path",
+            config_with(e, vocab_size=100000),
+            "--output-dir",
+            e.out,
+            "--n-calls",
+            "5",
+            "--max-length",
+            "256",
+        ],
+        r"(vocab_size is 100000 but the tokenizer has 128256 ids|at or above the vocabulary size V=100,000)",
+    ),
+    Case(
+        "config-not-utf8",
+        "optimize",
+        lambda e: optimize_args(e, config=e.write("l1.json", b'{"a": "\xe9"}', binary=True)),
+        r"l1\.json must be UTF-8 text",
+    ),
     # ---------------------------------------------------------------- optimize: ranges and flags
-    Case("min-above-max", "optimize", lambda e: optimize_args(e, "--min-vocab-size", "5000", "--max-vocab-size", "100"),
-         r"--min-vocab-size must be at most --max-vocab-size \(100\), but got 5000"),
-    Case("negative-min", "optimize", lambda e: optimize_args(e, "--min-vocab-size", "-5"),
-         r"--min-vocab-size must be a positive integer, but got -5"),
-    Case("zero-max", "optimize", lambda e: optimize_args(e, "--max-vocab-size", "0"),
-         r"--max-vocab-size must be a positive integer, but got 0"),
-    Case("min-above-vocab-size", "optimize", lambda e: optimize_args(e, "--min-vocab-size", "200000",
-                                                                     "--max-vocab-size", "300000"),
-         r"--min-vocab-size must be at most the target vocab_size \(128256\), but got 200000"),
-    Case("min-coverage-above-1", "optimize", lambda e: optimize_args(e, "--min-coverage", "1.5"),
-         r"--min-coverage must be a number in \[0, 1\], but got 1\.5"),
-    Case("min-coverage-negative", "optimize", lambda e: optimize_args(e, "--min-coverage", "-0.1"),
-         r"--min-coverage must be a number in \[0, 1\], but got -0\.1"),
-    Case("min-coverage-nan", "optimize", lambda e: optimize_args(e, "--min-coverage", "nan"),
-         r"--min-coverage must be a number in \[0, 1\], but got nan"),
-    Case("coverage-weight-above-1", "optimize", lambda e: optimize_args(e, "--coverage-weight", "2"),
-         r"--coverage-weight must be a number in \[0, 1\], but got 2\.0"),
-    Case("unreachable-min-coverage", "optimize",
-         lambda e: optimize_args(e, "--min-coverage", "0.999999", "--max-vocab-size", "60"),
-         r"--min-coverage must be reachable within \[--min-vocab-size, --max-vocab-size\]"),
-    Case("draft-vocab-size-above-vocab-size", "optimize", lambda e: optimize_args(e, "--draft-vocab-size", "200000"),
-         r"--draft-vocab-size must be an integer in \[1, 128256\]"),
-    Case("n-calls-zero", "optimize", lambda e: optimize_args(e, "--n-calls", "0"),
-         r"--n-calls must be a positive integer, but got 0"),
-    Case("lock-timeout-negative", "optimize", lambda e: optimize_args(e)[:-2] + ["--lock-timeout", "-1"],
-         r"--lock-timeout must be a number of seconds >= 0, but got -1"),
-    Case("unknown-template-optimize", "optimize",
-         lambda e: ["--dataset-path", e.data, "--tokenizer-path", LLAMA3_DIR, "--chat-template", "chatml-9",
-                    "--output-dir", e.out], r"--chat-template must be one of .*but got 'chatml-9'"),
-    Case("no-data-and-no-counts", "optimize", lambda e: ["--tokenizer-path", LLAMA3_DIR, "--output-dir", e.out],
-         r"--dataset-path must name at least one file or directory"),
+    Case(
+        "min-above-max",
+        "optimize",
+        lambda e: optimize_args(e, "--min-vocab-size", "5000", "--max-vocab-size", "100"),
+        r"--min-vocab-size must be at most --max-vocab-size \(100\), but got 5000",
+    ),
+    Case(
+        "negative-min",
+        "optimize",
+        lambda e: optimize_args(e, "--min-vocab-size", "-5"),
+        r"--min-vocab-size must be a positive integer, but got -5",
+    ),
+    Case(
+        "zero-max",
+        "optimize",
+        lambda e: optimize_args(e, "--max-vocab-size", "0"),
+        r"--max-vocab-size must be a positive integer, but got 0",
+    ),
+    Case(
+        "min-above-vocab-size",
+        "optimize",
+        lambda e: optimize_args(e, "--min-vocab-size", "200000", "--max-vocab-size", "300000"),
+        r"--min-vocab-size must be at most the target vocab_size \(128256\), but got 200000",
+    ),
+    Case(
+        "min-coverage-above-1",
+        "optimize",
+        lambda e: optimize_args(e, "--min-coverage", "1.5"),
+        r"--min-coverage must be a number in \[0, 1\], but got 1\.5",
+    ),
+    Case(
+        "min-coverage-negative",
+        "optimize",
+        lambda e: optimize_args(e, "--min-coverage", "-0.1"),
+        r"--min-coverage must be a number in \[0, 1\], but got -0\.1",
+    ),
+    Case(
+        "min-coverage-nan",
+        "optimize",
+        lambda e: optimize_args(e, "--min-coverage", "nan"),
+        r"--min-coverage must be a number in \[0, 1\], but got nan",
+    ),
+    Case(
+        "coverage-weight-above-1",
+        "optimize",
+        lambda e: optimize_args(e, "--coverage-weight", "2"),
+        r"--coverage-weight must be a number in \[0, 1\], but got 2\.0",
+    ),
+    Case(
+        "unreachable-min-coverage",
+        "optimize",
+        lambda e: optimize_args(e, "--min-coverage", "0.999999", "--max-vocab-size", "60"),
+        r"--min-coverage must be reachable within \[--min-vocab-size, --max-vocab-size\]",
+    ),
+    Case(
+        "draft-vocab-size-above-vocab-size",
+        "optimize",
+        lambda e: optimize_args(e, "--draft-vocab-size", "200000"),
+        r"--draft-vocab-size must be an integer in \[1, 128256\]",
+    ),
+    Case(
+        "n-calls-zero",
+        "optimize",
+        lambda e: optimize_args(e, "--n-calls", "0"),
+        r"--n-calls must be a positive integer, but got 0",
+    ),
+    Case(
+        "lock-timeout-negative",
+        "optimize",
+        lambda e: optimize_args(e)[:-2] + ["--lock-timeout", "-1"],
+        r"--lock-timeout must be a number of seconds >= 0, but got -1",
+    ),
+    Case(
+        "unknown-template-optimize",
+        "optimize",
+        lambda e: [
+            "--dataset-path",
+            e.data,
+            "--tokenizer-path",
+            LLAMA3_DIR,
+            "--chat-template",
+            "chatml-9",
+            "--output-dir",
+            e.out,
+        ],
+        r"--chat-template must be one of .*but got 'chatml-9'",
+    ),
+    Case(
+        "no-data-and-no-counts",
+        "optimize",
+        lambda e: ["--tokenizer-path", LLAMA3_DIR, "--output-dir", e.out],
+        r"--dataset-path must name at least one file or directory",
+    ),
     # ---------------------------------------------------------------- optimize: where outputs go
     Case("output-dir-is-a-file", "optimize", lambda e: optimize_args(e, out=e.write("plain_file", "x")), OUT_NOT_A_DIR),
-    Case("output-dir-under-a-file", "optimize",
-         lambda e: optimize_args(e, out=e.path("plain_file", "results")), OUT_UNDER_FILE,
-         setup=lambda e: e.write("plain_file", "x")),
-    Case("output-name-taken-by-a-directory", "optimize", lambda e: optimize_args(e),
-         r"Cannot write .*summary\.json: a directory has that name",
-         setup=lambda e: (os.unlink(e.path("out", "summary.json")), os.mkdir(e.path("out", "summary.json")))),
+    Case(
+        "output-dir-under-a-file",
+        "optimize",
+        lambda e: optimize_args(e, out=e.path("plain_file", "results")),
+        OUT_UNDER_FILE,
+        setup=lambda e: e.write("plain_file", "x"),
+    ),
+    Case(
+        "output-name-taken-by-a-directory",
+        "optimize",
+        lambda e: optimize_args(e),
+        r"Cannot write .*summary\.json: a directory has that name",
+        setup=lambda e: (os.unlink(e.path("out", "summary.json")), os.mkdir(e.path("out", "summary.json"))),
+    ),
     Case("full-disk-first-write", "optimize", lambda e: optimize_args(e), NO_SPACE, patch=full_disk_at(1)),
     Case("full-disk-last-write", "optimize", lambda e: optimize_args(e), NO_SPACE, patch=full_disk_at(7)),
-    Case("full-disk-journal", "optimize", lambda e: optimize_args(e), NO_SPACE,
-         patch=lambda e, mp: (mp.setenv(fileio.GROUP_WRITE_ENV, "journal"), full_disk_at(4)(e, mp))),
+    Case(
+        "full-disk-journal",
+        "optimize",
+        lambda e: optimize_args(e),
+        NO_SPACE,
+        patch=lambda e, mp: (mp.setenv(fileio.GROUP_WRITE_ENV, "journal"), full_disk_at(4)(e, mp)),
+    ),
     # ---------------------------------------------------------------- merge
-    Case("merge_missing_shard", "merge", lambda e: [e.path("c0.safetensors"), "--output", e.path("m.safetensors")],
-         r"shard 1/2 is missing \(got 0/2\)", setup=lambda e: shard_files(e)),
-    Case("merge_same_shard_twice", "merge",
-         lambda e: [e.path("c0.safetensors"), e.path("c0.safetensors"), e.path("c1.safetensors"), "--output",
-                    e.path("m.safetensors")], r"are both shard 0/2: they overlap", setup=lambda e: shard_files(e)),
-    Case("merge_other_template", "merge",
-         lambda e: [e.path("c0.safetensors"), e.path("q1.safetensors"), "--output", e.path("m.safetensors")],
-         r"differ in chat_template: llama3 vs qwen", setup=lambda e: shard_files(e)),
-    Case("merge_missing_file", "merge", lambda e: [e.path("c0.safetensors"), e.path("gone.safetensors"), "--output",
-                                                   e.path("m.safetensors")],
-         r"merge input .*gone\.safetensors does not exist", setup=lambda e: shard_files(e)),
+    Case(
+        "merge_missing_shard",
+        "merge",
+        lambda e: [e.path("c0.safetensors"), "--output", e.path("m.safetensors")],
+        r"shard 1/2 is missing \(got 0/2\)",
+        setup=lambda e: shard_files(e),
+    ),
+    Case(
+        "merge_same_shard_twice",
+        "merge",
+        lambda e: [
+            e.path("c0.safetensors"),
+            e.path("c0.safetensors"),
+            e.path("c1.safetensors"),
+            "--output",
+            e.path("m.safetensors"),
+        ],
+        r"are both shard 0/2: they overlap",
+        setup=lambda e: shard_files(e),
+    ),
+    Case(
+        "merge_other_template",
+        "merge",
+        lambda e: [e.path("c0.safetensors"), e.path("q1.safetensors"), "--output", e.path("m.safetensors")],
+        r"differ in chat_template: llama3 vs qwen",
+        setup=lambda e: shard_files(e),
+    ),
+    Case(
+        "merge_missing_file",
+        "merge",
+        lambda e: [e.path("c0.safetensors"), e.path("gone.safetensors"), "--output", e.path("m.safetensors")],
+        r"merge input .*gone\.safetensors does not exist",
+        setup=lambda e: shard_files(e),
+    ),
     # ---------------------------------------------------------------- trim
-    Case("trim_missing_checkpoint", "trim", lambda e: ["--checkpoint", e.path("nockpt"), "--counts", e.counts,
-                                                       "--output", e.path("trimmed")],
-         r"--checkpoint .*nockpt must be a draft checkpoint directory"),
-    Case("trim_checkpoint_without_weights", "trim", lambda e: ["--checkpoint", e.path("ckpt"), "--counts", e.counts,
-                                                               "--output", e.path("trimmed")],
-         r"holds no model\.safetensors.*found \['config\.json'\]", setup=lambda e: draft_checkpoint(e, weights=False)),
-    Case("trim_no_mapping", "trim", lambda e: ["--checkpoint", e.path("ckpt"), "--counts", e.counts,
-                                               "--output", e.path("trimmed")],
-         r"holds no d2t/t2d, so which target id each LM-head row stands for is unknown",
-         setup=lambda e: draft_checkpoint(e)),
-    Case("trim_output_is_input", "trim", lambda e: ["--checkpoint", e.path("ckpt"), "--counts", e.counts,
-                                                    "--output", e.path("ckpt")],
-         r"--output must be a directory other than --checkpoint", setup=lambda e: draft_checkpoint(e)),
-    Case("trim_no_counts", "trim", lambda e: ["--checkpoint", e.path("ckpt"), "--output", e.path("trimmed")],
-         r"Token counts are needed", setup=lambda e: draft_checkpoint(e)),
+    Case(
+        "trim_missing_checkpoint",
+        "trim",
+        lambda e: ["--checkpoint", e.path("nockpt"), "--counts", e.counts, "--output", e.path("trimmed")],
+        r"--checkpoint .*nockpt must be a draft checkpoint directory",
+    ),
+    Case(
+        "trim_checkpoint_without_weights",
+        "trim",
+        lambda e: ["--checkpoint", e.path("ckpt"), "--counts", e.counts, "--output", e.path("trimmed")],
+        r"holds no model\.safetensors.*found \['config\.json'\]",
+        setup=lambda e: draft_checkpoint(e, weights=False),
+    ),
+    Case(
+        "trim_no_mapping",
+        "trim",
+        lambda e: ["--checkpoint", e.path("ckpt"), "--counts", e.counts, "--output", e.path("trimmed")],
+        r"holds no d2t/t2d, so which target id each LM-head row stands for is unknown",
+        setup=lambda e: draft_checkpoint(e),
+    ),
+    Case(
+        "trim_output_is_input",
+        "trim",
+        lambda e: ["--checkpoint", e.path("ckpt"), "--counts", e.counts, "--output", e.path("ckpt")],
+        r"--output must be a directory other than --checkpoint",
+        setup=lambda e: draft_checkpoint(e),
+    ),
+    Case(
+        "trim_no_counts",
+        "trim",
+        lambda e: ["--checkpoint", e.path("ckpt"), "--output", e.path("trimmed")],
+        r"Token counts are needed",
+        setup=lambda e: draft_checkpoint(e),
+    ),
     # ---------------------------------------------------------------- prepare (specforge train --config)
-    Case("prepare_missing_run_config", "prepare", lambda e: ["--config", e.path("nope.yaml")],
-         r"Run config .*nope\.yaml does not exist"),
-    Case("prepare_no_draft_config", "prepare", lambda e: ["--config", run_yaml(e, draft=None)],
-         r"field 'model\.draft_model_config' is not set"),
-    Case("prepare_missing_data", "prepare", lambda e: ["--config", run_yaml(e, data=e.path("missing.jsonl"))],
-         r"field 'data\.train_data_path' is .*missing\.jsonl.*does not exist"),
-    Case("prepare_unknown_override", "prepare", lambda e: ["--config", run_yaml(e), "--set", "data.max_lenght=5"],
-         r"SpecForge has no field data\.max_lenght\. Did you mean data\.max_length\?"),
-    Case("prepare_bad_data_line", "prepare", lambda e: ["--config", run_yaml(e, data=bad_data(e, "{oops"))],
-         r"bad\.jsonl, line 2: malformed JSON"),
-    Case("prepare_bad_range", "prepare", lambda e: ["--config", run_yaml(e), "--min-vocab-size", "900",
-                                                    "--max-vocab-size", "100"],
-         r"--min-vocab-size must be at most --max-vocab-size \(100\), but got 900"),
+    Case(
+        "prepare_missing_run_config",
+        "prepare",
+        lambda e: ["--config", e.path("nope.yaml")],
+        r"Run config .*nope\.yaml does not exist",
+    ),
+    Case(
+        "prepare_no_draft_config",
+        "prepare",
+        lambda e: ["--config", run_yaml(e, draft=None)],
+        r"field 'model\.draft_model_config' is not set",
+    ),
+    Case(
+        "prepare_missing_data",
+        "prepare",
+        lambda e: ["--config", run_yaml(e, data=e.path("missing.jsonl"))],
+        r"field 'data\.train_data_path' is .*missing\.jsonl.*does not exist",
+    ),
+    Case(
+        "prepare_unknown_override",
+        "prepare",
+        lambda e: ["--config", run_yaml(e), "--set", "data.max_lenght=5"],
+        r"SpecForge has no field data\.max_lenght\. Did you mean data\.max_length\?",
+    ),
+    Case(
+        "prepare_bad_data_line",
+        "prepare",
+        lambda e: ["--config", run_yaml(e, data=bad_data(e, "{oops"))],
+        r"bad\.jsonl, line 2: malformed JSON",
+    ),
+    Case(
+        "prepare_bad_range",
+        "prepare",
+        lambda e: ["--config", run_yaml(e), "--min-vocab-size", "900", "--max-vocab-size", "100"],
+        r"--min-vocab-size must be at most --max-vocab-size \(100\), but got 900",
+    ),
     # ---------------------------------------------------------------- pre-step (train_eagle3.py flags)
-    Case("pre_step_no_draft_config", "pre-step",
-         lambda e: ["--", "--target-model-path", LLAMA3_DIR, "--train-data-path", e.data, "--output-dir", e.path("o")],
-         r"--draft-model-config is not given"),
-    Case("pre_step_missing_data", "pre-step",
-         lambda e: ["--", "--target-model-path", LLAMA3_DIR, "--train-data-path", e.path("nothere.jsonl"),
-                    "--draft-model-config", e.config, "--output-dir", e.path("o")],
-         r"'--train-data-path' is .*nothere\.jsonl.*does not exist"),
-    Case("pre_step_missing_required_flag", "pre-step",
-         lambda e: ["--", "--target-model-path", LLAMA3_DIR, "--draft-model-config", e.config],
-         r"the following arguments are required: --train-data-path"),
+    Case(
+        "pre_step_no_draft_config",
+        "pre-step",
+        lambda e: ["--", "--target-model-path", LLAMA3_DIR, "--train-data-path", e.data, "--output-dir", e.path("o")],
+        r"--draft-model-config is not given",
+    ),
+    Case(
+        "pre_step_missing_data",
+        "pre-step",
+        lambda e: [
+            "--",
+            "--target-model-path",
+            LLAMA3_DIR,
+            "--train-data-path",
+            e.path("nothere.jsonl"),
+            "--draft-model-config",
+            e.config,
+            "--output-dir",
+            e.path("o"),
+        ],
+        r"'--train-data-path' is .*nothere\.jsonl.*does not exist",
+    ),
+    Case(
+        "pre_step_missing_required_flag",
+        "pre-step",
+        lambda e: ["--", "--target-model-path", LLAMA3_DIR, "--draft-model-config", e.config],
+        r"the following arguments are required: --train-data-path",
+    ),
     # ---------------------------------------------------------------- Python API
-    Case("api-malformed-json", "api:count_tokens", lambda e: dict(dataset_paths=bad_data(e, "{oops")),
-         r"bad\.jsonl, line 2: malformed JSON"),
-    Case("api-unknown-role", "api:count_tokens",
-         lambda e: dict(dataset_paths=bad_data(e, '{"conversations": [{"role": "bot", "content": "x"}]}')),
-         r"unknown role 'bot'"),
-    Case("api-unknown-template", "api:count_tokens", lambda e: dict(chat_template="nope"),
-         r"--chat-template must be one of"),
-    Case("api-missing-file", "api:count_tokens", lambda e: dict(dataset_paths=e.path("gone.jsonl")),
-         r"gone\.jsonl does not exist"),
-    Case("api-empty-data", "api:count_tokens", lambda e: dict(dataset_paths=e.write("empty.jsonl", "")),
-         r"no records to count"),
-    Case("api-max-length-zero", "api:count_tokens", lambda e: dict(max_length=0),
-         r"--max-length must be a positive integer, but got 0"),
-    Case("api-ids-out-of-range", "api:count_tokens", lambda e: dict(target_vocab_size=500),
-         r"at or above the vocabulary size V=500"),
-    Case("api-wrong-type", "api:count_tokens",
-         lambda e: dict(dataset_paths=bad_data(e, '{"conversations": [{"role": "user", "content": ["a"]}]}')),
-         r"content must be a string or null, but got list"),
-    Case("api_before_training_missing_config", "api:before_training", lambda e: dict(run_config=e.path("no.yaml")),
-         r"Run config .*no\.yaml does not exist"),
-    Case("api_before_training_bad_flags", "api:before_training",
-         lambda e: dict(train_eagle3_args=["--target-model-path", LLAMA3_DIR]),
-         r"the following arguments are required: --train-data-path"),
+    Case(
+        "api-malformed-json",
+        "api:count_tokens",
+        lambda e: dict(dataset_paths=bad_data(e, "{oops")),
+        r"bad\.jsonl, line 2: malformed JSON",
+    ),
+    Case(
+        "api-unknown-role",
+        "api:count_tokens",
+        lambda e: dict(dataset_paths=bad_data(e, '{"conversations": [{"role": "bot", "content": "x"}]}')),
+        r"unknown role 'bot'",
+    ),
+    Case(
+        "api-unknown-template",
+        "api:count_tokens",
+        lambda e: dict(chat_template="nope"),
+        r"--chat-template must be one of",
+    ),
+    Case(
+        "api-missing-file",
+        "api:count_tokens",
+        lambda e: dict(dataset_paths=e.path("gone.jsonl")),
+        r"gone\.jsonl does not exist",
+    ),
+    Case(
+        "api-empty-data",
+        "api:count_tokens",
+        lambda e: dict(dataset_paths=e.write("empty.jsonl", "")),
+        r"no records to count",
+    ),
+    Case(
+        "api-max-length-zero",
+        "api:count_tokens",
+        lambda e: dict(max_length=0),
+        r"--max-length must be a positive integer, but got 0",
+    ),
+    Case(
+        "api-ids-out-of-range",
+        "api:count_tokens",
+        lambda e: dict(target_vocab_size=500),
+        r"at or above the vocabulary size V=500",
+    ),
+    Case(
+        "api-wrong-type",
+        "api:count_tokens",
+        lambda e: dict(dataset_paths=bad_data(e, '{"conversations": [{"role": "user", "content": ["a"]}]}')),
+        r"content must be a string or null, but got list",
+    ),
+    Case(
+        "api_before_training_missing_config",
+        "api:before_training",
+        lambda e: dict(run_config=e.path("no.yaml")),
+        r"Run config .*no\.yaml does not exist",
+    ),
+    Case(
+        "api_before_training_bad_flags",
+        "api:before_training",
+        lambda e: dict(train_eagle3_args=["--target-model-path", LLAMA3_DIR]),
+        r"the following arguments are required: --train-data-path",
+    ),
 ]
 
 
@@ -381,9 +795,29 @@ def shard_files(env: Env) -> None:
     from specforge_vocab.cli.main import main
 
     for shard, template, name in (("0/2", "llama3", "c0"), ("1/2", "llama3", "c1"), ("1/2", "qwen", "q1")):
-        assert main(["-q", "count", "--dataset-path", env.data, "--tokenizer-path", LLAMA3_DIR, "--max-length", "256",
-                     "--num-workers", "1", "--chat-template", template, "--shard", shard,
-                     "--output", env.path(name + ".safetensors")]) == 0
+        assert (
+            main(
+                [
+                    "-q",
+                    "count",
+                    "--dataset-path",
+                    env.data,
+                    "--tokenizer-path",
+                    LLAMA3_DIR,
+                    "--max-length",
+                    "256",
+                    "--num-workers",
+                    "1",
+                    "--chat-template",
+                    template,
+                    "--shard",
+                    shard,
+                    "--output",
+                    env.path(name + ".safetensors"),
+                ]
+            )
+            == 0
+        )
 
 
 def draft_checkpoint(env: Env, *, weights: bool = True) -> None:
@@ -393,8 +827,9 @@ def draft_checkpoint(env: Env, *, weights: bool = True) -> None:
 
     folder = Path(env.path("ckpt"))
     folder.mkdir()
-    config = shipped_config(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
-                            draft_vocab_size=64)
+    config = shipped_config(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128, draft_vocab_size=64
+    )
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     if weights:
         save_file({"lm_head.weight": torch.randn(64, 64)}, str(folder / "model.safetensors"))
@@ -405,8 +840,12 @@ def run_yaml(env: Env, *, draft: Optional[str] = "config", data: Optional[str] =
     lines = ["model:", f"  target_model_path: {LLAMA3_DIR}"]
     if draft is not None:
         lines.append(f"  draft_model_config: {env.config}")
-    lines += ["data:", f"  train_data_path: {data or env.data}", "  max_length: 256",
-              f"  cache_dir: {env.path('cache')}"]
+    lines += [
+        "data:",
+        f"  train_data_path: {data or env.data}",
+        "  max_length: 256",
+        f"  cache_dir: {env.path('cache')}",
+    ]
     return env.write("run.yaml", "\n".join(lines) + "\n")
 
 
@@ -425,8 +864,7 @@ def api_count_tokens(env: Env, kwargs: Dict) -> None:
     count_tokens(paths, full.pop("tokenizer_path"), **full)
 
 
-API: Dict[str, Callable[[Env, Dict], None]] = {"count_tokens": api_count_tokens,
-                                                "before_training": api_before_training}
+API: Dict[str, Callable[[Env, Dict], None]] = {"count_tokens": api_count_tokens, "before_training": api_before_training}
 
 
 @pytest.fixture(scope="module")
@@ -443,8 +881,25 @@ def template_env(tmp_path_factory):
     counts = count_tokens(env.data, LLAMA3_DIR, chat_template="llama3", max_length=256)
     save_counts(env.counts, counts, {"format": "specforge-vocab-counts", "tokenizer_length": "128256"})
     shutil.copy(env.counts, env.counts_out)
-    assert main(["-q", "optimize", "--counts", env.counts, "--config-path", env.config, "--output-dir", env.out,
-                 "--draft-vocab-size", "600", "--max-vocab-size", "3000"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "optimize",
+                "--counts",
+                env.counts,
+                "--config-path",
+                env.config,
+                "--output-dir",
+                env.out,
+                "--draft-vocab-size",
+                "600",
+                "--max-vocab-size",
+                "3000",
+            ]
+        )
+        == 0
+    )
     return env
 
 

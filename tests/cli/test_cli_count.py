@@ -1,4 +1,5 @@
 """`specforge-vocab count`: output file, summary and every bad-input case (exit 2, no output)."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,22 @@ from specforge_vocab.counting.counts_file import load_counts
 def test_count_writes_counts_and_metadata(tmp_path, capsys, deepseek_dir):
     out = tmp_path / "counts.safetensors"
     path = str(DATA / "edge_cases.jsonl")
-    code, stdout, _ = run_cli(["count", "--dataset-path", path, "--tokenizer-path", deepseek_dir,
-                               "--chat-template", "deepseek-v3", "--max-length", "512", "--output", str(out)], capsys)
+    code, stdout, _ = run_cli(
+        [
+            "count",
+            "--dataset-path",
+            path,
+            "--tokenizer-path",
+            deepseek_dir,
+            "--chat-template",
+            "deepseek-v3",
+            "--max-length",
+            "512",
+            "--output",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0
     counts, meta = load_counts(str(out))
     expected = count_tokens([path], deepseek_dir, chat_template="deepseek-v3", max_length=512)
@@ -36,11 +51,21 @@ GOOD = {"conversations": [{"role": "user", "content": "q"}, {"role": "assistant"
 
 BAD_LINES = [
     ("malformed", '{"conversations": [', r"bad.jsonl, line 2: malformed JSON"),
-    ("no_conversations", json.dumps({"messages": []}), r"bad.jsonl, line 2: every record needs a 'conversations' field"),
-    ("non_string_content", json.dumps({"conversations": [{"role": "user", "content": {"a": 1}}]}),
-     r"bad.jsonl, line 2, field 'conversations\[0\].content': content must be a string or null"),
-    ("unknown_role", json.dumps({"conversations": [{"role": "narrator", "content": "x"}]}),
-     r"bad.jsonl, line 2, field 'conversations\[0\].role': unknown role 'narrator'"),
+    (
+        "no_conversations",
+        json.dumps({"messages": []}),
+        r"bad.jsonl, line 2: every record needs a 'conversations' field",
+    ),
+    (
+        "non_string_content",
+        json.dumps({"conversations": [{"role": "user", "content": {"a": 1}}]}),
+        r"bad.jsonl, line 2, field 'conversations\[0\].content': content must be a string or null",
+    ),
+    (
+        "unknown_role",
+        json.dumps({"conversations": [{"role": "narrator", "content": "x"}]}),
+        r"bad.jsonl, line 2, field 'conversations\[0\].role': unknown role 'narrator'",
+    ),
     ("not_an_object", json.dumps(["user", "hi"]), r"bad.jsonl, line 2: each record must be a JSON object"),
 ]
 
@@ -63,8 +88,10 @@ def test_bad_record_exits_2_names_file_and_line_and_writes_nothing(tmp_path, cap
     assert load_counts(str(out))[1]["records_invalid_skipped"] == "1"
 
 
-@pytest.mark.parametrize("case", ["unknown_template", "missing_tokenizer", "missing_dataset", "empty_dataset",
-                                  "bad_max_length", "two_problems"])
+@pytest.mark.parametrize(
+    "case",
+    ["unknown_template", "missing_tokenizer", "missing_dataset", "empty_dataset", "bad_max_length", "two_problems"],
+)
 def test_bad_settings_exit_2_with_a_clear_message(tmp_path, capsys, llama3_dir, case):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps(GOOD) + "\n")
@@ -82,8 +109,17 @@ def test_bad_settings_exit_2_with_a_clear_message(tmp_path, capsys, llama3_dir, 
     if case == "two_problems":
         argv["tpl"] = "nope"
     out = tmp_path / "c.safetensors"
-    full = ["count", "--dataset-path", argv["dataset"], "--tokenizer-path", argv["tok"], "--chat-template", argv["tpl"],
-            "--output", str(out)] + argv["extra"]
+    full = [
+        "count",
+        "--dataset-path",
+        argv["dataset"],
+        "--tokenizer-path",
+        argv["tok"],
+        "--chat-template",
+        argv["tpl"],
+        "--output",
+        str(out),
+    ] + argv["extra"]
     if case == "bad_max_length":
         with pytest.raises(SystemExit) as info:
             main(full)
@@ -97,8 +133,21 @@ def test_bad_settings_exit_2_with_a_clear_message(tmp_path, capsys, llama3_dir, 
 
 
 def test_console_script_exit_status(tmp_path, llama3_dir):
-    proc = subprocess.run([sys.executable, "-m", "specforge_vocab.cli", "count", "--dataset-path",
-                           str(tmp_path / "missing.jsonl"), "--tokenizer-path", llama3_dir, "--output",
-                           str(tmp_path / "c.safetensors")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "specforge_vocab.cli",
+            "count",
+            "--dataset-path",
+            str(tmp_path / "missing.jsonl"),
+            "--tokenizer-path",
+            llama3_dir,
+            "--output",
+            str(tmp_path / "c.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "missing.jsonl does not exist" in proc.stderr and "Traceback" not in proc.stderr

@@ -3,6 +3,7 @@
 Each rank writes <out-dir>/rank<r>.json ({"ok": ..., "message": ..., "seconds": ...}); exit 2 on a
 user error, as the CLI does.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,10 +13,9 @@ import os
 import sys
 import time
 
-from specforge_vocab.counting.engine import CountSettings
-
 from specforge_vocab.counting.counts_file import save_counts
 from specforge_vocab.counting.distributed import count_dataset_distributed, distributed_session
+from specforge_vocab.counting.engine import CountSettings
 from specforge_vocab.errors import SpecForgeVocabError
 
 
@@ -39,8 +39,13 @@ def main() -> int:
                 save_counts(output, result.counts, result.metadata())
             else:
                 session.on_rank_zero(lambda: save_counts(output, result.counts, result.metadata()))
-        report.update(ok=True, records_read=result.records_read, tokens_counted=result.tokens_counted,
-                      counts_sum=int(result.counts.sum()), metadata=result.metadata())
+        report.update(
+            ok=True,
+            records_read=result.records_read,
+            tokens_counted=result.tokens_counted,
+            counts_sum=int(result.counts.sum()),
+            metadata=result.metadata(),
+        )
     except SpecForgeVocabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         report.update(ok=False, message=str(exc), kind=type(exc).__name__)

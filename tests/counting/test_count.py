@@ -1,24 +1,31 @@
 """Counting parity with a plain implementation of SpecForge's rule, on real tokenizers and data."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 import pytest
 from conftest import DATA, TOKENIZER_CASES, read_jsonl, shared_data_or_skip, write_jsonl
-
 from specforge_reference import reference_counts
-from specforge_vocab.counting.engine import CountSettings
+
 from specforge_vocab.counting.count import count_dataset, count_tokens
 from specforge_vocab.counting.counts_file import load_counts, save_counts
+from specforge_vocab.counting.engine import CountSettings
 from specforge_vocab.counting.tokenizer import load_tokenizer
 
-FIXTURES = ["gsm8k_train_sample.jsonl", "hh_rlhf_multiturn_sample.jsonl", "mt_bench_gpt4_reference.jsonl",
-            "humaneval_sample.jsonl", "edge_cases.jsonl"]
+FIXTURES = [
+    "gsm8k_train_sample.jsonl",
+    "hh_rlhf_multiturn_sample.jsonl",
+    "mt_bench_gpt4_reference.jsonl",
+    "humaneval_sample.jsonl",
+    "edge_cases.jsonl",
+]
 
 
 def assert_same_counts(ours, ref):
     diff = np.flatnonzero(ours != ref)
-    assert diff.size == 0, f"{diff.size} ids differ, e.g. id {diff[:5]}: ours {ours[diff[:5]]} vs SpecForge rule {ref[diff[:5]]}"
+    assert diff.size == 0, (
+        f"{diff.size} ids differ, e.g. id {diff[:5]}: ours {ours[diff[:5]]} vs SpecForge rule {ref[diff[:5]]}"
+    )
 
 
 @pytest.mark.parametrize("fixture_name,template", TOKENIZER_CASES)
@@ -47,8 +54,20 @@ def test_parity_train_only_last_turn(request, fixture_name, template):
     assert ours.sum() < count_tokens(paths, tok_dir, chat_template=template).sum()
 
 
-@pytest.mark.parametrize("template", ["qwen", "phi3", "gemma", "deepseek-v2", "qwen3-instruct", "longcat", "llama4",
-                                      "deepseek-r1-distill", "kimi-k2-instruct"])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "qwen",
+        "phi3",
+        "gemma",
+        "deepseek-v2",
+        "qwen3-instruct",
+        "longcat",
+        "llama4",
+        "deepseek-r1-distill",
+        "kimi-k2-instruct",
+    ],
+)
 def test_parity_other_templates(llama3_dir, template):
     """Templates whose markers are not special tokens of the tokenizer take the slow exact path."""
     tok = load_tokenizer(llama3_dir)
@@ -71,14 +90,16 @@ def test_parity_preformatted(request, tmp_path, fixture_name, template):
     ours = count_tokens([str(path)], tok_dir, chat_template=template, is_preformatted=True, max_length=300)
     assert_same_counts(ours, ref)
     # The same texts as conversations give the same counts.
-    conv = count_tokens([str(DATA / "hh_rlhf_multiturn_sample.jsonl")], tok_dir, chat_template=template,
-                        sample_size=20, max_length=300)
+    conv = count_tokens(
+        [str(DATA / "hh_rlhf_multiturn_sample.jsonl")], tok_dir, chat_template=template, sample_size=20, max_length=300
+    )
     assert_same_counts(ours, conv)
 
 
 def test_count_result_reports_what_was_read(llama3_dir):
-    result = count_dataset(CountSettings(dataset_paths=[str(DATA / "edge_cases.jsonl")], tokenizer_path=llama3_dir,
-                                         chat_template="llama3"))
+    result = count_dataset(
+        CountSettings(dataset_paths=[str(DATA / "edge_cases.jsonl")], tokenizer_path=llama3_dir, chat_template="llama3")
+    )
     records = read_jsonl(DATA / "edge_cases.jsonl")
     assert result.records_read == len(records)
     assert result.records_skipped_empty == sum(1 for r in records if not r["conversations"])
@@ -93,7 +114,9 @@ def test_target_vocab_size_sets_length_and_rejects_small_v(llama3_dir):
     path = [str(DATA / "gsm8k_train_sample.jsonl")]
     counts = count_tokens(path, llama3_dir, chat_template="llama3", target_vocab_size=130_000, sample_size=5)
     assert counts.shape == (130_000,) and counts.dtype == np.int64
-    with pytest.raises(InputError, match=r"gsm8k_train_sample.jsonl, line 1: token id \d+ is at or above the vocabulary size V=1,000"):
+    with pytest.raises(
+        InputError, match=r"gsm8k_train_sample.jsonl, line 1: token id \d+ is at or above the vocabulary size V=1,000"
+    ):
         count_tokens(path, llama3_dir, chat_template="llama3", target_vocab_size=1000, sample_size=5)
 
 
@@ -102,7 +125,8 @@ def test_sample_size_takes_first_records_across_files(llama3_dir):
     n_a = len(read_jsonl(a))
     both = count_tokens([a, b], llama3_dir, chat_template="llama3", sample_size=n_a + 3)
     expected = count_tokens([a], llama3_dir, chat_template="llama3") + count_tokens(
-        [b], llama3_dir, chat_template="llama3", sample_size=3)
+        [b], llama3_dir, chat_template="llama3", sample_size=3
+    )
     assert_same_counts(both, expected)
 
 
@@ -116,8 +140,12 @@ def test_counts_file_round_trip(tmp_path):
 def test_parity_on_all_shared_data(llama3_dir, deepseek_dir, llama3_chat_dir, deepseek_chat_dir):
     """The larger check: every shared file, both tokenizers and their chat-template variants."""
     shared = shared_data_or_skip()
-    dirs = {"llama3_dir": llama3_dir, "llama3_chat_dir": llama3_chat_dir,
-            "deepseek_dir": deepseek_dir, "deepseek_chat_dir": deepseek_chat_dir}
+    dirs = {
+        "llama3_dir": llama3_dir,
+        "llama3_chat_dir": llama3_chat_dir,
+        "deepseek_dir": deepseek_dir,
+        "deepseek_chat_dir": deepseek_chat_dir,
+    }
     files = sorted(shared.glob("*.jsonl"))
     assert files
     for fixture_name, template in TOKENIZER_CASES:

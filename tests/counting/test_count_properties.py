@@ -9,25 +9,43 @@ tokenizers with and without a chat template, at small and default max_length.
 
 The mapping properties are in tests/writing/test_mapping_properties.py.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import TOKENIZER_CASES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import TOKENIZER_CASES
 from specforge_reference import reference_counts
-from specforge_vocab.counting.engine import CountSettings, Counter
+
 from specforge_vocab.counting.data import ReadStats, Record
+from specforge_vocab.counting.engine import Counter, CountSettings
 from specforge_vocab.counting.tokenizer import load_tokenizer
 
 # The markers of both templates (and the chat templates' tool markers), as they appear in rendered text.
 MARKERS = [
-    "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|begin_of_text|>", "<|end_of_text|>",
-    "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|start_header_id|>user<|end_header_id|>",
-    "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>",
-    "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>", "assistant", "user", "\n\n", " ", "\n", "<|", "|>", "｜",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "<|start_header_id|>user<|end_header_id|>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<｜end▁of▁sentence｜>",
+    "<｜begin▁of▁sentence｜>",
+    "<｜tool▁output▁begin｜>",
+    "<｜tool▁output▁end｜>",
+    "assistant",
+    "user",
+    "\n\n",
+    " ",
+    "\n",
+    "<|",
+    "|>",
+    "｜",
 ]
 ROLES = ["system", "user", "assistant", "tool", "human", "gpt"]
 
@@ -67,9 +85,17 @@ def conversations(draw):
 
 def fast_counts(records, tok_dir, template, max_length, train_only_last_turn=False):
     tokenizer = load_tokenizer(tok_dir)
-    counter = Counter(tokenizer, CountSettings(tokenizer_path=tok_dir, chat_template=template, max_length=max_length,
-                                               train_only_last_turn=train_only_last_turn, batch_size=2),
-                      vocab_size=len(tokenizer))
+    counter = Counter(
+        tokenizer,
+        CountSettings(
+            tokenizer_path=tok_dir,
+            chat_template=template,
+            max_length=max_length,
+            train_only_last_turn=train_only_last_turn,
+            batch_size=2,
+        ),
+        vocab_size=len(tokenizer),
+    )
     stats = ReadStats()
     for i, record in enumerate(records):
         counter.add(Record("hypothesis", i + 1, i, record), stats)
@@ -77,15 +103,21 @@ def fast_counts(records, tok_dir, template, max_length, train_only_last_turn=Fal
     return counter.counts
 
 
-PARITY = settings(max_examples=150, deadline=None,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-                  print_blob=True)
+PARITY = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    print_blob=True,
+)
 
 
 @pytest.mark.parametrize("fixture_name,template", TOKENIZER_CASES)
 @PARITY
-@given(records=st.lists(conversations(), min_size=1, max_size=3),
-       max_length=st.one_of(st.integers(1, 48), st.just(2048)), last_turn=st.booleans())
+@given(
+    records=st.lists(conversations(), min_size=1, max_size=3),
+    max_length=st.one_of(st.integers(1, 48), st.just(2048)),
+    last_turn=st.booleans(),
+)
 def test_fast_counting_equals_the_specforge_rule(request, fixture_name, template, records, max_length, last_turn):
     tok_dir = request.getfixturevalue(fixture_name)
     tokenizer = load_tokenizer(tok_dir)

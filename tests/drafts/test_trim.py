@@ -6,6 +6,7 @@ configs/llama3-8B-eagle3.json scaled down (hidden 64, 4 heads of 16, 2 KV heads,
 k = 1024), random bf16 weights. Expected values are derived independently: kept ids by a
 Python sort, logits by an explicit RMSNorm + matmul, FLOPs by the contract's formula.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,18 +21,23 @@ from conftest import DATA
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from specforge_vocab.counting.engine import CountSettings
-
-from specforge_vocab.counting.count import count_dataset
-
-from specforge_vocab.counting.counts_file import save_counts
 from specforge_vocab.choosing.cost import paper_latency_reduction
+from specforge_vocab.choosing.search import SearchSettings
+from specforge_vocab.cli.main import main
+from specforge_vocab.counting.count import count_dataset
+from specforge_vocab.counting.counts_file import save_counts
+from specforge_vocab.counting.engine import CountSettings
+from specforge_vocab.drafts.checkpoint import verify_checkpoint, write_safetensors
+from specforge_vocab.drafts.trim import (
+    TrimSettings,
+    choose_kept_ids,
+    restricted_coverage_curve,
+    slice_rows,
+    trim_checkpoint,
+    trim_tensors,
+)
 from specforge_vocab.errors import InputError, SettingsError
 from specforge_vocab.writing.mapping import build_mapping, check_mapping, save_mapping
-from specforge_vocab.choosing.search import SearchSettings
-from specforge_vocab.drafts.trim import TrimSettings, choose_kept_ids, restricted_coverage_curve, slice_rows, trim_checkpoint, trim_tensors
-from specforge_vocab.cli.main import main
-from specforge_vocab.drafts.checkpoint import verify_checkpoint, write_safetensors
 
 V, K, H, HEADS, KV, INTER = 4096, 1024, 64, 4, 2, 224
 HEAD_DIM = H // HEADS
@@ -44,12 +50,26 @@ EPS = 1e-5
 def draft_config(vocab_size=V, draft_vocab_size=K, hidden=H, **extra):
     """configs/llama3-8B-eagle3.json, scaled down (same keys, same order)."""
     config = {
-        "architectures": ["LlamaForCausalLMEagle3"], "bos_token_id": 128000, "eos_token_id": 128001,
-        "hidden_act": "silu", "hidden_size": hidden, "initializer_range": 0.02, "intermediate_size": INTER,
-        "max_position_embeddings": 2048, "model_type": "llama", "num_attention_heads": HEADS,
-        "num_key_value_heads": KV, "num_hidden_layers": 1, "pad_token_id": 0, "rms_norm_eps": EPS,
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.28.1",
-        "use_cache": True, "vocab_size": vocab_size, "draft_vocab_size": draft_vocab_size,
+        "architectures": ["LlamaForCausalLMEagle3"],
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": INTER,
+        "max_position_embeddings": 2048,
+        "model_type": "llama",
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV,
+        "num_hidden_layers": 1,
+        "pad_token_id": 0,
+        "rms_norm_eps": EPS,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.28.1",
+        "use_cache": True,
+        "vocab_size": vocab_size,
+        "draft_vocab_size": draft_vocab_size,
     }
     config.update(extra)
     if draft_vocab_size is None:
@@ -68,21 +88,23 @@ def draft_tensors(kept, *, vocab_size=V, hidden=H, dtype=torch.bfloat16, embed=T
     tensors = {}
     if embed:
         tensors["embed_tokens.weight"] = randn(vocab_size, hidden)
-    tensors.update({
-        "midlayer.self_attn.q_proj.weight": randn(HEADS * HEAD_DIM, 2 * hidden),
-        "midlayer.self_attn.k_proj.weight": randn(KV * HEAD_DIM, 2 * hidden),
-        "midlayer.self_attn.v_proj.weight": randn(KV * HEAD_DIM, 2 * hidden),
-        "midlayer.self_attn.o_proj.weight": randn(hidden, HEADS * HEAD_DIM),
-        "midlayer.mlp.gate_proj.weight": randn(INTER, hidden),
-        "midlayer.mlp.up_proj.weight": randn(INTER, hidden),
-        "midlayer.mlp.down_proj.weight": randn(hidden, INTER),
-        "midlayer.hidden_norm.weight": 1 + 0.1 * randn(hidden),
-        "midlayer.input_layernorm.weight": 1 + 0.1 * randn(hidden),
-        "midlayer.post_attention_layernorm.weight": 1 + 0.1 * randn(hidden),
-        "fc.weight": randn(hidden, 3 * hidden),
-        "norm.weight": 1 + 0.1 * randn(hidden),
-        "lm_head.weight": randn(k, hidden),
-    })
+    tensors.update(
+        {
+            "midlayer.self_attn.q_proj.weight": randn(HEADS * HEAD_DIM, 2 * hidden),
+            "midlayer.self_attn.k_proj.weight": randn(KV * HEAD_DIM, 2 * hidden),
+            "midlayer.self_attn.v_proj.weight": randn(KV * HEAD_DIM, 2 * hidden),
+            "midlayer.self_attn.o_proj.weight": randn(hidden, HEADS * HEAD_DIM),
+            "midlayer.mlp.gate_proj.weight": randn(INTER, hidden),
+            "midlayer.mlp.up_proj.weight": randn(INTER, hidden),
+            "midlayer.mlp.down_proj.weight": randn(hidden, INTER),
+            "midlayer.hidden_norm.weight": 1 + 0.1 * randn(hidden),
+            "midlayer.input_layernorm.weight": 1 + 0.1 * randn(hidden),
+            "midlayer.post_attention_layernorm.weight": 1 + 0.1 * randn(hidden),
+            "fc.weight": randn(hidden, 3 * hidden),
+            "norm.weight": 1 + 0.1 * randn(hidden),
+            "lm_head.weight": randn(k, hidden),
+        }
+    )
     if mapping:
         d2t, t2d = build_mapping(np.asarray(kept, dtype=np.int64), vocab_size)
         tensors["t2d"] = t2d
@@ -140,8 +162,12 @@ WORKLOAD = zipf_like_counts(2)  # the workload to trim for: a different distribu
 
 @pytest.fixture
 def ckpt(tmp_path):
-    return write_checkpoint(tmp_path / "draft", draft_tensors(OLD_KEPT), draft_config(),
-                            extra_files={"generation_config.json": '{"do_sample": false}\n'})
+    return write_checkpoint(
+        tmp_path / "draft",
+        draft_tensors(OLD_KEPT),
+        draft_config(),
+        extra_files={"generation_config.json": '{"do_sample": false}\n'},
+    )
 
 
 def trim(checkpoint, output, counts=WORKLOAD, **kwargs):
@@ -261,8 +287,14 @@ def test_new_kept_are_the_most_frequent_old_ids_and_report_has_coverage_and_flop
 
     def flops(k):  # contract section 5 with d = h / n_heads, 3 fused layers of width h
         d = H // HEADS
-        return (2 * 3 * H * H + 2 * 2 * H * HEADS * d + 2 * (2 * 2 * H * KV * d) + 2 * HEADS * d * H
-                + 3 * 2 * H * INTER + 2 * H * k)
+        return (
+            2 * 3 * H * H
+            + 2 * 2 * H * HEADS * d
+            + 2 * (2 * 2 * H * KV * d)
+            + 2 * HEADS * d * H
+            + 3 * 2 * H * INTER
+            + 2 * H * k
+        )
 
     assert (result.old_draft_vocab_size, result.new_draft_vocab_size) == (K, 512)
     assert (result.old_flops, result.new_flops, result.full_vocab_flops) == (flops(K), flops(512), flops(V))
@@ -309,10 +341,13 @@ def test_sharded_checkpoint_keeps_its_layout_and_a_consistent_index(tmp_path, la
     index = json.loads((out / "model.safetensors.index.json").read_text(encoding="utf-8"))
     old_index = json.loads(next(src.glob("*.index.json")).read_text(encoding="utf-8"))
     # same shards (bin shards become model-0000i-of-0000n.safetensors), same names in each
-    assert index["weight_map"] == {n: f.replace("pytorch_model", "model").replace(".bin", ".safetensors")
-                                   for n, f in old_index["weight_map"].items()}
-    assert sorted(p.name for p in out.iterdir()) == sorted({*index["weight_map"].values(), "config.json",
-                                                            "model.safetensors.index.json"})
+    assert index["weight_map"] == {
+        n: f.replace("pytorch_model", "model").replace(".bin", ".safetensors")
+        for n, f in old_index["weight_map"].items()
+    }
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        {*index["weight_map"].values(), "config.json", "model.safetensors.index.json"}
+    )
     assert index["metadata"]["note"] == "kept"
     seen = {}
     for file in sorted(set(index["weight_map"].values())):
@@ -331,8 +366,13 @@ def test_sharded_checkpoint_keeps_its_layout_and_a_consistent_index(tmp_path, la
 
 def test_pytorch_model_bin_is_read_with_weights_only_and_written_as_safetensors(tmp_path):
     tensors = draft_tensors(OLD_KEPT, dtype=torch.float16, embed=False, seed=4)
-    src = write_checkpoint(tmp_path / "draft", tensors, draft_config(torch_dtype="float16"), layout="bin",
-                           extra_files={"training_args.bin": "not weights"})
+    src = write_checkpoint(
+        tmp_path / "draft",
+        tensors,
+        draft_config(torch_dtype="float16"),
+        layout="bin",
+        extra_files={"training_args.bin": "not weights"},
+    )
     result = trim(src, tmp_path / "out", draft_vocab_size=200)
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
@@ -438,34 +478,62 @@ def refuse(src, tmp_path, message, **kwargs):
 
 def test_refuses_a_trimmed_draft_without_any_mapping(tmp_path):
     src = write_checkpoint(tmp_path / "draft", draft_tensors(OLD_KEPT, mapping=False), draft_config())
-    refuse(src, tmp_path, r"draft_vocab_size is 1024 but vocab_size is 4096, and the checkpoint holds no d2t/t2d, so "
-                          r"which target id each LM-head row stands for is unknown\. Pass --vocab-mapping",
-           draft_vocab_size=100)
+    refuse(
+        src,
+        tmp_path,
+        r"draft_vocab_size is 1024 but vocab_size is 4096, and the checkpoint holds no d2t/t2d, so "
+        r"which target id each LM-head row stands for is unknown\. Pass --vocab-mapping",
+        draft_vocab_size=100,
+    )
 
 
 def test_refuses_a_requested_k_above_the_old_k(ckpt, tmp_path):
-    refuse(ckpt, tmp_path, r"--draft-vocab-size must be at most the checkpoint's draft_vocab_size \(1024\), but got "
-                           r"2000\. .*cannot be added without retraining", draft_vocab_size=2000)
+    refuse(
+        ckpt,
+        tmp_path,
+        r"--draft-vocab-size must be at most the checkpoint's draft_vocab_size \(1024\), but got "
+        r"2000\. .*cannot be added without retraining",
+        draft_vocab_size=2000,
+    )
 
 
 def test_refuses_a_search_that_cannot_stay_below_the_old_k(ckpt, tmp_path):
-    refuse(ckpt, tmp_path, r"--min-vocab-size must be at most the checkpoint's draft_vocab_size \(1024\), but got 2000",
-           search=SearchSettings(min_vocab_size=2000, max_vocab_size=3000))
+    refuse(
+        ckpt,
+        tmp_path,
+        r"--min-vocab-size must be at most the checkpoint's draft_vocab_size \(1024\), but got 2000",
+        search=SearchSettings(min_vocab_size=2000, max_vocab_size=3000),
+    )
     reachable = sum(int(WORKLOAD[i]) for i in OLD_KEPT) / WORKLOAD.sum()
-    refuse(ckpt, tmp_path, rf"--min-coverage must be reachable with the checkpoint's 1024 kept tokens, but got 0\.99: "
-                           rf"they cover only {reachable:.6f}", search=SearchSettings(min_coverage=0.99))
+    refuse(
+        ckpt,
+        tmp_path,
+        rf"--min-coverage must be reachable with the checkpoint's 1024 kept tokens, but got 0\.99: "
+        rf"they cover only {reachable:.6f}",
+        search=SearchSettings(min_coverage=0.99),
+    )
 
 
 def test_refuses_lm_head_rows_that_disagree_with_the_config(tmp_path):
     src = write_checkpoint(tmp_path / "draft", draft_tensors(OLD_KEPT), draft_config(draft_vocab_size=2048))
-    refuse(src, tmp_path, r"config.json says draft_vocab_size = 2048, but lm_head.weight has shape \[1024, 64\]; its "
-                          r"rows must equal draft_vocab_size", draft_vocab_size=100)
+    refuse(
+        src,
+        tmp_path,
+        r"config.json says draft_vocab_size = 2048, but lm_head.weight has shape \[1024, 64\]; its "
+        r"rows must equal draft_vocab_size",
+        draft_vocab_size=100,
+    )
 
 
 def test_refuses_a_config_without_draft_vocab_size_for_a_trimmed_head(tmp_path):
     src = write_checkpoint(tmp_path / "draft", draft_tensors(OLD_KEPT), draft_config(draft_vocab_size=None))
-    refuse(src, tmp_path, r"config.json has no draft_vocab_size, so vLLM and SGLang take vocab_size = 4096, but "
-                          r"lm_head.weight has shape \[1024, 64\]", draft_vocab_size=100)
+    refuse(
+        src,
+        tmp_path,
+        r"config.json has no draft_vocab_size, so vLLM and SGLang take vocab_size = 4096, but "
+        r"lm_head.weight has shape \[1024, 64\]",
+        draft_vocab_size=100,
+    )
 
 
 def test_refuses_a_hidden_size_that_disagrees_with_the_head(tmp_path):
@@ -477,8 +545,12 @@ def test_refuses_a_d2t_whose_length_differs_from_the_head_rows(tmp_path):
     tensors = draft_tensors(OLD_KEPT)
     tensors["d2t"], tensors["t2d"] = build_mapping(OLD_KEPT[:1000], V)
     src = write_checkpoint(tmp_path / "draft", tensors, draft_config())
-    refuse(src, tmp_path, r"d2t has shape \[1000\] but the LM head has 1024 rows; d2t must have one entry per row",
-           draft_vocab_size=100)
+    refuse(
+        src,
+        tmp_path,
+        r"d2t has shape \[1000\] but the LM head has 1024 rows; d2t must have one entry per row",
+        draft_vocab_size=100,
+    )
 
 
 def test_refuses_a_t2d_for_another_vocabulary(tmp_path):
@@ -506,22 +578,37 @@ def test_refuses_a_mapping_file_that_disagrees_with_the_checkpoint(ckpt, tmp_pat
     other = np.sort(np.concatenate([OLD_KEPT[:-1], [np.setdiff1d(np.arange(V), OLD_KEPT)[-1]]]))
     d2t, t2d = build_mapping(other, V)
     save_mapping(str(tmp_path / "m.pt"), d2t, t2d)
-    refuse(ckpt, tmp_path, r"--vocab-mapping .*m\.pt disagrees with the d2t stored in .*: draft row \d+ maps to target "
-                           r"id \d+ in the file but to \d+ in the checkpoint \(\d+ rows differ\)",
-           vocab_mapping=str(tmp_path / "m.pt"), draft_vocab_size=100)
+    refuse(
+        ckpt,
+        tmp_path,
+        r"--vocab-mapping .*m\.pt disagrees with the d2t stored in .*: draft row \d+ maps to target "
+        r"id \d+ in the file but to \d+ in the checkpoint \(\d+ rows differ\)",
+        vocab_mapping=str(tmp_path / "m.pt"),
+        draft_vocab_size=100,
+    )
 
 
 def test_refuses_counts_for_another_vocabulary(ckpt, tmp_path):
-    refuse(ckpt, tmp_path, r"vocab_size is 4096 but the token counts cover 4000 ids", counts=WORKLOAD[:4000],
-           draft_vocab_size=100)
+    refuse(
+        ckpt,
+        tmp_path,
+        r"vocab_size is 4096 but the token counts cover 4000 ids",
+        counts=WORKLOAD[:4000],
+        draft_vocab_size=100,
+    )
 
 
 def test_refuses_a_quantised_head_it_cannot_slice(tmp_path):
     tensors = draft_tensors(OLD_KEPT)
     tensors["lm_head.weight_scale"] = torch.ones(K, 1)
     src = write_checkpoint(tmp_path / "draft", tensors, draft_config())
-    refuse(src, tmp_path, r"tensor 'lm_head.weight_scale' belongs to the LM head but is not lm_head.weight or "
-                          r"lm_head.bias", draft_vocab_size=100)
+    refuse(
+        src,
+        tmp_path,
+        r"tensor 'lm_head.weight_scale' belongs to the LM head but is not lm_head.weight or "
+        r"lm_head.bias",
+        draft_vocab_size=100,
+    )
 
 
 def test_refuses_to_write_over_the_input_or_without_counts(ckpt, tmp_path):
@@ -535,8 +622,12 @@ def test_refuses_a_missing_checkpoint_and_a_directory_without_weights(tmp_path):
     refuse(tmp_path / "nope", tmp_path, r"--checkpoint .*nope must be a draft checkpoint directory", draft_vocab_size=1)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text(json.dumps(draft_config()), encoding="utf-8")
-    refuse(tmp_path / "empty", tmp_path, r"holds no model.safetensors, model.safetensors.index.json, pytorch_model.bin",
-           draft_vocab_size=1)
+    refuse(
+        tmp_path / "empty",
+        tmp_path,
+        r"holds no model.safetensors, model.safetensors.index.json, pytorch_model.bin",
+        draft_vocab_size=1,
+    )
 
 
 def test_refuses_an_index_that_disagrees_with_its_shards(tmp_path):
@@ -544,8 +635,13 @@ def test_refuses_an_index_that_disagrees_with_its_shards(tmp_path):
     index = json.loads((src / "model.safetensors.index.json").read_text())
     index["weight_map"]["fc.weight"] = "model-00001-of-00002.safetensors"
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
-    refuse(src, tmp_path, r"tensor 'fc.weight' is stored in model-00002-of-00002.safetensors but the index says "
-                          r"'model-00001-of-00002.safetensors'", draft_vocab_size=100)
+    refuse(
+        src,
+        tmp_path,
+        r"tensor 'fc.weight' is stored in model-00002-of-00002.safetensors but the index says "
+        r"'model-00001-of-00002.safetensors'",
+        draft_vocab_size=100,
+    )
 
 
 # --------------------------------------------------------------------------- the pure core
@@ -557,14 +653,20 @@ def test_trim_tensors_slices_rows_and_rebuilds_the_mapping():
     weight = torch.arange(8.0, dtype=torch.bfloat16).reshape(4, 2)
     bias = torch.tensor([10.0, 11.0, 12.0, 13.0])
     other = torch.ones(4, 4)
-    out = trim_tensors({"model.lm_head.weight": weight, "model.lm_head.bias": bias, "x": other, "d2t": d2t, "t2d": t2d},
-                       old, np.array([3, 7]))
+    out = trim_tensors(
+        {"model.lm_head.weight": weight, "model.lm_head.bias": bias, "x": other, "d2t": d2t, "t2d": t2d},
+        old,
+        np.array([3, 7]),
+    )
     assert out["model.lm_head.weight"].tolist() == [[2.0, 3.0], [6.0, 7.0]]
     assert out["model.lm_head.bias"].tolist() == [11.0, 13.0]
     assert out["x"] is other
     assert out["d2t"].tolist() == [3 - 0, 7 - 1] and out["t2d"].nonzero().flatten().tolist() == [3, 7]
-    with pytest.raises(InputError, match=r"Token id 4 is not in the checkpoint's draft vocabulary, so it has no trained "
-                                         r"LM-head row"):
+    with pytest.raises(
+        InputError,
+        match=r"Token id 4 is not in the checkpoint's draft vocabulary, so it has no trained "
+        r"LM-head row",
+    ):
         trim_tensors({"lm_head.weight": weight, "d2t": d2t, "t2d": t2d}, old, np.array([3, 4]))
 
 
@@ -608,8 +710,22 @@ def test_write_safetensors_streams_a_file_the_safetensors_library_reads_back(tmp
 
 def test_cli_trim_reads_a_counts_file(ckpt, tmp_path, capsys):
     save_counts(str(tmp_path / "counts.safetensors"), WORKLOAD, {"format": "specforge-vocab-counts"})
-    assert main(["trim", "--checkpoint", str(ckpt), "--counts", str(tmp_path / "counts.safetensors"),
-                              "--draft-vocab-size", "100", "--output", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "trim",
+                "--checkpoint",
+                str(ckpt),
+                "--counts",
+                str(tmp_path / "counts.safetensors"),
+                "--draft-vocab-size",
+                "100",
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     after = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert np.array_equal(np.arange(100) + after["d2t"].numpy(), top_ids(WORKLOAD, 100, among=OLD_KEPT))
@@ -619,9 +735,13 @@ def test_cli_trim_reads_a_counts_file(ckpt, tmp_path, capsys):
 def test_cli_trim_counts_a_real_dataset_with_a_real_tokenizer(tmp_path, llama3_dir, capsys):
     """A draft whose vocabulary came from GSM8K, trimmed for code (HumanEval + GPTeacher codegen), Llama 3 tokenizer."""
     vocab_size = 128_256
-    general = count_dataset(CountSettings(dataset_paths=[str(DATA / "gsm8k_train_sample.jsonl"),
-                                                         str(DATA / "hh_rlhf_multiturn_sample.jsonl")],
-                                          tokenizer_path=llama3_dir, chat_template="llama3")).counts
+    general = count_dataset(
+        CountSettings(
+            dataset_paths=[str(DATA / "gsm8k_train_sample.jsonl"), str(DATA / "hh_rlhf_multiturn_sample.jsonl")],
+            tokenizer_path=llama3_dir,
+            chat_template="llama3",
+        )
+    ).counts
     assert general.shape == (vocab_size,)
     old_k = 4096
     old_kept = top_ids(general, old_k)
@@ -630,12 +750,35 @@ def test_cli_trim_counts_a_real_dataset_with_a_real_tokenizer(tmp_path, llama3_d
     src = write_checkpoint(tmp_path / "draft", tensors, config)
 
     code = [str(DATA / "humaneval_sample.jsonl"), str(DATA / "gpteacher_codegen_sample.jsonl")]
-    assert main(["trim", "--checkpoint", str(src), "--dataset-path", *code, "--tokenizer-path", llama3_dir,
-                              "--chat-template", "llama3", "--search", "exact", "--n-calls", "5",
-                              "--coverage-weight", "0.95", "--output", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "trim",
+                "--checkpoint",
+                str(src),
+                "--dataset-path",
+                *code,
+                "--tokenizer-path",
+                llama3_dir,
+                "--chat-template",
+                "llama3",
+                "--search",
+                "exact",
+                "--n-calls",
+                "5",
+                "--coverage-weight",
+                "0.95",
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
 
-    workload = count_dataset(CountSettings(dataset_paths=code, tokenizer_path=llama3_dir, chat_template="llama3")).counts
+    workload = count_dataset(
+        CountSettings(dataset_paths=code, tokenizer_path=llama3_dir, chat_template="llama3")
+    ).counts
     after = load_file(str(tmp_path / "out" / "model.safetensors"))
     new_k = after["d2t"].shape[0]
     assert 50 <= new_k <= old_k

@@ -1,4 +1,5 @@
 """`specforge-vocab optimize` end to end: outputs, config patch, mapping as SpecForge loads it."""
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,24 @@ def llama_config(tmp_path):
 
 def run_optimize(tmp_path, llama3_dir, config, *extra):
     out = tmp_path / "out"
-    argv = ["optimize", "--dataset-path", *FIXTURES, "--tokenizer-path", llama3_dir, "--chat-template", "llama3",
-            "--config-path", str(config), "--output-dir", str(out), "--n-calls", "25", "--max-vocab-size", "4000",
-            *extra]
+    argv = [
+        "optimize",
+        "--dataset-path",
+        *FIXTURES,
+        "--tokenizer-path",
+        llama3_dir,
+        "--chat-template",
+        "llama3",
+        "--config-path",
+        str(config),
+        "--output-dir",
+        str(out),
+        "--n-calls",
+        "25",
+        "--max-vocab-size",
+        "4000",
+        *extra,
+    ]
     assert main(argv) == 0
     return out
 
@@ -45,8 +61,13 @@ def test_optimize_writes_every_output_and_patches_only_draft_vocab_size(tmp_path
     assert summary["method"] == "optuna" and 50 <= k <= 4000
     assert summary["exact_optimum"]["utility"] >= summary["utility"]
     assert f"draft_vocab_size: {k:,}" in stdout and "draft FLOPs per token" in stdout
-    for name in ("full_results.json", "optimization_results.png", "token_counts.safetensors", "vocab_mapping.pt",
-                 "vocab_mapping.safetensors"):
+    for name in (
+        "full_results.json",
+        "optimization_results.png",
+        "token_counts.safetensors",
+        "vocab_mapping.pt",
+        "vocab_mapping.safetensors",
+    ):
         assert (out / name).stat().st_size > 0, name
     # The config: only draft_vocab_size changed, a backup holds the original.
     assert (tmp_path / "draft.json.bak").read_text() == original
@@ -76,7 +97,10 @@ def test_mapping_loads_into_buffers_shaped_by_the_patched_config(tmp_path, llama
     st = load_file(str(out / "vocab_mapping.safetensors"))
     assert torch.equal(st["d2t"], mapping["d2t"]) and torch.equal(st["t2d"], mapping["t2d"])
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["method"] == "exact" and summary["optimal_draft_vocab_size"] == summary["exact_optimum"]["draft_vocab_size"]
+    assert (
+        summary["method"] == "exact"
+        and summary["optimal_draft_vocab_size"] == summary["exact_optimum"]["draft_vocab_size"]
+    )
 
 
 def test_counts_file_reuse_gives_the_same_pick(tmp_path, llama3_dir, llama_config, capsys):
@@ -84,8 +108,24 @@ def test_counts_file_reuse_gives_the_same_pick(tmp_path, llama3_dir, llama_confi
     first = json.loads((out / "summary.json").read_text())
     shutil.copy(tmp_path / "draft.json.bak", llama_config)
     out2 = tmp_path / "out2"
-    assert main(["optimize", "--counts", str(out / "token_counts.safetensors"), "--config-path", str(llama_config),
-                 "--output-dir", str(out2), "--n-calls", "25", "--max-vocab-size", "4000"]) == 0
+    assert (
+        main(
+            [
+                "optimize",
+                "--counts",
+                str(out / "token_counts.safetensors"),
+                "--config-path",
+                str(llama_config),
+                "--output-dir",
+                str(out2),
+                "--n-calls",
+                "25",
+                "--max-vocab-size",
+                "4000",
+            ]
+        )
+        == 0
+    )
     second = json.loads((out2 / "summary.json").read_text())
     assert second["optimal_draft_vocab_size"] == first["optimal_draft_vocab_size"]
     assert (out2 / "vocab_mapping.pt").read_bytes() == (out / "vocab_mapping.pt").read_bytes()
@@ -101,8 +141,21 @@ def test_fixed_draft_vocab_size_skips_the_search(tmp_path, llama3_dir, llama_con
 def test_config_for_another_tokenizer_is_refused_before_writing(tmp_path, deepseek_dir, llama_config, capsys):
     original = llama_config.read_text()
     out = tmp_path / "out"
-    code = main(["optimize", "--dataset-path", FIXTURES[0], "--tokenizer-path", deepseek_dir, "--chat-template",
-                 "deepseek-v3", "--config-path", str(llama_config), "--output-dir", str(out)])
+    code = main(
+        [
+            "optimize",
+            "--dataset-path",
+            FIXTURES[0],
+            "--tokenizer-path",
+            deepseek_dir,
+            "--chat-template",
+            "deepseek-v3",
+            "--config-path",
+            str(llama_config),
+            "--output-dir",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "vocab_size" in err and "128256" in err and "129280" in err
     assert llama_config.read_text() == original and not out.exists()
@@ -110,8 +163,23 @@ def test_config_for_another_tokenizer_is_refused_before_writing(tmp_path, deepse
 
 def test_unreachable_min_coverage_is_a_clear_error(tmp_path, llama3_dir, llama_config, capsys):
     out = tmp_path / "out"
-    code = main(["optimize", "--dataset-path", FIXTURES[0], "--tokenizer-path", llama3_dir, "--config-path",
-                 str(llama_config), "--output-dir", str(out), "--min-coverage", "0.999999", "--max-vocab-size", "100"])
+    code = main(
+        [
+            "optimize",
+            "--dataset-path",
+            FIXTURES[0],
+            "--tokenizer-path",
+            llama3_dir,
+            "--config-path",
+            str(llama_config),
+            "--output-dir",
+            str(out),
+            "--min-coverage",
+            "0.999999",
+            "--max-vocab-size",
+            "100",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--min-coverage" in err and "best" in err.lower()
     assert not out.exists()
@@ -121,16 +189,57 @@ def test_paper_command_line_runs_unchanged(tmp_path, llama3_dir):
     """The paper's flags (including its 'deepseek' template name) are accepted by the script as they are."""
     out = tmp_path / "paper"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "optimize_vocab_size.py"), "--dataset-path", FIXTURES[0],
-         "--tokenizer-path", llama3_dir, "--chat-template", "llama3", "--n-calls", "10", "--random-state", "42",
-         "--coverage-weight", "0.5", "--min-coverage", "0.0", "--min-vocab-size", "50", "--max-vocab-size", "3000",
-         "--sample-size", "100", "--output-dir", str(out)], capture_output=True, text=True)
+        [
+            sys.executable,
+            str(REPO / "scripts" / "optimize_vocab_size.py"),
+            "--dataset-path",
+            FIXTURES[0],
+            "--tokenizer-path",
+            llama3_dir,
+            "--chat-template",
+            "llama3",
+            "--n-calls",
+            "10",
+            "--random-state",
+            "42",
+            "--coverage-weight",
+            "0.5",
+            "--min-coverage",
+            "0.0",
+            "--min-vocab-size",
+            "50",
+            "--max-vocab-size",
+            "3000",
+            "--sample-size",
+            "100",
+            "--output-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "summary.json").read_text())["method"] == "optuna"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "optimize_vocab_size.py"), "--dataset-path", FIXTURES[0],
-         "--tokenizer-path", llama3_dir, "--chat-template", "deepseek", "--n-calls", "5", "--sample-size", "20",
-         "--output-dir", str(tmp_path / "ds")], capture_output=True, text=True)
+        [
+            sys.executable,
+            str(REPO / "scripts" / "optimize_vocab_size.py"),
+            "--dataset-path",
+            FIXTURES[0],
+            "--tokenizer-path",
+            llama3_dir,
+            "--chat-template",
+            "deepseek",
+            "--n-calls",
+            "5",
+            "--sample-size",
+            "20",
+            "--output-dir",
+            str(tmp_path / "ds"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -140,6 +249,8 @@ def test_demo_runs_from_the_repository(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--output-dir", str(out), "--n-calls", "10"]) == 0
     stdout = capsys.readouterr().out
     assert "records read: 6,018" in stdout and "draft_vocab_size" in stdout
-    assert json.loads((out / "draft_config.json").read_text())["draft_vocab_size"] == \
-        json.loads((out / "summary.json").read_text())["optimal_draft_vocab_size"]
+    assert (
+        json.loads((out / "draft_config.json").read_text())["draft_vocab_size"]
+        == json.loads((out / "summary.json").read_text())["optimal_draft_vocab_size"]
+    )
     assert json.loads((CONFIGS / "deepseek-v3-671b-eagle3.json").read_text())["draft_vocab_size"] == 32000

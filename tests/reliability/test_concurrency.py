@@ -1,6 +1,7 @@
 """Concurrency: runs on the same output directory or config take a lock; a second run waits up to
 --lock-timeout, then fails with a message naming the holder's pid; many runs at once end in one
 complete set with a config that agrees, and a reader never sees a mix while they write."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,9 @@ from typing import Dict, List
 
 import numpy as np
 import pytest
-
 from conftest import child_env, llama3_config_text
 from reliability_helpers import WIRING_REASON, check_mapping_file, config_k, leftovers, pipeline_is_wired
+
 from specforge_vocab import fileio
 from specforge_vocab.counting.counts_file import save_counts
 from specforge_vocab.errors import InputError
@@ -44,8 +45,12 @@ def _config(path: Path, k: int = 900) -> str:
 def work(tmp_path):
     counts = (np.random.default_rng(3).zipf(1.4, V) % 4000).astype(np.int64)
     save_counts(str(tmp_path / "counts.safetensors"), counts, {"format": "specforge-vocab-counts"})
-    return {"root": tmp_path, "counts": str(tmp_path / "counts.safetensors"), "config": _config(tmp_path / "draft.json"),
-            "out": str(tmp_path / "out")}
+    return {
+        "root": tmp_path,
+        "counts": str(tmp_path / "counts.safetensors"),
+        "config": _config(tmp_path / "draft.json"),
+        "out": str(tmp_path / "out"),
+    }
 
 
 def _env():
@@ -53,16 +58,34 @@ def _env():
 
 
 def _optimize_argv(work, k: int, *, out=None, timeout: float = 60.0) -> List[str]:
-    return ["-q", "optimize", "--counts", work["counts"], "--config-path", work["config"], "--output-dir",
-            out or work["out"], "--draft-vocab-size", str(k), "--max-vocab-size", "3000", "--lock-timeout", str(timeout)]
+    return [
+        "-q",
+        "optimize",
+        "--counts",
+        work["counts"],
+        "--config-path",
+        work["config"],
+        "--output-dir",
+        out or work["out"],
+        "--draft-vocab-size",
+        str(k),
+        "--max-vocab-size",
+        "3000",
+        "--lock-timeout",
+        str(timeout),
+    ]
 
 
 def _holder(work, k: int, *, out=None, release: str = None, sleep: float = 0.0) -> subprocess.Popen:
     """A real optimize run that pauses (holding its locks) before its first write, until the
     file ``release`` exists (or for ``sleep`` seconds)."""
     pause = ["--release", release] if release else ["--sleep", str(sleep)]
-    argv = [sys.executable, str(FAULT_INJECTION), "--sleep-on", "_write_payload:1"] + pause + \
-        ["--"] + _optimize_argv(work, k, out=out)
+    argv = (
+        [sys.executable, str(FAULT_INJECTION), "--sleep-on", "_write_payload:1"]
+        + pause
+        + ["--"]
+        + _optimize_argv(work, k, out=out)
+    )
     return subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -82,8 +105,9 @@ def _wait_for_lock(target: str, proc: subprocess.Popen, timeout: float = 120.0) 
 
 
 def _cli(argv: List[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "specforge_vocab.cli"] + argv, env=_env(), capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "specforge_vocab.cli"] + argv, env=_env(), capture_output=True, text=True, timeout=300
+    )
 
 
 def _check_set(out: str, k: int) -> None:
@@ -103,8 +127,11 @@ def test_second_run_on_the_same_output_dir_times_out_naming_the_holder(work):
         Path(release).write_text("go")
         assert second.returncode == 2, second.stderr
         # The output dir's lock, or the config's (both are held; the first in sorted order is reported).
-        assert re.search(rf"(out|draft\.json) is locked by another specforge-vocab run \(pid {holder.pid}( on \S+)?\); "
-                         r"waited 1 s \(--lock-timeout\)", second.stderr), second.stderr
+        assert re.search(
+            rf"(out|draft\.json) is locked by another specforge-vocab run \(pid {holder.pid}( on \S+)?\); "
+            r"waited 1 s \(--lock-timeout\)",
+            second.stderr,
+        ), second.stderr
         assert "Traceback" not in second.stderr and waited >= 1.0
         assert not os.path.exists(os.path.join(work["out"], "summary.json"))  # the second run wrote nothing
         assert config_k(work["config"]) == 900
@@ -141,8 +168,9 @@ def test_runs_on_different_output_dirs_share_the_config_lock(work):
         second = _cli(_optimize_argv(work, 800, out=str(work["root"] / "out2"), timeout=1.0))
         Path(release).write_text("go")
         assert second.returncode == 2, second.stderr
-        assert re.search(rf"draft\.json is locked by another specforge-vocab run \(pid {holder.pid}", second.stderr), \
+        assert re.search(rf"draft\.json is locked by another specforge-vocab run \(pid {holder.pid}", second.stderr), (
             second.stderr
+        )
         assert not os.path.exists(work["root"] / "out2" / "summary.json")
         _count("config-timeout")
     finally:
@@ -206,8 +234,9 @@ def _payloads(out: str, k: int, counts: np.ndarray) -> Dict[str, bytes]:
         os.path.join(out, "full_results.json"): json.dumps({"optimal_vocab_size": k}),
         os.path.join(out, "filler.bin"): bytes([k % 251]) * (2 << 20),
         os.path.join(out, "vocab_mapping.pt"): buffer.getvalue(),
-        os.path.join(out, "vocab_mapping.safetensors"): save({"d2t": d2t, "t2d": t2d},
-                                                            metadata={"draft_vocab_size": str(k)}),
+        os.path.join(out, "vocab_mapping.safetensors"): save(
+            {"d2t": d2t, "t2d": t2d}, metadata={"draft_vocab_size": str(k)}
+        ),
         os.path.join(out, "summary.json"): json.dumps({"optimal_draft_vocab_size": k, "target_vocab_size": V}),
     }
 
@@ -223,10 +252,13 @@ def _ks_of_snapshot(dir_fd: int) -> set:
         with os.fdopen(fd, "rb") as handle:
             return handle.read()
 
-    ks = {json.loads(read("summary.json"))["optimal_draft_vocab_size"], json.loads(read("full_results.json"))["optimal_vocab_size"]}
+    ks = {
+        json.loads(read("summary.json"))["optimal_draft_vocab_size"],
+        json.loads(read("full_results.json"))["optimal_vocab_size"],
+    }
     data = read("vocab_mapping.safetensors")
     (n,) = struct.unpack("<Q", data[:8])
-    ks.add(int(json.loads(data[8:8 + n])["__metadata__"]["draft_vocab_size"]))
+    ks.add(int(json.loads(data[8 : 8 + n])["__metadata__"]["draft_vocab_size"]))
     ks.add(int(torch.load(io.BytesIO(read("vocab_mapping.pt")), weights_only=True)["d2t"].shape[0]))
     filler = read("filler.bin")
     assert len(filler) == 2 << 20, "a half-written file"
@@ -286,8 +318,7 @@ def _wait(pid: int, timeout: float = 300.0) -> int:
 
 
 @pytest.mark.parametrize("mode,rounds,writers", [("exchange", 3, 8), ("journal", 2, 8)])
-def test_many_writers_end_in_one_complete_set_and_readers_never_see_a_mix(tmp_path, monkeypatch, mode, rounds,
-                                                                         writers):
+def test_many_writers_end_in_one_complete_set_and_readers_never_see_a_mix(tmp_path, monkeypatch, mode, rounds, writers):
     monkeypatch.setenv(fileio.GROUP_WRITE_ENV, mode)
     counts = (np.random.default_rng(5).zipf(1.4, V) % 4000).astype(np.int64)
     out, config = str(tmp_path / "out"), _config(tmp_path / "draft.json")
@@ -297,9 +328,16 @@ def test_many_writers_end_in_one_complete_set_and_readers_never_see_a_mix(tmp_pa
     commit_outputs(sets[ks[0]], output_dir=out, config_path=config, draft_vocab_size=ks[0])
     for round_ in range(rounds):
         stop, report = str(tmp_path / f"stop{round_}"), str(tmp_path / f"reader{round_}.json")
-        reader = _start(lambda: _reader(out, stop, report)) if mode == "exchange" else None
-        pids = [_start(lambda k=k: commit_outputs(sets[k], output_dir=out, config_path=config, draft_vocab_size=k,
-                                                  lock_timeout=120) and 0) for k in ks]
+        reader = _start(lambda stop=stop, report=report: _reader(out, stop, report)) if mode == "exchange" else None
+        pids = [
+            _start(
+                lambda k=k: (
+                    commit_outputs(sets[k], output_dir=out, config_path=config, draft_vocab_size=k, lock_timeout=120)
+                    and 0
+                )
+            )
+            for k in ks
+        ]
         codes = [_wait(pid) for pid in pids]
         Path(stop).write_text("1")
         assert codes == [0] * writers, codes

@@ -1,6 +1,7 @@
 """fileio, piece by piece: how groups are swapped or journaled, when the swap falls back to the
 journal, recovery of what a killed run left, modes, links and signals held during a commit.
 The config/mapping agreement of writing.outputs.commit_outputs is in tests/writing/test_outputs.py."""
+
 from __future__ import annotations
 
 import json
@@ -11,13 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
-
 from reliability_helpers import leftovers
+
 from specforge_vocab import fileio
 from specforge_vocab.errors import InputError
+from specforge_vocab.fileio import atomic, groups
 
-needs_exchange = pytest.mark.skipif(not fileio.exchange_supported(os.getcwd()),
-                                    reason="no renameat2(RENAME_EXCHANGE) here; the journal path is tested instead")
+needs_exchange = pytest.mark.skipif(
+    not fileio.exchange_supported(os.getcwd()),
+    reason="no renameat2(RENAME_EXCHANGE) here; the journal path is tested instead",
+)
 
 
 def group(directory: Path, tag: str, names=("a.json", "b.bin", "c.txt")):
@@ -70,11 +74,13 @@ def test_the_journal_is_used_when_the_swap_cannot_be(tmp_path, monkeypatch, reas
     elif reason == "cwd":
         monkeypatch.chdir(out)
     elif reason == "no-renameat2":
-        monkeypatch.setattr(fileio, "_renameat2_cache", [None])
+        monkeypatch.setattr(groups, "_renameat2_cache", [None])
     elif reason == "no-hard-links":
+
         def no_link(*args, **kwargs):
             raise PermissionError(1, "Operation not permitted")
-        monkeypatch.setattr(fileio.os, "link", no_link)
+
+        monkeypatch.setattr(os, "link", no_link)
     else:
         monkeypatch.setenv(fileio.GROUP_WRITE_ENV, "journal")
     assert fileio.atomic_write_many(group(out, "v1")) == "journal"
@@ -192,7 +198,7 @@ def test_files_created_or_replaced_in_the_old_directory_during_the_swap_are_kept
     out = tmp_path / "out"
     fileio.atomic_write_many(group(out, "v1"))
     (out / "log.txt").write_text("before")
-    real_exchange = fileio.exchange_paths
+    real_exchange = groups.exchange_paths
 
     def exchange_with_a_concurrent_writer(first, second):
         # Another process writes into the output directory after it was staged, before the swap.
@@ -200,10 +206,15 @@ def test_files_created_or_replaced_in_the_old_directory_during_the_swap_are_kept
         fileio.atomic_write(str(Path(second) / "log.txt"), "replaced meanwhile")
         real_exchange(first, second)
 
-    monkeypatch.setattr(fileio, "exchange_paths", exchange_with_a_concurrent_writer)
+    monkeypatch.setattr(groups, "exchange_paths", exchange_with_a_concurrent_writer)
     fileio.atomic_write_many(group(out, "v2"))
-    assert contents(out) == {"a.json": "v2:a.json", "b.bin": "v2:b.bin", "c.txt": "v2:c.txt",
-                             "log.txt": "replaced meanwhile", "new.txt": "created meanwhile"}
+    assert contents(out) == {
+        "a.json": "v2:a.json",
+        "b.bin": "v2:b.bin",
+        "c.txt": "v2:c.txt",
+        "log.txt": "replaced meanwhile",
+        "new.txt": "created meanwhile",
+    }
     assert leftovers(str(tmp_path)) == []
 
 
@@ -215,9 +226,16 @@ def test_a_journal_is_rolled_forward_and_a_damaged_one_is_reported(tmp_path):
     temp = out / f".a.json.{dead}.abcdefgh.tmp"
     temp.write_text("new")
     journal = out / f"{fileio.JOURNAL_PREFIX}{dead}.abcdefgh.json"
-    journal.write_text(json.dumps({"format": fileio.JOURNAL_FORMAT, "version": 1,
-                                   "moves": [{"temp": str(temp), "target": str(out / "a.json"), "size": 3}],
-                                   "copies": [str(journal)]}))
+    journal.write_text(
+        json.dumps(
+            {
+                "format": fileio.JOURNAL_FORMAT,
+                "version": 1,
+                "moves": [{"temp": str(temp), "target": str(out / "a.json"), "size": 3}],
+                "copies": [str(journal)],
+            }
+        )
+    )
     report = fileio.recover_directory(str(out))
     assert report.journals_completed == 1 and report.files_moved == 1
     assert (out / "a.json").read_text() == "new" and os.listdir(out) == ["a.json"]
@@ -231,7 +249,7 @@ def test_a_journal_is_rolled_forward_and_a_damaged_one_is_reported(tmp_path):
 def test_signals_are_held_during_a_commit_and_delivered_after(monkeypatch):
     hits = []
     with pytest.raises(KeyboardInterrupt):
-        with fileio._deferred_interrupts():
+        with atomic._deferred_interrupts():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
             hits.append("still running")

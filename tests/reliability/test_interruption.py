@@ -7,6 +7,7 @@ child itself right before its Nth disk-changing step inside specforge_vocab.file
 parent then reads the output directory (raw, as any reader would), runs the recovery a
 reader or the next run does, and reruns. Old and new sets are two real `optimize` outputs.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,11 +24,20 @@ from typing import Dict, List
 
 import numpy as np
 import pytest
-
 from conftest import child_env, llama3_config_text
 from fault_injection import Injector, install
-from reliability_helpers import (GROUP, WIRING_REASON, check_mapping_file, classify, config_k, leftovers,
-                                 pipeline_is_wired, read_set, run_forked)
+from reliability_helpers import (
+    GROUP,
+    WIRING_REASON,
+    check_mapping_file,
+    classify,
+    config_k,
+    leftovers,
+    pipeline_is_wired,
+    read_set,
+    run_forked,
+)
+
 from specforge_vocab import fileio
 from specforge_vocab.counting.counts_file import save_counts
 from specforge_vocab.writing.outputs import commit_outputs, recover_outputs
@@ -60,8 +70,22 @@ class Sets:
 
     def argv(self, which: str) -> List[str]:
         counts, k = (self.counts_old, K_OLD) if which == "old" else (self.counts_new, K_NEW)
-        return ["-q", "optimize", "--counts", counts, "--config-path", self.config, "--output-dir", self.out,
-                "--draft-vocab-size", str(k), "--max-vocab-size", "3000", "--lock-timeout", "30"]
+        return [
+            "-q",
+            "optimize",
+            "--counts",
+            counts,
+            "--config-path",
+            self.config,
+            "--output-dir",
+            self.out,
+            "--draft-vocab-size",
+            str(k),
+            "--max-vocab-size",
+            "3000",
+            "--lock-timeout",
+            "30",
+        ]
 
     def payloads(self, which: str) -> Dict[str, bytes]:
         return {os.path.join(self.out, name): data for name, data in self.files[which].items()}
@@ -96,9 +120,13 @@ def _make_sets(root: str) -> Sets:
     from specforge_vocab.cli.main import main
 
     rng = np.random.default_rng(8)
-    s = Sets(root=root, out=os.path.join(root, "out"), config=os.path.join(root, "draft.json"),
-             counts_old=os.path.join(root, "counts_old.safetensors"),
-             counts_new=os.path.join(root, "counts_new.safetensors"))
+    s = Sets(
+        root=root,
+        out=os.path.join(root, "out"),
+        config=os.path.join(root, "draft.json"),
+        counts_old=os.path.join(root, "counts_old.safetensors"),
+        counts_new=os.path.join(root, "counts_new.safetensors"),
+    )
     for path, seed_shift in ((s.counts_old, 0), (s.counts_new, 1)):
         counts = (rng.zipf(1.3 + 0.2 * seed_shift, V) % 5000).astype(np.int64)
         save_counts(path, counts, {"format": "specforge-vocab-counts", "vocab_size": str(V)})
@@ -203,8 +231,14 @@ def _final_checks(s: Sets, *, notes: bool = True) -> None:
 def _commit_new(s: Sets, injector: Injector, steps_file: str = None) -> int:
     install(injector)
     try:
-        commit_outputs(s.payloads("new"), output_dir=s.out, config_path=s.config, draft_vocab_size=K_NEW,
-                       backup=True, lock_timeout=30)
+        commit_outputs(
+            s.payloads("new"),
+            output_dir=s.out,
+            config_path=s.config,
+            draft_vocab_size=K_NEW,
+            backup=True,
+            lock_timeout=30,
+        )
     finally:
         if steps_file:
             Path(steps_file).write_text(json.dumps(injector.steps))
@@ -223,8 +257,9 @@ def _count_steps(s: Sets, before: str, run) -> List[str]:
     return steps
 
 
-@pytest.mark.parametrize("mode,before,where", [("exchange", "old", "disk"), ("journal", "old", "memory"),
-                                               ("exchange", "none", "memory")])
+@pytest.mark.parametrize(
+    "mode,before,where", [("exchange", "old", "disk"), ("journal", "old", "memory"), ("exchange", "none", "memory")]
+)
 def test_commit_killed_at_every_step_leaves_old_or_new(request, monkeypatch, mode, before, where):
     monkeypatch.setenv(fileio.GROUP_WRITE_ENV, mode)
     s = request.getfixturevalue("sets" if where == "disk" else "fast_sets")
@@ -234,7 +269,7 @@ def test_commit_killed_at_every_step_leaves_old_or_new(request, monkeypatch, mod
     for n in range(1, len(steps) + 1):
         for signum in (signal.SIGKILL, signal.SIGINT):
             s.restore(before)
-            status = run_forked(lambda: _commit_new(s, Injector(n, signum)))
+            status = run_forked(lambda n=n, signum=signum: _commit_new(s, Injector(n, signum)))
             expected = ("signal", 9) if signum == signal.SIGKILL else ("exit", 130)
             assert status == expected, (n, steps[n - 1], status)
             raw = _outcome(s, before, raw_must_be_whole=(mode == "exchange"))
@@ -294,7 +329,7 @@ def test_optimize_cli_killed_at_sampled_steps(fast_sets, monkeypatch, mode):
     points = [(n, signal.SIGINT if n % 2 else signal.SIGKILL) for n in range(1, len(steps) + 1, 3)]
     for n, signum in points:
         s.restore("old")
-        status = run_forked(lambda: _cli_child(s, Injector(n, signum)))
+        status = run_forked(lambda n=n, signum=signum: _cli_child(s, Injector(n, signum)))
         assert status == (("signal", 9) if signum == signal.SIGKILL else ("exit", 130)), (n, steps[n - 1], status)
         _outcome(s, "old", raw_must_be_whole=(mode == "exchange"))
         _after_recovery(s, "old")
@@ -316,8 +351,12 @@ def test_real_processes_killed_at_random_moments(sets):
     for i in range(tries):
         s.restore("old")
         signum = signal.SIGKILL if i % 2 == 0 else signal.SIGINT
-        proc = subprocess.Popen([sys.executable, "-m", "specforge_vocab.cli"] + s.argv("new"), env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "specforge_vocab.cli"] + s.argv("new"),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 120
         while not os.path.exists(lock_pid) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.0005)

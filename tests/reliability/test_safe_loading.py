@@ -6,6 +6,7 @@ The source scan parses every module of the package (AST, not grep) and fails on:
 - ``pickle``/``dill``/``marshal`` loads, ``numpy.load(..., allow_pickle=True)``, ``yaml.load``/``unsafe_load``;
 - ``from_pretrained(..., trust_remote_code=True)`` or a literal ``trust_remote_code=True`` anywhere.
 """
+
 from __future__ import annotations
 
 import ast
@@ -13,8 +14,8 @@ import json
 from typing import List
 
 import pytest
-
 from conftest import REPO, remote_code_tokenizer
+
 from specforge_vocab.errors import InputError
 
 PACKAGE = REPO / "specforge_vocab"
@@ -29,7 +30,13 @@ def _is_true(node) -> bool:
 def unsafe_calls(source: str, filename: str = "<source>") -> List[str]:
     """Every unsafe loading call in ``source``, as 'file:line: what'."""
     tree = ast.parse(source, filename)
-    torch_names, torch_load_names, numpy_names, yaml_names, unsafe_names = {"torch"}, set(), {"np", "numpy"}, {"yaml"}, set()
+    torch_names, torch_load_names, numpy_names, yaml_names, unsafe_names = (
+        {"torch"},
+        set(),
+        {"np", "numpy"},
+        {"yaml"},
+        set(),
+    )
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -58,7 +65,9 @@ def unsafe_calls(source: str, filename: str = "<source>") -> List[str]:
         keywords = {k.arg: k.value for k in node.keywords}
         owner = func.value.id if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else None
         name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
-        is_torch_load = (owner in torch_names and name == "load") or (isinstance(func, ast.Name) and name in torch_load_names)
+        is_torch_load = (owner in torch_names and name == "load") or (
+            isinstance(func, ast.Name) and name in torch_load_names
+        )
         if is_torch_load and not _is_true(keywords.get("weights_only")):
             found.append(f"{where}: torch.load without weights_only=True")
         if owner in unsafe_names or (isinstance(func, ast.Name) and name in unsafe_names):
@@ -74,7 +83,9 @@ def unsafe_calls(source: str, filename: str = "<source>") -> List[str]:
 def test_package_never_loads_unsafely():
     files = sorted(PACKAGE.rglob("*.py"))
     assert len(files) > 10
-    problems = [p for f in files for p in unsafe_calls(f.read_text(encoding="utf-8"), str(f.relative_to(PACKAGE.parent)))]
+    problems = [
+        p for f in files for p in unsafe_calls(f.read_text(encoding="utf-8"), str(f.relative_to(PACKAGE.parent)))
+    ]
     assert problems == [], "\n".join(problems)
 
 
@@ -83,31 +94,43 @@ def test_every_torch_load_in_the_package_was_seen():
     seen = 0
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "torch"
+            ):
                 seen += 1
-                assert any(k.arg == "weights_only" and _is_true(k.value) for k in node.keywords), f"{path}:{node.lineno}"
+                assert any(k.arg == "weights_only" and _is_true(k.value) for k in node.keywords), (
+                    f"{path}:{node.lineno}"
+                )
     assert seen >= 2
 
 
-@pytest.mark.parametrize("source,expected", [
-    ("import torch\ntorch.load(p)\n", "torch.load without weights_only=True"),
-    ("import torch as T\nT.load(p, weights_only=False)\n", "torch.load without weights_only=True"),
-    ("from torch import load\nload(p, map_location='cpu')\n", "torch.load without weights_only=True"),
-    ("import pickle\npickle.load(f)\n", "pickle.load"),
-    ("from pickle import loads as l\nl(b)\n", "l (unpickles"),
-    ("import numpy as np\nnp.load(p, allow_pickle=True)\n", "numpy.load(allow_pickle=True)"),
-    ("import yaml\nyaml.load(text)\n", "yaml.load"),
-    ("AutoTokenizer.from_pretrained(p, trust_remote_code=True)\n", "trust_remote_code=True"),
-])
+@pytest.mark.parametrize(
+    "source,expected",
+    [
+        ("import torch\ntorch.load(p)\n", "torch.load without weights_only=True"),
+        ("import torch as T\nT.load(p, weights_only=False)\n", "torch.load without weights_only=True"),
+        ("from torch import load\nload(p, map_location='cpu')\n", "torch.load without weights_only=True"),
+        ("import pickle\npickle.load(f)\n", "pickle.load"),
+        ("from pickle import loads as l\nl(b)\n", "l (unpickles"),
+        ("import numpy as np\nnp.load(p, allow_pickle=True)\n", "numpy.load(allow_pickle=True)"),
+        ("import yaml\nyaml.load(text)\n", "yaml.load"),
+        ("AutoTokenizer.from_pretrained(p, trust_remote_code=True)\n", "trust_remote_code=True"),
+    ],
+)
 def test_the_scan_catches_each_unsafe_form(source, expected):
     problems = unsafe_calls(source)
     assert len(problems) == 1 and expected in problems[0], problems
 
 
 def test_the_scan_accepts_safe_forms():
-    source = ("import torch\nimport yaml\nimport numpy as np\ntorch.load(p, weights_only=True)\nyaml.safe_load(t)\n"
-              "np.load(p)\nAutoTokenizer.from_pretrained(p, trust_remote_code=flag)\n")
+    source = (
+        "import torch\nimport yaml\nimport numpy as np\ntorch.load(p, weights_only=True)\nyaml.safe_load(t)\n"
+        "np.load(p)\nAutoTokenizer.from_pretrained(p, trust_remote_code=flag)\n"
+    )
     assert unsafe_calls(source) == []
 
 
@@ -120,10 +143,20 @@ def test_tokenizer_asking_for_remote_code_is_refused_without_the_flag(tmp_path, 
         load_tokenizer(str(folder))
     assert "Traceback" not in str(info.value)
     data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"conversations": [{"role": "user", "content": "q"},
-                                                  {"role": "assistant", "content": "a"}]}) + "\n")
-    code = main(["count", "--dataset-path", str(data), "--tokenizer-path", str(folder), "--output",
-                 str(tmp_path / "c.safetensors")])
+    data.write_text(
+        json.dumps({"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n"
+    )
+    code = main(
+        [
+            "count",
+            "--dataset-path",
+            str(data),
+            "--tokenizer-path",
+            str(folder),
+            "--output",
+            str(tmp_path / "c.safetensors"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--trust-remote-code" in err and "Traceback" not in err
     assert not (folder / "RAN").exists(), "the tokenizer's own code ran without --trust-remote-code"

@@ -16,6 +16,7 @@ Installing = ``torch.load(weights_only=True)``, then ``copy_`` into zero
 buffers shaped by the draft config: ``t2d`` bool [vocab_size], ``d2t`` int64
 [draft_vocab_size]; then the section 1 rules are checked.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -149,8 +150,9 @@ def offline_cache_mapping(config_path: str, overrides: Sequence[str] = ()):
     for path in _feature_files(data["hidden_states_path"]):
         stat = os.stat(path)
         files.append((os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
-    identity = json.dumps({"kind": "offline-features-v1", "files": files,
-                           "max_length": int(data.get("max_length", 2048))}, sort_keys=True)
+    identity = json.dumps(
+        {"kind": "offline-features-v1", "files": files, "max_length": int(data.get("max_length", 2048))}, sort_keys=True
+    )
     draft = raw["model"]["draft_model_config"]
     if os.path.isdir(draft):
         draft = os.path.join(draft, "config.json")

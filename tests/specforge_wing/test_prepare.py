@@ -4,6 +4,7 @@ SpecForge's side is tests/specforge_wing/specforge_standin.py (written from Spec
 without importing specforge_vocab): if it finds and installs the mapping, SpecForge would.
 Multi-rank runs are in test_prepare_distributed.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,21 +16,32 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import specforge_standin as standin
 import torch
 import yaml
-from conftest import (CONFIG_YAMLS, CONFIGS, DATA, DEEPSEEK_DIR, LLAMA3_CONFIG, LLAMA3_DIR, REPO, masked_examples,
-                      read_jsonl, write_features, write_jsonl)
+from conftest import (
+    CONFIG_YAMLS,
+    CONFIGS,
+    DATA,
+    DEEPSEEK_DIR,
+    LLAMA3_CONFIG,
+    LLAMA3_DIR,
+    REPO,
+    masked_examples,
+    read_jsonl,
+    write_features,
+    write_jsonl,
+)
 
-import specforge_standin as standin
 from specforge_vocab import before_training
+from specforge_vocab.choosing.search import SearchSettings
 from specforge_vocab.cli import training
 from specforge_vocab.cli.flags import settings_from
-from specforge_vocab.specforge import prepare as prepare_module
 from specforge_vocab.cli.main import main
 from specforge_vocab.counting.count import count_tokens
 from specforge_vocab.counting.counts_file import load_counts
 from specforge_vocab.errors import InputError
-from specforge_vocab.choosing.search import SearchSettings
+from specforge_vocab.specforge import prepare as prepare_module
 
 CONVERSATIONS = DATA / "gsm8k_test_sample.jsonl"
 MULTITURN = DATA / "hh_rlhf_multiturn_sample.jsonl"
@@ -175,8 +187,9 @@ def test_every_run_config_hands_specforge_our_mapping(yaml_path, tmp_path, monke
     assert len(added) == 1 and "vocab_mapping_path:" in added[0] and path in added[0]
     assert all("vocab_mapping_path" in line for line in removed) and len(removed) <= 1
     # The draft config: only draft_vocab_size changed.
-    assert draft.read_text(encoding="utf-8") == original_draft.replace(f'"draft_vocab_size": {k_before}',
-                                                                       f'"draft_vocab_size": {k}')
+    assert draft.read_text(encoding="utf-8") == original_draft.replace(
+        f'"draft_vocab_size": {k_before}', f'"draft_vocab_size": {k}'
+    )
     counts, _meta = load_counts(str(Path(path).parent / "token_counts.safetensors"))
     assert np.array_equal(counts, expected)
     if source == "hidden_states_path":
@@ -198,13 +211,19 @@ def test_feature_files_and_prompts_count_like_the_conversations_they_came_from(t
     shutil.copy(CONFIGS / "deepseek-v3-671b-eagle3.json", tmp_path / "draft.json")
     V = standin.draft_sizes(str(tmp_path / "draft.json"))[1]
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"target_model_path": DEEPSEEK_DIR, "draft_model_config": "draft.json"},
-        "data": {"hidden_states_path": "features", "max_length": MAX_LENGTH, "chat_template": "deepseek-v3"},
-    }), encoding="utf-8")
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"target_model_path": DEEPSEEK_DIR, "draft_model_config": "draft.json"},
+                "data": {"hidden_states_path": "features", "max_length": MAX_LENGTH, "chat_template": "deepseek-v3"},
+            }
+        ),
+        encoding="utf-8",
+    )
     # The raw conversations, counted by our own fast path (MaskEngine).
-    expected = count_tokens([str(raw)], DEEPSEEK_DIR, chat_template="deepseek-v3", max_length=MAX_LENGTH,
-                            target_vocab_size=V)
+    expected = count_tokens(
+        [str(raw)], DEEPSEEK_DIR, chat_template="deepseek-v3", max_length=MAX_LENGTH, target_vocab_size=V
+    )
     assert expected.sum() > 1000
 
     features = before_training(str(config), search=FAST_SEARCH)
@@ -213,8 +232,9 @@ def test_feature_files_and_prompts_count_like_the_conversations_they_came_from(t
     assert meta["records_counted"] == str(len(records)) and "offline feature files" in meta["source"]
     assert sum(1 for _ in (tmp_path / "features").rglob("*.ckpt.gz")) == len(records) // 2
 
-    prompts = before_training(str(config), overrides=["data.hidden_states_path=", "data.prompts_path=prompts.jsonl"],
-                              search=FAST_SEARCH)
+    prompts = before_training(
+        str(config), overrides=["data.hidden_states_path=", "data.prompts_path=prompts.jsonl"], search=FAST_SEARCH
+    )
     counts, meta = load_counts(os.path.join(prompts.output_dir, "token_counts.safetensors"))
     assert np.array_equal(counts, expected) and prompts.output_dir != features.output_dir
     assert prompts.k == features.k  # same counts, same search: same choice
@@ -222,11 +242,13 @@ def test_feature_files_and_prompts_count_like_the_conversations_they_came_from(t
 
 def test_prompts_file_of_raw_conversations_is_counted_like_train_data(tmp_path, monkeypatch, llama_run):
     shutil.copy(CONVERSATIONS, llama_run / "data" / "prompts.jsonl")
-    result = before_training("run.yaml", overrides=["data.train_data_path=", "data.prompts_path=data/prompts.jsonl"],
-                             search=FAST_SEARCH)
+    result = before_training(
+        "run.yaml", overrides=["data.train_data_path=", "data.prompts_path=data/prompts.jsonl"], search=FAST_SEARCH
+    )
     counts, _ = load_counts(os.path.join(result.output_dir, "token_counts.safetensors"))
-    assert np.array_equal(counts, count_tokens([str(CONVERSATIONS)], LLAMA3_DIR, chat_template="llama3",
-                                               max_length=MAX_LENGTH))
+    assert np.array_equal(
+        counts, count_tokens([str(CONVERSATIONS)], LLAMA3_DIR, chat_template="llama3", max_length=MAX_LENGTH)
+    )
 
 
 def test_bad_feature_file_is_named(tmp_path, monkeypatch):
@@ -234,8 +256,14 @@ def test_bad_feature_file_is_named(tmp_path, monkeypatch):
     shutil.copy(LLAMA3_CONFIG, tmp_path / "draft.json")
     write_features(tmp_path / "features", [([1, 2, 3], [0, 1, 1]), ([5, 128256, 7], [1, 1, 1])])
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"model": {"target_model_path": LLAMA3_DIR, "draft_model_config": "draft.json"},
-                                      "data": {"hidden_states_path": "features"}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"target_model_path": LLAMA3_DIR, "draft_model_config": "draft.json"},
+                "data": {"hidden_states_path": "features"},
+            }
+        )
+    )
     with pytest.raises(InputError, match=r"data_1\.ckpt\.gz holds the token id 128256, outside the target vocabulary"):
         before_training(str(config), search=FAST_SEARCH)
 
@@ -248,9 +276,9 @@ def test_second_prepare_with_unchanged_inputs_counts_nothing(llama_run, monkeypa
     assert first.action == "count" and not first.reused
     out = Path(first.output_dir)
     assert out.parent == llama_run / "cache" / "vocab_optimization"
-    watched = [out / name for name in ("vocab_mapping.pt", "token_counts.safetensors", "summary.json",
-                                       "fingerprint.json")] + [llama_run / "configs" / "draft.json",
-                                                               llama_run / "run.yaml"]
+    watched = [
+        out / name for name in ("vocab_mapping.pt", "token_counts.safetensors", "summary.json", "fingerprint.json")
+    ] + [llama_run / "configs" / "draft.json", llama_run / "run.yaml"]
     before = snapshot(*watched)
     from specforge_vocab.counting import cache
     from specforge_vocab.counting import count as counting
@@ -286,7 +314,10 @@ def test_each_fingerprinted_input_triggers_recomputing(llama_run, monkeypatch):
         result = before_training("run.yaml", search=search, **kw)
         assert result.action == expected_action, result.reason
         assert (counted.calls - calls[0], searched.calls - calls[1]) == {
-            "count": (1, 1), "search": (0, 1), "reuse": (0, 0)}[expected_action]
+            "count": (1, 1),
+            "search": (0, 1),
+            "reuse": (0, 0),
+        }[expected_action]
         standin.run_config_mapping("run.yaml")  # SpecForge loads whatever was written last
         return result, load_counts(os.path.join(result.output_dir, "token_counts.safetensors"))[0]
 
@@ -349,9 +380,24 @@ def test_output_config_leaves_the_run_config_alone(llama_run):
 # ---------------------------------------------------------------- older SpecForge: train_eagle3 flags
 
 
-TRAIN_FLAGS = ["--target-model-path", LLAMA3_DIR, "--draft-model-config", "configs/draft.json",
-               "--train-data-path", "data/train.jsonl", "--max-length", str(MAX_LENGTH), "--chat-template", "llama3",
-               "--num-epochs", "2", "--learning-rate", "1e-4", "--output-dir", "outputs/eagle3"]
+TRAIN_FLAGS = [
+    "--target-model-path",
+    LLAMA3_DIR,
+    "--draft-model-config",
+    "configs/draft.json",
+    "--train-data-path",
+    "data/train.jsonl",
+    "--max-length",
+    str(MAX_LENGTH),
+    "--chat-template",
+    "llama3",
+    "--num-epochs",
+    "2",
+    "--learning-rate",
+    "1e-4",
+    "--output-dir",
+    "outputs/eagle3",
+]
 
 
 def test_pre_step_writes_the_mapping_at_both_md5_cache_paths(llama_run):
@@ -378,7 +424,9 @@ def test_resume_and_ckpt_dir_keep_the_checkpoints_draft_vocab_size(llama_run):
     standin.train_eagle3_mapping([*TRAIN_FLAGS, "--resume"])
     ckpt = llama_run / "ckpt"
     ckpt.mkdir()
-    (ckpt / "config.json").write_text(original.decode().replace('"draft_vocab_size": 32000', '"draft_vocab_size": 4096'))
+    (ckpt / "config.json").write_text(
+        original.decode().replace('"draft_vocab_size": 32000', '"draft_vocab_size": 4096')
+    )
     flags = [*TRAIN_FLAGS, "--ckpt-dir", "ckpt"]
     result = before_training(train_eagle3_args=flags, search=FAST_SEARCH)
     assert result.k == 4096 and result.draft_config == str(ckpt / "config.json")
@@ -394,22 +442,38 @@ def fake_specforge(tmp_path: Path, exit_code: int = 0) -> Path:
     script.write_text(
         "import json, os, sys\n"
         "json.dump({'argv': sys.argv[1:], 'cwd': os.getcwd()}, open(os.environ['FAKE_RECORD'], 'w'))\n"
-        f"sys.exit({exit_code})\n")
+        f"sys.exit({exit_code})\n"
+    )
     return script
 
 
 def run_script(args, cwd, **env):
     environment = dict(os.environ, **env)
     environment.pop("PYTHONPATH", None)
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "train_eagle3.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, env=environment, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train_eagle3.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
 
 
 def test_script_runs_the_pre_step_then_hands_over_with_the_same_flags(llama_run):
     fake = fake_specforge(llama_run, exit_code=7)
     record = llama_run / "argv.json"
-    ours_mixed_in = [TRAIN_FLAGS[0], TRAIN_FLAGS[1], "--vocab-n-calls", "8", *TRAIN_FLAGS[2:6],
-                     f"--specforge-script={fake}", "--vocab-max-vocab-size", "3000", *TRAIN_FLAGS[6:]]
+    ours_mixed_in = [
+        TRAIN_FLAGS[0],
+        TRAIN_FLAGS[1],
+        "--vocab-n-calls",
+        "8",
+        *TRAIN_FLAGS[2:6],
+        f"--specforge-script={fake}",
+        "--vocab-max-vocab-size",
+        "3000",
+        *TRAIN_FLAGS[6:],
+    ]
     done = run_script(ours_mixed_in, llama_run, FAKE_RECORD=str(record))
     assert done.returncode == 7, done.stderr  # SpecForge's exit status is the script's
     handed = json.loads(record.read_text())
@@ -429,13 +493,32 @@ def test_script_without_specforge_says_how_to_point_at_it(llama_run):
 
 def test_split_handover_flags_keeps_order_and_values():
     own, rest = training.split_handover_flags(
-        ["--a", "1", "--vocab-n-calls", "5", "--specforge-script=x.py", "--b", "--keep-draft-vocab-size",
-         "--vocab-search", "exact", "--c=3"])
-    assert own == ["--vocab-n-calls", "5", "--specforge-script=x.py", "--keep-draft-vocab-size", "--vocab-search",
-                   "exact"]
+        [
+            "--a",
+            "1",
+            "--vocab-n-calls",
+            "5",
+            "--specforge-script=x.py",
+            "--b",
+            "--keep-draft-vocab-size",
+            "--vocab-search",
+            "exact",
+            "--c=3",
+        ]
+    )
+    assert own == [
+        "--vocab-n-calls",
+        "5",
+        "--specforge-script=x.py",
+        "--keep-draft-vocab-size",
+        "--vocab-search",
+        "exact",
+    ]
     assert rest == ["--a", "1", "--b", "--c=3"]
     args = training.handover_parser().parse_args(own)
-    assert settings_from(SearchSettings, args).n_calls == 5 and args.search == "exact" and args.specforge_script == "x.py"
+    assert (
+        settings_from(SearchSettings, args).n_calls == 5 and args.search == "exact" and args.specforge_script == "x.py"
+    )
 
 
 # ---------------------------------------------------------------- clear errors
@@ -476,8 +559,9 @@ def test_pre_step_skips_malformed_lines_as_train_eagle3_does(llama_run):
     result = before_training(train_eagle3_args=TRAIN_FLAGS, search=FAST_SEARCH)
     counts, meta = load_counts(os.path.join(result.output_dir, "token_counts.safetensors"))
     assert meta["records_invalid_skipped"] == "1"
-    assert np.array_equal(counts, count_tokens(["data/clean.jsonl"], LLAMA3_DIR, chat_template="llama3",
-                                               max_length=MAX_LENGTH))
+    assert np.array_equal(
+        counts, count_tokens(["data/clean.jsonl"], LLAMA3_DIR, chat_template="llama3", max_length=MAX_LENGTH)
+    )
     # Newer SpecForge refuses such a file, and so does prepare.
     with pytest.raises(InputError, match="train.jsonl, line 6: malformed JSON"):
         before_training("run.yaml", search=FAST_SEARCH)

@@ -7,6 +7,7 @@
 * scripts/train_eagle3.py under torchrun hands over to a SpecForge script that starts its own
   process group afterwards (the pre-step's group must not get in its way).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,10 +17,19 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import DATA, LLAMA3_CONFIG, LLAMA3_DIR, REPO, child_env, masked_examples, read_jsonl, write_features, write_jsonl
-
 import specforge_standin as standin
+import yaml
+from conftest import (
+    DATA,
+    LLAMA3_CONFIG,
+    LLAMA3_DIR,
+    REPO,
+    child_env,
+    masked_examples,
+    read_jsonl,
+    write_features,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on CPU")
 
@@ -51,8 +61,13 @@ if "WORLD_SIZE" in os.environ:
 json.dump(out, open(f"result-{rank}.json", "w"))
 """
 
-OUTPUTS = ("vocab_mapping.pt", "vocab_mapping.safetensors", "token_counts.safetensors", "summary.json",
-           "full_results.json")
+OUTPUTS = (
+    "vocab_mapping.pt",
+    "vocab_mapping.safetensors",
+    "token_counts.safetensors",
+    "summary.json",
+    "full_results.json",
+)
 
 
 def torchrun(args, cwd, *, log_dir=None, timeout=240):
@@ -87,9 +102,15 @@ def workspace(tmp_path):
     (tmp_path / "prompts_bad.jsonl").write_text("\n".join(prompts) + "\n")
 
     def config(name, draft, **data):
-        (tmp_path / name).write_text(yaml.safe_dump({
-            "model": {"target_model_path": LLAMA3_DIR, "draft_model_config": draft},
-            "data": {"max_length": MAX_LENGTH, "chat_template": "llama3", **data}}), encoding="utf-8")
+        (tmp_path / name).write_text(
+            yaml.safe_dump(
+                {
+                    "model": {"target_model_path": LLAMA3_DIR, "draft_model_config": draft},
+                    "data": {"max_length": MAX_LENGTH, "chat_template": "llama3", **data},
+                }
+            ),
+            encoding="utf-8",
+        )
 
     config("run.yaml", "draft.json", train_data_path="train.jsonl")
     config("features.yaml", "draft_features.json", hidden_states_path="features")
@@ -110,19 +131,29 @@ def safetensors_content(path: Path):
 
 def outputs_of(result):
     folder = Path(result["mapping"]).parent
-    return {name: safetensors_content(folder / name) if name.endswith(".safetensors") else (folder / name).read_bytes()
-            for name in OUTPUTS}
+    return {
+        name: safetensors_content(folder / name) if name.endswith(".safetensors") else (folder / name).read_bytes()
+        for name in OUTPUTS
+    }
 
 
 def test_two_ranks_write_what_one_process_writes_and_fail_together(workspace, monkeypatch):
     monkeypatch.chdir(workspace)  # relative paths in the configs start here, as in SpecForge
-    scenarios = [["raw", {"run_config": "run.yaml", "force": True}],
-                 ["features", {"run_config": "features.yaml", "force": True}],
-                 ["prompts_bad", {"run_config": "prompts_bad.yaml"}],
-                 ["raw_bad", {"run_config": "raw_bad.yaml"}]]
+    scenarios = [
+        ["raw", {"run_config": "run.yaml", "force": True}],
+        ["features", {"run_config": "features.yaml", "force": True}],
+        ["prompts_bad", {"run_config": "prompts_bad.yaml"}],
+        ["raw_bad", {"run_config": "raw_bad.yaml"}],
+    ]
     env = child_env()
-    single = subprocess.run([sys.executable, "driver.py", json.dumps(scenarios)], cwd=workspace, env=env,
-                            capture_output=True, text=True, timeout=240)
+    single = subprocess.run(
+        [sys.executable, "driver.py", json.dumps(scenarios)],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert single.returncode == 0, single.stderr
     alone = json.loads((workspace / "result-0.json").read_text())
     expected = {name: outputs_of(alone[name]) for name in ("raw", "features")}
@@ -142,8 +173,10 @@ def test_two_ranks_write_what_one_process_writes_and_fail_together(workspace, mo
     _, d2t, _ = standin.run_config_mapping("run.yaml")
     assert d2t.numel() == ranks[0]["raw"]["k"]
     # A bad line: every rank raised InputError with one and the same message, naming file and line.
-    for name, expected_text in (("prompts_bad", "prompts_bad.jsonl, line 5, field 'loss_mask[1]' must be 0 or 1"),
-                                ("raw_bad", "bad.jsonl, line 7: malformed JSON")):
+    for name, expected_text in (
+        ("prompts_bad", "prompts_bad.jsonl, line 5, field 'loss_mask[1]' must be 0 or 1"),
+        ("raw_bad", "bad.jsonl, line 7: malformed JSON"),
+    ):
         errors = [ranks[r][name] for r in (0, 1)]
         assert errors[0] == errors[1] == alone[name]
         assert errors[0]["type"] == "InputError" and expected_text in errors[0]["error"]
@@ -153,8 +186,11 @@ def test_two_ranks_write_what_one_process_writes_and_fail_together(workspace, mo
 
 def test_cli_exits_on_every_rank_with_the_same_message(workspace):
     log_dir = workspace / "logs"
-    done = torchrun(["-m", "specforge_vocab.cli", "prepare", "--config", "raw_bad.yaml", "--n-calls", "8"],
-                    workspace, log_dir=log_dir)
+    done = torchrun(
+        ["-m", "specforge_vocab.cli", "prepare", "--config", "raw_bad.yaml", "--n-calls", "8"],
+        workspace,
+        log_dir=log_dir,
+    )
     assert done.returncode != 0
     logs = rank_logs(log_dir)
     assert sorted(logs) == [0, 1]
@@ -178,10 +214,31 @@ def test_script_under_torchrun_hands_over_on_every_rank(workspace, monkeypatch):
     fake = workspace / "SpecForge" / "scripts" / "train_eagle3.py"
     fake.parent.mkdir(parents=True)
     fake.write_text(FAKE_SPECFORGE)
-    flags = ["--target-model-path", LLAMA3_DIR, "--draft-model-config", "draft.json", "--train-data-path",
-             "train.jsonl", "--max-length", str(MAX_LENGTH), "--num-epochs", "1"]
-    done = torchrun([str(REPO / "scripts" / "train_eagle3.py"), "--specforge-script", str(fake), "--vocab-n-calls",
-                     "8", "--vocab-max-vocab-size", "3000", *flags], workspace)
+    flags = [
+        "--target-model-path",
+        LLAMA3_DIR,
+        "--draft-model-config",
+        "draft.json",
+        "--train-data-path",
+        "train.jsonl",
+        "--max-length",
+        str(MAX_LENGTH),
+        "--num-epochs",
+        "1",
+    ]
+    done = torchrun(
+        [
+            str(REPO / "scripts" / "train_eagle3.py"),
+            "--specforge-script",
+            str(fake),
+            "--vocab-n-calls",
+            "8",
+            "--vocab-max-vocab-size",
+            "3000",
+            *flags,
+        ],
+        workspace,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     handed = [json.loads((workspace / f"handed-{r}.json").read_text()) for r in (0, 1)]
     assert handed[0] == handed[1] == {"argv": flags, "sum": 3.0}

@@ -1,5 +1,6 @@
 """The host side: run configs, the YAML edit, train_eagle3 flags and cache
 keys, the SpecForge stand-in, and the pre-tokenized / offline readers."""
+
 from __future__ import annotations
 
 import gzip
@@ -13,26 +14,52 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import specforge_standin as standin
 import torch
 import yaml
 from conftest import CONFIG_YAMLS, CONFIGS, LLAMA3_DIR, REPO, SHARED, hf_tokenizer, write_jsonl, write_text
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import specforge_standin as standin
-from specforge_vocab.specforge.data_files import RawConversationsFile, count_masked_ids, iter_feature_files, iter_prompt_records, list_feature_files, prompts_file_kind
+from specforge_vocab.errors import InputError
+from specforge_vocab.specforge.data_files import (
+    RawConversationsFile,
+    count_masked_ids,
+    iter_feature_files,
+    iter_prompt_records,
+    list_feature_files,
+    prompts_file_kind,
+)
 from specforge_vocab.specforge.run_config import DATA_SOURCES, load_run_config, read_run_config
-from specforge_vocab.specforge.train_eagle3 import cache_mapping_paths, draft_config_path_from_args, find_specforge_train_script, md5_cache_key, offline_cache_mapping_path, offline_dataset_identity, parse_train_eagle3_args, sha256_cache_key
+from specforge_vocab.specforge.train_eagle3 import (
+    cache_mapping_paths,
+    draft_config_path_from_args,
+    find_specforge_train_script,
+    md5_cache_key,
+    offline_cache_mapping_path,
+    offline_dataset_identity,
+    parse_train_eagle3_args,
+    sha256_cache_key,
+)
 from specforge_vocab.specforge.yaml_patch import patch_vocab_mapping_text, set_vocab_mapping_path
 from specforge_vocab.writing.draft_config import read_draft_vocab_sizes
-from specforge_vocab.errors import InputError
-
 
 # ---------------------------------------------------------------- helpers
 
+
 def draft_json(path: Path, k: int, vocab: int) -> Path:
-    return write_text(path, json.dumps({"architectures": ["LlamaForCausalLMEagle3"], "hidden_size": 64,
-                                        "vocab_size": vocab, "draft_vocab_size": k}, indent=2))
+    return write_text(
+        path,
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLMEagle3"],
+                "hidden_size": 64,
+                "vocab_size": vocab,
+                "draft_vocab_size": k,
+            },
+            indent=2,
+        ),
+    )
 
 
 def valid_mapping(k: int, vocab: int, seed: int = 0):
@@ -66,6 +93,7 @@ training:
 
 # ---------------------------------------------------------------- run config
 
+
 @pytest.mark.parametrize("path", CONFIG_YAMLS, ids=lambda p: p.name)
 def test_every_config_yaml_loads_and_points_at_a_draft_config(path):
     run = read_run_config(str(path), cwd=str(REPO))
@@ -98,10 +126,12 @@ def test_every_config_yaml_hands_a_mapping_to_the_standin(path, tmp_path, monkey
     assert result.path == str(out) and result.changed and result.backup_path is None
     loaded_path, d2t, t2d = standin.run_config_mapping(str(out))
     assert loaded_path == str(mapping) and d2t.shape == (k,) and t2d.shape == (vocab,)
+
     def key_line(line):
         return line.lstrip().startswith("vocab_mapping_path:")
+
     before, after = path.read_text(encoding="utf-8").splitlines(), out.read_text(encoding="utf-8").splitlines()
-    assert [line for line in after if key_line(line)] == [f"  vocab_mapping_path: \"{mapping}\""]
+    assert [line for line in after if key_line(line)] == [f'  vocab_mapping_path: "{mapping}"']
     assert [line for line in before if not key_line(line)] == [line for line in after if not key_line(line)]
 
 
@@ -116,11 +146,18 @@ def test_defaults_match_specforge(tmp_path):
 
 def test_overrides_are_typed_like_specforge(tmp_path):
     path = write_text(tmp_path / "run.yaml", RUN_YAML)
-    raw = load_run_config(str(path), [
-        "data.max_length=8192", "data.is_preformatted=true", "data.chat_template=1.0",
-        "model.aux_hidden_state_layer_ids=[1, 29, 57]", "training.learning_rate=1e-4",
-        "output_dir=./out", "tracking.report_to=none",
-    ])
+    raw = load_run_config(
+        str(path),
+        [
+            "data.max_length=8192",
+            "data.is_preformatted=true",
+            "data.chat_template=1.0",
+            "model.aux_hidden_state_layer_ids=[1, 29, 57]",
+            "training.learning_rate=1e-4",
+            "output_dir=./out",
+            "tracking.report_to=none",
+        ],
+    )
     assert raw["data"]["max_length"] == 8192 and raw["data"]["is_preformatted"] is True
     assert raw["data"]["chat_template"] == "1.0"  # string fields keep the text, as in SpecForge
     assert raw["model"]["aux_hidden_state_layer_ids"] == [1, 29, 57]
@@ -131,13 +168,16 @@ def test_overrides_are_typed_like_specforge(tmp_path):
     assert (run.data_source, run.data_path, run.max_length) == ("prompts_path", "p.jsonl", 512)
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("data.max_lenght=3", "data.max_length"),
-    ("data.max_length", "section.field=value"),
-    ("model.target_model_path.x=1", "not a section"),
-    ("nosuch.field=1", "does not exist"),
-    ("model.aux_hidden_state_layer_ids=[1,", "invalid structured value"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("data.max_lenght=3", "data.max_length"),
+        ("data.max_length", "section.field=value"),
+        ("model.target_model_path.x=1", "not a section"),
+        ("nosuch.field=1", "does not exist"),
+        ("model.aux_hidden_state_layer_ids=[1,", "invalid structured value"),
+    ],
+)
 def test_bad_overrides_are_named(tmp_path, override, fragment):
     path = write_text(tmp_path / "run.yaml", RUN_YAML)
     with pytest.raises(InputError, match="--set") as info:
@@ -145,15 +185,18 @@ def test_bad_overrides_are_named(tmp_path, override, fragment):
     assert fragment in str(info.value)
 
 
-@pytest.mark.parametrize("data, fragment", [
-    ("  max_length: 10\n", "sets none of them"),
-    ("  train_data_path: a\n  hidden_states_path: b\n", "data.train_data_path, data.hidden_states_path"),
-    ("  train_data_path: a\n  max_length: -1\n", "data.max_length' must be a positive integer"),
-    ("  train_data_path: a\n  max_length: lots\n", "data.max_length' must be a positive integer"),
-    ("  train_data_path: a\n  max_length: true\n", "data.max_length' must be a positive integer"),
-    ("  train_data_path: a\n  is_preformatted: maybe\n", "data.is_preformatted' must be true or false"),
-    ("  train_data_path: [a]\n", "data.train_data_path' must be a string"),
-])
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        ("  max_length: 10\n", "sets none of them"),
+        ("  train_data_path: a\n  hidden_states_path: b\n", "data.train_data_path, data.hidden_states_path"),
+        ("  train_data_path: a\n  max_length: -1\n", "data.max_length' must be a positive integer"),
+        ("  train_data_path: a\n  max_length: lots\n", "data.max_length' must be a positive integer"),
+        ("  train_data_path: a\n  max_length: true\n", "data.max_length' must be a positive integer"),
+        ("  train_data_path: a\n  is_preformatted: maybe\n", "data.is_preformatted' must be true or false"),
+        ("  train_data_path: [a]\n", "data.train_data_path' must be a string"),
+    ],
+)
 def test_bad_data_sections_are_named(tmp_path, data, fragment):
     path = write_text(tmp_path / "run.yaml", "model:\n  target_model_path: m\ndata:\n" + data)
     with pytest.raises(InputError) as info:
@@ -161,13 +204,16 @@ def test_bad_data_sections_are_named(tmp_path, data, fragment):
     assert fragment in str(info.value) and str(path) in str(info.value)
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("model:\n  a: b: c\n", "line 2: the run config is not valid YAML"),
-    ("- a\n- b\n", "must hold a mapping"),
-    ("model: 3\ndata: {}\n", "'model' must be a mapping"),
-    ("data:\n  train_data_path: a\n", "no 'model' section"),
-    ("model:\n  draft_model_config: d.json\ndata:\n  train_data_path: a\n", "model.target_model_path"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("model:\n  a: b: c\n", "line 2: the run config is not valid YAML"),
+        ("- a\n- b\n", "must hold a mapping"),
+        ("model: 3\ndata: {}\n", "'model' must be a mapping"),
+        ("data:\n  train_data_path: a\n", "no 'model' section"),
+        ("model:\n  draft_model_config: d.json\ndata:\n  train_data_path: a\n", "model.target_model_path"),
+    ],
+)
 def test_bad_run_configs_are_named(tmp_path, text, fragment):
     path = write_text(tmp_path / "run.yaml", text)
     with pytest.raises(InputError) as info:
@@ -176,8 +222,10 @@ def test_bad_run_configs_are_named(tmp_path, text, fragment):
 
 
 def test_fields_specforge_does_not_know_are_reported(tmp_path, caplog):
-    path = write_text(tmp_path / "run.yaml", "model:\n  target_model_path: m\n  vocab_map: x\n  sglang_tp: 2\n"
-                                             "data:\n  train_data_path: t\n")
+    path = write_text(
+        tmp_path / "run.yaml",
+        "model:\n  target_model_path: m\n  vocab_map: x\n  sglang_tp: 2\ndata:\n  train_data_path: t\n",
+    )
     with caplog.at_level("WARNING", logger="specforge_vocab.specforge.run_config"):
         read_run_config(str(path))
     assert "model.vocab_map" in caplog.text and "sglang_tp" not in caplog.text
@@ -187,7 +235,10 @@ def test_byte_order_mark_and_document_markers():
     text = "\ufeff---\nmodel:\n  target_model_path: m\n...\n"
     out = patch_vocab_mapping_text(text, "/m/v.pt")
     assert out == "\ufeff---\nmodel:\n  target_model_path: m\n  vocab_mapping_path: /m/v.pt\n...\n"
-    assert patch_vocab_mapping_text("\ufeffmodel:\n  a: 1\n", "v.pt") == "\ufeffmodel:\n  a: 1\n  vocab_mapping_path: v.pt\n"
+    assert (
+        patch_vocab_mapping_text("\ufeffmodel:\n  a: 1\n", "v.pt")
+        == "\ufeffmodel:\n  a: 1\n  vocab_mapping_path: v.pt\n"
+    )
 
 
 def test_missing_run_config(tmp_path):
@@ -196,8 +247,10 @@ def test_missing_run_config(tmp_path):
 
 
 def test_json_run_config_is_read_as_json(tmp_path):
-    path = write_text(tmp_path / "run.json", json.dumps({"model": {"target_model_path": "m"},
-                                                         "data": {"hidden_states_path": "feat", "max_length": 64}}))
+    path = write_text(
+        tmp_path / "run.json",
+        json.dumps({"model": {"target_model_path": "m"}, "data": {"hidden_states_path": "feat", "max_length": 64}}),
+    )
     run = read_run_config(str(path))
     assert (run.data_source, run.max_length) == ("hidden_states_path", 64)
     bad = write_text(tmp_path / "run.cfg", "model:\n  target_model_path: m\n")
@@ -208,9 +261,11 @@ def test_json_run_config_is_read_as_json(tmp_path):
 def test_relative_paths_resolve_from_the_working_directory_not_the_yaml_folder(tmp_path, monkeypatch):
     """SpecForge passes config paths to os.path as written, so they start at the CWD."""
     draft_json(tmp_path / "configs" / "d.json", 8, 100)
-    path = write_text(tmp_path / "runs" / "run.yaml",
-                      "model:\n  target_model_path: m\n  draft_model_config: configs/d.json\n"
-                      "  vocab_mapping_path: maps/v.pt\ndata:\n  prompts_path: data/p.jsonl\n  cache_dir: c\n")
+    path = write_text(
+        tmp_path / "runs" / "run.yaml",
+        "model:\n  target_model_path: m\n  draft_model_config: configs/d.json\n"
+        "  vocab_mapping_path: maps/v.pt\ndata:\n  prompts_path: data/p.jsonl\n  cache_dir: c\n",
+    )
     monkeypatch.chdir(tmp_path)
     run = read_run_config("runs/run.yaml")
     assert run.draft_config_file() == str(tmp_path / "configs" / "d.json")
@@ -225,10 +280,14 @@ def test_draft_config_sources(tmp_path):
     draft_json(tmp_path / "ckpt" / "config.json", 8, 100)
     (tmp_path / "empty").mkdir()
     base = "model:\n  target_model_path: m\n  draft_model_config: {}\ndata:\n  train_data_path: t\n"
+
     def run_for(source):
         return read_run_config(str(write_text(tmp_path / "run.yaml", base.format(source))), cwd=str(tmp_path))
+
     assert run_for("ckpt").draft_config_file() == str(tmp_path / "ckpt" / "config.json")
-    assert run_for("file://" + str(tmp_path / "ckpt" / "config.json")).draft_config_file() == str(tmp_path / "ckpt" / "config.json")
+    assert run_for("file://" + str(tmp_path / "ckpt" / "config.json")).draft_config_file() == str(
+        tmp_path / "ckpt" / "config.json"
+    )
     with pytest.raises(InputError, match="no config.json"):
         run_for("empty").draft_config_file()
     with pytest.raises(InputError, match="Hugging Face Hub"):
@@ -241,24 +300,30 @@ def test_draft_config_sources(tmp_path):
 
 # ---------------------------------------------------------------- YAML edit
 
+
 def test_existing_value_is_replaced_and_every_other_byte_kept(tmp_path):
     path = write_text(tmp_path / "run.yaml", RUN_YAML)
     result = set_vocab_mapping_path(str(path), "/maps/new.pt")
     assert result.changed and result.backup_path == str(path) + ".bak"
     assert Path(result.backup_path).read_bytes() == RUN_YAML.encode()
-    expected = RUN_YAML.replace('  vocab_mapping_path: "./cache/old.pt"  # keep this comment',
-                                '  vocab_mapping_path: "/maps/new.pt"  # keep this comment')
+    expected = RUN_YAML.replace(
+        '  vocab_mapping_path: "./cache/old.pt"  # keep this comment',
+        '  vocab_mapping_path: "/maps/new.pt"  # keep this comment',
+    )
     assert expected != RUN_YAML and path.read_text(encoding="utf-8") == expected
 
 
-@pytest.mark.parametrize("line, new_line", [
-    ("  vocab_mapping_path: ./old.pt", "  vocab_mapping_path: /m/v.pt"),
-    ("  vocab_mapping_path: './old.pt'   # c", "  vocab_mapping_path: '/m/v.pt'   # c"),
-    ('  vocab_mapping_path: ""', '  vocab_mapping_path: "/m/v.pt"'),
-    ("  vocab_mapping_path:", "  vocab_mapping_path: /m/v.pt"),
-    ("  vocab_mapping_path:  # set by prepare", "  vocab_mapping_path: /m/v.pt  # set by prepare"),
-    ('  "vocab_mapping_path" : x', '  "vocab_mapping_path" : /m/v.pt'),
-])
+@pytest.mark.parametrize(
+    "line, new_line",
+    [
+        ("  vocab_mapping_path: ./old.pt", "  vocab_mapping_path: /m/v.pt"),
+        ("  vocab_mapping_path: './old.pt'   # c", "  vocab_mapping_path: '/m/v.pt'   # c"),
+        ('  vocab_mapping_path: ""', '  vocab_mapping_path: "/m/v.pt"'),
+        ("  vocab_mapping_path:", "  vocab_mapping_path: /m/v.pt"),
+        ("  vocab_mapping_path:  # set by prepare", "  vocab_mapping_path: /m/v.pt  # set by prepare"),
+        ('  "vocab_mapping_path" : x', '  "vocab_mapping_path" : /m/v.pt'),
+    ],
+)
 def test_value_styles(line, new_line):
     text = f"model:\n  target_model_path: m\n{line}\n  torch_dtype: bfloat16\ndata:\n  train_data_path: t\n"
     assert patch_vocab_mapping_text(text, "/m/v.pt") == text.replace(line, new_line)
@@ -266,8 +331,15 @@ def test_value_styles(line, new_line):
 
 def test_missing_key_is_inserted_with_the_section_indentation():
     lines = [
-        "# run\n", "model:\n", "    target_model_path: m   # four-space indent\n", "    draft_model_config: d.json\n",
-        "    # trailing comment of the section\n", "\n", "# data\n", "data:\n", "    train_data_path: t\n",
+        "# run\n",
+        "model:\n",
+        "    target_model_path: m   # four-space indent\n",
+        "    draft_model_config: d.json\n",
+        "    # trailing comment of the section\n",
+        "\n",
+        "# data\n",
+        "data:\n",
+        "    train_data_path: t\n",
     ]
     out = patch_vocab_mapping_text("".join(lines), "/m/v.pt")
     assert out == "".join(lines[:4] + ["    vocab_mapping_path: /m/v.pt\n"] + lines[4:])
@@ -276,7 +348,9 @@ def test_missing_key_is_inserted_with_the_section_indentation():
 def test_insertion_follows_double_quoting_crlf_and_a_missing_final_newline():
     text = 'model:\r\n  target_model_path: "m"\r\n  draft_model_config: "d.json"'
     out = patch_vocab_mapping_text(text, "/m/v.pt")
-    assert out == 'model:\r\n  target_model_path: "m"\r\n  draft_model_config: "d.json"\r\n  vocab_mapping_path: "/m/v.pt"'
+    assert (
+        out == 'model:\r\n  target_model_path: "m"\r\n  draft_model_config: "d.json"\r\n  vocab_mapping_path: "/m/v.pt"'
+    )
 
 
 def test_crlf_file_keeps_its_line_endings():
@@ -286,8 +360,28 @@ def test_crlf_file_keeps_its_line_endings():
     assert yaml.safe_load(out)["model"]["vocab_mapping_path"] == "/m/v.pt"
 
 
-@pytest.mark.parametrize("value", ["true", "null", "123", "a: b", "x #y", "!tag", "- a", "~", "'q'", '"', "é/ü.pt",
-                                   "2024-01-01", " lead", "C:\\maps\\v.pt", "%x", "@x", "a\tb"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "true",
+        "null",
+        "123",
+        "a: b",
+        "x #y",
+        "!tag",
+        "- a",
+        "~",
+        "'q'",
+        '"',
+        "é/ü.pt",
+        "2024-01-01",
+        " lead",
+        "C:\\maps\\v.pt",
+        "%x",
+        "@x",
+        "a\tb",
+    ],
+)
 def test_values_needing_quotes_round_trip(value):
     for style_line in ("  vocab_mapping_path: old", "  vocab_mapping_path: 'old'", '  vocab_mapping_path: "old"'):
         text = f"model:\n  target_model_path: m\n{style_line}\ndata:\n  train_data_path: t\n"
@@ -299,24 +393,38 @@ def test_values_needing_quotes_round_trip(value):
 def test_any_path_round_trips(value):
     text = "model:\n  target_model_path: m  # t\n  vocab_mapping_path: old\n  x: 1\ndata:\n  train_data_path: t\n"
     out = patch_vocab_mapping_text(text, value)
-    assert yaml.safe_load(out) == {"model": {"target_model_path": "m", "vocab_mapping_path": value, "x": 1},
-                                   "data": {"train_data_path": "t"}}
+    assert yaml.safe_load(out) == {
+        "model": {"target_model_path": "m", "vocab_mapping_path": value, "x": 1},
+        "data": {"train_data_path": "t"},
+    }
     assert out.splitlines()[:2] == text.splitlines()[:2] and out.splitlines()[-3:] == text.splitlines()[-3:]
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("model: {target_model_path: m}\ndata: {train_data_path: t}\n", "same line"),
-    ("model:\n  target_model_path: m\n  vocab_mapping_path: &a x\ndata:\n  train_data_path: t\n", "anchor"),
-    ("model:\n  target_model_path: m\n  vocab_mapping_path: |\n    x.pt\ndata:\n  train_data_path: t\n", "more indented"),
-    ("model:\n  target_model_path: m\n  vocab_mapping_path: a\n    b\ndata:\n  train_data_path: t\n", "more indented"),
-    ("model:\n  target_model_path: m\n  vocab_mapping_path: \"a\n    b\"\ndata:\n  train_data_path: t\n", "more indented"),
-    ("model:\n  target_model_path: m\n  vocab_mapping_path: a\n  vocab_mapping_path: b\n", "appears 2 times"),
-    ("model:\n  target_model_path: m\n  vocab_mapping_path: [a]\n", "must be a string"),
-    ("data:\n  train_data_path: t\n", "no block 'model:' section"),
-    ("model:\n  target_model_path: m\nmodel:\n  target_model_path: n\n", "expected exactly one"),
-    ("base: &b\n  target_model_path: m\nmodel: *b\n", "same line"),
-    ("model:\n  target_model_path: m\n  note: |+\n    text\n\ndata:\n  train_data_path: t\n", "re-reading"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("model: {target_model_path: m}\ndata: {train_data_path: t}\n", "same line"),
+        ("model:\n  target_model_path: m\n  vocab_mapping_path: &a x\ndata:\n  train_data_path: t\n", "anchor"),
+        (
+            "model:\n  target_model_path: m\n  vocab_mapping_path: |\n    x.pt\ndata:\n  train_data_path: t\n",
+            "more indented",
+        ),
+        (
+            "model:\n  target_model_path: m\n  vocab_mapping_path: a\n    b\ndata:\n  train_data_path: t\n",
+            "more indented",
+        ),
+        (
+            'model:\n  target_model_path: m\n  vocab_mapping_path: "a\n    b"\ndata:\n  train_data_path: t\n',
+            "more indented",
+        ),
+        ("model:\n  target_model_path: m\n  vocab_mapping_path: a\n  vocab_mapping_path: b\n", "appears 2 times"),
+        ("model:\n  target_model_path: m\n  vocab_mapping_path: [a]\n", "must be a string"),
+        ("data:\n  train_data_path: t\n", "no block 'model:' section"),
+        ("model:\n  target_model_path: m\nmodel:\n  target_model_path: n\n", "expected exactly one"),
+        ("base: &b\n  target_model_path: m\nmodel: *b\n", "same line"),
+        ("model:\n  target_model_path: m\n  note: |+\n    text\n\ndata:\n  train_data_path: t\n", "re-reading"),
+    ],
+)
 def test_odd_layouts_are_refused_and_the_file_is_untouched(tmp_path, text, fragment):
     path = write_text(tmp_path / "run.yaml", text)
     with pytest.raises(InputError) as info:
@@ -355,26 +463,40 @@ def test_json_run_config_is_patched_keeping_key_order(tmp_path):
 
 # ---------------------------------------------------------------- train_eagle3
 
-BASE_FLAGS = ["--target-model-path", "meta-llama/Llama-3.1-8B-Instruct", "--draft-model-config", "configs/d.json",
-              "--train-data-path", "./cache/dataset/sharegpt.jsonl", "--output-dir", "out"]
+BASE_FLAGS = [
+    "--target-model-path",
+    "meta-llama/Llama-3.1-8B-Instruct",
+    "--draft-model-config",
+    "configs/d.json",
+    "--train-data-path",
+    "./cache/dataset/sharegpt.jsonl",
+    "--output-dir",
+    "out",
+]
 
 
 def test_parser_defaults_and_pass_through():
-    args, rest = parse_train_eagle3_args(BASE_FLAGS + ["--learning-rate", "1e-4", "--report-to", "wandb",
-                                                          "--verbose", "--tp-size", "2"])
+    args, rest = parse_train_eagle3_args(
+        BASE_FLAGS + ["--learning-rate", "1e-4", "--report-to", "wandb", "--verbose", "--tp-size", "2"]
+    )
     assert (args.chat_template, args.max_length, args.cache_dir) == ("llama3", 2048, "./cache")
     assert (args.is_preformatted, args.train_only_last_turn, args.vocab_mapping_path) == (False, False, None)
     assert rest == ["--learning-rate", "1e-4", "--report-to", "wandb", "--verbose", "--tp-size", "2"]
-    args, _ = parse_train_eagle3_args(BASE_FLAGS + ["--max-length=4096", "--is-preformatted", "--chat-template", "qwen"])
+    args, _ = parse_train_eagle3_args(
+        BASE_FLAGS + ["--max-length=4096", "--is-preformatted", "--chat-template", "qwen"]
+    )
     assert (args.max_length, args.is_preformatted, args.chat_template) == (4096, True, "qwen")
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (BASE_FLAGS[2:], "--target-model-path"),
-    (BASE_FLAGS + ["--max-len", "4096"], "abbreviation of --max-length"),
-    (BASE_FLAGS + ["--cache-d=/tmp"], "abbreviation of --cache-dir"),
-    (BASE_FLAGS + ["--max-length", "many"], "invalid int value"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (BASE_FLAGS[2:], "--target-model-path"),
+        (BASE_FLAGS + ["--max-len", "4096"], "abbreviation of --max-length"),
+        (BASE_FLAGS + ["--cache-d=/tmp"], "abbreviation of --cache-dir"),
+        (BASE_FLAGS + ["--max-length", "many"], "invalid int value"),
+    ],
+)
 def test_bad_flags_are_named(argv, fragment):
     with pytest.raises(InputError) as info:
         parse_train_eagle3_args(argv)
@@ -383,26 +505,55 @@ def test_bad_flags_are_named(argv, fragment):
 
 def test_md5_keys_equal_hashlib_of_specforges_format_string():
     text = "./cache/dataset/sharegpt.jsonl-2048-llama3-meta-llama/Llama-3.1-8B-Instruct"
-    assert md5_cache_key("./cache/dataset/sharegpt.jsonl", 2048, "llama3", "meta-llama/Llama-3.1-8B-Instruct",
-                            32000, 128256) == hashlib.md5((text + "-32000-128256").encode()).hexdigest()
-    assert md5_cache_key("./cache/dataset/sharegpt.jsonl", 2048, "llama3", "meta-llama/Llama-3.1-8B-Instruct",
-                            32000, 128256, legacy=True) == hashlib.md5(text.encode()).hexdigest()
+    assert (
+        md5_cache_key(
+            "./cache/dataset/sharegpt.jsonl", 2048, "llama3", "meta-llama/Llama-3.1-8B-Instruct", 32000, 128256
+        )
+        == hashlib.md5((text + "-32000-128256").encode()).hexdigest()
+    )
+    assert (
+        md5_cache_key(
+            "./cache/dataset/sharegpt.jsonl",
+            2048,
+            "llama3",
+            "meta-llama/Llama-3.1-8B-Instruct",
+            32000,
+            128256,
+            legacy=True,
+        )
+        == hashlib.md5(text.encode()).hexdigest()
+    )
     # the flag strings are used as typed: "./x" and "x" are different keys
     assert md5_cache_key("x", 1, "t", "m", 2, 3) != md5_cache_key("./x", 1, "t", "m", 2, 3)
 
 
 def test_cache_paths_follow_the_draft_config_and_ckpt_dir(tmp_path):
     draft = draft_json(tmp_path / "d.json", 16000, 128256)
-    args, _ = parse_train_eagle3_args(["--target-model-path", "tm", "--draft-model-config", str(draft),
-                                          "--train-data-path", "t.jsonl", "--cache-dir", "c", "--max-length", "512"])
+    args, _ = parse_train_eagle3_args(
+        [
+            "--target-model-path",
+            "tm",
+            "--draft-model-config",
+            str(draft),
+            "--train-data-path",
+            "t.jsonl",
+            "--cache-dir",
+            "c",
+            "--max-length",
+            "512",
+        ]
+    )
     current, legacy = cache_mapping_paths(args, draft_config_path_from_args(args))
-    assert current == os.path.join("c", "vocab_mapping", hashlib.md5(b"t.jsonl-512-llama3-tm-16000-128256").hexdigest() + ".pt")
+    assert current == os.path.join(
+        "c", "vocab_mapping", hashlib.md5(b"t.jsonl-512-llama3-tm-16000-128256").hexdigest() + ".pt"
+    )
     assert legacy == os.path.join("c", "vocab_mapping", hashlib.md5(b"t.jsonl-512-llama3-tm").hexdigest() + ".pt")
     draft_json(tmp_path / "ckpt" / "config.json", 8000, 128256)
     args.ckpt_dir = str(tmp_path / "ckpt")
     assert draft_config_path_from_args(args) == str(tmp_path / "ckpt" / "config.json")
     assert cache_mapping_paths(args, draft_config_path_from_args(args))[0].endswith(
-        hashlib.md5(b"t.jsonl-512-llama3-tm-8000-128256").hexdigest() + ".pt")
+        hashlib.md5(b"t.jsonl-512-llama3-tm-8000-128256").hexdigest() + ".pt"
+    )
     args.ckpt_dir = str(tmp_path / "nope")
     with pytest.raises(InputError, match="--ckpt-dir"):
         draft_config_path_from_args(args)
@@ -411,11 +562,14 @@ def test_cache_paths_follow_the_draft_config_and_ckpt_dir(tmp_path):
         draft_config_path_from_args(args)
 
 
-@pytest.mark.parametrize("config, fragment", [
-    ({"vocab_size": 100}, "draft_vocab_size"),
-    ({"vocab_size": 100, "draft_vocab_size": 10.0}, "draft_vocab_size"),
-    ({"vocab_size": True, "draft_vocab_size": 10}, "vocab_size"),
-])
+@pytest.mark.parametrize(
+    "config, fragment",
+    [
+        ({"vocab_size": 100}, "draft_vocab_size"),
+        ({"vocab_size": 100, "draft_vocab_size": 10.0}, "draft_vocab_size"),
+        ({"vocab_size": True, "draft_vocab_size": 10}, "vocab_size"),
+    ],
+)
 def test_bad_draft_sizes(config, fragment):
     with pytest.raises(InputError, match=fragment):
         read_draft_vocab_sizes(config)
@@ -425,8 +579,20 @@ def test_bad_draft_sizes(config, fragment):
 def test_standin_train_eagle3_finds_and_installs_the_mapping(tmp_path, monkeypatch, legacy):
     monkeypatch.chdir(tmp_path)
     draft_json(tmp_path / "configs" / "d.json", 300, 5000)
-    argv = ["--target-model-path", "tm", "--draft-model-config", "configs/d.json", "--train-data-path", "data/t.jsonl",
-            "--max-length", "1024", "--output-dir", "o", "--learning-rate", "1e-4"]
+    argv = [
+        "--target-model-path",
+        "tm",
+        "--draft-model-config",
+        "configs/d.json",
+        "--train-data-path",
+        "data/t.jsonl",
+        "--max-length",
+        "1024",
+        "--output-dir",
+        "o",
+        "--learning-rate",
+        "1e-4",
+    ]
     args, _ = parse_train_eagle3_args(argv)
     with pytest.raises(standin.WouldBuildOwnMapping):
         standin.train_eagle3_mapping(argv, legacy=legacy)
@@ -458,14 +624,17 @@ def test_sha256_key_and_offline_identity(tmp_path, monkeypatch):
     for name in ("feat/rows_2-4/data_2.ckpt", "feat/rows_0-2/data_0.ckpt.gz", "feat/rows_0-2/notes.txt"):
         write_text(tmp_path / name, "x" * len(name))
     identity = offline_dataset_identity("feat", 2048)
-    expected_files = [[str(tmp_path / n), os.stat(tmp_path / n).st_size, os.stat(tmp_path / n).st_mtime_ns]
-                      for n in ("feat/rows_0-2/data_0.ckpt.gz", "feat/rows_2-4/data_2.ckpt")]
+    expected_files = [
+        [str(tmp_path / n), os.stat(tmp_path / n).st_size, os.stat(tmp_path / n).st_mtime_ns]
+        for n in ("feat/rows_0-2/data_0.ckpt.gz", "feat/rows_2-4/data_2.ckpt")
+    ]
     assert json.loads(identity) == {"files": expected_files, "kind": "offline-features-v1", "max_length": 2048}
     assert identity.startswith('{"files": [["')  # sorted keys, json.dumps default separators
     path = write_text(tmp_path / "run.yaml", "model:\n  target_model_path: m\ndata:\n  hidden_states_path: feat\n")
     run = read_run_config(str(path))
     assert offline_cache_mapping_path(run, 128256, 32000) == str(
-        tmp_path / "cache" / "vocab_mapping" / (hashlib.sha256(f"{identity}:128256:32000".encode()).hexdigest() + ".pt"))
+        tmp_path / "cache" / "vocab_mapping" / (hashlib.sha256(f"{identity}:128256:32000".encode()).hexdigest() + ".pt")
+    )
 
 
 def test_find_specforge_train_script(tmp_path, monkeypatch):
@@ -489,17 +658,25 @@ def test_find_specforge_train_script(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- readers
 
+
 @pytest.fixture(scope="module")
 def tokenized_records():
     """Real llama3 token ids of small chats, with the assistant part masked in."""
     tokenizer = hf_tokenizer(LLAMA3_DIR)
-    chats = [("What is 2+2?", "2+2 equals 4."), ("Name a prime.", "Seven is prime; so is 11."),
-             ("Write hello in Python.", "print('hello')"), ("Say nothing.", ""),
-             ("Translate 'chat' to English.", "'Chat' means 'cat' in French.")]
+    chats = [
+        ("What is 2+2?", "2+2 equals 4."),
+        ("Name a prime.", "Seven is prime; so is 11."),
+        ("Write hello in Python.", "print('hello')"),
+        ("Say nothing.", ""),
+        ("Translate 'chat' to English.", "'Chat' means 'cat' in French."),
+    ]
     records = []
     for user, reply in chats:
-        prompt = tokenizer.encode(f"<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
-                                  "<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False)
+        prompt = tokenizer.encode(
+            f"<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            add_special_tokens=False,
+        )
         answer = tokenizer.encode(reply + "<|eot_id|>", add_special_tokens=False)
         records.append((prompt + answer, [0] * len(prompt) + [1] * len(answer)))
     return records
@@ -536,21 +713,24 @@ def test_raw_conversations_and_empty_prompt_files(tmp_path):
     assert prompts_file_kind(str(empty)) == "empty" and list(iter_prompt_records(str(empty), 10)) == []
 
 
-@pytest.mark.parametrize("rows, fragment", [
-    ([{"input_ids": [1, 2]}], "line 1 has input_ids but no loss_mask"),
-    ([{"loss_mask": [1, 0]}], "line 1 has loss_mask but no input_ids"),
-    ([{"input_ids": [1], "loss_mask": [1]}, {"input_ids": [1, 2]}], "line 2 has no loss_mask"),
-    ([{"input_ids": [1, 2], "loss_mask": [1]}], "input_ids has 2 entries but loss_mask has 1"),
-    ([{"input_ids": [1, 2.5], "loss_mask": [1, 1]}], "'input_ids[1]' must be an integer, but got 2.5"),
-    ([{"input_ids": [1, True], "loss_mask": [1, 1]}], "'input_ids[1]' must be an integer, but got True"),
-    ([{"input_ids": [1, 2], "loss_mask": [1, 2]}], "'loss_mask[1]' must be 0 or 1, but got 2"),
-    ([{"input_ids": [], "loss_mask": []}], "empty token sequence"),
-    ([{"input_ids": [[1], [2]], "loss_mask": [1, 1]}], "nested or ragged"),
-    ([{"input_ids": "1 2", "loss_mask": [1, 1]}], "must be a list of integers"),
-    ([{"input_ids": [5, 200000], "loss_mask": [1, 1]}], "token id 200000, outside the target vocabulary of 128256"),
-    ([{"input_ids": [-3, 2], "loss_mask": [1, 1]}], "negative token id -3"),
-    ([{"input_ids": [1], "loss_mask": [1]}, [1, 2]], "line 2 must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "rows, fragment",
+    [
+        ([{"input_ids": [1, 2]}], "line 1 has input_ids but no loss_mask"),
+        ([{"loss_mask": [1, 0]}], "line 1 has loss_mask but no input_ids"),
+        ([{"input_ids": [1], "loss_mask": [1]}, {"input_ids": [1, 2]}], "line 2 has no loss_mask"),
+        ([{"input_ids": [1, 2], "loss_mask": [1]}], "input_ids has 2 entries but loss_mask has 1"),
+        ([{"input_ids": [1, 2.5], "loss_mask": [1, 1]}], "'input_ids[1]' must be an integer, but got 2.5"),
+        ([{"input_ids": [1, True], "loss_mask": [1, 1]}], "'input_ids[1]' must be an integer, but got True"),
+        ([{"input_ids": [1, 2], "loss_mask": [1, 2]}], "'loss_mask[1]' must be 0 or 1, but got 2"),
+        ([{"input_ids": [], "loss_mask": []}], "empty token sequence"),
+        ([{"input_ids": [[1], [2]], "loss_mask": [1, 1]}], "nested or ragged"),
+        ([{"input_ids": "1 2", "loss_mask": [1, 1]}], "must be a list of integers"),
+        ([{"input_ids": [5, 200000], "loss_mask": [1, 1]}], "token id 200000, outside the target vocabulary of 128256"),
+        ([{"input_ids": [-3, 2], "loss_mask": [1, 1]}], "negative token id -3"),
+        ([{"input_ids": [1], "loss_mask": [1]}, [1, 2]], "line 2 must be a JSON object"),
+    ],
+)
 def test_bad_prompt_records_are_named(tmp_path, rows, fragment):
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     with pytest.raises(InputError) as info:
@@ -586,8 +766,12 @@ def feature_dir(tmp_path, tokenized_records):
         ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
         if i % 2:
             ids_t, mask_t = ids_t[None], mask_t[None]
-        record = {"input_ids": ids_t, "loss_mask": mask_t, "hidden_state": torch.randn(1, len(ids), 8),
-                  "aux_hidden_state": torch.randn(1, len(ids), 24)}
+        record = {
+            "input_ids": ids_t,
+            "loss_mask": mask_t,
+            "hidden_state": torch.randn(1, len(ids), 8),
+            "aux_hidden_state": torch.randn(1, len(ids), 24),
+        }
         name = f"rows_{i // 2 * 2}-{i // 2 * 2 + 2}/data_{i}.ckpt" + (".gz" if i == 2 else "")
         save_feature(root / name, record, compress=i == 2)
         names.append(name)
@@ -617,17 +801,23 @@ class NotATensor:
     pass
 
 
-@pytest.mark.parametrize("record, fragment", [
-    ({"input_ids": torch.tensor([1, 2])}, "has no loss_mask"),
-    ({"loss_mask": torch.tensor([1, 2])}, "has no input_ids"),
-    ({"input_ids": [1, 2], "loss_mask": torch.tensor([1, 1])}, "'input_ids' must be a tensor"),
-    ({"input_ids": torch.tensor([1.0, 2.0]), "loss_mask": torch.tensor([1, 1])}, "must be an integer tensor"),
-    ({"input_ids": torch.tensor([1, 2, 3]), "loss_mask": torch.tensor([1, 1])}, "input_ids has 3 entries but loss_mask has 2"),
-    ({"input_ids": torch.tensor([1, 128256]), "loss_mask": torch.tensor([1, 1])}, "token id 128256"),
-    ({"input_ids": torch.tensor([-1, 2]), "loss_mask": torch.tensor([1, 0])}, "negative token id -1"),
-    ([torch.tensor([1])], "must hold a dict of tensors"),
-    ({"input_ids": torch.tensor([1]), "loss_mask": torch.tensor([1]), "meta": NotATensor()}, "weights_only=True"),
-])
+@pytest.mark.parametrize(
+    "record, fragment",
+    [
+        ({"input_ids": torch.tensor([1, 2])}, "has no loss_mask"),
+        ({"loss_mask": torch.tensor([1, 2])}, "has no input_ids"),
+        ({"input_ids": [1, 2], "loss_mask": torch.tensor([1, 1])}, "'input_ids' must be a tensor"),
+        ({"input_ids": torch.tensor([1.0, 2.0]), "loss_mask": torch.tensor([1, 1])}, "must be an integer tensor"),
+        (
+            {"input_ids": torch.tensor([1, 2, 3]), "loss_mask": torch.tensor([1, 1])},
+            "input_ids has 3 entries but loss_mask has 2",
+        ),
+        ({"input_ids": torch.tensor([1, 128256]), "loss_mask": torch.tensor([1, 1])}, "token id 128256"),
+        ({"input_ids": torch.tensor([-1, 2]), "loss_mask": torch.tensor([1, 0])}, "negative token id -1"),
+        ([torch.tensor([1])], "must hold a dict of tensors"),
+        ({"input_ids": torch.tensor([1]), "loss_mask": torch.tensor([1]), "meta": NotATensor()}, "weights_only=True"),
+    ],
+)
 def test_bad_feature_files_are_named(tmp_path, record, fragment):
     path = save_feature(tmp_path / "f" / "data_0.ckpt", record)
     with pytest.raises(InputError) as info:
@@ -647,7 +837,9 @@ def test_broken_and_missing_feature_files(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         list_feature_files(str(tmp_path / "nope"))
     # a float loss mask counts where it is non-zero, as in SpecForge's own counter
-    save_feature(tmp_path / "h" / "x.ckpt", {"input_ids": torch.tensor([4, 5, 6]), "loss_mask": torch.tensor([0.0, 1.0, 1.0])})
+    save_feature(
+        tmp_path / "h" / "x.ckpt", {"input_ids": torch.tensor([4, 5, 6]), "loss_mask": torch.tensor([0.0, 1.0, 1.0])}
+    )
     assert next(iter_feature_files(str(tmp_path / "h"), 10)).tolist() == [5, 6]
 
 

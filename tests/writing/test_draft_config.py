@@ -1,4 +1,5 @@
 """Reading draft configs, patching draft_vocab_size byte-exactly, and vocab_size checks."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,13 @@ from pathlib import Path
 import pytest
 from conftest import CONFIGS, SHIPPED_CONFIGS, shipped_config
 
-from specforge_vocab.writing.draft_config import check_vocab_size, patch_draft_vocab_size, patched_text, read_draft_config
 from specforge_vocab.errors import InputError
+from specforge_vocab.writing.draft_config import (
+    check_vocab_size,
+    patch_draft_vocab_size,
+    patched_text,
+    read_draft_config,
+)
 
 VALUE = re.compile(rb'("draft_vocab_size"\s*:\s*)(\d+)')
 
@@ -89,7 +95,9 @@ def test_nested_draft_vocab_size_is_not_touched():
 
 
 def test_tricky_strings_and_numbers_survive():
-    text = '{"a": "x\\"draft_vocab_size\\": 9", "f": 1.50e+3, "u": "\\u00e9", "vocab_size": 100, "draft_vocab_size": null}'
+    text = (
+        '{"a": "x\\"draft_vocab_size\\": 9", "f": 1.50e+3, "u": "\\u00e9", "vocab_size": 100, "draft_vocab_size": null}'
+    )
     out = patched_text(text, 42)
     assert out == text.replace('"draft_vocab_size": null', '"draft_vocab_size": 42')
 

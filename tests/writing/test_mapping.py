@@ -1,4 +1,5 @@
 """d2t/t2d: selection rule, SpecForge parity, section 1 rules, file round trips."""
+
 from __future__ import annotations
 
 import json
@@ -9,11 +10,20 @@ import numpy as np
 import pytest
 import torch
 from conftest import LLAMA3_CONFIG, shared_data_or_skip, shipped_config, zipf_counts
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from specforge_vocab.errors import InputError
-from specforge_vocab.writing.mapping import build_mapping, check_mapping, kept_ids_from_d2t, kept_token_ids, load_mapping, mapping_from_counts, save_mapping, save_mapping_safetensors
-
+from specforge_vocab.writing.mapping import (
+    build_mapping,
+    check_mapping,
+    kept_ids_from_d2t,
+    kept_token_ids,
+    load_mapping,
+    mapping_from_counts,
+    save_mapping,
+    save_mapping_safetensors,
+)
 
 # --------------------------------------------------------------------------- a plain SpecForge builder
 
@@ -293,11 +303,10 @@ def test_gsm8k_llama3_mapping_matches_specforge_builder(llama3_dir, tmp_path):
     """Issue 3 'Must show': the two gsm8k train files, Llama-3 tokenizer, Llama-3-8B draft:
     TPE (seed 42, 100 trials) and exact agree within 0.01% utility, and the mapping at the
     chosen k equals SpecForge's builder bit for bit."""
-    from specforge_vocab.counting import count as counting
-
     from specforge_vocab.choosing.cost import DraftArchitecture
-    from specforge_vocab.writing.draft_config import read_draft_config
     from specforge_vocab.choosing.search import SearchSettings, search
+    from specforge_vocab.counting import count as counting
+    from specforge_vocab.writing.draft_config import read_draft_config
 
     data = shared_data_or_skip()
     files = [str(data / "gsm8k_train_part1.jsonl"), str(data / "gsm8k_train_part2.jsonl")]
@@ -309,4 +318,6 @@ def test_gsm8k_llama3_mapping_matches_specforge_builder(llama3_dir, tmp_path):
     result = search(counts, arch, SearchSettings(n_calls=100, random_state=42))
     assert result.relative_utility_gap <= 1e-4
     k = result.k
-    assert_same_mapping(mapping_from_counts(counts, k), specforge_builder(specforge_counter(counts), k, arch.vocab_size))
+    assert_same_mapping(
+        mapping_from_counts(counts, k), specforge_builder(specforge_counter(counts), k, arch.vocab_size)
+    )

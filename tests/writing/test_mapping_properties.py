@@ -4,6 +4,7 @@ descending, then id), and corrupted mappings are refused.
 
 The counting properties are in tests/counting/test_count_properties.py.
 """
+
 from __future__ import annotations
 
 import io
@@ -37,7 +38,8 @@ def assert_section_1(d2t, t2d, k: int, V: int) -> np.ndarray:
 
 
 count_arrays = st.integers(1, 400).flatmap(
-    lambda V: arrays(np.int64, V, elements=st.one_of(st.just(0), st.integers(0, 5), st.integers(0, 10**12))))
+    lambda V: arrays(np.int64, V, elements=st.one_of(st.just(0), st.integers(0, 5), st.integers(0, 10**12)))
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -71,8 +73,9 @@ def test_build_mapping_round_trips_and_corruptions_are_refused(V, data):
     assert np.array_equal(assert_section_1(d2t, t2d, k, V), kept)
     check_mapping(d2t, t2d, draft_vocab_size=k, vocab_size=V)
 
-    corruption = data.draw(st.sampled_from(["float", "bf16", "swap", "t2d_false", "t2d_extra", "out_of_range",
-                                            "short", "int32"]))
+    corruption = data.draw(
+        st.sampled_from(["float", "bf16", "swap", "t2d_false", "t2d_extra", "out_of_range", "short", "int32"])
+    )
     bad_d2t, bad_t2d = d2t.clone(), t2d.clone()
     if corruption == "float":
         bad_d2t = d2t.to(torch.float32)

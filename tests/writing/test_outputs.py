@@ -1,5 +1,6 @@
 """writing.outputs.commit_outputs keeps the draft config and the mapping in agreement, and
 refuses before writing anything (how fileio commits a group is in tests/reliability/test_fileio.py)."""
+
 from __future__ import annotations
 
 import json
@@ -9,11 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from reliability_helpers import leftovers
+
 from specforge_vocab import fileio
 from specforge_vocab.errors import InputError
-from specforge_vocab.writing.outputs import check_outputs_match_config, commit_outputs, config_disagreement, recorded_draft_vocab_size
+from specforge_vocab.writing.outputs import (
+    check_outputs_match_config,
+    commit_outputs,
+    config_disagreement,
+    recorded_draft_vocab_size,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -32,18 +38,22 @@ def optimize_like_outputs(out: Path, k: int, V: int = 1000):
     d2t, t2d = mapping_from_counts(np.arange(V, dtype=np.int64), k)
     buffer = io.BytesIO()
     torch.save({"d2t": d2t, "t2d": t2d}, buffer)
-    return {str(out / "summary.json"): json.dumps({"optimal_draft_vocab_size": k, "target_vocab_size": V}),
-            str(out / "vocab_mapping.pt"): buffer.getvalue(),
-            str(out / "vocab_mapping.safetensors"): save({"d2t": d2t, "t2d": t2d},
-                                                        metadata={"draft_vocab_size": str(k), "vocab_size": str(V)})}
+    return {
+        str(out / "summary.json"): json.dumps({"optimal_draft_vocab_size": k, "target_vocab_size": V}),
+        str(out / "vocab_mapping.pt"): buffer.getvalue(),
+        str(out / "vocab_mapping.safetensors"): save(
+            {"d2t": d2t, "t2d": t2d}, metadata={"draft_vocab_size": str(k), "vocab_size": str(V)}
+        ),
+    }
 
 
 def test_commit_outputs_keeps_config_and_mapping_in_agreement(tmp_path, caplog):
     out, config = tmp_path / "out", tmp_path / "draft.json"
     config.write_text('{\n  "vocab_size": 1000,\n  "hidden_size": 64,\n  "draft_vocab_size": 500\n}\n')
     original = config.read_text()
-    backup = commit_outputs(optimize_like_outputs(out, 120), output_dir=str(out), config_path=str(config),
-                            draft_vocab_size=120)
+    backup = commit_outputs(
+        optimize_like_outputs(out, 120), output_dir=str(out), config_path=str(config), draft_vocab_size=120
+    )
     assert backup == str(config) + ".bak" and Path(backup).read_text() == original
     assert json.loads(config.read_text())["draft_vocab_size"] == 120
     assert recorded_draft_vocab_size(str(out))[:2] == (120, 1000)
@@ -56,8 +66,13 @@ def test_commit_outputs_keeps_config_and_mapping_in_agreement(tmp_path, caplog):
     with pytest.raises(InputError, match=r"they disagree.*Rerun `specforge-vocab optimize`"):
         check_outputs_match_config(str(out), str(config))
     with caplog.at_level(logging.WARNING, logger="specforge_vocab.writing.outputs"):
-        commit_outputs(optimize_like_outputs(out, 130), output_dir=str(out), config_path=str(config),
-                       draft_vocab_size=130, backup=False)
+        commit_outputs(
+            optimize_like_outputs(out, 130),
+            output_dir=str(out),
+            config_path=str(config),
+            draft_vocab_size=130,
+            backup=False,
+        )
     assert "they disagree" in caplog.text and "This run rewrites both" in caplog.text
     assert config_disagreement(str(out), str(config)) is None
     assert leftovers(str(tmp_path)) == []
@@ -67,7 +82,10 @@ def test_commit_outputs_refuses_before_writing_anything(tmp_path):
     out, config = tmp_path / "out", tmp_path / "draft.json"
     config.write_text('{"vocab_size": 100, "draft_vocab_size": 50}')
     with pytest.raises(InputError, match=r"draft_vocab_size must be at most vocab_size \(100\), but got 120"):
-        commit_outputs(optimize_like_outputs(out, 120, V=1000), output_dir=str(out), config_path=str(config),
-                       draft_vocab_size=120)
+        commit_outputs(
+            optimize_like_outputs(out, 120, V=1000), output_dir=str(out), config_path=str(config), draft_vocab_size=120
+        )
     assert not out.exists() or os.listdir(out) == []
-    assert config.read_text() == '{"vocab_size": 100, "draft_vocab_size": 50}' and not Path(str(config) + ".bak").exists()
+    assert (
+        config.read_text() == '{"vocab_size": 100, "draft_vocab_size": 50}' and not Path(str(config) + ".bak").exists()
+    )

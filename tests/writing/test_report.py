@@ -1,4 +1,5 @@
 """summary.json / full_results.json contents and the four-panel PNG."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,13 @@ import pytest
 from conftest import PAPER_KEYS, llama3_arch, zipf_counts
 
 from specforge_vocab.choosing.cost import paper_latency_reduction
-from specforge_vocab.writing.report import full_results, plot_optimization_results, render_optimization_results, summary_dict
 from specforge_vocab.choosing.search import SearchSettings, search
+from specforge_vocab.writing.report import (
+    full_results,
+    plot_optimization_results,
+    render_optimization_results,
+    summary_dict,
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +29,13 @@ def setup():
 
 def test_summary_has_the_papers_keys_first_with_their_meaning(setup):
     counts, arch, result = setup
-    summary = summary_dict(result, arch, tokens_counted=int(counts.sum()), unique_tokens=int(np.count_nonzero(counts)),
-                           settings={"chat_template": "llama3"})
+    summary = summary_dict(
+        result,
+        arch,
+        tokens_counted=int(counts.sum()),
+        unique_tokens=int(np.count_nonzero(counts)),
+        settings={"chat_template": "llama3"},
+    )
     assert list(summary)[:7] == PAPER_KEYS
     k = summary["optimal_draft_vocab_size"]
     assert summary["method"] == "optuna" and summary["search_method"] == "tpe"

@@ -1,39 +1,14 @@
-"""Safe file writing: atomic files, all-or-nothing groups, crash recovery, backups and locks.
+"""All-or-nothing groups of files: the directory swap (``renameat2(RENAME_EXCHANGE)``), the journal
+where the swap cannot be used, and the recovery that completes or removes what a killed run left.
 
-Every file the tool writes goes through this module.
-
-* :func:`atomic_write` writes one file: temp file in the same directory, fsync, rename.
-  Readers see the old file or the complete new one.
-* :func:`atomic_write_many` writes a group of files. When they share one directory the
-  group is all-or-nothing: the new files are staged in a hidden sibling directory that
-  also gets hard links to every other entry of the output directory, and the two
-  directories are swapped with one ``renameat2(RENAME_EXCHANGE)`` call (Linux). Any
-  reader, at any instant, sees the complete old set or the complete new set. Where the
-  swap cannot be used (no renameat2, a filesystem without RENAME_EXCHANGE, a mount
-  point, a directory holding subdirectories, the working directory, or
-  ``SPECFORGE_VOCAB_GROUP_WRITE=journal``) a journal is written before the renames;
-  a crash between renames is finished ("rolled forward") by :func:`recover_directory`,
-  which every group write and every reader of the outputs calls first.
-* ``linked`` files (the draft config) live outside the group's directory but must
-  agree with it: their temp files are written before the swap, the list of pending
-  renames travels inside the group as a journal, and they are renamed right after the
-  swap. A crash in between leaves the journal, and the next recovery completes it.
-* :func:`file_lock` serialises runs on one output directory or config; a second run
-  waits up to ``timeout`` seconds, then fails with a message naming the holder's pid.
-
-Stale temp files and staging directories of a killed run (their names carry its pid)
-are removed by the next recovery of that directory. The names:
-``.<file>.<pid>.<random>.tmp`` (temp files), ``.<dir>.specforge-vocab-staging.<pid>.<inode>.<random>``
-(staging directories, next to the output directory) and
-``.specforge-vocab-journal.<pid>.<random>.json`` (journals, inside it).
+See the package docstring (fileio/__init__.py) for the guarantees.
 """
+
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import errno
-import hashlib
-import io
 import json
 import logging
 import os
@@ -41,31 +16,33 @@ import platform
 import re
 import secrets
 import shutil
-import signal
 import socket
 import stat
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+from specforge_vocab.errors import InputError
+from specforge_vocab.fileio.atomic import (
+    _RANDOM,
+    TEMP_RE,
+    Payload,
+    _deferred_interrupts,
+    _ensure_dir,
+    _file_mode,
+    _fill,
+    _fsync_dir,
+    _stale_pid,
+    _temp_path,
+    _unlink_quietly,
+    atomic_write,
+    json_text,
+)
 
 logger = logging.getLogger(__name__)
-import numpy as np
-from specforge_vocab.errors import InputError
-from filelock import FileLock, Timeout
 
-
-Writer = Callable[[io.BufferedWriter], None]
-
-
-Payload = Union[bytes, str, Writer]
-
-
-#: environment variable choosing how groups are written: "auto" (default), "exchange" or "journal"
-# Seconds a run waits for another run holding the same lock (--lock-timeout).
-DEFAULT_LOCK_TIMEOUT = 600.0
 GROUP_WRITE_ENV = "SPECFORGE_VOCAB_GROUP_WRITE"
 
 
@@ -82,12 +59,6 @@ JOURNAL_PREFIX = ".specforge-vocab-journal."
 JOURNAL_FORMAT = "specforge-vocab-journal"
 
 
-_RANDOM = r"[a-z0-9_]{8}"
-
-
-TEMP_RE = re.compile(r"^\.(?P<base>.+)\.(?P<pid>\d+)\." + _RANDOM + r"\.tmp$")
-
-
 STAGING_RE = re.compile(r"^\.(?P<name>.+)" + re.escape(STAGING_TAG) + r"(?P<pid>\d+)\.(?P<ino>\d+)\." + _RANDOM + "$")
 
 
@@ -95,166 +66,6 @@ JOURNAL_RE = re.compile(r"^" + re.escape(JOURNAL_PREFIX) + r"(?P<pid>\d+)\." + _
 
 
 _ACTIVE_STAGING: set = set()
-
-
-def _write_payload(handle, payload: Payload) -> None:
-    if isinstance(payload, str):
-        handle.write(payload.encode("utf-8"))
-    elif isinstance(payload, (bytes, bytearray, memoryview)):
-        handle.write(payload)
-    else:
-        payload(handle)
-
-
-def _fsync_dir(directory: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _ensure_dir(directory: str) -> None:
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as exc:
-        raise InputError(
-            f"Cannot create output directory {directory}: {exc.strerror or exc}. "
-            "Choose a directory you can write to."
-        ) from exc
-
-
-def _umask() -> int:
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _file_mode(replacing: Optional[str]) -> int:
-    """The mode of the file being replaced, else what open() would give (0666 & ~umask)."""
-    if replacing is not None:
-        with contextlib.suppress(OSError):
-            return stat.S_IMODE(os.stat(replacing).st_mode)
-    return 0o666 & ~_umask()
-
-
-def pid_alive(pid: int) -> bool:
-    """True if a process with this pid exists on this machine (a pid we may not signal counts)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def _stale_pid(pid_text: str) -> bool:
-    pid = int(pid_text)
-    return pid != os.getpid() and not pid_alive(pid)
-
-
-def _temp_path(path: str) -> str:
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    _ensure_dir(directory)
-    base = os.path.basename(path)[:180]
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.{os.getpid()}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise InputError(
-            f"Cannot write {path}: {exc.strerror or exc} in {directory}. "
-            "Check that the directory exists and is writable."
-        ) from exc
-    os.close(fd)
-    return tmp
-
-
-def _write_error(path: str, exc: OSError) -> InputError:
-    hint = "free disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "check the permissions"
-    return InputError(
-        f"Cannot write {path}: {exc.strerror or exc}. Nothing was changed; {hint} or choose another output location."
-    )
-
-
-def _fill(tmp: str, path: str, payload: Payload, mode: int, *, exclusive: bool = False) -> None:
-    """Write ``payload`` into ``tmp`` (named ``path`` in messages), fsync it and set ``mode``.
-    On any failure ``tmp`` is removed."""
-    try:
-        with open(tmp, "xb" if exclusive else "wb") as handle:
-            _write_payload(handle, payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise _write_error(path, exc) from exc
-        raise
-
-
-def _unlink_quietly(paths: Iterable[str]) -> None:
-    for path in paths:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-
-
-@contextlib.contextmanager
-def _deferred_interrupts() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM for the few renames that make a group visible; deliver them after.
-
-    Only the main thread can change handlers; elsewhere this does nothing (SIGKILL can never
-    be deferred, which is what the journal and :func:`recover_directory` are for).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: List[int] = []
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(signum)
-        if handler is None:  # installed outside Python: leave it alone
-            continue
-        previous[signum] = signal.signal(signum, lambda number, frame: received.append(number))
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if received:
-            logger.debug("delivering signal %d held during a commit", received[0])
-            signal.raise_signal(received[0])
-
-
-def json_text(obj: object, indent: int = 2) -> str:
-    return json.dumps(obj, indent=indent, ensure_ascii=False, sort_keys=False) + "\n"
-
-
-def atomic_write(path: str, payload: Payload, *, keep_mode_of: Optional[str] = None) -> None:
-    """Write ``payload`` (bytes, str, or a function given the open binary file)
-    to ``path`` atomically: the old file stays intact until the new one is complete.
-
-    The new file keeps the mode of ``keep_mode_of`` (default: of the file it replaces)."""
-    mode = _file_mode(keep_mode_of if keep_mode_of and os.path.exists(keep_mode_of) else path)
-    tmp = _temp_path(path)
-    try:
-        _fill(tmp, path, payload, mode)
-        try:
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise InputError(f"Cannot move the new {path} into place: {exc.strerror}. Nothing was changed.") from exc
-    except BaseException:
-        _unlink_quietly([tmp])
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 RENAME_EXCHANGE = 2
@@ -295,8 +106,15 @@ def _renameat2() -> Optional[Callable[[bytes, bytes, int], int]]:
             syscall.restype = ctypes.c_long
 
             def function(old: bytes, new: bytes, flags: int) -> int:
-                return syscall(ctypes.c_long(number), ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(old),
-                               ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(new), ctypes.c_uint(flags))
+                return syscall(
+                    ctypes.c_long(number),
+                    ctypes.c_int(_AT_FDCWD),
+                    ctypes.c_char_p(old),
+                    ctypes.c_int(_AT_FDCWD),
+                    ctypes.c_char_p(new),
+                    ctypes.c_uint(flags),
+                )
+
     _renameat2_cache.append(function)
     return function
 
@@ -354,15 +172,17 @@ def _journal_name() -> str:
 
 
 def _journal_text(moves: Sequence[Move], copies: Sequence[str]) -> str:
-    return json_text({
-        "format": JOURNAL_FORMAT,
-        "version": 1,
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "created": time.time(),
-        "moves": [{"temp": m.temp, "target": m.target, "size": m.size} for m in moves],
-        "copies": list(copies),
-    })
+    return json_text(
+        {
+            "format": JOURNAL_FORMAT,
+            "version": 1,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "created": time.time(),
+            "moves": [{"temp": m.temp, "target": m.target, "size": m.size} for m in moves],
+            "copies": list(copies),
+        }
+    )
 
 
 def _apply_moves(moves: Sequence[Move]) -> int:
@@ -429,12 +249,14 @@ class Recovery:
     rescued: List[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.journals_completed or self.files_moved or self.temps_removed or self.staging_removed
-                    or self.rescued)
+        return bool(
+            self.journals_completed or self.files_moved or self.temps_removed or self.staging_removed or self.rescued
+        )
 
 
-def _reconcile_old_dir(old: str, new: str, *, group: Optional[set], carried: Optional[Dict[str, int]],
-                       report: Recovery) -> None:
+def _reconcile_old_dir(
+    old: str, new: str, *, group: Optional[set], carried: Optional[Dict[str, int]], report: Recovery
+) -> None:
     """After a swap ``old`` holds the previous directory. Entries someone created or replaced
     there during the swap are moved into ``new``; then ``old`` is deleted."""
     with contextlib.suppress(FileNotFoundError):
@@ -455,7 +277,12 @@ def _reconcile_old_dir(old: str, new: str, *, group: Optional[set], carried: Opt
             inode = entry.inode()
             if current.st_ino == inode:
                 continue
-            if carried is not None and name in carried and carried[name] != inode and not entry.is_dir(follow_symlinks=False):
+            if (
+                carried is not None
+                and name in carried
+                and carried[name] != inode
+                and not entry.is_dir(follow_symlinks=False)
+            ):
                 os.replace(entry.path, target)  # replaced in the old directory while we staged
                 report.rescued.append(target)
     shutil.rmtree(old, ignore_errors=True)
@@ -588,7 +415,9 @@ def _commit_by_exchange(directory: str, real_dir: str, group: Dict[str, Payload]
         except _UseJournal:
             raise
         except OSError as exc:
-            raise InputError(f"Cannot prepare the new files of {directory}: {exc.strerror or exc}. Nothing was changed.") from exc
+            raise InputError(
+                f"Cannot prepare the new files of {directory}: {exc.strerror or exc}. Nothing was changed."
+            ) from exc
         for name, payload in group.items():
             final = os.path.join(directory, name)
             _fill(os.path.join(staging, name), final, payload, _file_mode(final), exclusive=True)
@@ -635,8 +464,12 @@ def _commit_by_exchange(directory: str, real_dir: str, group: Dict[str, Payload]
         # ``staging`` now holds the previous directory: keep what others wrote there meanwhile, drop the rest.
         _reconcile_old_dir(staging, real_dir, group=set(group), carried=carried, report=report)
     if report.rescued:
-        logger.warning("kept %d file(s) written into %s by another process during the swap: %s",
-                       len(report.rescued), directory, ", ".join(report.rescued))
+        logger.warning(
+            "kept %d file(s) written into %s by another process during the swap: %s",
+            len(report.rescued),
+            directory,
+            ", ".join(report.rescued),
+        )
 
 
 def _commit_by_journal(groups: Dict[str, Dict[str, Payload]], linked: Dict[str, Payload]) -> None:
@@ -697,7 +530,7 @@ def atomic_write_many(files: Dict[str, Payload], *, linked: Optional[Dict[str, P
     for path in linked:
         _ensure_dir(os.path.dirname(path))
     if len(groups) == 1:
-        (directory, group), = groups.items()
+        ((directory, group),) = groups.items()
         real_dir = os.path.realpath(directory)
         reason = _exchange_refusal(real_dir)
         if reason is None:
@@ -711,172 +544,3 @@ def atomic_write_many(files: Dict[str, Payload], *, linked: Optional[Dict[str, P
         logger.debug("writing %s with a journal: %s", directory, reason)
     _commit_by_journal(groups, linked)
     return "journal"
-
-
-def backup_file(path: str, suffix: str = ".bak") -> str:
-    """Copy ``path`` to ``path + suffix`` (atomically); return the backup path."""
-    backup = path + suffix
-    with open(path, "rb") as handle:
-        data = handle.read()
-    atomic_write(backup, data, keep_mode_of=path)
-    return backup
-
-
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def copy_file(src: str, dst: str) -> None:
-    """Copy ``src`` to ``dst`` atomically."""
-    def write(handle):
-        with open(src, "rb") as source:
-            shutil.copyfileobj(source, handle, 1 << 20)
-
-    atomic_write(dst, write)
-
-
-def writable_dir_problem(path: str, flag: str = "--output-dir") -> Optional[str]:
-    """Why ``path`` cannot be (created and) written as a directory, or None. No side effects."""
-    full = os.path.abspath(path)
-    if os.path.exists(full):
-        if not os.path.isdir(full):
-            return (f"{flag} {path} must be a directory, but it is an existing file. "
-                    f"Choose another {flag} or move the file away.")
-        if not os.access(full, os.W_OK | os.X_OK):
-            return f"{flag} {path} is not writable. Choose a directory you can write to."
-        return None
-    ancestor = full
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        return (f"{flag} {path} cannot be created, because {ancestor} is a file, not a directory. "
-                f"Choose another {flag}.")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        return f"{flag} {path} cannot be created, because {ancestor} is not writable. Choose another {flag}."
-    return None
-
-
-_held_locks: Dict[str, list] = {}
-
-
-_held_guard = threading.Lock()
-
-
-def lock_path_of(target: str) -> str:
-    return os.path.abspath(target).rstrip("/\\") + ".lock"
-
-
-def lock_holder(target: str) -> Optional[str]:
-    """'pid N on HOST' of the run holding ``target``'s lock, from its pid file (None if unknown)."""
-    info_path = lock_path_of(target) + ".pid"
-    for attempt in range(5):  # the holder writes its pid just after taking the lock
-        with contextlib.suppress(OSError):
-            with open(info_path, encoding="utf-8") as handle:
-                text = handle.read().strip()
-            if text:
-                pid, _, host = text.partition(" ")
-                return f"pid {pid}" + (f" on {host}" if host else "")
-        time.sleep(0.02 * (attempt + 1))
-    return None
-
-
-@contextlib.contextmanager
-def file_lock(target: str, *, timeout: float = DEFAULT_LOCK_TIMEOUT, timeout_label: Optional[float] = None) -> Iterator[None]:
-    """Hold an exclusive lock on ``target`` (a directory or file) for the block.
-
-    The lock file ``<target>.lock`` sits next to it and ``<target>.lock.pid`` records the
-    holder's pid and host; a second run waits up to ``timeout`` seconds, then fails with a
-    message naming that pid. Re-entering the same lock in the same thread is allowed.
-    """
-
-    lock_path = lock_path_of(target)
-    me = threading.get_ident()
-    with _held_guard:
-        held = _held_locks.get(lock_path)
-        if held is not None and held[2] == me:
-            held[1] += 1
-            reentered = True
-        else:
-            reentered = False
-    if reentered:
-        try:
-            yield
-        finally:
-            with _held_guard:
-                _held_locks[lock_path][1] -= 1
-        return
-
-    _ensure_dir(os.path.dirname(lock_path) or ".")
-    info_path = lock_path + ".pid"
-    lock = FileLock(lock_path)
-    try:
-        lock.acquire(timeout=max(0.0, timeout))
-    except Timeout:
-        holder = lock_holder(target) or "pid unknown"
-        waited = timeout if timeout_label is None else timeout_label
-        raise InputError(
-            f"{target} is locked by another specforge-vocab run ({holder}); waited {waited:g} s "
-            f"(--lock-timeout). Wait for that run to finish, or, if it is gone, remove {lock_path}."
-        ) from None
-    with _held_guard:
-        _held_locks[lock_path] = [lock, 1, me]
-    try:
-        with contextlib.suppress(OSError):
-            with open(info_path, "w", encoding="utf-8") as handle:
-                handle.write(f"{os.getpid()} {socket.gethostname()}")
-        yield
-    finally:
-        with _held_guard:
-            _held_locks.pop(lock_path, None)
-        with contextlib.suppress(OSError):
-            os.unlink(info_path)
-        lock.release()
-
-
-@contextlib.contextmanager
-def file_locks(targets: Iterable[Optional[str]], *, timeout: float = DEFAULT_LOCK_TIMEOUT) -> Iterator[None]:
-    """Hold the locks of several targets, always taken in the same (sorted) order so two runs
-    never wait for each other in a cycle; ``timeout`` bounds the total wait."""
-    deadline = time.monotonic() + max(0.0, timeout)
-    unique = sorted({os.path.abspath(t) for t in targets if t}, key=lock_path_of)
-    with contextlib.ExitStack() as stack:
-        for target in unique:
-            stack.enter_context(file_lock(target, timeout=max(0.0, deadline - time.monotonic()), timeout_label=timeout))
-        yield
-
-
-SAFETENSORS_DTYPES = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16",
-                      "uint32": "U32", "int32": "I32", "uint64": "U64", "int64": "I64", "float16": "F16",
-                      "float32": "F32", "float64": "F64"}
-
-
-def safetensors_bytes(tensors: Dict[str, np.ndarray], metadata: Optional[Dict[str, str]] = None) -> bytes:
-    """A safetensors file's bytes, deterministically: the same tensors and metadata always give the
-    same bytes (``safetensors.numpy.save`` orders the metadata by a per-process hash, so two
-    processes writing the same counts would write different files).
-
-    >>> from safetensors.numpy import load
-    >>> load(safetensors_bytes({"x": np.arange(3)}, {"b": "1", "a": "2"}))["x"].tolist()
-    [0, 1, 2]
-    """
-    header: Dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
-    blobs, offset = [], 0
-    for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
-        if array.dtype.name not in SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {name!r} must have one of the dtypes {sorted(SAFETENSORS_DTYPES)}, but got {array.dtype}")
-        array = array.astype(array.dtype.newbyteorder("<"), copy=False)
-        data = array.tobytes()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[array.dtype.name], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
