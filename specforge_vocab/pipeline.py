@@ -41,7 +41,13 @@ from specforge_vocab.counting.tokenizer import load_tokenizer
 from specforge_vocab.errors import SettingsError, must
 from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT, json_text, safetensors_bytes, writable_dir_problem
 from specforge_vocab.writing.draft_config import check_vocab_size, read_draft_config
-from specforge_vocab.writing.mapping import check_mapping, mapping_from_counts, mapping_payloads
+from specforge_vocab.writing.mapping import (
+    check_mapping,
+    kept_ids_from_d2t,
+    mapping_fingerprint,
+    mapping_from_counts,
+    mapping_payloads,
+)
 from specforge_vocab.writing.outputs import OUTPUT_FILES, commit_outputs
 from specforge_vocab.writing.report import (
     full_results,
@@ -184,16 +190,21 @@ def optimize(
     progress: bool = False,
     precounted: Optional[Tuple[np.ndarray, Dict[str, str]]] = None,
     serving: Optional[ServingSettings] = None,
+    draft_config: Optional[Dict[str, Any]] = None,
 ) -> OptimizeResult:
     """Count (or load counts), choose k, write summary/results/plots/counts/mapping, patch the config.
 
     ``precounted`` = (counts, metadata) skips counting (the training hook counts pre-tokenized
     prompts and feature files itself). ``serving``: held-out split, evaluation sets, bootstrap,
     latency model, objective, pinned tokens; the defaults give the paper's choice.
+    ``draft_config``: the draft config as a dict when it is no file to patch (prepare's config
+    derived from the target, or a checkpoint's); it gives V and the architecture.
     """
     serving = serving or ServingSettings()
     check_settings(count, search_settings, output, serving, counting=_counts_here(output, precounted))
-    inputs = gather_inputs(count, search_settings, output, serving, precounted=precounted, progress=progress)
+    inputs = gather_inputs(
+        count, search_settings, output, serving, precounted=precounted, progress=progress, draft_config=draft_config
+    )
     choice = choose(inputs, search_settings, serving, cache_dir=output.cache_dir)
     summary, files, backup = write(inputs, choice, output, serving)
     return OptimizeResult(
@@ -239,10 +250,14 @@ def gather_inputs(
     *,
     precounted: Optional[Tuple[np.ndarray, Dict[str, str]]] = None,
     progress: bool = False,
+    draft_config: Optional[Dict[str, Any]] = None,
 ) -> Inputs:
     """The counts, evaluation counts, tokenizer, V and architecture the choice is made from."""
     counting = _counts_here(output, precounted)
-    config = read_draft_config(output.config_path) if output.config_path else None
+    if draft_config is not None and output.config_path:
+        raise ValueError("gather_inputs: pass the draft config as a file (config_path) or as a dict, not both")
+    config_source = output.config_path or "the draft config"
+    config = read_draft_config(output.config_path) if output.config_path else draft_config
     config_v = config.get("vocab_size") if config else None
     if counting and count.target_vocab_size is None and config_v is not None:
         count = replace(count, target_vocab_size=config_v)  # count over the draft's V
@@ -270,8 +285,8 @@ def gather_inputs(
         tokenizer_length = (
             count_result.tokenizer_length if count_result else _int_or_none(metadata.get("tokenizer_length"))
         )
-        check_vocab_size(config, source=output.config_path, tokenizer_length=tokenizer_length, counts_length=V)
-        arch = DraftArchitecture.from_config(config, source=output.config_path)
+        check_vocab_size(config, source=config_source, tokenizer_length=tokenizer_length, counts_length=V)
+        arch = DraftArchitecture.from_config(config, source=config_source)
     else:
         arch = DraftArchitecture.paper(4096, 14336, 32, 8, V)
         logger.warning("No --config-path: using the paper's Llama-3-8B draft shapes for the FLOPs model.")
@@ -429,6 +444,7 @@ def write(
         settings=settings,
         additions=choice.analysis.summary(),
     )
+    summary["mapping_fingerprint"] = mapping_fingerprint(kept_ids_from_d2t(choice.d2t), inputs.vocab_size)
     pt_bytes, st_bytes = mapping_payloads(
         choice.d2t, choice.t2d, draft_vocab_size=result.k, vocab_size=inputs.vocab_size
     )

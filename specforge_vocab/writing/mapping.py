@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -158,6 +159,24 @@ def kept_ids_from_d2t(d2t: torch.Tensor) -> np.ndarray:
 
     d2t_np = torch.as_tensor(d2t).detach().cpu().numpy().astype(np.int64)
     return np.arange(d2t_np.shape[0], dtype=np.int64) + d2t_np
+
+
+def mapping_fingerprint(kept_ids: np.ndarray, vocab_size: int) -> str:
+    """The sha256 (hex) that names a mapping's contents: V and the kept target ids.
+
+    Two mappings with the same fingerprint put the same target id on every draft row. The bytes
+    hashed are V as an 8-byte little-endian unsigned integer, then every kept id (ascending, i.e.
+    ``arange(k) + d2t``) as an 8-byte little-endian signed integer, nothing else:
+
+    >>> mapping_fingerprint(np.array([0, 2, 3]), 5)  # sha256 of 0500000000000000 0000..00 0200..00 0300..00
+    '9a1c92cbbe3c1e101c84847c088753c3655ab42a6314e403ea92e786f8c27f26'
+    """
+    kept = np.asarray(kept_ids)
+    if kept.ndim != 1 or not np.issubdtype(kept.dtype, np.integer):
+        raise InputError(f"Kept token ids must be a 1-D integer array, but got shape {kept.shape}, dtype {kept.dtype}.")
+    digest = hashlib.sha256(int(vocab_size).to_bytes(8, "little"))
+    digest.update(np.ascontiguousarray(kept, dtype="<i8").tobytes())
+    return digest.hexdigest()
 
 
 def _check_kept(kept: np.ndarray, vocab_size: int, *, source: str) -> None:
@@ -311,6 +330,7 @@ def mapping_payloads(d2t, t2d, *, draft_vocab_size: int, vocab_size: int) -> Tup
         "draft_vocab_size": str(draft_vocab_size),
         "vocab_size": str(vocab_size),
         "format": "specforge-vocab-mapping",
+        "mapping_fingerprint": mapping_fingerprint(kept_ids_from_d2t(d2t), vocab_size),
     }
     buffer = io.BytesIO()
     torch.save({"d2t": d2t, "t2d": t2d}, buffer)
