@@ -44,6 +44,7 @@ from specforge_vocab.drafts.checkpoint import (
     WEIGHT_SUFFIXES,
     DraftCheckpoint,
     DraftVocabulary,
+    TensorInfo,
     copier,
     draft_vocabulary,
     find_head_names,
@@ -52,10 +53,11 @@ from specforge_vocab.drafts.checkpoint import (
     side_files,
     write_safetensors,
 )
+from specforge_vocab.drafts.verify import draft_problems
 from specforge_vocab.errors import InputError, SettingsError, must, short
 from specforge_vocab.fileio import atomic_write_many, file_lock, json_text
 from specforge_vocab.writing.draft_config import check_vocab_size, patched_text
-from specforge_vocab.writing.mapping import build_mapping, check_mapping, kept_token_ids
+from specforge_vocab.writing.mapping import build_mapping, check_mapping, kept_token_ids, mapping_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -381,8 +383,10 @@ def _shard_writer(
     d2t: torch.Tensor,
     t2d: torch.Tensor,
     extra: Dict[str, torch.Tensor],
+    fingerprint: str,
 ):
-    """A payload for fileio: loads one input file, trims it, writes it as safetensors."""
+    """A payload for fileio: loads one input file, trims it, writes it as safetensors (its metadata gains the
+    new mapping's fingerprint)."""
 
     def write(handle) -> None:
         tensors = ckpt.read_file(file)
@@ -396,9 +400,8 @@ def _shard_writer(
                 tensor = t2d
             out[name] = tensor
         out.update(extra)
-        metadata = ckpt.file_metadata.get(file)
-        if metadata is None:
-            metadata = {"format": "pt"}  # transformers refuses safetensors files without it
+        metadata = dict(ckpt.file_metadata.get(file) or {"format": "pt"})  # transformers needs "format"
+        metadata["mapping_fingerprint"] = fingerprint
         write_safetensors(handle, out, metadata=metadata)
 
     return write
@@ -436,11 +439,12 @@ def trim_checkpoint(settings: TrimSettings, *, counts: Optional[np.ndarray] = No
     if vocab.names.t2d is None:
         added[T2D] = t2d
 
+    fingerprint = mapping_fingerprint(new_kept, vocab.vocab_size)
     payloads: Dict[str, Any] = OrderedDict()
     for file in ckpt.files:
         extra = added if file == head_file else {}
         payloads[os.path.join(settings.output, out_names[file])] = _shard_writer(
-            ckpt, file, vocab, rows, d2t, t2d, extra
+            ckpt, file, vocab, rows, d2t, t2d, extra, fingerprint
         )
     if ckpt.index is not None:
         payloads[os.path.join(settings.output, SAFE_INDEX)] = json_text(
@@ -448,7 +452,9 @@ def trim_checkpoint(settings: TrimSettings, *, counts: Optional[np.ndarray] = No
         )
     for entry in copied:
         payloads[os.path.join(settings.output, entry)] = copier(ckpt.path(entry))
-    payloads[os.path.join(settings.output, CONFIG_NAME)] = patched_text(ckpt.config_text, new_k, path=ckpt.config_path)
+    config_text = patched_text(ckpt.config_text, new_k, path=ckpt.config_path)
+    payloads[os.path.join(settings.output, CONFIG_NAME)] = config_text
+    _verify_planned(ckpt, vocab, json.loads(config_text), d2t, t2d, added, new_k, settings.output)
 
     _prepare_output(settings, planned)  # again: the directory may have changed while counting
     with file_lock(os.path.abspath(settings.output)):
@@ -486,6 +492,37 @@ def trim_checkpoint(settings: TrimSettings, *, counts: Optional[np.ndarray] = No
         method=result.method,
         search=result,
     )
+
+
+def _verify_planned(
+    ckpt: DraftCheckpoint,
+    vocab: DraftVocabulary,
+    config: Dict[str, Any],
+    d2t: torch.Tensor,
+    t2d: torch.Tensor,
+    added: Dict[str, torch.Tensor],
+    new_k: int,
+    output: str,
+) -> None:
+    """Run verify's checks on the trimmed draft before anything is written."""
+    infos = {}
+    for name, info in ckpt.tensors.items():
+        shape = info.shape
+        if name in vocab.names.sliced:
+            shape = (new_k,) + tuple(shape[1:])
+        elif name == vocab.names.d2t:
+            shape = (new_k,)
+        infos[name] = dataclasses.replace(info, shape=shape, dtype="I64" if name == vocab.names.d2t else info.dtype)
+    for name, tensor in added.items():
+        infos[name] = TensorInfo(name, "", "", tuple(tensor.shape), 0)
+    # The architecture name and tie_word_embeddings are copied unchanged: checks of what trim writes only.
+    unchanged = ("architecture", "tied_embeddings")
+    problems = [p for p in draft_problems(config, infos, d2t, t2d) if p.name not in unchanged]
+    if problems:
+        raise InputError(
+            f"The trimmed draft for --output {output} would fail verify, so nothing was written: "
+            + " ".join(f"[{p.name}] {p.message}" for p in problems)
+        )
 
 
 def _new_index(
