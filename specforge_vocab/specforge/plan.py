@@ -12,17 +12,27 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import re
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from specforge_vocab.choosing.search import SearchSettings
 from specforge_vocab.counting.engine import CountSettings
+from specforge_vocab.drafts.target_head import read_target_config, target_vocab_size
 from specforge_vocab.errors import InputError, where
 from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT
+from specforge_vocab.specforge.continuing import (
+    RESUME,
+    WARM_START,
+    Continuation,
+    check_config_fits,
+    find_continuation,
+    find_old_continuation,
+    warm_start_config_file,
+)
 from specforge_vocab.specforge.data_files import prompts_file_kind
+from specforge_vocab.specforge.draft_derivation import SPECFORGE_DERIVED_DRAFT_VOCAB_SIZE, derive_draft_config
 from specforge_vocab.specforge.run_config import (
     DEFAULT_CHAT_TEMPLATE,
     RunConfig,
@@ -31,12 +41,16 @@ from specforge_vocab.specforge.run_config import (
     resolve_path,
 )
 from specforge_vocab.specforge.train_eagle3 import draft_config_path_from_args, parse_train_eagle3_args
-from specforge_vocab.writing.draft_config import read_draft_vocab_sizes
+from specforge_vocab.writing.draft_config import read_draft_config, read_draft_vocab_sizes
 
 logger = logging.getLogger(__name__)
 
 
 OUTPUT_SUBDIR = "vocab_optimization"
+
+
+#: the draft config prepare derives from the target (no model.draft_model_config), in its output directory
+DERIVED_CONFIG_FILE = "draft_config.json"
 
 
 CONVERSATIONS = "conversations"
@@ -106,9 +120,20 @@ class Plan:
     overrides: Tuple[str, ...] = ()
     train_args: Optional[argparse.Namespace] = None  # older SpecForge
     target_vocab_size: Optional[int] = None  # the target model's own V, when its config.json is local
+    continuation: Optional[Continuation] = None  # the checkpoint the run continues from
+    derived_config: Optional[Dict[str, Any]] = None  # derived from the target: prepare writes it at draft_config
+    patch_draft_config: bool = True  # False: the file is a checkpoint's or a resumed run's; never changed
+
+    @property
+    def remap(self) -> bool:
+        return self.continuation is not None and self.continuation.remap
+
+    def draft_config_dict(self) -> Dict[str, Any]:
+        """The draft config SpecForge will use (derived, or read from its file)."""
+        return dict(self.derived_config) if self.derived_config is not None else read_draft_config(self.draft_config)
 
 
-def _search_for_keep(search: SearchSettings, draft_config: str, reason: str) -> SearchSettings:
+def _search_for_keep(search: SearchSettings, draft_config, reason: str) -> SearchSettings:
     k, _vocab = read_draft_vocab_sizes(draft_config)
     if search.draft_vocab_size is not None and search.draft_vocab_size != k:
         why = "keeps" if reason == "--keep-draft-vocab-size" else f"must keep (the draft weights of {reason} have it)"
@@ -127,11 +152,12 @@ def _slug(text: str) -> str:
     return (re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "data")[:40]
 
 
-def default_output_dir(cache_dir: str, data: DataSpec, draft_config: str) -> str:
-    """``<cache_dir>/vocab_optimization/<data name>-<12 hex>``: the hex is a hash of the data path,
-    its kind and the draft config path, so it stays the same while their contents change."""
-    key = "\0".join([data.source, data.path, os.path.abspath(draft_config)])
-    return os.path.join(cache_dir, OUTPUT_SUBDIR, f"{_slug(data.path)}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+def default_output_dir(cache_dir: str, source: str, data_path: str, owner: str) -> str:
+    """``<cache_dir>/vocab_optimization/<data name>-<12 hex>``: the hex is a hash of the data path, its
+    kind and the ``owner`` (the run config, or train_eagle3's draft config), so it stays the same while
+    their contents change."""
+    key = "\0".join([source, data_path, os.path.abspath(owner)])
+    return os.path.join(cache_dir, OUTPUT_SUBDIR, f"{_slug(data_path)}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
 
 
 def resolve_tokenizer_dir(target: str, *, cwd: str, field: str, source: str) -> str:
@@ -153,21 +179,86 @@ def resolve_tokenizer_dir(target: str, *, cwd: str, field: str, source: str) -> 
     )
 
 
+def local_target_dir(target: str, *, cwd: str) -> Optional[str]:
+    """The target model as a local directory (or its copy in the Hugging Face cache), else None; never downloads."""
+    local = resolve_path(target, cwd=cwd)
+    if os.path.isdir(local):
+        return local
+    with contextlib.suppress(Exception):
+        from huggingface_hub import snapshot_download
+
+        cached = snapshot_download(target, local_files_only=True)
+        if os.path.isfile(os.path.join(cached, "config.json")):
+            return cached
+    return None
+
+
 def target_model_vocab_size(target: str, *, cwd: str) -> Optional[int]:
     """The target's own vocab size as SpecForge reads it (``padded_vocab_size`` or ``vocab_size``, from
     ``text_config`` when nested) from a local ``config.json``; None when there is none."""
     path = os.path.join(resolve_path(target, cwd=cwd), "config.json")
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (OSError, ValueError):
-        return None
-    if isinstance(config, dict) and isinstance(config.get("text_config"), dict):
-        config = config["text_config"]
-    value = (config.get("padded_vocab_size") or config.get("vocab_size")) if isinstance(config, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    with contextlib.suppress(InputError):
+        return target_vocab_size(read_target_config(path))
+    return None
+
+
+def _check_continuation_search(search: SearchSettings, continuation: Continuation) -> None:
+    if not continuation.remap and search.draft_vocab_size is not None and search.draft_vocab_size != continuation.k:
+        raise InputError(
+            f"--draft-vocab-size asks for k = {search.draft_vocab_size}, but training continues from "
+            f"{continuation.describe()}, whose {continuation.k} trained LM-head rows fix k: another k (or another "
+            "mapping) would repoint them. Drop --draft-vocab-size, or pass --remap to move the draft onto a new "
+            "vocabulary (a warm start keeping every trained row it can)."
+        )
+
+
+def _run_draft_config(run: RunConfig, continuation: Optional[Continuation], output_dir: str, cwd: str):
+    """(draft config path, derived config or None, whether prepare may change the file): the config SpecForge
+    will use, as it resolves it (docs/SPECFORGE.md section 2)."""
+    if run.draft_model_config:
+        draft = run.draft_config_file()
+        inside = continuation is not None and os.path.realpath(draft).startswith(
+            os.path.realpath(continuation.checkpoint) + os.sep
+        )
+        return draft, None, not inside and not (continuation is not None and continuation.kind == RESUME)
+    warm_config = warm_start_config_file(run) if continuation is not None and continuation.kind == WARM_START else None
+    if warm_config is not None:
+        return warm_config, None, False  # SpecForge reads the checkpoint's own config.json
+    target_dir = local_target_dir(run.target_model_path, cwd=cwd)
+    if target_dir is None:
+        raise InputError(
+            f"{where(run.config_path, field='model.draft_model_config')} is not set, so SpecForge derives the draft "
+            f"config from the target's config.json, but {run.target_model_path!r} is neither a local directory nor in "
+            "the Hugging Face cache. Download the target's config.json, or set model.draft_model_config."
+        )
+    k = SPECFORGE_DERIVED_DRAFT_VOCAB_SIZE
+    if continuation is not None and continuation.kind == WARM_START:
+        k = continuation.k
+    derived = derive_draft_config(
+        read_target_config(target_dir, flag="model.target_model_path"),
+        draft_vocab_size=k,
+        source=os.path.join(target_dir, "config.json"),
+    )
+    return os.path.join(output_dir, DERIVED_CONFIG_FILE), derived, continuation is None or continuation.kind != RESUME
+
+
+def _check_continuing_config(continuation: Continuation, config: Dict[str, Any], draft: str, patchable: bool) -> None:
+    """The draft config must load the checkpoint's weights; its k must be the checkpoint's or be prepare's to set."""
+    check_config_fits(continuation, config, source=draft)
+    k = config.get("draft_vocab_size") or config.get("vocab_size")
+    if k != continuation.k and not patchable and not continuation.remap:
+        why = (
+            "a resumed run must keep its draft config unchanged (SpecForge compares it)"
+            if continuation.kind == RESUME
+            else "it belongs to the checkpoint"
+        )
+        raise InputError(
+            f"{draft} has draft_vocab_size {k}, but {continuation.describe()} has {continuation.k} LM-head rows, so "
+            f"SpecForge could not load them; prepare does not change that file ({why}). Use the draft config the "
+            "checkpoint was trained with."
+        )
 
 
 def _existing(path: str, *, raw: str, field: str, source: str, cwd: str) -> str:
@@ -192,23 +283,26 @@ def plan_from_run_config(
     backup: bool = True,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     cwd: Optional[str] = None,
+    remap: bool = False,
 ) -> Plan:
     """What to count and write for a ``specforge train --config`` run."""
     cwd = os.path.abspath(cwd or os.getcwd())
     config_path = resolve_path(os.fspath(config_path), cwd=cwd)
     overrides = tuple(overrides or ())
     for item in overrides:
-        if isinstance(item, str) and item.split("=", 1)[0].strip() == "model.vocab_mapping_path":
+        key = item.split("=", 1)[0].strip() if isinstance(item, str) else ""
+        if key == "model.vocab_mapping_path" or (
+            remap and key in ("model.draft_checkpoint_path", "model.draft_model_config")
+        ):
             raise InputError(
-                f"The override {item!r} sets model.vocab_mapping_path, which prepare writes itself; passing it to "
-                "`specforge train` as well would load another mapping. Drop this override."
+                f"The override {item!r} sets {key}, which prepare writes itself; passing it to `specforge train` as "
+                "well would load something else. Drop this override."
             )
     run = read_run_config(config_path, overrides, cwd=cwd)
-    draft = run.draft_config_file()
-    _k, vocab = read_draft_vocab_sizes(draft)
+    continuation = find_continuation(run, remap=remap)
     field = f"data.{run.data_source}"
     path = _existing(run.resolved_data_path, raw=run.data_path, field=field, source=config_path, cwd=cwd)
-    common = dict(field=field, path=path, vocab_size=vocab, max_length=run.max_length)
+    cache_dir = run.resolved_cache_dir
     source = {"train_data_path": CONVERSATIONS, "hidden_states_path": FEATURES}.get(run.data_source)
     if source is None:
         kind = prompts_file_kind(path)
@@ -218,6 +312,14 @@ def plan_from_run_config(
                 "file SpecForge trains on."
             )
         source = PRETOKENIZED if kind == "pretokenized" else CONVERSATIONS
+    # The outputs belong to the run config (its draft config may be one prepare writes into them).
+    out = resolve_path(output_dir, cwd=cwd) if output_dir else default_output_dir(cache_dir, source, path, config_path)
+    draft, derived, patchable = _run_draft_config(run, continuation, out, cwd)
+    config = dict(derived) if derived is not None else read_draft_config(draft, required=())
+    if continuation is not None:
+        _check_continuing_config(continuation, config, draft, patchable)
+    _k, vocab = read_draft_vocab_sizes(config if derived is not None else draft)
+    common = dict(field=field, path=path, vocab_size=vocab, max_length=run.max_length)
     if source == CONVERSATIONS:
         data = DataSpec(
             source,
@@ -237,15 +339,16 @@ def plan_from_run_config(
     search = search if search is not None else SearchSettings()
     keep_reason = "--keep-draft-vocab-size" if keep_draft_vocab_size else ""
     if keep_reason:
-        search = _search_for_keep(search, draft, keep_reason)
-    cache_dir = run.resolved_cache_dir
+        search = _search_for_keep(search, config if derived is not None else draft, keep_reason)
+    if continuation is not None:
+        _check_continuation_search(search, continuation)
     return Plan(
         data=data,
         draft_config=draft,
         search=search,
         keep_draft_vocab_size=bool(keep_reason),
         keep_reason=keep_reason,
-        output_dir=resolve_path(output_dir, cwd=cwd) if output_dir else default_output_dir(cache_dir, data, draft),
+        output_dir=out,
         cache_dir=cache_dir,
         cwd=cwd,
         force=force,
@@ -255,6 +358,9 @@ def plan_from_run_config(
         output_config=resolve_path(output_config, cwd=cwd) if output_config else None,
         overrides=overrides,
         target_vocab_size=target_model_vocab_size(run.target_model_path, cwd=cwd) if source == FEATURES else None,
+        continuation=continuation,
+        derived_config=derived,
+        patch_draft_config=patchable,
     )
 
 
@@ -268,11 +374,17 @@ def plan_from_train_eagle3_args(
     backup: bool = True,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     cwd: Optional[str] = None,
+    remap: bool = False,
 ) -> Plan:
     """What to count and write for SpecForge's scripts/train_eagle3.py with these flags."""
     cwd = os.path.abspath(cwd or os.getcwd())
     args, _rest = parse_train_eagle3_args(list(argv))
     source = "train_eagle3 flags"
+    if remap and not args.ckpt_dir:
+        raise InputError(
+            "--remap moves a trained draft onto a new vocabulary, so it needs the draft: pass train_eagle3's "
+            "--ckpt-dir DIR (the checkpoint to warm-start from)."
+        )
     if args.ckpt_dir:
         ckpt = resolve_path(args.ckpt_dir, cwd=cwd)
         if not os.path.isdir(ckpt):
@@ -325,23 +437,17 @@ def plan_from_train_eagle3_args(
             "(never loss-masked in SpecForge) are not, so the counts cover the trained tokens only if "
             "the chat template renders the replies as plain text."
         )
-    keep_reason = ""
-    if args.ckpt_dir:
-        keep_reason = "--ckpt-dir"
-    elif args.resume and args.output_dir and os.path.isdir(resolve_path(args.output_dir, cwd=cwd)):
-        keep_reason = "--resume"
-    elif keep_draft_vocab_size:
-        keep_reason = "--keep-draft-vocab-size"
+    continuation = find_old_continuation(args, cwd=cwd, remap=remap)
+    # --ckpt-dir's config.json belongs to the checkpoint; under --resume the draft config is the user's own.
+    patchable = not args.ckpt_dir
+    if continuation is not None:
+        _check_continuing_config(continuation, read_draft_config(draft, required=()), draft, patchable)
+    keep_reason = "--keep-draft-vocab-size" if keep_draft_vocab_size else ""
     search = search if search is not None else SearchSettings()
     if keep_reason:
-        if keep_reason != "--keep-draft-vocab-size":
-            logger.warning(
-                "%s: the draft weights fix draft_vocab_size, so it is kept as in %s and only the mapping "
-                "is written (as with --keep-draft-vocab-size).",
-                keep_reason,
-                draft,
-            )
         search = _search_for_keep(search, draft, keep_reason)
+    if continuation is not None:
+        _check_continuation_search(search, continuation)
     cache_dir = resolve_path(args.cache_dir, cwd=cwd)
     return Plan(
         data=data,
@@ -349,11 +455,15 @@ def plan_from_train_eagle3_args(
         search=search,
         keep_draft_vocab_size=bool(keep_reason),
         keep_reason=keep_reason,
-        output_dir=resolve_path(output_dir, cwd=cwd) if output_dir else default_output_dir(cache_dir, data, draft),
+        output_dir=resolve_path(output_dir, cwd=cwd)
+        if output_dir
+        else default_output_dir(cache_dir, CONVERSATIONS, path, draft),
         cache_dir=cache_dir,
         cwd=cwd,
         force=force,
         backup=backup,
         lock_timeout=lock_timeout,
         train_args=args,
+        continuation=continuation,
+        patch_draft_config=patchable,
     )

@@ -40,13 +40,20 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from specforge_vocab.choosing.search import SearchSettings
+from specforge_vocab.choosing.serving import ServingSettings
 from specforge_vocab.counting.counts_file import FORMAT_VERSION, load_counts
 from specforge_vocab.counting.distributed import distributed_session
 from specforge_vocab.counting.engine import CountAborted, CountSettings
 from specforge_vocab.counting.sources import obtain_counts
+from specforge_vocab.drafts.checkpoint import CONFIG_NAME
+from specforge_vocab.drafts.remap import RemapResult, write_warm_start
+from specforge_vocab.drafts.runtime_checkpoint import STATE_FILE, open_draft
+from specforge_vocab.drafts.target_head import DEFAULT_LM_HEAD_KEY
 from specforge_vocab.errors import InputError
 from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT, atomic_write, file_lock, json_text, sha256_file
-from specforge_vocab.pipeline import OutputSettings, optimize
+from specforge_vocab.pipeline import OutputSettings, check_settings, choose, gather_inputs, optimize
+from specforge_vocab.specforge.continuing import RESUME, configured_mapping_equals, continuing_payloads
+from specforge_vocab.specforge.continuing import summary_lines as continuing_summary_lines
 from specforge_vocab.specforge.data_files import (
     count_masked_ids,
     iter_feature_files,
@@ -65,12 +72,18 @@ from specforge_vocab.specforge.plan import (
 )
 from specforge_vocab.specforge.ranks import agreed, process_group, run_on_rank_zero
 from specforge_vocab.specforge.reuse import Decision, decide, read_fingerprint
+from specforge_vocab.specforge.run_config import resolve_path
 from specforge_vocab.specforge.train_eagle3 import cache_mapping_paths, offline_cache_mapping_path
-from specforge_vocab.specforge.yaml_patch import set_vocab_mapping_path
+from specforge_vocab.specforge.yaml_patch import set_model_fields
 from specforge_vocab.writing.draft_config import patch_draft_vocab_size
-from specforge_vocab.writing.outputs import COUNTS_FILE, FINGERPRINT_FILE, MAPPING_FILE, SUMMARY_FILE
+from specforge_vocab.writing.mapping import kept_ids_from_d2t, load_mapping
+from specforge_vocab.writing.outputs import COUNTS_FILE, FINGERPRINT_FILE, MAPPING_FILE, SUMMARY_FILE, commit_outputs
 
 logger = logging.getLogger(__name__)
+
+
+#: --remap writes the warm-start checkpoint to <output_dir><suffix>
+WARM_START_SUFFIX = "-warm-start"
 
 
 @dataclasses.dataclass
@@ -86,10 +99,13 @@ class PrepareResult:
     output_dir: str = ""
     draft_config: str = ""
     cache_paths: List[str] = dataclasses.field(default_factory=list)  # md5 / sha256 copies SpecForge finds
-    run_config: Optional[str] = None  # the file whose model.vocab_mapping_path was set
+    run_config: Optional[str] = None  # the file whose model.* fields were set
     overrides: Tuple[str, ...] = ()
     source: str = ""
     rank: int = 0
+    run_fields: List[str] = dataclasses.field(default_factory=list)  # the model.* fields set in run_config
+    warm_start: Optional[str] = None  # --remap: the warm-start checkpoint written
+    notes: List[str] = dataclasses.field(default_factory=list)
 
     def summary_lines(self) -> List[str]:
         s = self.summary
@@ -104,12 +120,15 @@ class PrepareResult:
             f"loss-masked tokens counted: {int(s.get('tokens_counted', 0)):,}  unique ids: "
             f"{int(s.get('unique_tokens', 0)):,}",
             f"draft_vocab_size: {self.k:,} of {s.get('target_vocab_size', 0):,}  coverage "
-            f"{float(s.get('coverage', 0.0)):.4%}  ({s.get('method')}), set in {self.draft_config}",
-            f"mapping: {self.mapping_path}",
+            f"{float(s.get('coverage', 0.0)):.4%}  ({s.get('method')}), draft config {self.draft_config}",
         ]
+        if "continuing" in s:
+            lines += continuing_summary_lines(s)
+        lines.append(f"mapping: {self.mapping_path} (fingerprint {str(s.get('mapping_fingerprint', ''))[:16]})")
         lines += [f"  copy at SpecForge's cache path: {p}" for p in self.cache_paths]
+        lines += self.notes
         if self.run_config:
-            lines.append(f"model.vocab_mapping_path set in {self.run_config}")
+            lines.append(f"set {', '.join('model.' + f for f in self.run_fields)} in {self.run_config}")
             command = f"specforge train --config {self.run_config}"
             if self.overrides:
                 command += " " + " ".join(self.overrides)
@@ -132,13 +151,16 @@ def before_training(
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     progress: bool = False,
     cwd: Optional[str] = None,
+    remap: bool = False,
 ) -> PrepareResult:
     """Prepare the draft vocabulary for a SpecForge run; call it on every rank.
 
     Give either ``run_config`` (a ``specforge train`` YAML/JSON, with ``overrides`` as
     ``section.field=value``) or ``train_eagle3_args`` (scripts/train_eagle3.py's flags; the other
     flags are ignored). Relative paths resolve from ``cwd`` (default: the current directory),
-    as SpecForge resolves them.
+    as SpecForge resolves them. When the run continues from a checkpoint, the checkpoint's own
+    mapping is handed over; ``remap`` moves the draft onto a fresh choice instead
+    (specforge/continuing.py).
 
     >>> result = before_training("configs/llama3-8b-eagle3-run.yaml")  # doctest: +SKIP
     >>> result.k, result.mapping_path, result.reused  # doctest: +SKIP
@@ -166,6 +188,7 @@ def before_training(
         backup=backup,
         lock_timeout=lock_timeout,
         cwd=cwd,
+        remap=remap,
     )
 
     def make_plan() -> Plan:
@@ -273,15 +296,17 @@ def _write_if_different(path: str, payload: bytes) -> bool:
     return True
 
 
-def cache_copy_paths(plan: Plan, k: int) -> List[str]:
+def cache_copy_paths(plan: Plan, k: int, draft_config: Optional[str] = None) -> List[str]:
     """Absolute paths where SpecForge looks for a cached mapping: train_eagle3's md5 keys (current,
-    then legacy), or newer SpecForge's offline sha256 key for feature files."""
+    then legacy; keyed on ``draft_config``, default the plan's), or newer SpecForge's offline sha256 key
+    for feature files (fresh runs only: a continuing run names its mapping in the run config)."""
     paths = []
     if plan.train_args is not None:
         paths += [
-            os.path.normpath(os.path.join(plan.cwd, p)) for p in cache_mapping_paths(plan.train_args, plan.draft_config)
+            os.path.normpath(os.path.join(plan.cwd, p))
+            for p in cache_mapping_paths(plan.train_args, draft_config or plan.draft_config)
         ]
-    if plan.data.source == FEATURES and plan.run is not None:
+    if plan.data.source == FEATURES and plan.run is not None and plan.continuation is None:
         if plan.target_vocab_size is None:
             logger.info(
                 "The target model's config.json is not local, so the offline cache copy is skipped "
@@ -302,7 +327,7 @@ def cache_copy_paths(plan: Plan, k: int) -> List[str]:
 def write_outputs(
     plan: Plan, decision: Decision, counted: Optional[Tuple[np.ndarray, Dict[str, str]]]
 ) -> Dict[str, Any]:
-    """Rank 0: search and write (unless reused), then hand over; fingerprint.json goes last."""
+    """Rank 0: choose and write (unless reused), then hand over; fingerprint.json goes last."""
 
     out = plan.output_dir
     fingerprint_path = os.path.join(out, FINGERPRINT_FILE)
@@ -310,47 +335,154 @@ def write_outputs(
     if decision.action == "reuse":
         with open(os.path.join(out, SUMMARY_FILE), encoding="utf-8") as handle:
             k = int(json.load(handle)["optimal_draft_vocab_size"])
-        if not plan.keep_draft_vocab_size:
-            patch_draft_vocab_size(plan.draft_config, k, backup=plan.backup)
     else:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(fingerprint_path)  # outputs are about to change: never pair old fingerprint with new files
         if counted is None:
             counted = load_counts(os.path.join(out, COUNTS_FILE), flag=f"the stored counts in {out}")
-        count = plan.data.count_settings() if plan.data.source == CONVERSATIONS else CountSettings()
-        result = optimize(
-            count,
-            plan.search,
-            OutputSettings(
-                output_dir=out, config_path=plan.draft_config, backup=plan.backup, lock_timeout=plan.lock_timeout
-            ),
-            precounted=counted,
-        )
-        k = result.k
-    with open(mapping, "rb") as handle:
-        payload = handle.read()
-    copies = cache_copy_paths(plan, k)
-    for path in copies:
-        _write_if_different(path, payload)
-    run_config = None
-    if plan.run is not None:
-        patched = set_vocab_mapping_path(
-            plan.run.config_path, mapping, output_path=plan.output_config, backup=plan.backup
-        )
-        run_config = patched.path
+        if plan.continuation is not None and not plan.remap:
+            k = _write_continuing(plan, counted)
+        else:
+            k = _choose_and_write(plan, counted)
+    remapped = _remap(plan, mapping) if plan.remap else None
+    handed = _hand_over(plan, k, mapping, remapped)
     sums = {name: sha256_file(os.path.join(out, name)) for name in (MAPPING_FILE, COUNTS_FILE, SUMMARY_FILE)}
-    stored = dict(decision.fingerprint, result={"draft_vocab_size": k, "sha256": sums})
+    with open(os.path.join(out, SUMMARY_FILE), encoding="utf-8") as handle:
+        fingerprint = json.load(handle).get("mapping_fingerprint")
+    result = {"draft_vocab_size": k, "sha256": sums, "mapping_fingerprint": fingerprint}
+    stored = dict(decision.fingerprint, result=result)
     if read_fingerprint(out) != json.loads(json_text(stored)):
         atomic_write(fingerprint_path, json_text(stored))
     return {
         "k": k,
         "mapping": mapping,
         "mapping_sha256": sums[MAPPING_FILE],
-        "copies": copies,
-        "run_config": run_config,
         "action": decision.action,
         "reason": decision.reason,
+        "warm_start": remapped.output if remapped is not None else None,
+        **handed,
     }
+
+
+def _choose_and_write(plan: Plan, counted: Tuple[np.ndarray, Dict[str, str]]) -> int:
+    """A fresh choice (also the one --remap moves the draft onto), written by optimize; returns k."""
+    count = plan.data.count_settings() if plan.data.source == CONVERSATIONS else CountSettings()
+    to_file = plan.patch_draft_config and plan.derived_config is None and not plan.remap
+    result = optimize(
+        count,
+        plan.search,
+        OutputSettings(
+            output_dir=plan.output_dir,
+            config_path=plan.draft_config if to_file else None,
+            backup=plan.backup,
+            lock_timeout=plan.lock_timeout,
+        ),
+        precounted=counted,
+        draft_config=None if to_file else plan.draft_config_dict(),
+    )
+    return result.k
+
+
+def _write_continuing(plan: Plan, counted: Tuple[np.ndarray, Dict[str, str]]) -> int:
+    """The outputs of a continuing run: the checkpoint's own mapping, its coverage and the fresh choice."""
+    cont = plan.continuation
+    count = plan.data.count_settings() if plan.data.source == CONVERSATIONS else CountSettings()
+    output = OutputSettings(output_dir=plan.output_dir, backup=plan.backup, lock_timeout=plan.lock_timeout)
+    serving = ServingSettings()
+    check_settings(count, plan.search, output, serving, counting=False)
+    inputs = gather_inputs(
+        count, plan.search, output, serving, precounted=counted, draft_config=plan.draft_config_dict()
+    )
+    choice = choose(inputs, plan.search, serving, cache_dir=plan.cache_dir)
+    mapping = os.path.join(plan.output_dir, MAPPING_FILE)
+    keep = []
+    if cont.kind == RESUME and plan.run.resolved_vocab_mapping_path == mapping:
+        # SpecForge refuses to resume once this file is rewritten (it records its size and mtime).
+        if not configured_mapping_equals(plan.run, cont):
+            raise InputError(
+                f"model.vocab_mapping_path {mapping} is not the mapping of {cont.describe()}, and prepare would have "
+                "to rewrite it, which makes SpecForge refuse the resume. Resume restores the checkpoint's own d2t/t2d "
+                "anyway; pass --output-dir to write this report elsewhere."
+            )
+        keep.append(mapping)
+    settings = {"counting": dict(inputs.metadata), "output_dir": plan.output_dir, "draft_config": plan.draft_config}
+    payloads = continuing_payloads(
+        cont,
+        inputs,
+        choice,
+        output_dir=plan.output_dir,
+        latency_model=serving.latency.latency_model,
+        settings=settings,
+        keep=keep,
+    )
+    commit_outputs(payloads, output_dir=plan.output_dir, lock_timeout=plan.lock_timeout)
+    return cont.k
+
+
+def _remap(plan: Plan, mapping: str) -> RemapResult:
+    """--remap: the warm-start checkpoint on the fresh mapping in ``mapping``, next to the output directory."""
+    cont = plan.continuation
+    d2t, _t2d = load_mapping(mapping)
+    text = None
+    if plan.derived_config is None:
+        with open(plan.draft_config, encoding="utf-8") as handle:
+            text = handle.read()
+    draft = open_draft(os.path.join(cont.checkpoint, STATE_FILE) if cont.runtime else cont.checkpoint)
+    target = plan.run.target_model_path if plan.run is not None else plan.train_args.target_model_path
+    return write_warm_start(
+        draft,
+        cont.kept,
+        kept_ids_from_d2t(d2t),
+        output=plan.output_dir.rstrip("/\\") + WARM_START_SUFFIX,
+        config=dict(plan.draft_config_dict(), draft_vocab_size=cont.k),
+        config_text=text,
+        vocab_size=cont.vocab_size,
+        target_model_path=resolve_path(target, cwd=plan.cwd),
+        lm_head_key=plan.run.lm_head_key if plan.run is not None else DEFAULT_LM_HEAD_KEY,
+        source=cont.describe(),
+    )
+
+
+def _hand_over(plan: Plan, k: int, mapping: str, remapped: Optional[RemapResult]) -> Dict[str, Any]:
+    """Put the mapping (and the draft config, and the warm start) where SpecForge looks; every call, idempotent."""
+    notes: List[str] = []
+    cont = plan.continuation
+    if plan.patch_draft_config and plan.derived_config is None and not plan.remap and not plan.keep_draft_vocab_size:
+        patch_draft_vocab_size(plan.draft_config, k, backup=plan.backup)
+    if plan.derived_config is not None and remapped is None and (cont is None or cont.kind != RESUME):
+        derived = json_text(dict(plan.derived_config, draft_vocab_size=k))
+        if _write_if_different(plan.draft_config, derived.encode("utf-8")):
+            logger.info("Wrote the draft config derived from the target to %s.", plan.draft_config)
+    warm_config = os.path.join(remapped.output, CONFIG_NAME) if remapped is not None else None
+    copies = cache_copy_paths(plan, k, warm_config)
+    with open(mapping, "rb") as handle:
+        payload = handle.read()
+    for path in copies:
+        _write_if_different(path, payload)
+    run_config, fields = None, {}
+    if plan.run is not None and cont is not None and cont.kind == RESUME:
+        same = configured_mapping_equals(plan.run, cont)
+        state = {True: "holds this same mapping", False: "holds ANOTHER mapping (ignored on resume)", None: "is unset"}
+        notes.append(
+            "training.resume_from: SpecForge restores the checkpoint's own d2t/t2d, so the run config and the files "
+            f"it names are left unchanged (SpecForge refuses a resume once they change); model.vocab_mapping_path "
+            f"{state[same]}"
+        )
+    elif plan.run is not None:
+        if plan.derived_config is not None and remapped is None:
+            fields["draft_model_config"] = plan.draft_config
+        if remapped is not None:
+            fields["draft_checkpoint_path"] = remapped.output
+            fields["draft_model_config"] = warm_config
+        fields["vocab_mapping_path"] = mapping
+        run_config = set_model_fields(
+            plan.run.config_path, fields, output_path=plan.output_config, backup=plan.backup
+        ).path
+    if remapped is not None:
+        notes.append(remapped.summary_line())
+        if plan.train_args is not None:
+            notes.append(f"continue with --ckpt-dir {remapped.output} (scripts/train_eagle3.py passes it on itself)")
+    return {"copies": copies, "run_config": run_config, "run_fields": list(fields), "notes": notes}
 
 
 def load_result(info: Dict[str, Any], plan: Plan, *, rank: int = 0) -> PrepareResult:
@@ -379,4 +511,7 @@ def load_result(info: Dict[str, Any], plan: Plan, *, rank: int = 0) -> PrepareRe
         overrides=tuple(plan.overrides),
         source=f"{plan.data.field} {plan.data.path} ({SOURCE_NAMES[plan.data.source]})",
         rank=rank,
+        run_fields=list(info["run_fields"]),
+        warm_start=info["warm_start"],
+        notes=list(info["notes"]),
     )

@@ -4,8 +4,9 @@ call with unchanged inputs does no work.
 Two parts. *counting*: for raw conversations the counts cache's fingerprint (data files by size and
 sha256, tokenizer files, template strings, max_length, mask options, V); for pre-tokenized prompts
 the file's size and sha256; for offline feature files their paths, sizes and mtimes (the identity
-SpecForge itself uses). *choice*: the search settings and the draft config (without
-``draft_vocab_size``, which prepare writes). :func:`decide` compares them with the stored ones:
+SpecForge itself uses). *choice*: the search settings, the draft config (without
+``draft_vocab_size``, which prepare writes) and, for a run that continues from a checkpoint, the
+checkpoint (its weight files and mapping fingerprint). :func:`decide` compares them with the stored ones:
 reuse, search the stored counts again, or count.
 """
 
@@ -25,7 +26,6 @@ from specforge_vocab.fileio import json_text, sha256_file
 from specforge_vocab.specforge.data_files import list_feature_files
 from specforge_vocab.specforge.plan import CONVERSATIONS, PRETOKENIZED, Plan
 from specforge_vocab.version import __version__
-from specforge_vocab.writing.draft_config import read_draft_config
 from specforge_vocab.writing.outputs import COUNTS_FILE, FINGERPRINT_FILE, MAPPING_FILE, SUMMARY_FILE, recover_outputs
 
 logger = logging.getLogger(__name__)
@@ -79,16 +79,19 @@ def counting_identity(plan: Plan, memo=None) -> Dict[str, Any]:
 def choice_identity(plan: Plan) -> Dict[str, Any]:
     """Everything besides the counts that decides k and the mapping."""
 
-    config = dict(read_draft_config(plan.draft_config, required=()))
+    config = plan.draft_config_dict()
     if not plan.keep_draft_vocab_size:
         config.pop("draft_vocab_size", None)  # we write it: our own patch must not look like a change
 
-    return {
+    identity = {
         "tool_version": __version__,
         "search": dataclasses.asdict(plan.search),
         "keep_draft_vocab_size": plan.keep_draft_vocab_size,
         "draft_config_sha256": hashlib.sha256(_canonical(config).encode()).hexdigest(),
     }
+    if plan.continuation is not None:
+        identity["continuing"] = plan.continuation.identity()
+    return identity
 
 
 def fingerprint(plan: Plan, memo=None) -> Dict[str, Any]:

@@ -33,6 +33,9 @@ DEFAULT_CHAT_TEMPLATE = "llama3"
 DEFAULT_CACHE_DIR = "./cache"
 
 
+DEFAULT_LM_HEAD_KEY = "lm_head.weight"
+
+
 DATA_SOURCES = ("train_data_path", "prompts_path", "hidden_states_path")
 
 
@@ -104,6 +107,7 @@ _STRING_FIELDS = {
     "data.chat_template",
     "data.cache_dir",
     "data.cache_key",
+    "training.resume_from",
     "run_id",
     "output_dir",
 }
@@ -335,6 +339,9 @@ class RunConfig:
     train_only_last_turn: bool = False
     cache_dir: str = DEFAULT_CACHE_DIR
     cwd: str = ""
+    draft_checkpoint_path: Optional[str] = None  # warm start (weights only); "" is set, as SpecForge tests it
+    resume_from: Optional[str] = None  # training.resume_from: full resume
+    lm_head_key: str = DEFAULT_LM_HEAD_KEY
 
     @classmethod
     def from_dict(cls, raw: Mapping, *, config_path: str, cwd: Optional[str] = None) -> "RunConfig":
@@ -374,7 +381,20 @@ class RunConfig:
                 f"(pre-tokenized JSONL) or data.hidden_states_path (offline features), but sets {found}. "
                 "Keep one (an override such as --set data.prompts_path= clears one)."
             )
+        training = raw.get("training") if isinstance(raw.get("training"), Mapping) else {}
+        warm = model.get("draft_checkpoint_path")
+        resume = training.get("resume_from")
+        if warm is not None and resume is not None:
+            raise InputError(
+                f"{path} sets both model.draft_checkpoint_path (a warm start: weights only) and training.resume_from "
+                "(a full resume); SpecForge refuses the pair (it tests both with `is not None`, so an empty value "
+                "counts). Remove one of them."
+            )
         return cls(
+            draft_checkpoint_path=None if warm is None else _as_str(warm, "model.draft_checkpoint_path", path),
+            resume_from=None if resume is None else _as_str(resume, "training.resume_from", path),
+            lm_head_key=_as_str(model.get("lm_head_key"), "model.lm_head_key", path, DEFAULT_LM_HEAD_KEY)
+            or DEFAULT_LM_HEAD_KEY,
             config_path=os.path.abspath(path),
             raw=copy.deepcopy(dict(raw)),
             target_model_path=target,

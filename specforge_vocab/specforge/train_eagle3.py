@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 from specforge_vocab.errors import InputError
@@ -191,6 +192,21 @@ def offline_cache_mapping_path(run: RunConfig, target_vocab_size: int, draft_voc
     identity = offline_dataset_identity(run.data_path, run.max_length, cwd=run.cwd)
     key = sha256_cache_key(identity, target_vocab_size, draft_vocab_size)
     return os.path.join(run.resolved_cache_dir, VOCAB_MAPPING_DIR, key + ".pt")
+
+
+_EPOCH_DIR = re.compile(r"^epoch_(\d+)(?:_step_(\d+))?$")
+
+
+def last_epoch_checkpoint(output_dir: str) -> Optional[str]:
+    """The checkpoint ``--resume`` continues from: the ``epoch_<e>[_step_<s>]`` directory under ``output_dir``
+    with the highest (e, s), s = 0 when absent (SpecForge's get_last_checkpoint); None when there is none
+    (then train_eagle3.py trains from scratch)."""
+    found = []
+    for name in os.listdir(output_dir):
+        match = _EPOCH_DIR.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append(((int(match.group(1)), int(match.group(2) or 0)), name))
+    return os.path.join(output_dir, max(found)[1]) if found else None
 
 
 def find_specforge_train_script(explicit: Optional[str] = None) -> str:

@@ -1,4 +1,5 @@
-"""Set ``model.vocab_mapping_path`` in a user's run config and change nothing else in the file.
+"""Set ``model.*`` fields (``vocab_mapping_path``, ``draft_model_config``, ``draft_checkpoint_path``) in a
+user's run config and change nothing else in the file.
 
 The YAML is edited as text: comments, key order, quoting and every other line stay byte for byte.
 Layouts that cannot be edited safely this way (a flow mapping, anchors, a block scalar at that
@@ -12,7 +13,7 @@ import json
 import logging
 import os
 import re
-from typing import NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import yaml
 
@@ -41,6 +42,10 @@ _BAD_VALUE_START = set("|>&*!{[%@`?,")
 
 
 _KEY = "vocab_mapping_path"
+
+
+#: the model.* fields prepare may set
+SETTABLE_KEYS = ("vocab_mapping_path", "draft_model_config", "draft_checkpoint_path")
 
 
 def _unquote_key(key: str) -> str:
@@ -127,33 +132,43 @@ def _render_scalar(value: str, style: str) -> str:
     return value
 
 
-def _odd_layout(path: str, line: int, what: str) -> InputError:
+def _odd_layout(path: str, line: int, what: str, key: str) -> InputError:
     return InputError(
-        f"{where(path, line, 'model.vocab_mapping_path')}: {what}, so the value cannot be replaced without rewriting "
+        f"{where(path, line, 'model.' + key)}: {what}, so the value cannot be replaced without rewriting "
         "other parts of the file. Nothing was changed. Write the model section in block style "
         "('model:' then one indented 'field: value' per line), or pass --output-config and set the key by hand."
     )
 
 
 def patch_vocab_mapping_text(text: str, mapping_path: str, *, source: str = "run config") -> str:
-    """Return ``text`` (a YAML run config) with ``model.vocab_mapping_path`` set
-    to ``mapping_path``; every other byte is kept. Raises InputError for layouts
-    it cannot edit safely (flow style, anchors, block scalars, duplicates).
+    """``text`` (a YAML run config) with ``model.vocab_mapping_path`` set; see :func:`patch_model_text`."""
+    return patch_model_text(text, _KEY, mapping_path, source=source)
+
+
+def patch_model_text(text: str, key: str, value: str, *, source: str = "run config") -> str:
+    """Return ``text`` (a YAML run config) with ``model.<key>`` set to the string
+    ``value``; every other byte is kept. Raises InputError for layouts it cannot
+    edit safely (flow style, anchors, block scalars, duplicates).
 
     The result is re-parsed: it must equal the original document with only
     that one key changed.
     """
+    if key not in SETTABLE_KEYS:
+        raise ValueError(f"patch_model_text: {key!r} is not one of {SETTABLE_KEYS}")
+
+    def odd(line: int, what: str) -> InputError:
+        return _odd_layout(source, line, what, key)
 
     original = parse_yaml_text(text, source)
     if not isinstance(original, dict) or not isinstance(original.get("model"), dict):
         raise InputError(
             f"{source} has no block 'model:' section (top level: {short(original)}), so there is nowhere to set "
-            "model.vocab_mapping_path. Add a 'model:' section with target_model_path and draft_model_config."
+            f"model.{key}. Add a 'model:' section with target_model_path and draft_model_config."
         )
-    current = original["model"].get(_KEY)
+    current = original["model"].get(key)
     if current is not None and not isinstance(current, str):
         raise InputError(
-            f"{where(source, field='model.' + _KEY)} must be a string (a .pt path), but it holds {short(current)}. "
+            f"{where(source, field='model.' + key)} must be a string (a path), but it holds {short(current)}. "
             "Nothing was changed; replace it with a path or remove it."
         )
     lines = text.splitlines(keepends=True)
@@ -171,8 +186,7 @@ def patch_vocab_mapping_text(text: str, mapping_path: str, *, source: str = "run
     start, match = starts[0]
     rest = match.group("rest").strip()
     if rest and not rest.startswith("#"):
-        raise _odd_layout(
-            source,
+        raise odd(
             start + 1,
             f"'model:' is followed by {short(rest)} on the same line (flow style, an anchor or a tag)",
         )
@@ -184,12 +198,12 @@ def patch_vocab_mapping_text(text: str, mapping_path: str, *, source: str = "run
             break
     content = [j for j in range(start + 1, end) if _is_content(bodies[j])]
     if not content:
-        raise _odd_layout(source, start + 1, "the 'model:' section has no indented fields")
+        raise odd(start + 1, "the 'model:' section has no indented fields")
     if any(bodies[j].startswith("\t") or "\t" in bodies[j][: _indent_of(bodies[j]) + 1] for j in content):
-        raise _odd_layout(source, content[0] + 1, "the model section is indented with tabs")
+        raise odd(content[0] + 1, "the model section is indented with tabs")
     indent = _indent_of(bodies[content[0]])
     if bodies[content[0]][indent:].startswith(("{", "[", "- ", "? ")):
-        raise _odd_layout(source, content[0] + 1, "the model section is written in flow or complex-key style")
+        raise odd(content[0] + 1, "the model section is written in flow or complex-key style")
     keys = []
     for j in content:
         if _indent_of(bodies[j]) != indent:
@@ -197,9 +211,9 @@ def patch_vocab_mapping_text(text: str, mapping_path: str, *, source: str = "run
         child = _CHILD_KEY.match(bodies[j])
         if child and len(child.group("indent")) == indent:
             keys.append((j, child))
-    hits = [(j, m) for j, m in keys if _unquote_key(m.group("key")) == _KEY]
+    hits = [(j, m) for j, m in keys if _unquote_key(m.group("key")) == key]
     if len(hits) > 1:
-        raise _odd_layout(source, hits[1][0] + 1, f"model.{_KEY} appears {len(hits)} times")
+        raise odd(hits[1][0] + 1, f"model.{key} appears {len(hits)} times")
     other_styles = [m.group("rest").strip()[:1] for _, m in keys]
 
     def continues(j: int) -> bool:
@@ -215,19 +229,17 @@ def patch_vocab_mapping_text(text: str, mapping_path: str, *, source: str = "run
         v0 = value_from + lead
         head = body[v0 : v0 + 1]
         if continues(j):
-            raise _odd_layout(source, j + 1, "its value continues on the following, more indented lines")
+            raise odd(j + 1, "its value continues on the following, more indented lines")
         if head in ('"', "'"):
             v1 = _scan_quoted(body, v0)
             if v1 < 0:
-                raise _odd_layout(source, j + 1, "its quoted value spans several lines")
+                raise odd(j + 1, "its quoted value spans several lines")
             style = head
         elif head == "" or head == "#":
             v1 = v0
             style = ""
         elif head in _BAD_VALUE_START:
-            raise _odd_layout(
-                source, j + 1, f"its value starts with {head!r} (a block scalar, anchor, alias, tag or flow value)"
-            )
+            raise odd(j + 1, f"its value starts with {head!r} (a block scalar, anchor, alias, tag or flow value)")
         else:
             comment = re.search(r"[ \t]#", body[v0:])
             v1 = v0 + (comment.start() if comment else len(body) - v0)
@@ -236,8 +248,8 @@ def patch_vocab_mapping_text(text: str, mapping_path: str, *, source: str = "run
             style = ""
         tail = body[v1:]
         if head != "#" and tail.strip() and not re.match(r"[ \t]+#", tail):
-            raise _odd_layout(source, j + 1, f"its value is followed by {short(tail.strip())}")
-        rendered = _render_scalar(mapping_path, style)
+            raise odd(j + 1, f"its value is followed by {short(tail.strip())}")
+        rendered = _render_scalar(value, style)
         if v0 == v1:  # no value yet: keep the spacing before a comment as it is
             new_body = body[:value_from] + " " + rendered + body[value_from:]
         else:
@@ -248,26 +260,24 @@ def patch_vocab_mapping_text(text: str, mapping_path: str, *, source: str = "run
         body, eol = _split_eol(lines[last])
         eol_new = eol or next((_split_eol(line)[1] for line in lines if _split_eol(line)[1]), "\n")
         style = '"' if '"' in other_styles else ""
-        new_line = " " * indent + f"{_KEY}: " + _render_scalar(mapping_path, style)
+        new_line = " " * indent + f"{key}: " + _render_scalar(value, style)
         if eol:
             new_lines = lines[: last + 1] + [new_line + eol_new] + lines[last + 1 :]
         else:
             new_lines = lines[:last] + [body + eol_new, new_line] + lines[last + 1 :]
     new_text = "".join(new_lines)
     expected = copy.deepcopy(original)
-    expected["model"][_KEY] = mapping_path
+    expected["model"][key] = value
     try:
         reparsed = yaml.safe_load(new_text)
     except yaml.YAMLError:
         reparsed = None
     if reparsed != expected:
-        raise _odd_layout(
-            source, start + 1, "re-reading the edited file did not give the original config with only this key changed"
-        )
+        raise odd(start + 1, "re-reading the edited file did not give the original config with only this key changed")
     return new_text
 
 
-def _patch_json_text(text: str, mapping_path: str, source: str) -> str:
+def _patch_json_text(text: str, values: Dict[str, str], source: str) -> str:
     """JSON run configs have no comments: re-serialise with the same key order
     and the indentation of the original (whitespace may be normalised)."""
     try:
@@ -275,12 +285,50 @@ def _patch_json_text(text: str, mapping_path: str, source: str) -> str:
     except json.JSONDecodeError as exc:
         raise InputError(f"{where(source, exc.lineno)}: the run config is not valid JSON ({exc.msg}).") from None
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-        raise InputError(f'{source} has no "model" object, so there is nowhere to set model.vocab_mapping_path.')
-    data["model"][_KEY] = mapping_path
+        fields = ", ".join(f"model.{key}" for key in values)
+        raise InputError(f'{source} has no "model" object, so there is nowhere to set {fields}.')
+    data["model"].update(values)
     indent_match = re.search(r"\n([ \t]+)\S", text)
     indent = indent_match.group(1) if indent_match else None
     out = json.dumps(data, indent=indent if indent is not None else None, ensure_ascii=False)
     return out + ("\n" if text.endswith("\n") else "")
+
+
+def set_model_fields(
+    yaml_path: str,
+    values: Dict[str, str],
+    *,
+    output_path: Optional[str] = None,
+    backup: bool = True,
+) -> PatchResult:
+    """Set ``model.<key>`` to each of ``values`` in a run config, keeping comments, key order, quoting
+    and line endings byte-identical elsewhere; one write (and one ``.bak``) for all of them.
+
+    In place (no ``output_path``) the old file is first copied to ``<path>.bak``
+    (``backup=True``); unchanged values write nothing. Paths are written as given:
+    SpecForge resolves them from the directory training runs in, so an absolute path is the safe choice.
+    """
+    yaml_path = str(yaml_path)
+    for key, value in values.items():
+        if not isinstance(value, str) or not value:
+            raise InputError(f"model.{key} must be set to a non-empty path, but got {short(value)}.")
+    text = read_run_text(yaml_path, "Run config")
+    if is_json_config(yaml_path):
+        new_text = _patch_json_text(text, values, yaml_path)
+    else:
+        new_text = text
+        for key, value in values.items():
+            new_text = patch_model_text(new_text, key, value, source=yaml_path)
+    in_place = output_path is None or (os.path.exists(output_path) and os.path.samefile(output_path, yaml_path))
+    target = yaml_path if in_place else str(output_path)
+    shown = ", ".join(f"model.{key} = {value}" for key, value in values.items())
+    if in_place and new_text == text:
+        logger.info("%s already has %s", yaml_path, shown)
+        return PatchResult(target, False, None)
+    backup_path = backup_file(yaml_path) if (in_place and backup) else None
+    atomic_write(target, new_text, keep_mode_of=yaml_path)
+    logger.info("Set %s in %s", shown, target)
+    return PatchResult(target, new_text != text, backup_path)
 
 
 def set_vocab_mapping_path(
@@ -290,28 +338,7 @@ def set_vocab_mapping_path(
     output_path: Optional[str] = None,
     backup: bool = True,
 ) -> PatchResult:
-    """Set ``model.vocab_mapping_path`` in a run config, keeping comments, key
-    order, quoting and line endings byte-identical elsewhere.
-
-    In place (no ``output_path``) the old file is first copied to
-    ``<path>.bak`` (``backup=True``); an unchanged value writes nothing.
-    ``mapping_path`` is written as given: SpecForge resolves it from the
-    directory training runs in, so an absolute path is the safe choice.
-    """
-    yaml_path = str(yaml_path)
+    """Set ``model.vocab_mapping_path`` in a run config (:func:`set_model_fields`)."""
     if not isinstance(mapping_path, str) or not mapping_path:
         raise InputError(f"The vocab mapping path must be a non-empty string, but got {short(mapping_path)}.")
-    text = read_run_text(yaml_path, "Run config")
-    if is_json_config(yaml_path):
-        new_text = _patch_json_text(text, mapping_path, yaml_path)
-    else:
-        new_text = patch_vocab_mapping_text(text, mapping_path, source=yaml_path)
-    in_place = output_path is None or (os.path.exists(output_path) and os.path.samefile(output_path, yaml_path))
-    target = yaml_path if in_place else str(output_path)
-    if in_place and new_text == text:
-        logger.info("%s already has model.vocab_mapping_path = %s", yaml_path, mapping_path)
-        return PatchResult(target, False, None)
-    backup_path = backup_file(yaml_path) if (in_place and backup) else None
-    atomic_write(target, new_text, keep_mode_of=yaml_path)
-    logger.info("Set model.vocab_mapping_path = %s in %s", mapping_path, target)
-    return PatchResult(target, new_text != text, backup_path)
+    return set_model_fields(yaml_path, {_KEY: mapping_path}, output_path=output_path, backup=backup)
