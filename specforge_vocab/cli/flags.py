@@ -33,6 +33,7 @@ from specforge_vocab.choosing.search import SEARCH_METHODS, SearchSettings
 from specforge_vocab.choosing.serving import ServingSettings
 from specforge_vocab.counting.engine import CountSettings
 from specforge_vocab.drafts.trim import TrimSettings
+from specforge_vocab.drafts.verify import VerifySettings
 from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT
 from specforge_vocab.pipeline import OutputSettings
 
@@ -502,4 +503,68 @@ def trim_settings(args: argparse.Namespace) -> TrimSettings:
         counts_path=args.counts_path,
         search=search,
         overwrite=args.overwrite,
+    )
+
+
+# ---------------------------------------------------------------- verify and --remap
+
+
+def add_verify_flags(parser: argparse.ArgumentParser) -> None:
+    """The `specforge-vocab verify` flags: the draft, what to check it against, and the data flags."""
+    v = VerifySettings
+    parser.add_argument(
+        "draft",
+        metavar="DRAFT",
+        help="the draft: a directory (config.json + model.safetensors, sharded or not, or pytorch_model.bin), a "
+        "SpecForge checkpoint directory or its training_state.pt, or a run's output_dir",
+    )
+    group = parser.add_argument_group("what to check it against")
+    group.add_argument(
+        "--vocab-mapping",
+        default=v.vocab_mapping,
+        metavar="FILE",
+        help="the mapping the draft was trained with (.pt or .safetensors): its contents must equal the draft's d2t",
+    )
+    group.add_argument(
+        "--target-model-path",
+        default=v.target_model_path,
+        metavar="DIR",
+        help="the target model directory: its vocab and hidden sizes must match (also the tokenizer for --dataset-path)",
+    )
+    group.add_argument(
+        "--counts",
+        dest="counts_path",
+        default=v.counts_path,
+        metavar="FILE",
+        help="token counts from `specforge-vocab count`: report the kept set's coverage of them",
+    )
+    group.add_argument("--json", dest="as_json", action="store_true", default=False, help="print the report as JSON")
+    add_count_flags(parser, datasets_required=False, shard=False)
+
+
+def verify_settings(args: argparse.Namespace) -> VerifySettings:
+    count = None
+    if args.dataset_paths:
+        count = settings_from(CountSettings, args)
+        if not count.tokenizer_path and args.target_model_path:
+            count = dataclasses.replace(count, tokenizer_path=args.target_model_path)
+    return VerifySettings(
+        draft=args.draft,
+        vocab_mapping=args.vocab_mapping,
+        target_model_path=args.target_model_path,
+        count=count,
+        counts_path=args.counts_path,
+    )
+
+
+def add_remap_flag(group, *, name: str = "--remap") -> None:
+    """prepare / pre-step: move a checkpoint's draft onto a new vocabulary instead of keeping its own."""
+    group.add_argument(
+        name,
+        dest="remap",
+        action="store_true",
+        default=False,
+        help="when training continues from a checkpoint: choose a new kept set for this data and write a warm-start "
+        "checkpoint (trained rows kept byte for byte, new tokens from the target's lm_head) instead of keeping the "
+        "checkpoint's own mapping",
     )

@@ -1,12 +1,13 @@
 """`specforge-vocab`: the command line. Each subcommand parses its flags into settings, calls the
 library and prints a short summary; nothing below this package imports it.
 
-Subcommands: count, merge, optimize, trim, prepare, pre-step (cli/training.py), demo.
+Subcommands: count, merge, optimize, trim, verify, prepare, pre-step (cli/training.py), demo.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from importlib import resources
@@ -20,14 +21,17 @@ from specforge_vocab.cli.flags import (
     add_search_flags,
     add_serving_flags,
     add_trim_flags,
+    add_verify_flags,
     serving_settings,
     settings_from,
     trim_settings,
+    verify_settings,
 )
 from specforge_vocab.cli.training import add_pre_step_parser, add_prepare_parser
 from specforge_vocab.counting.engine import CountSettings
 from specforge_vocab.counting.merge import merge_to_file
 from specforge_vocab.drafts.trim import trim_checkpoint
+from specforge_vocab.drafts.verify import verify_draft
 from specforge_vocab.errors import InputError, SpecForgeVocabError
 from specforge_vocab.fileio import copy_file
 from specforge_vocab.pipeline import OutputSettings, count_to_file, optimize
@@ -177,6 +181,35 @@ def run_trim_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- verify
+
+
+EXIT_PROBLEMS = 1
+
+
+def add_verify_parser(sub) -> None:
+    parser = sub.add_parser(
+        "verify",
+        help="check a trained draft as vLLM and SGLang will read it",
+        description="Check a draft (safetensors, sharded or not, pytorch_model.bin, or a SpecForge checkpoint): d2t "
+        "present, int64, [draft_vocab_size], kept ids ascending and unique in [0, V); an all-zero d2t; t2d; "
+        "lm_head rows; the config against the target (--target-model-path); the d2t against the mapping it "
+        "was trained with (--vocab-mapping); the kept set's coverage of data (--dataset-path or --counts). "
+        "Exit status 0: sound; 1: problems (each named); 2: bad input.",
+    )
+    add_verify_flags(parser)
+    parser.set_defaults(run=run_verify_command)
+
+
+def run_verify_command(args: argparse.Namespace) -> int:
+    report = verify_draft(verify_settings(args))
+    if args.as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        say(args, *report.summary_lines())
+    return 0 if report.sound else EXIT_PROBLEMS
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -185,6 +218,7 @@ SUBCOMMANDS: List[Callable] = [
     add_merge_parser,
     add_optimize_parser,
     add_trim_parser,
+    add_verify_parser,
     add_prepare_parser,
     add_pre_step_parser,
     add_demo_parser,

@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from specforge_vocab.choosing.search import SearchSettings
 from specforge_vocab.cli.console import say
-from specforge_vocab.cli.flags import add_lock_timeout_flag, add_search_flags, settings_from
+from specforge_vocab.cli.flags import add_lock_timeout_flag, add_remap_flag, add_search_flags, settings_from
 from specforge_vocab.errors import InputError, SpecForgeVocabError
 from specforge_vocab.specforge.prepare import PrepareResult, before_training
 from specforge_vocab.specforge.train_eagle3 import find_specforge_train_script
@@ -41,6 +41,7 @@ def add_prepare_flags(parser: argparse.ArgumentParser) -> None:
         help="do not keep <file>.bak copies of the configs it changes",
     )
     add_lock_timeout_flag(group)
+    add_remap_flag(group)
     add_search_flags(parser)
 
 
@@ -95,6 +96,7 @@ def run_prepare_command(args: argparse.Namespace) -> int:
         backup=args.backup,
         lock_timeout=args.lock_timeout,
         progress=not args.quiet,
+        remap=args.remap,
     )
     _say_result(args, result)
     return 0
@@ -138,6 +140,7 @@ def run_pre_step_command(args: argparse.Namespace) -> int:
         backup=args.backup,
         lock_timeout=args.lock_timeout,
         progress=not args.quiet,
+        remap=args.remap,
     )
     _say_result(args, result)
     return 0
@@ -189,6 +192,7 @@ def handover_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not keep a .bak of the draft config",
     )
+    add_remap_flag(parser, name=HANDOVER_PREFIX + "remap")
     add_search_flags(parser, prefix=HANDOVER_PREFIX)
     return parser
 
@@ -220,6 +224,28 @@ def split_handover_flags(
             rest.append(token)
         i += 1
     return own, rest
+
+
+def replace_flag_value(flags: Sequence[str], name: str, value: str) -> List[str]:
+    """``flags`` with every value of ``name`` (``--name v`` or ``--name=v``) replaced by ``value``.
+
+    >>> replace_flag_value(["--a", "1", "--ckpt-dir", "old", "--ckpt-dir=x"], "--ckpt-dir", "new")
+    ['--a', '1', '--ckpt-dir', 'new', '--ckpt-dir=new']
+    """
+    out: List[str] = []
+    skip = False
+    for token in flags:
+        if skip:
+            out.append(value)
+            skip = False
+        elif token == name:
+            out.append(token)
+            skip = True
+        elif token.startswith(name + "="):
+            out.append(f"{name}={value}")
+        else:
+            out.append(token)
+    return out
 
 
 def hand_over(script: str, flags: Sequence[str]) -> None:  # pragma: no cover - replaces the process
@@ -258,7 +284,10 @@ def train_eagle3_main(argv: Optional[Sequence[str]] = None) -> int:
             output_dir=args.output_dir,
             backup=args.backup,
             progress=True,
+            remap=args.remap,
         )
+        if result.warm_start:
+            flags = replace_flag_value(flags, "--ckpt-dir", result.warm_start)
     except SpecForgeVocabError as exc:
         print(f"specforge-vocab: error: {exc}", file=sys.stderr)
         return exc.exit_code
