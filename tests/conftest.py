@@ -308,3 +308,229 @@ def child_env(*paths, **variables) -> dict:
     """The environment for a child Python process: this one's, with PYTHONPATH = the repository
     (so it imports this checkout of specforge_vocab) followed by ``paths``, and ``variables`` set."""
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), *map(str, paths)]), **variables)
+
+
+# ---------------------------------------------------------------- trained EAGLE-3 drafts
+
+# A tiny EAGLE-3 Llama draft: the keys of configs/llama3-8B-eagle3.json, hidden 64, 4 heads of 16, 2 KV heads.
+TINY_HIDDEN, TINY_HEADS, TINY_KV, TINY_INTER = 64, 4, 2, 224
+LLAMA3_V = 128256
+
+
+def eagle3_config(vocab_size, draft_vocab_size, hidden=TINY_HIDDEN, **extra):
+    """configs/llama3-8B-eagle3.json, scaled down (same keys, same order); ``draft_vocab_size=None`` drops the key."""
+    config = {
+        "architectures": ["LlamaForCausalLMEagle3"],
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": TINY_INTER,
+        "max_position_embeddings": 2048,
+        "model_type": "llama",
+        "num_attention_heads": TINY_HEADS,
+        "num_key_value_heads": TINY_KV,
+        "num_hidden_layers": 1,
+        "pad_token_id": 0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.28.1",
+        "use_cache": True,
+        "vocab_size": vocab_size,
+        "draft_vocab_size": draft_vocab_size,
+    }
+    config.update(extra)
+    if draft_vocab_size is None:
+        del config["draft_vocab_size"]
+    return config
+
+
+def eagle3_tensors(kept, *, vocab_size, hidden=TINY_HIDDEN, dtype=None, embed=True, mapping=True, seed=0):
+    """Every tensor an EAGLE-3 Llama draft (SpecForge LlamaForCausalLMEagle3) saves, in state-dict order, with
+    random weights (bf16 unless ``dtype``); ``kept`` are the target ids of the LM-head rows."""
+    import torch
+
+    from specforge_vocab.writing.mapping import build_mapping
+
+    dtype = dtype or torch.bfloat16
+    gen = torch.Generator().manual_seed(seed)
+    head_dim = hidden // TINY_HEADS
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    tensors = {}
+    if embed:
+        tensors["embed_tokens.weight"] = randn(vocab_size, hidden)
+    tensors.update(
+        {
+            "midlayer.self_attn.q_proj.weight": randn(TINY_HEADS * head_dim, 2 * hidden),
+            "midlayer.self_attn.k_proj.weight": randn(TINY_KV * head_dim, 2 * hidden),
+            "midlayer.self_attn.v_proj.weight": randn(TINY_KV * head_dim, 2 * hidden),
+            "midlayer.self_attn.o_proj.weight": randn(hidden, TINY_HEADS * head_dim),
+            "midlayer.mlp.gate_proj.weight": randn(TINY_INTER, hidden),
+            "midlayer.mlp.up_proj.weight": randn(TINY_INTER, hidden),
+            "midlayer.mlp.down_proj.weight": randn(hidden, TINY_INTER),
+            "midlayer.hidden_norm.weight": 1 + 0.1 * randn(hidden),
+            "midlayer.input_layernorm.weight": 1 + 0.1 * randn(hidden),
+            "midlayer.post_attention_layernorm.weight": 1 + 0.1 * randn(hidden),
+            "fc.weight": randn(hidden, 3 * hidden),
+            "norm.weight": 1 + 0.1 * randn(hidden),
+            "lm_head.weight": randn(len(kept), hidden),
+        }
+    )
+    if mapping:
+        d2t, t2d = build_mapping(np.asarray(kept, dtype=np.int64), vocab_size)
+        tensors["t2d"] = t2d
+        tensors["d2t"] = d2t
+    return tensors
+
+
+def write_draft_dir(directory: Path, tensors, config, *, layout="single", extra_files=None) -> Path:
+    """A Hugging Face-style draft directory: config.json plus model.safetensors / pytorch_model.bin, single or
+    sharded in two (shard 2: fc, norm, lm_head, t2d, d2t) with an index."""
+    import torch
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if layout == "single":
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    elif layout == "bin":
+        torch.save(tensors, directory / "pytorch_model.bin")
+    elif layout in ("sharded", "sharded-bin"):
+        names = list(tensors)
+        cut = names.index("fc.weight")
+        stem, ext = ("model", "safetensors") if layout == "sharded" else ("pytorch_model", "bin")
+        shards = {f"{stem}-00001-of-00002.{ext}": names[:cut], f"{stem}-00002-of-00002.{ext}": names[cut:]}
+        weight_map = {}
+        for file, part in shards.items():
+            if ext == "bin":
+                torch.save({n: tensors[n] for n in part}, directory / file)
+            else:
+                save_file({n: tensors[n] for n in part}, str(directory / file), metadata={"format": "pt"})
+            weight_map.update({n: file for n in part})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total, "note": "kept"}, "weight_map": weight_map}
+        (directory / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    else:
+        raise ValueError(layout)
+    for name, text in (extra_files or {}).items():
+        (directory / name).write_text(text, encoding="utf-8")
+    return directory
+
+
+def write_runtime_checkpoint(output_dir: Path, tensors, *, run_id="specforge-run", step=100, latest=True) -> Path:
+    """What `specforge train` saves (docs/SPECFORGE.md section 6): <output_dir>/<run_id>-step<N>/training_state.pt
+    (draft_state_dict without the frozen embedding, counters, the resume keys with SpecForge's provenance
+    tuples), training_state_rank0.pt, and the <run_id>-latest link. Returns the step directory."""
+    import torch
+
+    step_dir = output_dir / f"{run_id}-step{step}"
+    step_dir.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "draft_state_dict": {n: t for n, t in tensors.items() if "embed" not in n},
+        "global_step": step,
+        "epoch": 0,
+        "epoch_batch": step,
+        "epoch_samples": 8 * step,
+        "strategy": "eagle3",
+        "run_id": run_id,
+        "world_size": 1,
+        "dataset_size": 1000,
+        "batch_size": 8,
+        "specforge_model_provenance": {
+            "format": "stat-v2",
+            "vocab_mapping": ("file-stat-v2", "/runs/vocab_mapping.pt", ("stat", "", 1234, 1700000000000000000)),
+            "capture_layers": (1, 15, 28),
+        },
+    }
+    torch.save(payload, step_dir / "training_state.pt")
+    torch.save({"optimizer": None, "rng": {"cpu": torch.get_rng_state()}}, step_dir / "training_state_rank0.pt")
+    if latest:
+        link = output_dir / f"{run_id}-latest"
+        if link.is_symlink():
+            link.unlink()
+        os.symlink(step_dir.name, link)
+    return step_dir
+
+
+# General data (chat, code, MT-Bench) and math data (GSM8K), counted with the real Llama-3 tokenizer.
+GENERAL_DATA = [DATA / "hh_rlhf_multiturn_sample.jsonl", DATA / "gpteacher_codegen_sample.jsonl"]
+MATH_DATA = DATA / "gsm8k_train_sample.jsonl"
+
+
+@functools.lru_cache(maxsize=None)
+def llama3_counts(*paths: str, max_length: int = 2048) -> np.ndarray:
+    """Loss-masked token counts of ``paths`` (Llama-3 tokenizer, template llama3), int64 [128256]."""
+    from specforge_vocab.counting.count import count_tokens
+
+    return count_tokens(list(paths), LLAMA3_DIR, chat_template="llama3", max_length=max_length)
+
+
+def general_kept_ids(k: int) -> np.ndarray:
+    """The k most frequent ids of the general data (ties to the smaller id), ascending: a plain sort."""
+    counts = llama3_counts(*map(str, GENERAL_DATA))
+    order = sorted(range(counts.size), key=lambda i: (-int(counts[i]), i))[:k]
+    return np.array(sorted(order), dtype=np.int64)
+
+
+def tiny_llama3_target(directory: Path, *, hidden=TINY_HIDDEN, lm_head=True, seed=7) -> Path:
+    """A target model directory: the real Llama-3 tokenizer, a Llama-3-like config.json at the tiny draft's
+    hidden size, and (``lm_head``) an lm_head.weight [128256, hidden] bf16 behind a weight index, as
+    SpecForge's TargetHead reads it."""
+    import torch
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.exists(os.path.join(LLAMA3_DIR, name)):
+            shutil.copy(os.path.join(LLAMA3_DIR, name), directory / name)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 128000,
+        "eos_token_id": 128009,
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": TINY_INTER,
+        "max_position_embeddings": 8192,
+        "model_type": "llama",
+        "num_attention_heads": TINY_HEADS,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": TINY_KV,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "vocab_size": LLAMA3_V,
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    if lm_head:
+        gen = torch.Generator().manual_seed(seed)
+        weight = torch.randn(LLAMA3_V, hidden, generator=gen).to(torch.bfloat16)
+        save_file(
+            {"lm_head.weight": weight}, str(directory / "model-00002-of-00002.safetensors"), metadata={"format": "pt"}
+        )
+        index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index), encoding="utf-8")
+    return directory
+
+
+def tree_bytes(directory: Path) -> dict:
+    """Every file under ``directory`` (links followed): relative path -> (sha256, mtime_ns)."""
+    import hashlib
+
+    out = {}
+    for path in sorted(Path(directory).rglob("*")):
+        if path.is_file():
+            out[str(path.relative_to(directory))] = (
+                hashlib.sha256(path.read_bytes()).hexdigest(),
+                path.stat().st_mtime_ns,
+            )
+    return out

@@ -10,6 +10,7 @@ Python sort, logits by an explicit RMSNorm + matmul, FLOPs by the contract's for
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -17,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DATA
+from conftest import DATA, eagle3_config, eagle3_tensors, write_draft_dir
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from specforge_vocab.choosing.cost import paper_latency_reduction
 from specforge_vocab.choosing.search import SearchSettings
@@ -37,7 +38,7 @@ from specforge_vocab.drafts.trim import (
     trim_tensors,
 )
 from specforge_vocab.errors import InputError, SettingsError
-from specforge_vocab.writing.mapping import build_mapping, check_mapping, save_mapping
+from specforge_vocab.writing.mapping import build_mapping, check_mapping, mapping_fingerprint, save_mapping
 
 V, K, H, HEADS, KV, INTER = 4096, 1024, 64, 4, 2, 224
 HEAD_DIM = H // HEADS
@@ -47,98 +48,9 @@ EPS = 1e-5
 # --------------------------------------------------------------------------- building drafts
 
 
-def draft_config(vocab_size=V, draft_vocab_size=K, hidden=H, **extra):
-    """configs/llama3-8B-eagle3.json, scaled down (same keys, same order)."""
-    config = {
-        "architectures": ["LlamaForCausalLMEagle3"],
-        "bos_token_id": 128000,
-        "eos_token_id": 128001,
-        "hidden_act": "silu",
-        "hidden_size": hidden,
-        "initializer_range": 0.02,
-        "intermediate_size": INTER,
-        "max_position_embeddings": 2048,
-        "model_type": "llama",
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV,
-        "num_hidden_layers": 1,
-        "pad_token_id": 0,
-        "rms_norm_eps": EPS,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-        "transformers_version": "4.28.1",
-        "use_cache": True,
-        "vocab_size": vocab_size,
-        "draft_vocab_size": draft_vocab_size,
-    }
-    config.update(extra)
-    if draft_vocab_size is None:
-        del config["draft_vocab_size"]
-    return config
-
-
-def draft_tensors(kept, *, vocab_size=V, hidden=H, dtype=torch.bfloat16, embed=True, mapping=True, seed=0):
-    """Every tensor an EAGLE-3 Llama draft (SpecForge LlamaForCausalLMEagle3) saves, in state-dict order."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen).to(dtype)
-
-    k = len(kept)
-    tensors = {}
-    if embed:
-        tensors["embed_tokens.weight"] = randn(vocab_size, hidden)
-    tensors.update(
-        {
-            "midlayer.self_attn.q_proj.weight": randn(HEADS * HEAD_DIM, 2 * hidden),
-            "midlayer.self_attn.k_proj.weight": randn(KV * HEAD_DIM, 2 * hidden),
-            "midlayer.self_attn.v_proj.weight": randn(KV * HEAD_DIM, 2 * hidden),
-            "midlayer.self_attn.o_proj.weight": randn(hidden, HEADS * HEAD_DIM),
-            "midlayer.mlp.gate_proj.weight": randn(INTER, hidden),
-            "midlayer.mlp.up_proj.weight": randn(INTER, hidden),
-            "midlayer.mlp.down_proj.weight": randn(hidden, INTER),
-            "midlayer.hidden_norm.weight": 1 + 0.1 * randn(hidden),
-            "midlayer.input_layernorm.weight": 1 + 0.1 * randn(hidden),
-            "midlayer.post_attention_layernorm.weight": 1 + 0.1 * randn(hidden),
-            "fc.weight": randn(hidden, 3 * hidden),
-            "norm.weight": 1 + 0.1 * randn(hidden),
-            "lm_head.weight": randn(k, hidden),
-        }
-    )
-    if mapping:
-        d2t, t2d = build_mapping(np.asarray(kept, dtype=np.int64), vocab_size)
-        tensors["t2d"] = t2d
-        tensors["d2t"] = d2t
-    return tensors
-
-
-def write_checkpoint(directory: Path, tensors, config, *, layout="single", extra_files=None) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    if layout == "single":
-        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    elif layout == "bin":
-        torch.save(tensors, directory / "pytorch_model.bin")
-    elif layout in ("sharded", "sharded-bin"):
-        names = list(tensors)
-        cut = names.index("fc.weight")  # shard 2: fc, norm, lm_head, t2d, d2t
-        stem, ext = ("model", "safetensors") if layout == "sharded" else ("pytorch_model", "bin")
-        shards = {f"{stem}-00001-of-00002.{ext}": names[:cut], f"{stem}-00002-of-00002.{ext}": names[cut:]}
-        weight_map = {}
-        for file, part in shards.items():
-            if ext == "bin":
-                torch.save({n: tensors[n] for n in part}, directory / file)
-            else:
-                save_file({n: tensors[n] for n in part}, str(directory / file), metadata={"format": "pt"})
-            weight_map.update({n: file for n in part})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total, "note": "kept"}, "weight_map": weight_map}
-        (directory / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-    else:
-        raise ValueError(layout)
-    for name, text in (extra_files or {}).items():
-        (directory / name).write_text(text, encoding="utf-8")
-    return directory
+draft_config = functools.partial(eagle3_config, vocab_size=V, draft_vocab_size=K)
+draft_tensors = functools.partial(eagle3_tensors, vocab_size=V)
+write_checkpoint = write_draft_dir
 
 
 def zipf_like_counts(seed, vocab_size=V, zero_share=0.3):
@@ -257,7 +169,10 @@ def test_output_keeps_every_name_and_dtype_and_untouched_bytes_and_passes_sectio
     check_mapping(after["d2t"], after["t2d"], draft_vocab_size=300, vocab_size=V)
     assert np.array_equal(np.arange(300) + after["d2t"].numpy(), result.kept_token_ids)
     with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
-        assert handle.metadata() == {"format": "pt"}
+        assert handle.metadata() == {
+            "format": "pt",
+            "mapping_fingerprint": mapping_fingerprint(result.kept_token_ids, V),
+        }
 
     # config.json: only draft_vocab_size changed, text otherwise identical.
     old_text = (ckpt / "config.json").read_text(encoding="utf-8")
