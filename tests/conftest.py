@@ -477,10 +477,10 @@ def general_kept_ids(k: int) -> np.ndarray:
     return np.array(sorted(order), dtype=np.int64)
 
 
-def tiny_llama3_target(directory: Path, *, hidden=TINY_HIDDEN, lm_head=True, seed=7) -> Path:
+def tiny_llama3_target(directory: Path, *, hidden=TINY_HIDDEN, lm_head=True, seed=7, config=None) -> Path:
     """A target model directory: the real Llama-3 tokenizer, a Llama-3-like config.json at the tiny draft's
-    hidden size, and (``lm_head``) an lm_head.weight [128256, hidden] bf16 behind a weight index, as
-    SpecForge's TargetHead reads it."""
+    hidden size (or ``config``), and (``lm_head``) an lm_head.weight [128256, hidden] bf16 behind a weight
+    index, as SpecForge's TargetHead reads it."""
     import torch
     from safetensors.torch import save_file
 
@@ -488,7 +488,7 @@ def tiny_llama3_target(directory: Path, *, hidden=TINY_HIDDEN, lm_head=True, see
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if os.path.exists(os.path.join(LLAMA3_DIR, name)):
             shutil.copy(os.path.join(LLAMA3_DIR, name), directory / name)
-    config = {
+    config = config or {
         "architectures": ["LlamaForCausalLM"],
         "attention_bias": False,
         "attention_dropout": 0.0,

@@ -668,10 +668,51 @@ CASES: List[Case] = [
         r"Run config .*nope\.yaml does not exist",
     ),
     Case(
-        "prepare_no_draft_config",
+        "prepare_no_draft_config_and_no_target_config",
         "prepare",
         lambda e: ["--config", run_yaml(e, draft=None)],
-        r"field 'model\.draft_model_config' is not set",
+        r"'model\.draft_model_config' is not set, so SpecForge derives the draft config .* has no config\.json locally",
+    ),
+    Case(
+        "prepare_checkpoint_without_d2t",
+        "prepare",
+        lambda e: ["--config", run_yaml(e, extra=[f"  draft_checkpoint_path: {e.path('ckpt')}"])],
+        r"fails 1 check\(s\), so its trained rows cannot be kept safely: \[no_d2t\]",
+        setup=lambda e: draft_checkpoint(e),
+    ),
+    Case(
+        "prepare_warm_start_and_resume",
+        "prepare",
+        lambda e: [
+            "--config",
+            run_yaml(
+                e, extra=[f"  draft_checkpoint_path: {e.path('ckpt')}"], training=[f"  resume_from: {e.path('ckpt')}"]
+            ),
+        ],
+        r"sets both model\.draft_checkpoint_path .* and training\.resume_from",
+    ),
+    Case(
+        "prepare_remap_under_resume",
+        "prepare",
+        lambda e: [
+            "--config",
+            run_yaml(e, draft=e.path("tiny_draft.json"), training=[f"  resume_from: {e.path('run')}"]),
+            "--remap",
+        ],
+        r"--remap needs a warm start",
+        setup=lambda e: runtime_checkpoint(e),
+    ),
+    Case(
+        "prepare_new_k_while_continuing",
+        "prepare",
+        lambda e: [
+            "--config",
+            run_yaml(e, draft=e.path("tiny_draft.json"), extra=[f"  draft_checkpoint_path: {e.path('run')}"]),
+            "--draft-vocab-size",
+            "50",
+        ],
+        r"whose 64 trained LM-head rows fix k.*pass --remap",
+        setup=lambda e: runtime_checkpoint(e),
     ),
     Case(
         "prepare_missing_data",
@@ -725,6 +766,51 @@ CASES: List[Case] = [
         "pre-step",
         lambda e: ["--", "--target-model-path", LLAMA3_DIR, "--draft-model-config", e.config],
         r"the following arguments are required: --train-data-path",
+    ),
+    Case(
+        "pre_step_ckpt_dir_without_d2t",
+        "pre-step",
+        lambda e: ["--", "--target-model-path", LLAMA3_DIR, "--train-data-path", e.data, "--ckpt-dir", e.path("ckpt")],
+        r"--ckpt-dir .*\[no_d2t\]",
+        setup=lambda e: draft_checkpoint(e),
+    ),
+    Case(
+        "pre_step_remap_without_ckpt_dir",
+        "pre-step",
+        lambda e: [
+            "--remap",
+            "--",
+            "--target-model-path",
+            LLAMA3_DIR,
+            "--train-data-path",
+            e.data,
+            "--draft-model-config",
+            e.config,
+        ],
+        r"--remap .* needs the draft: pass train_eagle3's --ckpt-dir",
+    ),
+    # ---------------------------------------------------------------- verify
+    Case("verify_missing_draft", "verify", lambda e: [e.path("nodraft")], r"DRAFT .*nodraft does not exist"),
+    Case(
+        "verify_checkpoint_needing_unpickling",
+        "verify",
+        lambda e: [e.path("run")],
+        r"cannot read .*training_state\.pt with torch\.load\(weights_only=True\).*argparse\.Namespace",
+        setup=lambda e: runtime_checkpoint(e, unsafe=True),
+    ),
+    Case(
+        "verify_missing_mapping",
+        "verify",
+        lambda e: [e.path("run"), "--vocab-mapping", e.path("nomap.pt")],
+        r"Vocab mapping file .*nomap\.pt does not exist",
+        setup=lambda e: runtime_checkpoint(e),
+    ),
+    Case(
+        "verify_target_without_config",
+        "verify",
+        lambda e: [e.path("run"), "--target-model-path", e.path("notarget")],
+        r"--target-model-path .*notarget must be a local model directory holding config\.json",
+        setup=lambda e: runtime_checkpoint(e),
     ),
     # ---------------------------------------------------------------- Python API
     Case(
@@ -835,18 +921,38 @@ def draft_checkpoint(env: Env, *, weights: bool = True) -> None:
         save_file({"lm_head.weight": torch.randn(64, 64)}, str(folder / "model.safetensors"))
 
 
-def run_yaml(env: Env, *, draft: Optional[str] = "config", data: Optional[str] = None) -> str:
-    """A `specforge train` run config over the work folder's data and draft config (absolute paths)."""
+def run_yaml(env: Env, *, draft: Optional[str] = "config", data: Optional[str] = None, extra=(), training=()) -> str:
+    """A `specforge train` run config over the work folder's data and draft config (absolute paths);
+    ``extra`` model lines, ``training`` lines."""
     lines = ["model:", f"  target_model_path: {LLAMA3_DIR}"]
     if draft is not None:
-        lines.append(f"  draft_model_config: {env.config}")
+        lines.append(f"  draft_model_config: {env.config if draft == 'config' else draft}")
+    lines += list(extra)
     lines += [
         "data:",
         f"  train_data_path: {data or env.data}",
         "  max_length: 256",
         f"  cache_dir: {env.path('cache')}",
     ]
+    if training:
+        lines += ["training:", *training]
     return env.write("run.yaml", "\n".join(lines) + "\n")
+
+
+def runtime_checkpoint(env: Env, *, unsafe: bool = False) -> None:
+    """A SpecForge runtime checkpoint under run/ of a tiny draft (k = 64 of V = 128,256) and its config
+    tiny_draft.json; with ``unsafe`` its training_state.pt also holds an object weights_only refuses."""
+    import argparse
+
+    import torch
+    from conftest import LLAMA3_V, eagle3_config, eagle3_tensors, write_runtime_checkpoint
+
+    env.write("tiny_draft.json", json.dumps(eagle3_config(LLAMA3_V, 64)))
+    tensors = eagle3_tensors(np.arange(0, 640, 10), vocab_size=LLAMA3_V, embed=False)
+    step = write_runtime_checkpoint(Path(env.path("run")), tensors)
+    if unsafe:
+        payload = torch.load(step / "training_state.pt", weights_only=True)
+        torch.save(dict(payload, args=argparse.Namespace(lr=1e-4)), step / "training_state.pt")
 
 
 def api_before_training(env: Env, kwargs: Dict) -> None:
