@@ -192,10 +192,11 @@ def read_runtime_checkpoint(state_path: str, *, field: str = "checkpoint", confi
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure means the file is unusable here
-        first = str(exc).splitlines()[0] if str(exc) else ""
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        first = f"it holds an object of type {refused.group(1)}" if refused else (str(exc).splitlines() or [""])[0]
         raise InputError(
             f"{field}: cannot read {state_path} with torch.load(weights_only=True) ({type(exc).__name__}: "
-            f"{short(first, 200)}). specforge-vocab reads checkpoints only as plain tensors and Python values, as "
+            f"{first[:200]}). specforge-vocab reads checkpoints only as plain tensors and Python values, as "
             "SpecForge's warm start does; a file that needs arbitrary objects unpickled is not a SpecForge "
             "checkpoint. Point at the training_state.pt `specforge train` wrote."
         ) from None

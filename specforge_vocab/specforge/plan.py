@@ -180,9 +180,10 @@ def resolve_tokenizer_dir(target: str, *, cwd: str, field: str, source: str) -> 
 
 
 def local_target_dir(target: str, *, cwd: str) -> Optional[str]:
-    """The target model as a local directory (or its copy in the Hugging Face cache), else None; never downloads."""
+    """The target model's local directory holding config.json (or its copy in the Hugging Face cache), else None;
+    never downloads."""
     local = resolve_path(target, cwd=cwd)
-    if os.path.isdir(local):
+    if os.path.isfile(os.path.join(local, "config.json")):
         return local
     with contextlib.suppress(Exception):
         from huggingface_hub import snapshot_download
@@ -230,8 +231,9 @@ def _run_draft_config(run: RunConfig, continuation: Optional[Continuation], outp
     if target_dir is None:
         raise InputError(
             f"{where(run.config_path, field='model.draft_model_config')} is not set, so SpecForge derives the draft "
-            f"config from the target's config.json, but {run.target_model_path!r} is neither a local directory nor in "
-            "the Hugging Face cache. Download the target's config.json, or set model.draft_model_config."
+            f"config from the target's config.json, but model.target_model_path {run.target_model_path!r} has no "
+            "config.json locally (nor in the Hugging Face cache). Download it (huggingface-cli download REPO "
+            "config.json --local-dir DIR), or set model.draft_model_config."
         )
     k = SPECFORGE_DERIVED_DRAFT_VOCAB_SIZE
     if continuation is not None and continuation.kind == WARM_START:
