@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -111,7 +111,7 @@ def _read(kind: str, field: str, source: str, path: str, remap: bool) -> Continu
         runtime=isinstance(draft, RuntimeCheckpoint),
         kept=kept,
         vocab_size=V,
-        config_path=draft.config_path if isinstance(draft, RuntimeCheckpoint) else draft.config_path,
+        config_path=draft.config_path,
         weights=_weights(draft),
         remap=remap,
     )
@@ -246,7 +246,7 @@ def continuing_payloads(
     output_dir: str,
     latency_model: str,
     settings: Dict[str, Any],
-    keep: List[str] = (),
+    keep: Sequence[str] = (),
 ) -> Dict[str, Any]:
     """The output files of a continuing run (by path): summary, full results and plots of the fresh choice,
     counts, and the checkpoint's own mapping (.pt and .safetensors). Paths in ``keep`` are left out (an

@@ -108,7 +108,7 @@ class Plan:
     draft_config: str  # absolute path of the draft config JSON
     search: SearchSettings  # with draft_vocab_size set under keep
     keep_draft_vocab_size: bool
-    keep_reason: str  # "--keep-draft-vocab-size", "--resume", "--ckpt-dir" or ""
+    keep_reason: str  # "--keep-draft-vocab-size" or ""
     output_dir: str
     cache_dir: str  # absolute; holds the counts cache
     cwd: str
@@ -246,8 +246,12 @@ def _run_draft_config(run: RunConfig, continuation: Optional[Continuation], outp
     return os.path.join(output_dir, DERIVED_CONFIG_FILE), derived, continuation is None or continuation.kind != RESUME
 
 
-def _check_continuing_config(continuation: Continuation, config: Dict[str, Any], draft: str, patchable: bool) -> None:
+def _check_continuing_config(
+    continuation: Continuation, config: Dict[str, Any], draft: str, patchable: bool, *, derived: bool = False
+) -> None:
     """The draft config must load the checkpoint's weights; its k must be the checkpoint's or be prepare's to set."""
+    if derived:
+        draft = "the draft config SpecForge derives from the target (model.draft_model_config is unset)"
     check_config_fits(continuation, config, source=draft)
     k = config.get("draft_vocab_size") or config.get("vocab_size")
     if k != continuation.k and not patchable and not continuation.remap:
@@ -256,10 +260,14 @@ def _check_continuing_config(continuation: Continuation, config: Dict[str, Any],
             if continuation.kind == RESUME
             else "it belongs to the checkpoint"
         )
+        fix = (
+            "Set model.draft_model_config to the config the checkpoint was trained with."
+            if derived
+            else "Use the draft config the checkpoint was trained with."
+        )
         raise InputError(
             f"{draft} has draft_vocab_size {k}, but {continuation.describe()} has {continuation.k} LM-head rows, so "
-            f"SpecForge could not load them; prepare does not change that file ({why}). Use the draft config the "
-            "checkpoint was trained with."
+            f"SpecForge could not load them; prepare does not change that ({why}). {fix}"
         )
 
 
@@ -319,7 +327,7 @@ def plan_from_run_config(
     draft, derived, patchable = _run_draft_config(run, continuation, out, cwd)
     config = dict(derived) if derived is not None else read_draft_config(draft, required=())
     if continuation is not None:
-        _check_continuing_config(continuation, config, draft, patchable)
+        _check_continuing_config(continuation, config, draft, patchable, derived=derived is not None)
     _k, vocab = read_draft_vocab_sizes(config if derived is not None else draft)
     common = dict(field=field, path=path, vocab_size=vocab, max_length=run.max_length)
     if source == CONVERSATIONS:

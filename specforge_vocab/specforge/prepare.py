@@ -10,8 +10,11 @@ Three entry points share one path, :func:`before_training`:
 * ``specforge-vocab pre-step -- <train_eagle3 flags>`` and ``scripts/train_eagle3.py`` (older
   SpecForge): writes the mapping at train_eagle3.py's md5 cache paths (both key versions); the
   script then hands over to SpecForge's own train_eagle3.py with the remaining flags. As there,
-  lines of --train-data-path that are not valid JSON are skipped (and reported); with --resume
-  (an existing --output-dir) or --ckpt-dir the draft weights fix draft_vocab_size, so it is kept.
+  lines of --train-data-path that are not valid JSON are skipped (and reported).
+
+A run that continues from trained weights (``model.draft_checkpoint_path``, ``training.resume_from``,
+``--ckpt-dir``, ``--resume`` with a saved checkpoint) gets the checkpoint's own mapping and keeps its k;
+``remap`` writes a warm-start checkpoint on a fresh choice instead (specforge/continuing.py).
 * ``specforge_vocab.before_training(...)``.
 
 Reuse (specforge/reuse.py): a second call with unchanged inputs reuses the outputs; only a changed
@@ -447,7 +450,8 @@ def _hand_over(plan: Plan, k: int, mapping: str, remapped: Optional[RemapResult]
     """Put the mapping (and the draft config, and the warm start) where SpecForge looks; every call, idempotent."""
     notes: List[str] = []
     cont = plan.continuation
-    if plan.patch_draft_config and plan.derived_config is None and not plan.remap and not plan.keep_draft_vocab_size:
+    keep = plan.keep_draft_vocab_size and cont is None  # a continuing run's k is the checkpoint's, whatever the flag
+    if plan.patch_draft_config and plan.derived_config is None and not plan.remap and not keep:
         patch_draft_vocab_size(plan.draft_config, k, backup=plan.backup)
     if plan.derived_config is not None and remapped is None and (cont is None or cont.kind != RESUME):
         derived = json_text(dict(plan.derived_config, draft_vocab_size=k))
@@ -469,6 +473,11 @@ def _hand_over(plan: Plan, k: int, mapping: str, remapped: Optional[RemapResult]
             f"{state[same]}"
         )
     elif plan.run is not None:
+        if cont is not None and remapped is None and configured_mapping_equals(plan.run, cont) is False:
+            notes.append(
+                f"model.vocab_mapping_path named another mapping ({plan.run.vocab_mapping_path}); SpecForge would have "
+                "copied it over the trained rows. It now names the checkpoint's own."
+            )
         if plan.derived_config is not None and remapped is None:
             fields["draft_model_config"] = plan.draft_config
         if remapped is not None:

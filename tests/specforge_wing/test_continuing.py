@@ -9,9 +9,11 @@ without importing specforge_vocab).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -122,11 +124,28 @@ def test_prepare_warm_start_hands_specforge_the_checkpoints_own_mapping(workdir,
     assert text.startswith("# continue the general-data draft on math") and "# tokenizer, target config" in text
     assert json.loads(Path(run["model"]["draft_model_config"]).read_text())["draft_vocab_size"] == K_OLD
     assert tree_bytes(workdir / "outputs") == checkpoint_before  # the checkpoint is never modified
+    # The mapping's fingerprint (sha256 of V, then the kept ids, each 8 bytes little-endian) in summary.json and
+    # fingerprint.json.
+    kept = general_kept_ids(K_OLD)
+    expected_fp = hashlib.sha256(struct.pack("<Q", LLAMA3_V) + struct.pack(f"<{K_OLD}q", *kept)).hexdigest()
+    stored = json.loads((Path(run["model"]["vocab_mapping_path"]).parent / "fingerprint.json").read_text())
+    assert summary["mapping_fingerprint"] == stored["result"]["mapping_fingerprint"] == expected_fp
     # Unchanged inputs: reused, SpecForge still gets the same.
     again = before_training("run.yaml", search=FAST)
     assert again.reused and np.array_equal(
         kept_of(standin.run_config_draft("run.yaml")["d2t"]), general_kept_ids(K_OLD)
     )
+
+
+def test_a_configured_mapping_of_another_draft_is_replaced_and_said(workdir):
+    other = workdir / "other.pt"
+    d2t = torch.from_numpy(np.sort(np.argsort(-math_counts(), kind="stable")[:K_OLD]) - np.arange(K_OLD))
+    torch.save({"d2t": d2t, "t2d": torch.zeros(LLAMA3_V, dtype=torch.bool)}, other)
+    text = (workdir / "run.yaml").read_text()
+    (workdir / "run.yaml").write_text(text.replace('  torch_dtype: "bfloat16"\n', f'  vocab_mapping_path: "{other}"\n'))
+    result = before_training("run.yaml", search=FAST)
+    assert any("named another mapping" in note for note in result.notes)
+    assert np.array_equal(kept_of(standin.run_config_draft("run.yaml")["d2t"]), general_kept_ids(K_OLD))
 
 
 def test_without_prepare_specforge_would_repoint_or_fail(workdir):

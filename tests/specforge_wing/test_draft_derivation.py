@@ -141,6 +141,22 @@ WHITELIST = (
 ).split()
 
 
+def with_eagle3_defaults(payload: dict, k: int) -> dict:
+    """SpecForge's fixed EAGLE-3 fields: LlamaForCausalLMEagle3, llama, one layer, untied, use_cache, pad 0 when
+    unset; then the chosen k in place of its 32000."""
+    payload.update(
+        architectures=["LlamaForCausalLMEagle3"],
+        model_type="llama",
+        num_hidden_layers=1,
+        tie_word_embeddings=False,
+        use_cache=True,
+    )
+    if payload.get("pad_token_id") is None:
+        payload["pad_token_id"] = 0
+    payload["draft_vocab_size"] = k
+    return payload
+
+
 def reference_derivation(target: dict, k: int) -> dict:
     """SpecForge's rules: the text config; each whitelisted attribute that is set (transformers 5: head_dim
     defaults to hidden_size // heads, rope_theta lives in the rope_scaling dict with rope_type); V = padded or
@@ -154,17 +170,7 @@ def reference_derivation(target: dict, k: int) -> dict:
     attributes["rope_scaling"], attributes["rope_theta"] = rope, None
     payload = {name: attributes[name] for name in WHITELIST if attributes.get(name) is not None}
     payload["vocab_size"] = text.get("padded_vocab_size") or text["vocab_size"]
-    payload.update(
-        architectures=["LlamaForCausalLMEagle3"],
-        model_type="llama",
-        num_hidden_layers=1,
-        tie_word_embeddings=False,
-        use_cache=True,
-    )
-    if payload.get("pad_token_id") is None:
-        payload["pad_token_id"] = 0
-    payload["draft_vocab_size"] = k
-    return payload
+    return with_eagle3_defaults(payload, k)
 
 
 def transformers_derivation(target: dict, k: int, tmp_path) -> dict:
@@ -180,17 +186,7 @@ def transformers_derivation(target: dict, k: int, tmp_path) -> dict:
     payload = {name: getattr(config, name, None) for name in WHITELIST}
     payload = {name: value for name, value in payload.items() if value is not None}
     payload["vocab_size"] = int(getattr(config, "padded_vocab_size", None) or config.vocab_size)
-    payload.update(
-        architectures=["LlamaForCausalLMEagle3"],
-        model_type="llama",
-        num_hidden_layers=1,
-        tie_word_embeddings=False,
-        use_cache=True,
-    )
-    if payload.get("pad_token_id") is None:
-        payload["pad_token_id"] = 0
-    payload["draft_vocab_size"] = k
-    return json.loads(json.dumps(payload))
+    return json.loads(json.dumps(with_eagle3_defaults(payload, k)))
 
 
 def llama31() -> dict:
