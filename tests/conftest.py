@@ -477,9 +477,37 @@ def general_kept_ids(k: int) -> np.ndarray:
     return np.array(sorted(order), dtype=np.int64)
 
 
+# config.json of meta-llama/Meta-Llama-3-8B-Instruct, as published.
+LLAMA3_8B_INSTRUCT = {
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 128000,
+    "eos_token_id": 128009,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 8192,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.40.0.dev0",
+    "use_cache": True,
+    "vocab_size": 128256,
+}
+
+
 def tiny_llama3_target(directory: Path, *, hidden=TINY_HIDDEN, lm_head=True, seed=7, config=None) -> Path:
-    """A target model directory: the real Llama-3 tokenizer, a Llama-3-like config.json at the tiny draft's
-    hidden size (or ``config``), and (``lm_head``) an lm_head.weight [128256, hidden] bf16 behind a weight
+    """A target model directory: the real Llama-3 tokenizer, Llama-3-8B-Instruct's config.json at the tiny
+    draft's sizes (or ``config``), and (``lm_head``) an lm_head.weight [128256, hidden] bf16 behind a weight
     index, as SpecForge's TargetHead reads it."""
     import torch
     from safetensors.torch import save_file
@@ -488,28 +516,14 @@ def tiny_llama3_target(directory: Path, *, hidden=TINY_HIDDEN, lm_head=True, see
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if os.path.exists(os.path.join(LLAMA3_DIR, name)):
             shutil.copy(os.path.join(LLAMA3_DIR, name), directory / name)
-    config = config or {
-        "architectures": ["LlamaForCausalLM"],
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": 128000,
-        "eos_token_id": 128009,
-        "hidden_act": "silu",
-        "hidden_size": hidden,
-        "initializer_range": 0.02,
-        "intermediate_size": TINY_INTER,
-        "max_position_embeddings": 8192,
-        "model_type": "llama",
-        "num_attention_heads": TINY_HEADS,
-        "num_hidden_layers": 2,
-        "num_key_value_heads": TINY_KV,
-        "rms_norm_eps": 1e-05,
-        "rope_scaling": None,
-        "rope_theta": 500000.0,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-        "vocab_size": LLAMA3_V,
-    }
+    config = config or dict(
+        LLAMA3_8B_INSTRUCT,
+        hidden_size=hidden,
+        intermediate_size=TINY_INTER,
+        num_attention_heads=TINY_HEADS,
+        num_key_value_heads=TINY_KV,
+        num_hidden_layers=2,
+    )
     (directory / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     if lm_head:
         gen = torch.Generator().manual_seed(seed)

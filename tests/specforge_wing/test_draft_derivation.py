@@ -17,38 +17,13 @@ import pytest
 import specforge_standin as standin
 import torch
 import yaml
-from conftest import MATH_DATA, tiny_llama3_target
+from conftest import LLAMA3_8B_INSTRUCT, MATH_DATA, tiny_llama3_target
 
 from specforge_vocab import before_training
 from specforge_vocab.choosing.search import SearchSettings
 from specforge_vocab.specforge.draft_derivation import derive_draft_config
 
-# config.json of meta-llama/Meta-Llama-3-8B-Instruct and Qwen/Qwen3-8B, as published.
-LLAMA3_8B_INSTRUCT = {
-    "architectures": ["LlamaForCausalLM"],
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "bos_token_id": 128000,
-    "eos_token_id": 128009,
-    "hidden_act": "silu",
-    "hidden_size": 4096,
-    "initializer_range": 0.02,
-    "intermediate_size": 14336,
-    "max_position_embeddings": 8192,
-    "model_type": "llama",
-    "num_attention_heads": 32,
-    "num_hidden_layers": 32,
-    "num_key_value_heads": 8,
-    "pretraining_tp": 1,
-    "rms_norm_eps": 1e-05,
-    "rope_scaling": None,
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "transformers_version": "4.40.0.dev0",
-    "use_cache": True,
-    "vocab_size": 128256,
-}
+# config.json of Qwen/Qwen3-8B, as published (Llama-3-8B-Instruct's is in conftest).
 QWEN3_8B = {
     "architectures": ["Qwen3ForCausalLM"],
     "attention_bias": False,
