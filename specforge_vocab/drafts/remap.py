@@ -10,6 +10,7 @@ the old checkpoint is never modified.
 
 Example (the pure core)::
 
+    >>> import torch
     >>> w = torch.arange(6.0).reshape(3, 2)                       # trained rows of ids 1, 4, 6
     >>> rows, kept_row = remap_rows(w, np.array([1, 4, 6]), np.array([0, 4, 6]), torch.tensor([[9.0, 9.0]]))
     >>> rows.tolist(), kept_row.tolist()                          # id 0 is new: the target's row
@@ -71,18 +72,25 @@ def remap_rows(
     inside = at < old_kept.size
     retained = np.zeros(new_kept.size, dtype=bool)
     retained[inside] = old_kept[at[inside]] == new_kept[inside]
-    shape = (new_kept.size,) + tuple(old_rows.shape[1:])
-    out = torch.zeros(shape, dtype=old_rows.dtype)
-    raw = _as_bytes(out)
-    raw[torch.from_numpy(np.flatnonzero(retained))] = _as_bytes(old_rows)[torch.from_numpy(at[retained])]
     added = int((~retained).sum())
+    if fresh_rows is not None and added and tuple(fresh_rows.shape) != (added,) + tuple(old_rows.shape[1:]):
+        raise InputError(
+            f"The target's LM-head rows have shape {list(fresh_rows.shape)}, but the draft's head needs "
+            f"{[added, *old_rows.shape[1:]]}: the target's hidden size differs from the draft's."
+        )
+    # One gather over [old rows; new rows (or one zero row)]: retained ids take their old row, the others theirs.
+    old_raw = _as_bytes(old_rows)
     if fresh_rows is not None and added:
-        if tuple(fresh_rows.shape) != (added,) + tuple(old_rows.shape[1:]):
-            raise InputError(
-                f"The target's LM-head rows have shape {list(fresh_rows.shape)}, but the draft's head needs "
-                f"{[added, *old_rows.shape[1:]]}: the target's hidden size differs from the draft's."
-            )
-        raw[torch.from_numpy(np.flatnonzero(~retained))] = _as_bytes(fresh_rows.to(old_rows.dtype))
+        new_raw = _as_bytes(fresh_rows.to(old_rows.dtype))
+        new_index = old_kept.size + np.arange(added)
+    else:
+        new_raw = torch.zeros((1, old_raw.shape[1]), dtype=torch.uint8)
+        new_index = np.full(added, old_kept.size)
+    index = np.empty(new_kept.size, dtype=np.int64)
+    index[retained] = at[retained]
+    index[~retained] = new_index
+    gathered = torch.cat([old_raw, new_raw]).index_select(0, torch.from_numpy(index))
+    out = gathered.view(old_rows.dtype).reshape((new_kept.size,) + tuple(old_rows.shape[1:]))
     return out, retained
 
 
