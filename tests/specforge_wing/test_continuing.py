@@ -38,6 +38,7 @@ from safetensors.torch import load_file
 
 from specforge_vocab import before_training
 from specforge_vocab.choosing.search import SearchSettings
+from specforge_vocab.cli import training
 from specforge_vocab.cli.main import main
 from specforge_vocab.errors import InputError
 
@@ -308,16 +309,26 @@ def test_pre_step_ckpt_dir_writes_the_checkpoints_own_mapping(workdir, capsys):
     assert np.array_equal(kept_of(standin.train_eagle3_draft(flags)["d2t"]), general_kept_ids(1500))
 
 
-def test_pre_step_remap_writes_a_warm_start_for_ckpt_dir(workdir):
+def test_scripts_train_eagle3_remap_hands_over_the_warm_start_as_ckpt_dir(workdir, monkeypatch):
     write_draft_dir(workdir / "general-draft", trained_tensors(), eagle3_config(LLAMA3_V, K_OLD))
-    result = before_training(train_eagle3_args=old_flags("--ckpt-dir", "general-draft"), search=FAST, remap=True)
-    warm = result.warm_start
-    assert warm and any(f"--ckpt-dir {warm}" in note for note in result.notes)
-    model = standin.train_eagle3_draft(old_flags("--ckpt-dir", warm))
-    assert model["lm_head.weight"].shape[0] == result.k == model["d2t"].numel()
+    handed = {}
+    monkeypatch.setattr(training, "find_specforge_train_script", lambda explicit: "/SpecForge/scripts/train_eagle3.py")
+    monkeypatch.setattr(training, "hand_over", lambda script, flags: handed.update(flags=list(flags)))
+    flags = old_flags("--ckpt-dir", "general-draft")
+    ours = ["--vocab-remap", "--vocab-n-calls", "8", "--vocab-max-vocab-size", "6000"]
+    assert training.train_eagle3_main([*ours, *flags]) == 0
+    at = handed["flags"].index("--ckpt-dir")
+    warm = handed["flags"][at + 1]
+    assert warm.endswith("-warm-start") and handed["flags"][:at] + handed["flags"][at + 2 :] == flags[:-2]
+    # train_eagle3.py with the warm start: its weights, then the mapping at the md5 path keyed on its config.
+    model = standin.train_eagle3_draft(handed["flags"])
+    k = json.loads((Path(warm) / "config.json").read_text())["draft_vocab_size"]
+    assert model["lm_head.weight"].shape[0] == k == model["d2t"].numel() != K_OLD
     old_row = {int(t): i for i, t in enumerate(general_kept_ids(K_OLD))}
     trained = trained_tensors()["lm_head.weight"]
-    for row, target_id in enumerate(kept_of(model["d2t"])):
+    kept = kept_of(model["d2t"])
+    assert any(int(t) in old_row for t in kept)
+    for row, target_id in enumerate(kept):
         if int(target_id) in old_row:
             assert (
                 model["lm_head.weight"][row].view(torch.int16).equal(trained[old_row[int(target_id)]].view(torch.int16))
