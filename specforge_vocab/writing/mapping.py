@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -300,6 +301,19 @@ def load_mapping(
     if draft_vocab_size is not None and vocab_size is not None:
         check_mapping(d2t, t2d, draft_vocab_size=draft_vocab_size, vocab_size=vocab_size, source=str(path))
     return d2t, t2d
+
+
+def mapping_fingerprint(kept_ids: np.ndarray, vocab_size: int) -> str:
+    """sha256 (hex) naming a mapping: the bytes of V as one little-endian int64, followed by the kept
+    target ids (ascending, ``arange(k) + d2t``) as little-endian int64. Equal for equal mappings
+    whatever file they are stored in.
+
+    >>> mapping_fingerprint(np.array([0, 2, 3]), 5) == hashlib.sha256(
+    ...     np.array([5, 0, 2, 3], dtype="<i8").tobytes()).hexdigest()
+    True
+    """
+    kept = np.asarray(kept_ids, dtype="<i8")
+    return hashlib.sha256(np.array([int(vocab_size)], dtype="<i8").tobytes() + kept.tobytes()).hexdigest()
 
 
 def mapping_payloads(d2t, t2d, *, draft_vocab_size: int, vocab_size: int) -> Tuple[bytes, bytes]:
