@@ -6,8 +6,9 @@ separately (in the training pass when they are training files, see counting/file
 the coverage of the draft vocabulary on each domain is followed along k: the vocabulary at k is
 always the first k ids of the pooled order (pinned ids first, then by count, ties to the smaller id),
 so a domain's coverage never falls as k grows, and "every domain has coverage >= C" holds exactly
-for the k from some k_needed up. The search (choosing/search.py) keeps only those k; the domain
-whose k_needed is the chosen k *binds* (its floor, not the objective, set k).
+for the k from some k_needed up. The search (choosing/search.py) keeps only those k. A domain
+*binds* when its k_needed is the largest and lies above the k the objective picks without the
+floors: its floor, not the objective, moved k up (to k_needed, for the exact search).
 
 >>> parse_domains([["code=a.jsonl", "b.jsonl"], ["math=c.jsonl"]])
 {'code': ['a.jsonl', 'b.jsonl'], 'math': ['c.jsonl']}
@@ -146,7 +147,7 @@ class DomainCoverage:
     tokens: int
     coverage_at_k: float
     k_needed: Optional[int]  # smallest candidate k meeting the floor (None: none in range, or no floor)
-    binding: bool  # the floor of this domain set k
+    binding: bool  # its floor moved k above the objective's own pick
     counted_in_training_pass: bool
 
     def as_dict(self) -> Dict[str, Any]:
@@ -162,26 +163,31 @@ def domain_report(
     paths: Mapping[str, Sequence[str]],
     tokens: Mapping[str, int],
     in_pass: Sequence[str] = (),
+    k_without_floor: Optional[int] = None,
 ) -> List[DomainCoverage]:
-    """Coverage at ``k`` of every domain, the smallest candidate k meeting ``floor`` and which domain binds."""
+    """Coverage at ``k`` of every domain, the smallest candidate k meeting ``floor``, and which domain
+    binds (``k_without_floor``: the objective's best k without the domain floors; None: nothing binds)."""
+    needed = {name: first_meeting(curve, ks, floor) if floor > 0 else None for name, curve in curves.items()}
+    known = [n for n in needed.values() if n is not None]
+    top = max(known) if known else None
+    binds = top is not None and k_without_floor is not None and top > k_without_floor
     out = []
     for name, curve in curves.items():
-        needed = first_meeting(curve, ks, floor) if floor > 0 else None
         out.append(
             DomainCoverage(
                 name=name,
                 paths=list(paths.get(name, [])),
                 tokens=int(tokens.get(name, 0)),
                 coverage_at_k=float(curve[k]),
-                k_needed=needed,
-                binding=floor > 0 and needed == k,
+                k_needed=needed[name],
+                binding=binds and needed[name] == top,
                 counted_in_training_pass=name in in_pass,
             )
         )
     return out
 
 
-def domain_lines(report: Sequence[DomainCoverage], floor: float) -> List[str]:
+def domain_lines(report: Sequence[DomainCoverage], floor: float, k_without_floor: Optional[int] = None) -> List[str]:
     """The printed summary of :func:`domain_report`."""
     parts = []
     for d in report:
@@ -189,5 +195,6 @@ def domain_lines(report: Sequence[DomainCoverage], floor: float) -> List[str]:
         parts.append(f"{d.name} {d.coverage_at_k:.4%}{needed}{' (binds)' if d.binding else ''}")
     head = f"domains (floor {floor:g})" if floor > 0 else "domains"
     binding = [d.name for d in report if d.binding]
-    tail = f"; binding: {', '.join(binding)}" if binding else ("; no domain binds" if floor > 0 else "")
+    free = f" (without the floor the objective picks k = {k_without_floor:,})" if k_without_floor is not None else ""
+    tail = f"; binding: {', '.join(binding)}{free}" if binding else (f"; no domain binds{free}" if floor > 0 else "")
     return [f"{head}: " + ", ".join(parts) + tail]

@@ -126,6 +126,7 @@ class ServingAnalysis:
     warnings: List[str] = dataclasses.field(default_factory=list)
     domains: List[DomainCoverage] = dataclasses.field(default_factory=list)
     min_domain_coverage: float = 0.0
+    k_without_floor: Optional[int] = None  # the objective's best k without the domain floors
 
     def summary(self) -> Dict[str, Any]:
         """JSON-ready: NaN (an empty split, no out-of-bag records) becomes null."""
@@ -152,6 +153,7 @@ class ServingAnalysis:
                 "domains": {d.name: d.as_dict() for d in self.domains} or None,
                 "min_domain_coverage": self.min_domain_coverage,
                 "binding_domains": [d.name for d in self.domains if d.binding],
+                "draft_vocab_size_without_domain_floor": self.k_without_floor,
                 "warnings": list(self.warnings),
             }
         )
@@ -169,7 +171,7 @@ class ServingAnalysis:
         parts += [f"{name} {percent(value)}" for name, value in (cov.get("eval") or {}).items()]
         lines.append(f"coverage at k = {self.k:,}: " + ", ".join(parts))
         if self.domains:
-            lines += domain_lines(self.domains, self.min_domain_coverage)
+            lines += domain_lines(self.domains, self.min_domain_coverage, self.k_without_floor)
         if self.bootstrap is not None:
             b = self.bootstrap.as_dict()
             level = f"{self.bootstrap.confidence:.0%}"
@@ -264,7 +266,11 @@ def analyse(
         curves[name] = coverage_curve_in_order(order, counts)[ks]
     floor = float(search_settings.min_domain_coverage)
     domain_coverage: List[DomainCoverage] = []
+    k_without_floor = None
     if domains is not None and result.domain_curves:
+        if floor > 0 and result.method != "fixed":
+            without = dataclasses.replace(candidates, feasible=candidates.coverage >= search_settings.min_coverage)
+            k_without_floor = exact_best(without, candidates.utility)
         domain_coverage = domain_report(
             result.domain_curves,
             ks,
@@ -273,6 +279,7 @@ def analyse(
             paths=domains.paths,
             tokens={name: int(c.sum()) for name, c in domains.counts.items()},
             in_pass=domains.in_pass,
+            k_without_floor=k_without_floor,
         )
         for d in domain_coverage:
             label = f"domain {d.name}" + (f" (binds: k >= {d.k_needed:,})" if d.binding else "")
@@ -387,4 +394,5 @@ def analyse(
         warnings=warnings,
         domains=domain_coverage,
         min_domain_coverage=floor,
+        k_without_floor=k_without_floor,
     )
