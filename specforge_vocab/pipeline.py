@@ -1,12 +1,12 @@
 """`optimize`, the one path, in three phases: gather inputs -> choose -> write.
 
 1. :func:`gather_inputs`: the counts (a counts file, the counts cache or a counting pass, with the
-   held-out and bootstrap tallies filled in the same pass), the evaluation sets' counts, the
-   tokenizer (loaded once), V and the draft's architecture.
-2. :func:`choose`: the latency model and objective, the pinned tokens, the search for k, the
-   d2t/t2d mapping (checked) and the serving analysis.
-3. :func:`write`: the payloads of every output file, committed as one group with the draft
-   config's ``draft_vocab_size`` (writing/outputs.py).
+   held-out, bootstrap, per-domain and per-path tallies filled in the same pass), the evaluation
+   sets' and the other domains' counts, the tokenizer (loaded once), V and the draft's architecture.
+2. :func:`choose`: the latency model and objective, the pinned tokens, the search for k (with the
+   domain floors), the d2t/t2d mapping (checked), the serving analysis and each --ladder size.
+3. :func:`write`: the payloads of every output file, the --export files and ladder/k<K>/ entries,
+   committed as one group with the draft config's ``draft_vocab_size`` (writing/outputs.py).
 
 The CLI, the scripts and the training hook only build settings and call :func:`optimize`.
 """
@@ -17,12 +17,14 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from specforge_vocab.choosing.cost import DraftArchitecture, draft_flops, lm_head_share
+from specforge_vocab.choosing.domains import DomainCounts
 from specforge_vocab.choosing.holdout import BootstrapTally, HoldoutTally
+from specforge_vocab.choosing.ladder import LadderRow, check_ladder, ladder_lines, ladder_problems, ladder_rows
 from specforge_vocab.choosing.latency import DraftLatencyModel, build_latency_model
 from specforge_vocab.choosing.pins import PinnedToken, resolve_pinned_tokens
 from specforge_vocab.choosing.search import SearchResult, SearchSettings, search
@@ -35,20 +37,22 @@ from specforge_vocab.choosing.serving import (
 )
 from specforge_vocab.counting.count import CountResult, count_dataset
 from specforge_vocab.counting.counts_file import save_counts
-from specforge_vocab.counting.engine import CountSettings, Tally
+from specforge_vocab.counting.data import dataset_files
+from specforge_vocab.counting.engine import CountSettings, Tally, resolve_vocab_size
+from specforge_vocab.counting.file_tally import (
+    FileGroupTally,
+    dataset_path_tally,
+    weighted_source_lines,
+    weighted_sources,
+)
 from specforge_vocab.counting.sources import obtain_counts
 from specforge_vocab.counting.tokenizer import load_tokenizer
 from specforge_vocab.errors import SettingsError, must
 from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT, json_text, safetensors_bytes, writable_dir_problem
 from specforge_vocab.writing.draft_config import check_vocab_size, read_draft_config
-from specforge_vocab.writing.mapping import (
-    check_mapping,
-    kept_ids_from_d2t,
-    mapping_fingerprint,
-    mapping_from_counts,
-    mapping_payloads,
-)
-from specforge_vocab.writing.outputs import OUTPUT_FILES, commit_outputs
+from specforge_vocab.writing.exports import export_problems, mapping_files
+from specforge_vocab.writing.mapping import check_mapping, kept_ids_from_d2t, mapping_fingerprint, mapping_from_counts
+from specforge_vocab.writing.outputs import LADDER_DIR, OPTIONAL_OUTPUTS, OUTPUT_FILES, commit_outputs, ladder_files
 from specforge_vocab.writing.report import (
     full_results,
     render_coverage_curves,
@@ -62,9 +66,17 @@ LATENCY_LABELS = {"flops": "relative FLOPs", "bytes": "relative weight bytes", "
 
 
 def count_to_file(settings: CountSettings, *, output: str, progress: bool = False) -> CountResult:
-    """Count ``settings`` and write the counts file (safetensors, tensor 'counts' + metadata)."""
+    """Count ``settings`` and write the counts file (safetensors, tensor 'counts' + metadata).
+
+    A weighted count (--dataset-weight) also tallies each path, reported in ``result.sources``."""
     settings.validate()
-    result = count_dataset(settings, progress=progress)
+    tally = None
+    if settings.file_weights() is not None:
+        tokenizer = load_tokenizer(settings.tokenizer_path, trust_remote_code=settings.trust_remote_code)
+        tally = dataset_path_tally(settings, resolve_vocab_size(tokenizer, settings.target_vocab_size))
+    result = count_dataset(settings, progress=progress, tallies=[tally] if tally else [])
+    if tally is not None:
+        result.sources = weighted_sources(settings, result.tallies[0])
     save_counts(output, result.counts, result.metadata())
     logger.info("wrote %s", output)
     return result
@@ -81,9 +93,11 @@ class OutputSettings:
     no_cache: bool = False
     backup: bool = True
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    exports: List[str] = field(default_factory=list)  # --export: formats of writing/exports.py
+    ladder: List[int] = field(default_factory=list)  # --ladder: sizes written under ladder/k<K>/
 
     def problems(self) -> List[str]:
-        out = []
+        out = export_problems(self.exports) + ladder_problems(self.ladder)
         problem = writable_dir_problem(self.output_dir)
         if problem:
             out.append(problem)
@@ -112,6 +126,8 @@ class Inputs:
     eval_counts: Dict[str, np.ndarray] = field(default_factory=dict)
     tokenizer: Any = None  # for resolving pinned token strings
     chat_template: Optional[str] = None
+    domains: Optional[DomainCounts] = None  # --domain counts (each record once)
+    sources: List[Dict[str, Any]] = field(default_factory=list)  # per --dataset-path, when weighted
 
     @property
     def vocab_size(self) -> int:
@@ -134,6 +150,7 @@ class Choice:
     latency_model: DraftLatencyModel
     objective: ObjectiveChoice
     pinned: List[PinnedToken]
+    ladder: List[Tuple[LadderRow, Any, Any]] = field(default_factory=list)  # (row, d2t, t2d) per --ladder K
 
 
 @dataclass
@@ -148,6 +165,8 @@ class OptimizeResult:
     config_backup: Optional[str] = None
     count_result: Optional[CountResult] = None
     analysis: Optional[ServingAnalysis] = None
+    ladder: List[LadderRow] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
 
     @property
     def k(self) -> int:
@@ -157,6 +176,8 @@ class OptimizeResult:
         s, arch, V = self.search, self.arch, self.search.vocab_size
         full, draft = draft_flops(arch, V), draft_flops(arch, s.k)
         lines = list(self.count_result.summary_lines()) if self.count_result is not None else []
+        if self.summary.get("datasets"):
+            lines += weighted_source_lines(self.summary["datasets"])
         name = s.objective
         lines += [
             f"draft_vocab_size: {s.k:,} of {V:,} ({s.method} pick)  coverage {s.pick.coverage:.4%}  "
@@ -173,6 +194,8 @@ class OptimizeResult:
         )
         if self.analysis is not None:
             lines += self.analysis.summary_lines()
+        lines += ladder_lines(self.ladder)
+        lines += [f"note: {note}" for note in self.notes]
         lines.append("wrote: " + ", ".join(self.files.values()))
         if self.config_backup:
             lines.append(f"backup of the original config: {self.config_backup}")
@@ -205,10 +228,19 @@ def optimize(
     inputs = gather_inputs(
         count, search_settings, output, serving, precounted=precounted, progress=progress, draft_config=draft_config
     )
-    choice = choose(inputs, search_settings, serving, cache_dir=output.cache_dir)
+    choice = choose(inputs, search_settings, serving, cache_dir=output.cache_dir, ladder=output.ladder)
     summary, files, backup = write(inputs, choice, output, serving)
     return OptimizeResult(
-        choice.result, inputs.arch, inputs.counts, summary, files, backup, inputs.count_result, choice.analysis
+        choice.result,
+        inputs.arch,
+        inputs.counts,
+        summary,
+        files,
+        backup,
+        inputs.count_result,
+        choice.analysis,
+        [row for row, _, _ in choice.ladder],
+        list(summary.get("exports", {}).get("notes", [])),
     )
 
 
@@ -227,9 +259,20 @@ def check_settings(
 ) -> None:
     """Every problem with the settings, all at once, before any work."""
     problems = output.problems() + search_settings.problems() + serving.problems()
+    if search_settings.min_domain_coverage and not serving.evaluation.domains:
+        problems.append(
+            "--min-domain-coverage needs the domains it applies to, but no --domain was given. Add "
+            "--domain NAME=PATH [PATH ...] for each domain, or drop --min-domain-coverage."
+        )
     if counting:
         problems = count.problems() + problems
-    elif serving.evaluation.needs_records:
+    if not counting and count.dataset_weights:
+        problems.append(
+            "--dataset-weight weights the files counted from --dataset-path, but the counts come from --counts "
+            "(or were passed in counted). Weight them when counting (`specforge-vocab count --dataset-weight ...`) "
+            "or count here from --dataset-path."
+        )
+    if not counting and serving.evaluation.needs_records:
         problems.append(
             "--holdout-fraction and --bootstrap must see each record as it is counted, but the counts "
             "come from --counts (or were passed in counted). Count from --dataset-path instead, or drop "
@@ -264,6 +307,14 @@ def gather_inputs(
     # The tokenizer, loaded once: for V when a tally needs it before counting, and for pinned strings.
     tokenizer = load_tokenizer(count.tokenizer_path, trust_remote_code=count.trust_remote_code) if counting else None
     tallies = _tallies(count, serving, search_settings, tokenizer, counting=counting)
+    domain_paths = serving.evaluation.domain_paths
+    vocab_guess = count.target_vocab_size or (len(tokenizer) if tokenizer is not None else 0)
+    in_pass = _domains_in_pass(count, domain_paths) if counting else {}
+    if in_pass:
+        tallies.append(FileGroupTally(in_pass, vocab_guess, flag="--domain"))
+    path_tally = dataset_path_tally(count, vocab_guess) if counting else None
+    if path_tally is not None:
+        tallies.append(path_tally)
     if precounted is not None:
         counts, metadata, count_result = precounted[0], precounted[1], None
     else:
@@ -280,6 +331,7 @@ def gather_inputs(
     chat_template = count.chat_template if counting else (metadata.get("chat_template") or count.chat_template)
     if count_result is not None and tallies:
         tallies = list(count_result.tallies)
+    groups = {t.flag: t for t in tallies if isinstance(t, FileGroupTally)}
     V = int(counts.shape[0])
     if config is not None:
         tokenizer_length = (
@@ -301,7 +353,43 @@ def gather_inputs(
         eval_counts=_count_eval_sets(serving.evaluation.eval_dataset_paths, count, metadata, V, counting=counting),
         tokenizer=tokenizer,
         chat_template=chat_template,
+        domains=_domain_counts(domain_paths, groups.get("--domain"), count, metadata, V, counting=counting),
+        sources=weighted_sources(count, groups["--dataset-path"]) if "--dataset-path" in groups else [],
     )
+
+
+def _domains_in_pass(count: CountSettings, domain_paths: Dict[str, List[str]]) -> Dict[str, List[str]]:
+    """The domains whose files are all training files, counted in the training pass (not with
+    --sample-size, so a domain's counts never depend on where it is counted)."""
+    if not domain_paths or count.sample_size is not None:
+        return {}
+    training = {os.path.realpath(f) for f in dataset_files(count.dataset_paths)}
+    return {
+        name: paths
+        for name, paths in domain_paths.items()
+        if {os.path.realpath(f) for f in dataset_files(paths, flag="--domain")} <= training
+    }
+
+
+def _domain_counts(
+    domain_paths: Dict[str, List[str]],
+    tally: Optional[FileGroupTally],
+    count: CountSettings,
+    meta: Dict[str, str],
+    vocab_size: int,
+    *,
+    counting: bool,
+) -> Optional[DomainCounts]:
+    """Each domain's counts: from the training pass's tally, else counted on their own (same settings)."""
+    if not domain_paths:
+        return None
+    counts: Dict[str, np.ndarray] = {}
+    for name, paths in domain_paths.items():
+        if tally is not None and name in tally.names:
+            counts[name] = tally.counts_of(name)
+        else:
+            counts[name] = count_dataset(_eval_count_settings(paths, count, meta, vocab_size, counting=counting)).counts
+    return DomainCounts(counts, dict(domain_paths), list(tally.names) if tally is not None else [])
 
 
 def _tokenizer_named_by(count: CountSettings, metadata: Dict[str, str]):
@@ -333,21 +421,24 @@ def _tallies(
 
 
 def _eval_count_settings(
-    path: str, count: CountSettings, meta: Dict[str, str], vocab_size: int, *, counting: bool
+    paths: List[str], count: CountSettings, meta: Dict[str, str], vocab_size: int, *, counting: bool
 ) -> CountSettings:
+    """Settings to count ``paths`` as the training data was counted (every record once, no sample)."""
     if counting or count.tokenizer_path:
-        return replace(count, dataset_paths=[path], sample_size=None, target_vocab_size=vocab_size)
+        return replace(
+            count, dataset_paths=list(paths), dataset_weights=[], sample_size=None, target_vocab_size=vocab_size
+        )
     missing = [key for key in ("tokenizer_path", "chat_template", "max_length") if not meta.get(key)]
     if missing:
         raise SettingsError(
             [
-                f"--eval-dataset-path needs the tokenizer and template the counts were made with, but "
+                f"--eval-dataset-path and --domain need the tokenizer and template the counts were made with, but "
                 f"the counts metadata lacks {', '.join(missing)}. Pass --tokenizer-path and "
                 "--chat-template (and --max-length) with --counts."
             ]
         )
     return CountSettings(
-        dataset_paths=[path],
+        dataset_paths=list(paths),
         tokenizer_path=meta["tokenizer_path"],
         chat_template=meta["chat_template"],
         max_length=int(meta["max_length"]),
@@ -369,7 +460,7 @@ def _count_eval_sets(
             name = name[: -len(suffix)] if name.endswith(suffix) else name
         if name in out:
             name = path
-        settings = _eval_count_settings(path, count, meta, vocab_size, counting=counting)
+        settings = _eval_count_settings([path], count, meta, vocab_size, counting=counting)
         out[name] = count_dataset(settings).counts
     return out
 
@@ -384,8 +475,16 @@ def _int_or_none(value) -> Optional[int]:
 # ---------------------------------------------------------------- 2. choose
 
 
-def choose(inputs: Inputs, search_settings: SearchSettings, serving: ServingSettings, *, cache_dir: str) -> Choice:
-    """k (TPE and exact), the checked mapping and what serving gains at k."""
+def choose(
+    inputs: Inputs,
+    search_settings: SearchSettings,
+    serving: ServingSettings,
+    *,
+    cache_dir: str,
+    ladder: Sequence[int] = (),
+) -> Choice:
+    """k (TPE and exact), the checked mapping, what serving gains at k, and each ``ladder`` size's
+    mapping and table row (the first K ids of the same order: what ``--draft-vocab-size K`` keeps)."""
     arch, V = inputs.arch, inputs.vocab_size
     latency_model = build_latency_model(serving.latency, arch, cache_dir=cache_dir)
     objective = choose_objective(serving.objective, arch, latency_model=serving.latency.latency_model)
@@ -393,6 +492,8 @@ def choose(inputs: Inputs, search_settings: SearchSettings, serving: ServingSett
         serving.pins, vocab_size=V, tokenizer=inputs.tokenizer, chat_template=inputs.chat_template
     )
     pins = [t.id for t in pinned]
+    ladder = check_ladder(ladder, vocab_size=V, pinned=len(pins))  # before the search: nothing is lost
+    domain_counts = inputs.domains.counts if inputs.domains is not None else None
     result = search(
         inputs.search_counts,
         arch,
@@ -401,6 +502,7 @@ def choose(inputs: Inputs, search_settings: SearchSettings, serving: ServingSett
         objective=objective.function,
         objective_name=objective.name,
         pinned_ids=pins,
+        domain_counts=domain_counts,
     )
     d2t, t2d = mapping_from_counts(inputs.search_counts, result.k, pinned_ids=pins)
     check_mapping(d2t, t2d, draft_vocab_size=result.k, vocab_size=V, source="the new mapping")
@@ -417,8 +519,27 @@ def choose(inputs: Inputs, search_settings: SearchSettings, serving: ServingSett
         holdout=inputs.holdout,
         bootstrap=inputs.bootstrap,
         eval_counts=inputs.eval_counts,
+        domains=inputs.domains,
     )
-    return Choice(result, d2t, t2d, analysis, latency_model, objective, pinned)
+    rows = ladder_rows(
+        ladder,
+        search_counts=inputs.search_counts,
+        pinned_ids=pins,
+        latency_reduction=latency_model,
+        relative_time=latency_model.relative_time,
+        speedup=objective.speedup,
+        objective=objective.function,
+        coverage_weight=search_settings.coverage_weight,
+        held_out=inputs.holdout.held_out if inputs.holdout is not None else None,
+        eval_counts=inputs.eval_counts,
+        domain_counts=domain_counts,
+    )
+    rungs = []
+    for row in rows:
+        rung_d2t, rung_t2d = mapping_from_counts(inputs.search_counts, row.k, pinned_ids=pins)
+        check_mapping(rung_d2t, rung_t2d, draft_vocab_size=row.k, vocab_size=V, source=f"--ladder {row.k}")
+        rungs.append((row, rung_d2t, rung_t2d))
+    return Choice(result, d2t, t2d, analysis, latency_model, objective, pinned, rungs)
 
 
 # ---------------------------------------------------------------- 3. write
@@ -427,14 +548,40 @@ def choose(inputs: Inputs, search_settings: SearchSettings, serving: ServingSett
 def write(
     inputs: Inputs, choice: Choice, output: OutputSettings, serving: ServingSettings
 ) -> Tuple[Dict[str, Any], Dict[str, str], Optional[str]]:
-    """Every output file as one group, then the draft config; (summary, files written, config backup)."""
-    result, counts = choice.result, inputs.counts
+    """Every output file (with the exports and the ladder) as one group, then the draft config;
+    (summary, files written, config backup)."""
+    result, counts, V = choice.result, inputs.counts, inputs.vocab_size
+    main_files, notes = mapping_files(
+        choice.d2t, choice.t2d, vocab_size=V, counts=inputs.search_counts, exports=output.exports
+    )
+    ladder_payloads, ladder_summary, ladder_notes = ladder_files(
+        [(row.as_dict(), d2t, t2d) for row, d2t, t2d in choice.ladder],
+        output_dir=output.output_dir,
+        vocab_size=V,
+        counts=inputs.search_counts,
+        exports=output.exports,
+        config_path=output.config_path,
+    )
     settings = {
         "counting": dict(inputs.metadata),
         "output_dir": output.output_dir,
         "config_path": output.config_path,
         "counts_path": output.counts_path,
+        "exports": list(output.exports),
+        "ladder": list(output.ladder),
         "serving": serving.as_dict(),
+    }
+    export_names = [name for name in main_files if name not in OUTPUT_FILES.values()]
+    additions = {
+        **choice.analysis.summary(),
+        "datasets": inputs.sources or None,
+        "exports": {
+            "formats": list(output.exports),
+            "files": export_names,
+            "mapping_fingerprint": mapping_fingerprint(kept_ids_from_d2t(choice.d2t), V),
+            "notes": list(dict.fromkeys(notes + ladder_notes)),
+        },
+        "ladder": ladder_summary,
     }
     summary = summary_dict(
         result,
@@ -442,24 +589,22 @@ def write(
         tokens_counted=int(counts.sum()),
         unique_tokens=int(np.count_nonzero(counts)),
         settings=settings,
-        additions=choice.analysis.summary(),
+        additions=additions,
     )
-    summary["mapping_fingerprint"] = mapping_fingerprint(kept_ids_from_d2t(choice.d2t), inputs.vocab_size)
-    pt_bytes, st_bytes = mapping_payloads(
-        choice.d2t, choice.t2d, draft_vocab_size=result.k, vocab_size=inputs.vocab_size
-    )
+    summary["mapping_fingerprint"] = additions["exports"]["mapping_fingerprint"]
     files = {role: os.path.join(output.output_dir, name) for role, name in OUTPUT_FILES.items()}
     payloads = {
+        **ladder_payloads,
         files["full_results"]: json_text(full_results(result)),
         files["plot"]: render_optimization_results(result, latency_label=LATENCY_LABELS[serving.latency.latency_model]),
         files["coverage_plot"]: render_coverage_curves(result, choice.analysis),
         files["counts"]: safetensors_bytes({"counts": np.ascontiguousarray(counts)}, inputs.metadata),
-        files["mapping_pt"]: pt_bytes,
-        files["mapping_safetensors"]: st_bytes,
-        files["summary"]: json_text(summary),  # last: its presence means the set is complete
+        **{os.path.join(output.output_dir, name): data for name, data in main_files.items()},
     }
+    payloads[files["summary"]] = json_text(summary)  # last: its presence means the set is complete
     # One commit: the outputs swap in as a set, then the config (and its backup) follow; a crash in
-    # between is completed by the next run (see writing/outputs.py).
+    # between is completed by the next run (see writing/outputs.py). An earlier run's exports and
+    # ladder that this run does not write go in the same commit.
     backup = commit_outputs(
         payloads,
         output_dir=output.output_dir,
@@ -467,7 +612,12 @@ def write(
         draft_vocab_size=result.k,
         backup=output.backup,
         lock_timeout=output.lock_timeout,
+        owned=OPTIONAL_OUTPUTS,
     )
+    files.update({name: os.path.join(output.output_dir, name) for name in export_names})
+    if ladder_summary:
+        sizes = ",".join(str(r["draft_vocab_size"]) for r in ladder_summary)
+        files["ladder"] = os.path.join(output.output_dir, LADDER_DIR, f"k{{{sizes}}}")
     if output.config_path:
         files["config"] = output.config_path
     return summary, files, backup

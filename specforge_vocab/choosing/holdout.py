@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from specforge_vocab.choosing.domains import domain_problems, parse_domains
 from specforge_vocab.counting.engine import Tally, add_ids
 from specforge_vocab.errors import ValidatedSettings, must
 
@@ -333,6 +334,12 @@ class EvaluationSettings(ValidatedSettings):
     bootstrap: int = 0
     confidence: float = 0.95
     min_token_count: int = 5
+    domains: List[List[str]] = dataclasses.field(default_factory=list)  # --domain NAME=PATH [PATH ...], per use
+
+    @property
+    def domain_paths(self) -> Dict[str, List[str]]:
+        """{domain name: its paths}, in the order given."""
+        return parse_domains(self.domains)
 
     @property
     def needs_records(self) -> bool:
@@ -359,4 +366,5 @@ class EvaluationSettings(ValidatedSettings):
             or self.min_token_count < 0
         ):
             out.append(must("--min-token-count", "a non-negative integer", self.min_token_count))
+        out += domain_problems(self.domains)
         return out

@@ -12,7 +12,10 @@ Everything works on arrays indexed by candidate k:
 
 Candidates are every k in [--min-vocab-size, --max-vocab-size] (max clipped to V),
 or only the multiples of ``--vocab-multiple`` there (TPE then suggests with that
-step). Pinned ids (always kept, counting toward k) shift the coverage curve
+step). With ``--min-domain-coverage C`` and per-domain counts, a candidate is feasible only
+where every domain's coverage reaches C (choosing/domains.py): the exact search maximises over
+those, and TPE scores any other trial -1.0 as it does below ``--min-coverage``. Pinned ids
+(always kept, counting toward k) shift the coverage curve
 (:func:`coverage_curve` with ``pinned_ids``) and raise the smallest candidate to
 their number.
 
@@ -35,11 +38,13 @@ import hashlib
 import logging
 import math
 import numbers
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from specforge_vocab.choosing.cost import DraftArchitecture, latency_reduction
+from specforge_vocab.choosing.domains import domain_curves, first_meeting, meets_floor
+from specforge_vocab.choosing.holdout import pinned_frequency_order
 from specforge_vocab.choosing.studies import best_of, check_storage_settings, run_tpe_trials
 from specforge_vocab.errors import InputError, SettingsError, must
 
@@ -142,11 +147,16 @@ class SearchSettings:
     vocab_multiple: int = 1
     storage: Optional[str] = None
     study_name: Optional[str] = None
+    min_domain_coverage: float = 0.0  # every --domain's coverage must reach it (0 = no floor)
 
     def problems(self, vocab_size: Optional[int] = None) -> List[str]:
         """Every invalid field, each as one message naming its flag."""
         out: List[str] = []
-        for flag, value in (("--coverage-weight", self.coverage_weight), ("--min-coverage", self.min_coverage)):
+        for flag, value in (
+            ("--coverage-weight", self.coverage_weight),
+            ("--min-coverage", self.min_coverage),
+            ("--min-domain-coverage", self.min_domain_coverage),
+        ):
             if not _is_real(value) or not 0.0 <= value <= 1.0:
                 out.append(must(flag, "a number in [0, 1]", value))
         sizes_ok = True
@@ -285,6 +295,7 @@ class SearchResult:
     objective: str = "utility"  # what ``utility`` holds: the paper's weighted utility, or e.g. "speedup"
     pinned_ids: Tuple[int, ...] = ()  # ids always kept (they count toward k and the coverage)
     curve: Optional[np.ndarray] = None  # the coverage curve searched (pinned ids first), length V + 1
+    domain_curves: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # name -> length V + 1
 
     @property
     def k(self) -> int:
@@ -313,15 +324,21 @@ def score_candidates(
     coverage_weight: float,
     min_coverage: float = 0.0,
     objective: Objective = weighted_utility,
+    domain_curves: Optional[Mapping[str, np.ndarray]] = None,
+    min_domain_coverage: float = 0.0,
 ) -> Candidates:
-    """Coverage, latency reduction, utility and feasibility for every candidate k."""
+    """Coverage, latency reduction, utility and feasibility (coverage >= min_coverage and, with
+    ``domain_curves``, every domain's coverage >= min_domain_coverage) for every candidate k."""
     ks = np.asarray(ks, dtype=np.int64)
     latency = np.asarray(latency, dtype=np.float64)
     if latency.shape != ks.shape:
         raise ValueError(f"latency must have one value per candidate k ({ks.shape}), but got {latency.shape}")
     coverage = curve[ks]
     utility = np.asarray(objective(coverage, latency, coverage_weight), dtype=np.float64)
-    return Candidates(ks, coverage, latency, utility, coverage >= min_coverage)
+    feasible = coverage >= min_coverage
+    if domain_curves and min_domain_coverage > 0:
+        feasible &= meets_floor(domain_curves, ks, min_domain_coverage)
+    return Candidates(ks, coverage, latency, utility, feasible)
 
 
 def _unreachable_coverage(curve: np.ndarray, high: int, min_coverage: float) -> InputError:
@@ -338,10 +355,24 @@ def _unreachable_coverage(curve: np.ndarray, high: int, min_coverage: float) -> 
     )
 
 
+def _unreachable_domain_floor(curves: Mapping[str, np.ndarray], ks: np.ndarray, floor: float) -> InputError:
+    parts = []
+    for name, curve in curves.items():
+        k_needed = first_meeting(curve, np.arange(curve.size, dtype=np.int64), floor)
+        if float(curve[ks[-1]]) < floor:
+            where = f"first met at k = {k_needed:,}" if k_needed is not None else "never met, even at V"
+            parts.append(f"'{name}' reaches {float(curve[ks[-1]]):.6f} at k = {int(ks[-1]):,} ({where})")
+    return InputError(
+        f"--min-domain-coverage must be reachable by every --domain within [--min-vocab-size, --max-vocab-size], "
+        f"but got {floor!r}: domain {'; '.join(parts) or 'coverage and the domain floors never hold together'}. "
+        "Raise --max-vocab-size or lower --min-domain-coverage."
+    )
+
+
 def exact_search(candidates: Candidates) -> ExactResult:
     """The feasible candidate with the highest utility (smallest k on ties)."""
     if not candidates.feasible.any():
-        raise InputError("No candidate draft_vocab_size meets --min-coverage; lower --min-coverage.")
+        raise InputError("No candidate draft_vocab_size meets --min-coverage (and --min-domain-coverage); lower them.")
     masked = np.where(candidates.feasible, candidates.utility, -np.inf)
     best = int(np.argmax(masked))
     return ExactResult(candidates.point(int(candidates.ks[best])), candidates)
@@ -359,11 +390,13 @@ def tpe_search(
     storage: Optional[str] = None,
     study_name: Optional[str] = None,
     fingerprint: Optional[str] = None,
+    is_feasible: Optional[Callable[[int], bool]] = None,
 ) -> TPEResult:
     """The paper's search: Optuna TPESampler(seed=random_state), ``n_trials`` integer trials
-    in [low, high]; a trial below min_coverage scores -1.0; if the best trial misses the
-    constraint, the best feasible evaluated k is taken, else ``high``. With ``storage`` and
-    ``study_name`` the study is kept in an Optuna RDB storage and resumes (see choosing/studies.py)."""
+    in [low, high]; an infeasible trial (below min_coverage, or ``is_feasible(k)`` False: the
+    domain floors) scores -1.0; if the best trial is infeasible, the best feasible evaluated k is
+    taken, else ``high``. With ``storage`` and ``study_name`` the study is kept in an Optuna RDB
+    storage and resumes (see choosing/studies.py)."""
 
     evaluations: Dict[int, Evaluation] = {}
 
@@ -372,9 +405,12 @@ def tpe_search(
             evaluations[k] = evaluate(k)
         return evaluations[k]
 
+    def feasible(point: Evaluation) -> bool:
+        return point.coverage >= min_coverage and (is_feasible is None or is_feasible(point.k))
+
     def value(k: int) -> float:
         point = cached(k)
-        return INFEASIBLE_SCORE if point.coverage < min_coverage else point.utility
+        return point.utility if feasible(point) else INFEASIBLE_SCORE
 
     pairs = run_tpe_trials(
         value,
@@ -394,15 +430,18 @@ def tpe_search(
 
     pick = cached(best_k)
     fallback = None
-    if pick.coverage < min_coverage:
-        valid = [e for e in evaluations.values() if e.coverage >= min_coverage]
+    if not feasible(pick):
+        valid = [e for e in evaluations.values() if feasible(e)]
         if valid:
             valid.sort(key=lambda e: e.utility, reverse=True)  # stable: first evaluated wins ties
             pick, fallback = valid[0], "best-feasible-evaluated"
         else:
             pick, fallback = cached(high), "max-vocab-size"
         logger.warning(
-            "The best TPE trial misses --min-coverage %s; taking k = %d (%s).", min_coverage, pick.k, fallback
+            "The best TPE trial misses --min-coverage %s (or a domain floor); taking k = %d (%s).",
+            min_coverage,
+            pick.k,
+            fallback,
         )
     return TPEResult(pick, trials, evaluations, fallback)
 
@@ -432,6 +471,7 @@ def search(
     objective: Objective = weighted_utility,
     objective_name: str = "utility",
     pinned_ids: Sequence[int] = (),
+    domain_counts: Optional[Mapping[str, np.ndarray]] = None,
 ) -> SearchResult:
     """Choose k: TPE pick and exact optimum (both computed, ``settings.search`` picks which
     is used), or only the fixed ``settings.draft_vocab_size``.
@@ -442,6 +482,9 @@ def search(
     paper's utility); ``objective_name`` says what it is in the result.
     ``pinned_ids``: ids always kept (needs counts): coverage is that of the pinned ids plus the
     k - len(pinned) most frequent others, and no candidate is below len(pinned).
+    ``domain_counts``: {name: counts [V]} of each --domain (needs counts): their coverage curves
+    along the same order are kept in the result, and ``settings.min_domain_coverage`` > 0 makes
+    only the k where every domain reaches it feasible.
     Candidates are the multiples of ``settings.vocab_multiple`` in range.
     """
     pinned = tuple(sorted({int(i) for i in pinned_ids}))
@@ -462,6 +505,13 @@ def search(
     settings.validate(vocab_size)
     model = latency_model or (lambda ks: latency_reduction(arch, ks))
     step = int(settings.vocab_multiple)
+    curves: Dict[str, np.ndarray] = {}
+    if domain_counts:
+        data = np.asarray(counts_or_curve)
+        if np.issubdtype(data.dtype, np.floating):
+            raise InputError("Per-domain coverage needs integer token counts, but a coverage curve was given.")
+        curves = domain_curves(pinned_frequency_order(data, pinned), domain_counts)
+    floor = float(settings.min_domain_coverage)
 
     def score(ks: np.ndarray) -> Candidates:
         return score_candidates(
@@ -471,11 +521,21 @@ def search(
             coverage_weight=settings.coverage_weight,
             min_coverage=settings.min_coverage,
             objective=objective,
+            domain_curves=curves,
+            min_domain_coverage=floor,
         )
 
     def result(method: str, pick: Evaluation, **parts: Any) -> SearchResult:
         return SearchResult(
-            method, pick, vocab_size, settings, objective=objective_name, pinned_ids=pinned, curve=curve, **parts
+            method,
+            pick,
+            vocab_size,
+            settings,
+            objective=objective_name,
+            pinned_ids=pinned,
+            curve=curve,
+            domain_curves=curves,
+            **parts,
         )
 
     if pinned and len(pinned) > settings.min_vocab_size:
@@ -494,11 +554,13 @@ def search(
             )
         fixed = score(np.array([k], dtype=np.int64))
         if not fixed.feasible[0]:
+            below = [n for n, c in curves.items() if floor > 0 and c[k] < floor]
             logger.warning(
-                "--draft-vocab-size %d covers %.4f of tokens, below --min-coverage %s.",
+                "--draft-vocab-size %d covers %.4f of tokens (--min-coverage %s)%s.",
                 k,
                 fixed.coverage[0],
                 settings.min_coverage,
+                f"; domains below --min-domain-coverage {floor:g}: {', '.join(below)}" if below else "",
             )
         context = score(settings.candidate_ks(vocab_size, at_least=len(pinned)))  # only drawn, never used to choose
         return result("fixed", fixed.point(k), candidates=context)
@@ -506,7 +568,9 @@ def search(
     low, high = settings.candidate_range(vocab_size, at_least=len(pinned))
     candidates = score(np.arange(low, high + 1, step, dtype=np.int64))
     if not candidates.feasible.any():
-        raise _unreachable_coverage(curve, high, settings.min_coverage)
+        if curve[high] < settings.min_coverage:
+            raise _unreachable_coverage(curve, high, settings.min_coverage)
+        raise _unreachable_domain_floor(curves, candidates.ks, floor)
     exact = exact_search(candidates)
     fingerprint = None
     if settings.storage:
@@ -522,6 +586,10 @@ def search(
                 )
             ).encode()
         )
+        if curves and floor > 0:  # the floors decide which trials are feasible: another floor, another study
+            digest.update(repr(floor).encode())
+            for name, domain in curves.items():
+                digest.update(name.encode() + domain.tobytes())
         fingerprint = digest.hexdigest()
     tpe = tpe_search(
         candidates.point,
@@ -534,6 +602,7 @@ def search(
         storage=settings.storage,
         study_name=settings.study_name,
         fingerprint=fingerprint,
+        is_feasible=lambda k: bool(candidates.feasible[candidates.index_of(k)]),
     )
     pick = tpe.pick if settings.search == "tpe" else exact.pick
     return result(settings.search, pick, exact=exact, tpe=tpe, candidates=candidates)

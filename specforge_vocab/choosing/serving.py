@@ -16,6 +16,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from specforge_vocab.choosing.cost import DraftArchitecture
+from specforge_vocab.choosing.domains import (
+    DomainCounts,
+    DomainCoverage,
+    domain_curves,
+    domain_lines,
+    domain_report,
+    meets_floor,
+)
 from specforge_vocab.choosing.holdout import (
     BootstrapResult,
     BootstrapTally,
@@ -116,6 +124,9 @@ class ServingAnalysis:
     holdout: Optional[Dict[str, Any]] = None
     bootstrap: Optional[BootstrapResult] = None
     warnings: List[str] = dataclasses.field(default_factory=list)
+    domains: List[DomainCoverage] = dataclasses.field(default_factory=list)
+    min_domain_coverage: float = 0.0
+    k_without_floor: Optional[int] = None  # the objective's best k without the domain floors
 
     def summary(self) -> Dict[str, Any]:
         """JSON-ready: NaN (an empty split, no out-of-bag records) becomes null."""
@@ -139,6 +150,10 @@ class ServingAnalysis:
                 },
                 "speedup": self.speedup,
                 "rare_tokens": self.rare_tokens,
+                "domains": {d.name: d.as_dict() for d in self.domains} or None,
+                "min_domain_coverage": self.min_domain_coverage,
+                "binding_domains": [d.name for d in self.domains if d.binding],
+                "draft_vocab_size_without_domain_floor": self.k_without_floor,
                 "warnings": list(self.warnings),
             }
         )
@@ -155,6 +170,8 @@ class ServingAnalysis:
             parts.append(f"held-out {percent(cov['held_out'])}")
         parts += [f"{name} {percent(value)}" for name, value in (cov.get("eval") or {}).items()]
         lines.append(f"coverage at k = {self.k:,}: " + ", ".join(parts))
+        if self.domains:
+            lines += domain_lines(self.domains, self.min_domain_coverage, self.k_without_floor)
         if self.bootstrap is not None:
             b = self.bootstrap.as_dict()
             level = f"{self.bootstrap.confidence:.0%}"
@@ -221,6 +238,7 @@ def analyse(
     holdout: Optional[HoldoutTally] = None,
     bootstrap: Optional[BootstrapTally] = None,
     eval_counts: Optional[Dict[str, np.ndarray]] = None,
+    domains: Optional[DomainCounts] = None,
 ) -> ServingAnalysis:
     """Everything the serving analysis reports about the pick ``result`` (k chosen on ``search_counts``)."""
     k, V = result.k, result.vocab_size
@@ -246,6 +264,26 @@ def analyse(
     for name, counts in (eval_counts or {}).items():
         coverage["eval"][name] = coverage_of(kept, counts)
         curves[name] = coverage_curve_in_order(order, counts)[ks]
+    floor = float(search_settings.min_domain_coverage)
+    domain_coverage: List[DomainCoverage] = []
+    k_without_floor = None
+    if domains is not None and result.domain_curves:
+        if floor > 0 and result.method != "fixed":
+            without = dataclasses.replace(candidates, feasible=candidates.coverage >= search_settings.min_coverage)
+            k_without_floor = exact_best(without, candidates.utility)
+        domain_coverage = domain_report(
+            result.domain_curves,
+            ks,
+            k,
+            floor=floor,
+            paths=domains.paths,
+            tokens={name: int(c.sum()) for name, c in domains.counts.items()},
+            in_pass=domains.in_pass,
+            k_without_floor=k_without_floor,
+        )
+        for d in domain_coverage:
+            label = f"domain {d.name}" + (f" (binds: k >= {d.k_needed:,})" if d.binding else "")
+            curves[label] = result.domain_curves[d.name][ks]
 
     # the best k of each objective, exactly, over the same candidates
     utility_scores = weighted_utility(
@@ -278,6 +316,10 @@ def analyse(
     if coverage["eval"]:
         speedup["at_draft_vocab_size_eval"] = {
             name: objective.speedup(c, relative_k) for name, c in coverage["eval"].items() if np.isfinite(c)
+        }
+    if domain_coverage:
+        speedup["at_draft_vocab_size_domain"] = {
+            d.name: objective.speedup(d.coverage_at_k, relative_k) for d in domain_coverage
         }
 
     # rare tokens at the edge of the vocabulary
@@ -317,6 +359,9 @@ def analyse(
             cov = curve[ks]
             scores = objective.function(cov, lat, search_settings.coverage_weight)
             feasible = cov >= search_settings.min_coverage
+            if domains is not None and floor > 0:  # the replicate's own order, the domains' own counts
+                replicate_curves = domain_curves(pinned_frequency_order(counts, pins), domains.counts)
+                feasible &= meets_floor(replicate_curves, ks, floor)
             if not feasible.any():
                 return int(ks[-1])
             return int(ks[int(np.argmax(np.where(feasible, scores, -np.inf)))])
@@ -347,4 +392,7 @@ def analyse(
         holdout=holdout_summary,
         bootstrap=boot,
         warnings=warnings,
+        domains=domain_coverage,
+        min_domain_coverage=floor,
+        k_without_floor=k_without_floor,
     )

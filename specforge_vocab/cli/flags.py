@@ -32,10 +32,18 @@ from specforge_vocab.choosing.pins import PinSettings
 from specforge_vocab.choosing.search import SEARCH_METHODS, SearchSettings
 from specforge_vocab.choosing.serving import ServingSettings
 from specforge_vocab.counting.engine import CountSettings
-from specforge_vocab.drafts.trim import TrimSettings
+from specforge_vocab.drafts.trim import TRIM_EXPORT_FORMATS, TrimSettings
 from specforge_vocab.drafts.verify import VerifySettings
 from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT
 from specforge_vocab.pipeline import OutputSettings
+from specforge_vocab.writing.exports import EXPORT_FORMATS, IDS, SGLANG_TOKEN_MAP, SPECULATORS
+
+EXPORT_HELP = {
+    SGLANG_TOKEN_MAP: "sglang-token-map: token_map.pt for SGLang's --speculative-token-map (EAGLE/NEXTN drafts; "
+    "EAGLE-3 drafts use their own d2t)",
+    SPECULATORS: "speculators: token_freq.pt, d2t.npy and t2d.npy in vLLM speculators' layout",
+    IDS: "ids: kept_ids.json (kept ids ascending, V and the mapping fingerprint)",
+}
 
 Settings = TypeVar("Settings")
 
@@ -49,6 +57,18 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, but got {value}")
     return value
+
+
+def number(text: str):
+    """argparse type: an int when the text is one, else a float (the settings' problems() judge it)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, but got {text!r}") from None
 
 
 def settings_from(cls: Type[Settings], args: argparse.Namespace) -> Settings:
@@ -74,6 +94,16 @@ def add_count_flags(parser: argparse.ArgumentParser, *, datasets_required: bool 
         default=[],
         metavar="PATH",
         help="dataset files (.jsonl, .json, optionally .gz) or directories, read in order",
+    )
+    data.add_argument(
+        "--dataset-weight",
+        dest="dataset_weights",
+        nargs="+",
+        type=number,
+        default=[],
+        metavar="W",
+        help="one whole-number weight per --dataset-path value, in order: each record of that path counts W "
+        "times, as if the path appeared W times in SpecForge's one training file (default: all 1)",
     )
     data.add_argument(
         "--is-preformatted",
@@ -274,6 +304,29 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_domain_flags(parser: argparse.ArgumentParser) -> None:
+    """--domain (:class:`EvaluationSettings`) and the floor --min-domain-coverage (:class:`SearchSettings`)."""
+    group = parser.add_argument_group("domains (coverage per domain, and a floor for each)")
+    group.add_argument(
+        "--domain",
+        dest="domains",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar=("NAME=PATH", "PATH"),
+        help="a domain and its data files or directories (repeat the flag for each domain); counted in the "
+        "training pass when they are training files; coverage at k and along k is reported for each",
+    )
+    group.add_argument(
+        "--min-domain-coverage",
+        type=float,
+        default=SearchSettings.min_domain_coverage,
+        metavar="C",
+        help="keep only draft vocabulary sizes where every --domain's coverage is at least C (TPE scores other "
+        "trials -1.0, as below --min-coverage); the summary names the domain that binds (default 0 = no floor)",
+    )
+
+
 def add_latency_flags(parser: argparse.ArgumentParser) -> None:
     """The :class:`LatencySettings` flags: what a smaller LM head saves."""
     lat = LatencySettings
@@ -397,8 +450,9 @@ def add_pin_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_serving_flags(parser: argparse.ArgumentParser) -> None:
-    """Every flag of :class:`ServingSettings`."""
+    """Every flag of :class:`ServingSettings` (and the domain floor of :class:`SearchSettings`)."""
     add_evaluation_flags(parser)
+    add_domain_flags(parser)
     add_latency_flags(parser)
     add_objective_flags(parser)
     add_pin_flags(parser)
@@ -437,6 +491,28 @@ def add_output_flags(parser: argparse.ArgumentParser, *, output_dir_default: str
         "--no-backup", dest="backup", action="store_false", default=o.backup, help="do not keep <config>.bak"
     )
     add_lock_timeout_flag(group)
+    add_export_flag(group)
+    group.add_argument(
+        "--ladder",
+        nargs="+",
+        type=positive_int,
+        default=[],
+        metavar="K",
+        help="besides the chosen k, write ladder/k<K>/ for each K (the mapping, the --export files and a copy "
+        "of --config-path with draft_vocab_size K) from the same counts, and a table of coverage and "
+        "predicted speed-up per K",
+    )
+
+
+def add_export_flag(group, *, formats=EXPORT_FORMATS) -> None:
+    group.add_argument(
+        "--export",
+        dest="exports",
+        nargs="+",
+        default=[],
+        metavar="FORMAT",
+        help="also write the mapping for other engines: " + "; ".join(EXPORT_HELP[f] for f in formats),
+    )
 
 
 def add_lock_timeout_flag(group) -> None:
@@ -488,6 +564,7 @@ def add_trim_flags(parser: argparse.ArgumentParser) -> None:
         default=t.overwrite,
         help="write into an existing, non-empty --output directory",
     )
+    add_export_flag(ckpt, formats=TRIM_EXPORT_FORMATS)
     add_count_flags(parser, datasets_required=False, shard=False)
     add_search_flags(parser)
 
@@ -503,6 +580,7 @@ def trim_settings(args: argparse.Namespace) -> TrimSettings:
         counts_path=args.counts_path,
         search=search,
         overwrite=args.overwrite,
+        exports=args.exports,
     )
 
 

@@ -8,6 +8,7 @@ The fingerprint is everything that decides the counts, by content, not by name o
 * the tokenizer's identifying files (tokenizer.json, tokenizer_config.json, chat template ...,
   see :data:`~specforge_vocab.counting.TOKENIZER_FILES`; its .py files under trust_remote_code),
   hashed together; where the tokenizer lives does not matter;
+* each file's --dataset-weight, when any differs from 1;
 * the chat template (name and strings), max_length, is_preformatted, train_only_last_turn,
   sample_size, target_vocab_size, skip_invalid and shard;
 * the counting version and the tokenizers / transformers versions (an upgrade recounts).
@@ -113,11 +114,16 @@ def counting_fingerprint(settings: CountSettings, *, memo: Optional[HashMemo] = 
     files = dataset_files(settings.dataset_paths)
     template = get_template(settings.chat_template)
     shard = settings.shard_spec()
+    weights = settings.file_weights()
+    infos = [{"size": os.path.getsize(p), "sha256": memo.sha256(p)} for p in files]
+    if weights is not None:  # only then, so unweighted entries keep their fingerprint
+        for info, path in zip(infos, files):
+            info["weight"] = weights.get(path, 1)
     return {
         "kind": "specforge-vocab-counting",
         "counting_version": COUNTING_VERSION,
         "libraries": {"tokenizers": _version("tokenizers"), "transformers": _version("transformers")},
-        "files": [{"size": os.path.getsize(p), "sha256": memo.sha256(p)} for p in files],
+        "files": infos,
         "tokenizer": {
             "sha256": tokenizer_sha256(
                 settings.tokenizer_path, trust_remote_code=settings.trust_remote_code, sha256=memo.sha256
@@ -178,7 +184,9 @@ def load_cached(
         return None
     # Report the files where they are now (the cache is keyed by content, not by path).
 
-    result.files = file_infos(dataset_files(settings.dataset_paths), sha256=memo.sha256)
+    result.files = file_infos(
+        dataset_files(settings.dataset_paths), sha256=memo.sha256, weights=settings.file_weights()
+    )
     return result
 
 

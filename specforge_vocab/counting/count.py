@@ -19,6 +19,7 @@ from tqdm import tqdm
 from specforge_vocab.counting.counts_file import FORMAT_VERSION, settings_from_metadata
 from specforge_vocab.counting.data import ReadStats, Record, Shard, dataset_files, iter_raw_records
 from specforge_vocab.counting.engine import CountAborted, Counter, CountSettings, Tally, Totals, resolve_vocab_size
+from specforge_vocab.counting.file_tally import weighted_source_lines
 from specforge_vocab.counting.tokenizer import load_tokenizer, tokenizer_sha256
 from specforge_vocab.counting.workers import count_in_workers
 from specforge_vocab.errors import InputError
@@ -52,10 +53,16 @@ class CountResult:
     tallies: List["Tally"] = field(default_factory=list)
     invalid_example_indices: List[int] = field(default_factory=list)
     tokenizer_sha256: str = ""
+    sources: List[Dict[str, object]] = field(default_factory=list)  # per --dataset-path of a weighted count
 
     @property
     def vocab_size(self) -> int:
         return int(self.counts.shape[0])
+
+    @property
+    def weighted(self) -> bool:
+        """True when --dataset-weight gave some file a weight other than 1."""
+        return any(int(f.get("weight", 1)) != 1 for f in self.files)
 
     @property
     def unique_tokens(self) -> int:
@@ -131,7 +138,8 @@ class CountResult:
         lines = [
             f"records read: {self.records_read:,}  counted: {self.records_counted:,}  "
             f"skipped (empty, as SpecForge): {self.records_skipped_empty:,}",
-            f"loss-masked tokens counted: {self.tokens_counted:,}  unique ids: {self.unique_tokens:,} of V={self.vocab_size:,}",
+            f"loss-masked tokens counted: {self.tokens_counted:,}{' (weighted)' if self.weighted else ''}  "
+            f"unique ids: {self.unique_tokens:,} of V={self.vocab_size:,}",
         ]
         shard = self.settings.shard_spec()
         if shard is not None:
@@ -143,12 +151,23 @@ class CountResult:
         if self.records_invalid_skipped:
             lines.append(f"invalid records skipped (--skip-invalid): {self.records_invalid_skipped:,}")
             lines.extend(f"  e.g. {m}" for m in self.invalid_examples[:3])
+        if self.sources:
+            lines += weighted_source_lines(self.sources)
         return lines
 
 
-def file_infos(paths: Sequence[str], *, sha256: Callable[[str], str] = sha256_file) -> List[Dict[str, object]]:
-    """Each dataset file with its size and sha256, in reading order (``sha256`` may be memoised)."""
-    return [{"path": os.path.abspath(p), "size": os.path.getsize(p), "sha256": sha256(p)} for p in paths]
+def file_infos(
+    paths: Sequence[str], *, sha256: Callable[[str], str] = sha256_file, weights: Optional[Dict[str, int]] = None
+) -> List[Dict[str, object]]:
+    """Each dataset file with its size and sha256, in reading order (``sha256`` may be memoised), and
+    its weight when ``weights`` ({file: weight}, from --dataset-weight) is given."""
+    infos: List[Dict[str, object]] = [
+        {"path": os.path.abspath(p), "size": os.path.getsize(p), "sha256": sha256(p)} for p in paths
+    ]
+    if weights is not None:
+        for info, path in zip(infos, paths):
+            info["weight"] = int(weights.get(path, 1))
+    return infos
 
 
 def available_cores() -> int:
@@ -258,7 +277,7 @@ def count_records(
         invalid_examples=list(stats.examples),
         invalid_example_indices=list(stats.example_indices),
         tokens_counted=totals.tokens_counted,
-        files=file_infos(files, sha256=sha256),
+        files=file_infos(files, sha256=sha256, weights=settings.file_weights()),
         tallies=totals.tallies,
         tokenizer_sha256=tokenizer_sha256(
             settings.tokenizer_path, trust_remote_code=settings.trust_remote_code, sha256=sha256

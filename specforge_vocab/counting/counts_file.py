@@ -26,10 +26,14 @@ FORMAT_VERSION = "1"
 
 
 def settings_from_metadata(metadata: Dict[str, str], *, source: str = "counts file") -> CountSettings:
-    """The CountSettings a counts file was written with (dataset paths = its files, in order)."""
+    """The CountSettings a counts file was written with (dataset paths = its files, in order, each with
+    its --dataset-weight when the count was weighted)."""
     try:
+        files = json.loads(metadata["files"])
+        weighted = any("weight" in f for f in files)
         return CountSettings(
-            dataset_paths=[str(f["path"]) for f in json.loads(metadata["files"])],
+            dataset_paths=[str(f["path"]) for f in files],
+            dataset_weights=[int(f.get("weight", 1)) for f in files] if weighted else [],
             tokenizer_path=metadata["tokenizer_path"],
             chat_template=metadata["chat_template"],
             max_length=int(metadata["max_length"]),

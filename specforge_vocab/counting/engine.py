@@ -2,7 +2,8 @@
 
 :class:`Counter` takes records through render -> batch tokenize -> mask -> histogram; the
 in-process path (count.py) and every worker process (workers.py) use it, so both count the same.
-:class:`Tally` is the extension point for anything else computed from each record's masked ids in
+With ``--dataset-weight`` a record of a path weighted w adds its ids w times (counts stay int64, and
+equal those of the training file with that path repeated w times). :class:`Tally` is the extension point for anything else computed from each record's masked ids in
 the same pass (held-out splits and bootstrap replicates in choosing/holdout.py).
 
 >>> add_ids(np.zeros(5, dtype=np.int64), np.array([1, 1, 4]))
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import numbers
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from specforge_vocab.counting.data import RawRecord, ReadStats, Record, Shard
+from specforge_vocab.counting.data import RawRecord, ReadStats, Record, Shard, dataset_files
 from specforge_vocab.counting.masking import MaskEngine, render_record
 from specforge_vocab.counting.templates import canonical_template_name, get_template, template_names
 from specforge_vocab.errors import InputError, SpecForgeVocabError, ValidatedSettings, must
@@ -43,6 +45,7 @@ class CountSettings(ValidatedSettings):
     """What to count and how; one field per `specforge-vocab count` flag."""
 
     dataset_paths: List[str] = field(default_factory=list)
+    dataset_weights: List[int] = field(default_factory=list)  # one per dataset path; empty: every weight 1
     tokenizer_path: str = ""
     chat_template: str = "llama3"
     max_length: int = 2048
@@ -67,6 +70,7 @@ class CountSettings(ValidatedSettings):
         for path in self.dataset_paths:
             if not os.path.exists(path):
                 out.append(f"--dataset-path {path} does not exist; check the path (relative to {os.getcwd()}).")
+        out += self._weight_problems()
         if not self.tokenizer_path:
             out.append("--tokenizer-path must name the target model's tokenizer directory, but got nothing.")
         elif not os.path.isdir(self.tokenizer_path):
@@ -95,6 +99,64 @@ class CountSettings(ValidatedSettings):
                 out.append(str(exc))
         return out
 
+    def _weight_problems(self) -> List[str]:
+        if not self.dataset_weights:
+            return []
+        out = []
+        if len(self.dataset_weights) != len(self.dataset_paths):
+            out.append(
+                must(
+                    "--dataset-weight",
+                    f"one weight per --dataset-path value ({len(self.dataset_paths)}, in the same order)",
+                    list(self.dataset_weights),
+                )
+            )
+        for weight in self.dataset_weights:
+            if not is_whole_weight(weight):
+                out.append(
+                    must(
+                        "--dataset-weight",
+                        "whole numbers >= 1 (weight w counts each record of that path w times, as if the path "
+                        "were repeated w times in SpecForge's single training file)",
+                        weight,
+                        "Scale fractional weights to whole numbers (0.5 and 1 -> 1 and 2).",
+                    )
+                )
+        if not out:
+            owners: Dict[str, str] = {}
+            for path in self.dataset_paths:
+                try:
+                    files = dataset_files([path])
+                except InputError:
+                    continue  # reported above (missing path, empty directory)
+                for file in files:
+                    real = os.path.realpath(file)
+                    if real in owners and owners[real] != path:
+                        out.append(
+                            f"--dataset-path names {file} twice (under {owners[real]} and {path}), but with "
+                            "--dataset-weight every file must be named once so it has one weight. Give it "
+                            "one path and one weight (the sum of the two)."
+                        )
+                    owners.setdefault(real, path)
+        return out
+
+    def file_weights(self) -> Optional[Dict[str, int]]:
+        """{data file (as reading names it): weight} when a weight other than 1 was given, else None."""
+        if not self.dataset_weights or all(int(w) == 1 for w in self.dataset_weights):
+            return None
+        return {
+            file: int(weight)
+            for path, weight in zip(self.dataset_paths, self.dataset_weights)
+            for file in dataset_files([path])
+        }
+
+
+def is_whole_weight(value) -> bool:
+    """True for a whole number >= 1 (an int, or a float such as 2.0)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return float(value) >= 1 and float(value).is_integer()
+
 
 def add_ids(counts: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Add a histogram of ``ids`` to ``counts`` in place (and return it)."""
@@ -118,6 +180,12 @@ class Tally:
 
     def merge(self, other: "Tally") -> None:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def add_copies(self, record: Record, ids: np.ndarray, copies: int) -> None:
+        """A record of a path weighted ``copies`` (--dataset-weight): by default it is added that many
+        times, exactly as if it appeared that often in the data."""
+        for _ in range(copies):
+            self.add(record, ids)
 
     def fresh(self) -> "Tally":
         """An empty tally with the same settings (default: a deep copy; override if large)."""
@@ -144,6 +212,7 @@ class Counter:
             train_only_last_turn=settings.train_only_last_turn,
         )
         self.counts = np.zeros(vocab_size, dtype=np.int64)
+        self.weights = settings.file_weights()  # None: every record counts once
         self.tallies = list(tallies)
         self.records_read = 0
         self.records_counted = 0
@@ -195,7 +264,7 @@ class Counter:
         texts, records = self._texts, self._records
         self._texts, self._records = [], []
         encodings = self.engine.encode_batch(texts)
-        pieces = []
+        pieces: Dict[int, List[np.ndarray]] = {}  # weight -> masked ids of the records with that weight
         V = self.counts.shape[0]
         for text, encoding, record in zip(texts, encodings, records):
             ids = self.engine.masked_ids(text, encoding)
@@ -206,14 +275,21 @@ class Counter:
                     f"V={V:,}. --target-vocab-size (or the draft config's vocab_size) must cover the tokenizer's "
                     f"{len(self.tokenizer):,} ids; raise it or use the target model's own tokenizer."
                 )
+            weight = self.weights.get(record.source, 1) if self.weights else 1
             for tally in self.tallies:
-                tally.add(record, ids)
-            pieces.append(ids)
+                if weight == 1:
+                    tally.add(record, ids)
+                else:
+                    tally.add_copies(record, ids, weight)
+            pieces.setdefault(weight, []).append(ids)
         self.records_counted += len(texts)
-        if pieces:
-            joined = np.concatenate(pieces)
-            self.tokens_counted += int(joined.size)
-            add_ids(self.counts, joined)
+        for weight, group in pieces.items():
+            joined = np.concatenate(group)
+            self.tokens_counted += weight * int(joined.size)  # = counts.sum(): weighted
+            if weight == 1:
+                add_ids(self.counts, joined)
+            elif joined.size:
+                self.counts += weight * np.bincount(joined, minlength=V)[:V]
 
 
 def resolve_vocab_size(tokenizer, target_vocab_size: Optional[int]) -> int:

@@ -3,7 +3,7 @@
 Shards come from ``specforge-vocab count ... --shard i/n`` (on one machine or many). Merging
 refuses, naming the field and both values, inputs that are not the shards of one count:
 another tokenizer (by content), V, chat template, max_length, mask option, sample size,
---skip-invalid or data files (by size and sha256, in order); and a set of shards that mixes
+--skip-invalid or data files (by size, sha256 and --dataset-weight, in order); and a set of shards that mixes
 sharded and unsharded files, mixes shard counts, holds a shard twice or leaves one out.
 The result is the counts file of an unsharded count of the same data: the same bytes
 `specforge-vocab count` without --shard writes (given the same paths), so ``optimize
@@ -86,7 +86,7 @@ def check_same_count(paths: Sequence[str], metadatas: Sequence[Dict[str, str]]) 
                 "count every shard with the same --dataset-path.",
             )
         for n, (fa, fb) in enumerate(zip(files_a, files_b), start=1):
-            if (fa["size"], fa["sha256"]) != (fb["size"], fb["sha256"]):
+            if (fa["size"], fa["sha256"], fa.get("weight", 1)) != (fb["size"], fb["sha256"], fb.get("weight", 1)):
                 raise _differ(
                     a,
                     b,
@@ -102,7 +102,8 @@ def _names(files: List[dict]) -> str:
 
 
 def _file(info: dict) -> str:
-    return f"{info['path']} ({info['size']:,} bytes, sha256 {str(info['sha256'])[:16]}...)"
+    weight = f", --dataset-weight {info['weight']}" if "weight" in info else ""
+    return f"{info['path']} ({info['size']:,} bytes, sha256 {str(info['sha256'])[:16]}...{weight})"
 
 
 def merge_shard_numbers(shards: Sequence[str], paths: Sequence[str]) -> int:

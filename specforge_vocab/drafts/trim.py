@@ -57,7 +57,17 @@ from specforge_vocab.drafts.verify import draft_problems
 from specforge_vocab.errors import InputError, SettingsError, must, short
 from specforge_vocab.fileio import atomic_write_many, file_lock, json_text
 from specforge_vocab.writing.draft_config import check_vocab_size, patched_text
+from specforge_vocab.writing.exports import IDS, SGLANG_TOKEN_MAP, SPECULATORS, export_payloads, export_problems
 from specforge_vocab.writing.mapping import build_mapping, check_mapping, kept_token_ids, mapping_fingerprint
+
+#: the --export formats that fit a trimmed EAGLE-3 draft (see TrimSettings.problems for the others)
+TRIM_EXPORT_FORMATS = (IDS,)
+TRIM_EXPORT_REFUSALS = {
+    SGLANG_TOKEN_MAP: "SGLang ignores --speculative-token-map for EAGLE-3 drafts, which carry their own d2t "
+    "(docs/SPECFORGE.md section 8.1)",
+    SPECULATORS: "its token_freq.pt would rebuild a vocabulary from every id, while a trimmed draft can keep "
+    "only ids it has rows for; speculators' converter reads the d2t/t2d inside the trimmed checkpoint",
+}
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +196,7 @@ class TrimSettings:
     counts_path: Optional[str] = None
     search: SearchSettings = dataclasses.field(default_factory=SearchSettings)
     overwrite: bool = False
+    exports: List[str] = dataclasses.field(default_factory=list)  # --export: written beside the trimmed draft
 
     def problems(self, *, counts_given: bool = False) -> List[str]:
         out: List[str] = []
@@ -218,6 +229,13 @@ class TrimSettings:
                 f"--draft-vocab-size is {self.draft_vocab_size} but the search settings fix {search_k}; set one of them."
             )
         out.extend(self.search.problems())
+        for name in self.exports:
+            if name in TRIM_EXPORT_REFUSALS:
+                out.append(
+                    f"--export {name} does not fit trim: {TRIM_EXPORT_REFUSALS[name]}. Use --export "
+                    f"{' '.join(TRIM_EXPORT_FORMATS)}, or run optimize --export {name} for a draft still to be trained."
+                )
+        out.extend(p for p in export_problems(self.exports) if not any(n in p for n in TRIM_EXPORT_REFUSALS))
         if self.count is not None and not counts_given and not self.counts_path:
             out.extend(self.count.problems())
         return out
@@ -455,6 +473,10 @@ def trim_checkpoint(settings: TrimSettings, *, counts: Optional[np.ndarray] = No
     config_text = patched_text(ckpt.config_text, new_k, path=ckpt.config_path)
     payloads[os.path.join(settings.output, CONFIG_NAME)] = config_text
     _verify_planned(ckpt, vocab, json.loads(config_text), d2t, t2d, added, new_k, settings.output)
+    exported, _ = export_payloads(settings.exports, counts=counts, kept=new_kept, vocab_size=vocab.vocab_size)
+    for name, data in exported.items():
+        payloads[os.path.join(settings.output, name)] = data
+        planned.append(name)
 
     _prepare_output(settings, planned)  # again: the directory may have changed while counting
     with file_lock(os.path.abspath(settings.output)):

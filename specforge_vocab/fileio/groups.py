@@ -1,6 +1,12 @@
 """All-or-nothing groups of files: the directory swap (``renameat2(RENAME_EXCHANGE)``), the journal
 where the swap cannot be used, and the recovery that completes or removes what a killed run left.
 
+A group given a ``root`` may hold files in subdirectories of it (``ladder/k1024/vocab_mapping.pt``):
+each top-level name it writes, and each name in ``owned``, is replaced as a whole, so what an
+earlier group left under that name and this one does not write is removed in the same commit. The
+swap builds those subtrees in the staging directory (only other subdirectories rule it out); the
+journal lists the stale files to remove beside the renames, and the recovery completes both.
+
 See the package docstring (fileio/__init__.py) for the guarantees.
 """
 
@@ -171,7 +177,9 @@ def _journal_name() -> str:
     return f"{JOURNAL_PREFIX}{os.getpid()}.{token}.json"
 
 
-def _journal_text(moves: Sequence[Move], copies: Sequence[str]) -> str:
+def _journal_text(
+    moves: Sequence[Move], copies: Sequence[str], removals: Sequence[str] = (), prune: Sequence[str] = ()
+) -> str:
     return json_text(
         {
             "format": JOURNAL_FORMAT,
@@ -181,8 +189,22 @@ def _journal_text(moves: Sequence[Move], copies: Sequence[str]) -> str:
             "created": time.time(),
             "moves": [{"temp": m.temp, "target": m.target, "size": m.size} for m in moves],
             "copies": list(copies),
+            "removals": list(removals),  # stale files of replaced subtrees, removed before the moves
+            "prune": list(prune),  # their directories (deepest first), removed after the moves when empty
         }
     )
+
+
+def _apply_removals(paths: Sequence[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _prune(directories: Sequence[str]) -> None:
+    for directory in directories:
+        with contextlib.suppress(OSError):  # not empty (it holds new files), or gone already
+            os.rmdir(directory)
 
 
 def _apply_moves(moves: Sequence[Move]) -> int:
@@ -213,6 +235,8 @@ def _roll_forward(journal_path: str, report: "Recovery") -> None:
             data = json.load(handle)
         moves = [Move(m["temp"], m["target"], int(m["size"])) for m in data["moves"]]
         copies = [str(c) for c in data.get("copies", [])] or [journal_path]
+        removals = [str(r) for r in data.get("removals", [])]
+        prune = [str(d) for d in data.get("prune", [])]
     except FileNotFoundError:
         return  # completed by someone else meanwhile
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -232,7 +256,9 @@ def _roll_forward(journal_path: str, report: "Recovery") -> None:
                 "files it names, then rerun the command that wrote them."
             )
         pending.append(move)
+    _apply_removals(removals)
     report.files_moved += _apply_moves(pending)
+    _prune(prune)
     _remove_journals(set(copies) | {journal_path})
     report.journals_completed += 1
     logger.warning("Completed an interrupted write (%d file(s) moved into place) from %s.", len(pending), journal_path)
@@ -384,7 +410,16 @@ def _stage_linked(linked: Dict[str, Payload], temps: List[str]) -> List[Move]:
     return moves
 
 
-def _commit_by_exchange(directory: str, real_dir: str, group: Dict[str, Payload], linked: Dict[str, Payload]) -> None:
+def _commit_by_exchange(
+    directory: str,
+    real_dir: str,
+    group: Dict[str, Payload],
+    linked: Dict[str, Payload],
+    replaced: Optional[set] = None,
+) -> None:
+    """Swap in ``group`` ({path relative to ``directory``: payload}); every other entry is carried
+    over as a hard link, except the top-level names in ``replaced`` (default: the group's names)."""
+    replaced = set(group) if replaced is None else set(replaced)
     info = os.stat(real_dir)
     staging = _staging_dir(real_dir, info.st_ino)
     _ACTIVE_STAGING.add(staging)
@@ -396,7 +431,7 @@ def _commit_by_exchange(directory: str, real_dir: str, group: Dict[str, Payload]
             if hasattr(os, "geteuid") and os.geteuid() == 0 and (info.st_uid, info.st_gid) != (0, 0):
                 os.chown(staging, info.st_uid, info.st_gid)
             for count, entry in enumerate(os.scandir(real_dir)):
-                if entry.name in group:
+                if entry.name in replaced:
                     continue
                 match = TEMP_RE.match(entry.name)
                 if match and _stale_pid(match.group("pid")):
@@ -420,6 +455,8 @@ def _commit_by_exchange(directory: str, real_dir: str, group: Dict[str, Payload]
             ) from exc
         for name, payload in group.items():
             final = os.path.join(directory, name)
+            if os.path.dirname(name):
+                os.makedirs(os.path.join(staging, os.path.dirname(name)), exist_ok=True)
             _fill(os.path.join(staging, name), final, payload, _file_mode(final), exclusive=True)
         moves = _stage_linked(linked, temps)
         journal = None
@@ -462,7 +499,7 @@ def _commit_by_exchange(directory: str, real_dir: str, group: Dict[str, Payload]
     finally:
         _ACTIVE_STAGING.discard(staging)
         # ``staging`` now holds the previous directory: keep what others wrote there meanwhile, drop the rest.
-        _reconcile_old_dir(staging, real_dir, group=set(group), carried=carried, report=report)
+        _reconcile_old_dir(staging, real_dir, group=replaced, carried=carried, report=report)
     if report.rescued:
         logger.warning(
             "kept %d file(s) written into %s by another process during the swap: %s",
@@ -472,17 +509,24 @@ def _commit_by_exchange(directory: str, real_dir: str, group: Dict[str, Payload]
         )
 
 
-def _commit_by_journal(groups: Dict[str, Dict[str, Payload]], linked: Dict[str, Payload]) -> None:
+def _commit_by_journal(
+    files: Dict[str, Payload],
+    linked: Dict[str, Payload],
+    *,
+    journal_dirs: Sequence[str],
+    removals: Sequence[str] = (),
+    prune: Sequence[str] = (),
+) -> None:
+    """``files`` ({path: payload}, renamed in this order) and ``linked`` through a journal copied into
+    each of ``journal_dirs``; ``removals`` go before the renames, ``prune`` after."""
     temps: List[str] = []
     journals: List[str] = []
     try:
-        moves = []
-        for directory, files in groups.items():
-            moves += _stage_linked({os.path.join(directory, name): p for name, p in files.items()}, temps)
+        moves = _stage_linked(files, temps)
         moves += _stage_linked(linked, temps)
         name = _journal_name()
-        copies = [os.path.join(directory, name) for directory in groups]
-        text = _journal_text(moves, copies)
+        copies = [os.path.join(directory, name) for directory in journal_dirs]
+        text = _journal_text(moves, copies, removals, prune)
         for copy in copies:
             journals.append(copy)
             atomic_write(copy, text)
@@ -492,55 +536,129 @@ def _commit_by_journal(groups: Dict[str, Dict[str, Payload]], linked: Dict[str, 
     # From here the group is committed: a crash is rolled forward by recover_directory.
     with _deferred_interrupts():
         try:
+            _apply_removals(removals)
             _apply_moves(moves)
         except OSError as exc:
             raise InputError(
                 f"Cannot move the new {exc.filename} into place: {exc.strerror or exc}. The remaining files are "
                 f"listed in {journals[0]}; fix the problem and rerun, which completes them."
             ) from exc
+        _prune(prune)
         _remove_journals(journals)
 
 
-def atomic_write_many(files: Dict[str, Payload], *, linked: Optional[Dict[str, Payload]] = None) -> str:
+def atomic_write_many(
+    files: Dict[str, Payload],
+    *,
+    linked: Optional[Dict[str, Payload]] = None,
+    root: Optional[str] = None,
+    owned: Sequence[str] = (),
+) -> str:
     """Write ``files`` ({path: payload}) all-or-nothing; return how: "exchange" or "journal".
 
     Files in one directory are swapped in together (see the module docstring); files in
-    several directories go through a journal copied into each of them. ``linked`` files
-    (elsewhere, such as the draft config) are renamed right after the group is in place,
-    and a crash in between is completed by the next :func:`recover_directory` of the
+    several directories go through a journal copied into each of them. With ``root``, every
+    file lies under it (subdirectories allowed) and the group replaces, as a whole, each
+    top-level name it writes and each name in ``owned`` (one group, one journal in ``root``).
+    ``linked`` files (elsewhere, such as the draft config) are renamed right after the group is
+    in place, and a crash in between is completed by the next :func:`recover_directory` of the
     group's directory. Old files stay intact if anything fails before the group is in place.
     Callers hold :func:`file_lock` on the directory (this also removes what killed runs left there).
     """
     linked = {os.path.abspath(p): v for p, v in (linked or {}).items()}
-    groups: Dict[str, Dict[str, Payload]] = {}
-    for path, payload in files.items():
-        full = os.path.abspath(path)
-        groups.setdefault(os.path.dirname(full), {})[os.path.basename(full)] = payload
-    if not groups and not linked:
+    directories = {os.path.dirname(os.path.abspath(path)) for path in files}
+    if root is None and len(directories) == 1:
+        (root,) = directories
+    if root is not None:
+        return _write_tree(os.path.abspath(root), files, linked, owned)
+    if not files and not linked:
         return "none"
-    if len(groups) == 1:
-        (directory,) = groups
-        for path in list(linked):  # a linked file inside the directory joins the group
-            if os.path.dirname(path) == directory:
-                groups[directory][os.path.basename(path)] = linked.pop(path)
-    _check_targets([os.path.join(d, n) for d, names in groups.items() for n in names] + list(linked))
-    for directory in groups:
+    _check_targets([os.path.abspath(p) for p in files] + list(linked))
+    for directory in directories:
         _ensure_dir(directory)
         recover_directory(directory)
     for path in linked:
         _ensure_dir(os.path.dirname(path))
-    if len(groups) == 1:
-        ((directory, group),) = groups.items()
-        real_dir = os.path.realpath(directory)
-        reason = _exchange_refusal(real_dir)
-        if reason is None:
-            try:
-                _commit_by_exchange(directory, real_dir, group, linked)
-                return "exchange"
-            except _UseJournal as exc:
-                reason = str(exc)
-        if _group_mode() == "exchange":
-            raise InputError(f"{GROUP_WRITE_ENV}=exchange, but {directory} cannot be swapped: {reason}.")
-        logger.debug("writing %s with a journal: %s", directory, reason)
-    _commit_by_journal(groups, linked)
+    ordered = {os.path.abspath(path): payload for path, payload in files.items()}
+    _commit_by_journal(ordered, linked, journal_dirs=sorted(directories))
+    return "journal"
+
+
+def _check_parents(root: str, relative: Iterable[str]) -> None:
+    for rel in relative:
+        parts = rel.split(os.sep)[:-1]
+        for depth in range(1, len(parts) + 1):
+            path = os.path.join(root, *parts[:depth])
+            if os.path.lexists(path) and not (os.path.isdir(path) and not os.path.islink(path)):
+                raise InputError(
+                    f"Cannot write {os.path.join(root, rel)}: {path} is a file where a directory is needed. "
+                    "Move it away or choose another output location; nothing was changed."
+                )
+
+
+def _stale_in_owned(root: str, owned: Iterable[str], targets: set):
+    """(files to remove, directories to prune deepest first) of the owned names that ``targets`` do not rewrite."""
+    removals: List[str] = []
+    prune: List[str] = []
+    for name in sorted(owned):
+        path = os.path.join(root, name)
+        if not os.path.lexists(path):
+            continue
+        if os.path.islink(path) or not os.path.isdir(path):
+            if path not in targets:
+                removals.append(path)
+            continue
+        for base, dirs, names in os.walk(path, topdown=False):
+            for entry in names + [d for d in dirs if os.path.islink(os.path.join(base, d))]:
+                if os.path.join(base, entry) not in targets:
+                    removals.append(os.path.join(base, entry))
+            prune.append(base)
+    return removals, prune
+
+
+def _write_tree(root: str, files: Dict[str, Payload], linked: Dict[str, Payload], owned: Sequence[str]) -> str:
+    group: Dict[str, Payload] = {}
+    for path, payload in files.items():
+        rel = os.path.relpath(os.path.abspath(path), root)
+        if rel == os.curdir or rel.split(os.sep)[0] == os.pardir:
+            raise ValueError(f"atomic_write_many: {path} is not inside {root}")
+        group[rel] = payload
+    for path in list(linked):  # a linked file inside root joins the group
+        if os.path.dirname(path) == root:
+            group[os.path.basename(path)] = linked.pop(path)
+    replaced = {rel.split(os.sep)[0] for rel in group} | set(owned)
+    _check_targets([os.path.join(root, rel) for rel in group] + list(linked))
+    _check_parents(root, group)
+    _ensure_dir(root)
+    recover_directory(root)
+    for path in linked:
+        _ensure_dir(os.path.dirname(path))
+    real_dir = os.path.realpath(root)
+    reason = _exchange_refusal(real_dir)
+    if reason is None:
+        try:
+            _commit_by_exchange(root, real_dir, group, linked, replaced)
+            return "exchange"
+        except _UseJournal as exc:
+            reason = str(exc)
+    if _group_mode() == "exchange":
+        raise InputError(f"{GROUP_WRITE_ENV}=exchange, but {root} cannot be swapped: {reason}.")
+    logger.debug("writing %s with a journal: %s", root, reason)
+    targets = {os.path.join(root, rel): payload for rel, payload in group.items()}
+    removals, prune = _stale_in_owned(root, replaced, set(targets))
+    created: List[str] = []  # directories made for the new files, removed again if the commit fails
+    try:
+        for target in targets:
+            missing = []
+            parent = os.path.dirname(target)
+            while not os.path.isdir(parent):
+                missing.append(parent)
+                parent = os.path.dirname(parent)
+            for directory in reversed(missing):
+                _ensure_dir(directory)
+                created.append(directory)
+        _commit_by_journal(targets, linked, journal_dirs=[root], removals=removals, prune=prune)
+    except BaseException:
+        _prune(sorted(created, key=len, reverse=True))
+        raise
     return "journal"

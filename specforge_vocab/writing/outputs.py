@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from safetensors import safe_open
 
@@ -35,7 +35,13 @@ from specforge_vocab.fileio import (
     writable_dir_problem,
 )
 from specforge_vocab.writing.draft_config import checked_patch, read_draft_config
-from specforge_vocab.writing.mapping import load_mapping
+from specforge_vocab.writing.exports import (
+    ALL_EXPORT_FILES,
+    MAPPING_PT_FILE,
+    MAPPING_SAFETENSORS_FILE,
+    mapping_files,
+)
+from specforge_vocab.writing.mapping import kept_ids_from_d2t, load_mapping, mapping_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +52,13 @@ FULL_RESULTS_FILE = "full_results.json"
 PLOT_FILE = "optimization_results.png"
 COVERAGE_PLOT_FILE = "coverage_curves.png"
 COUNTS_FILE = "token_counts.safetensors"
-MAPPING_FILE = "vocab_mapping.pt"
-MAPPING_SAFETENSORS_FILE = "vocab_mapping.safetensors"
+MAPPING_FILE = MAPPING_PT_FILE
 FINGERPRINT_FILE = "fingerprint.json"
+LADDER_DIR = "ladder"  # ladder/k<K>/: the mapping, exports and config copy of each --ladder size
+LADDER_CONFIG_FILE = "draft_config.json"  # the patched copy of --config-path in each ladder entry
+# What optimize writes only when asked (--export, --ladder): each run replaces them as a whole, so a
+# run without them removes an earlier run's (nothing in the directory comes from another run).
+OPTIONAL_OUTPUTS = ALL_EXPORT_FILES + (LADDER_DIR,)
 OUTPUT_FILES = {
     "summary": SUMMARY_FILE,
     "full_results": FULL_RESULTS_FILE,
@@ -146,6 +156,45 @@ def _patched_config(config_path: str, k: int) -> Tuple[str, str]:
     return checked_patch(config_path, k)
 
 
+def ladder_entry_dir(output_dir: str, k: int) -> str:
+    """``<output_dir>/ladder/k<k>``."""
+    return os.path.join(output_dir, LADDER_DIR, f"k{int(k)}")
+
+
+def ladder_files(
+    rungs: Sequence[Tuple[Dict[str, Any], Any, Any]],
+    *,
+    output_dir: str,
+    vocab_size: int,
+    counts,
+    exports: Sequence[str],
+    config_path: Optional[str],
+) -> Tuple[Dict[str, Payload], List[Dict[str, Any]], List[str]]:
+    """(payloads, summary rows, notes) of ladder/k<K>/ for each rung (table row dict, d2t, t2d): the
+    mapping and exports (:func:`~specforge_vocab.writing.exports.mapping_files`) and, with
+    ``config_path``, a copy of the draft config with draft_vocab_size = K (draft_config.json)."""
+    payloads: Dict[str, Payload] = {}
+    rows: List[Dict[str, Any]] = []
+    notes: List[str] = []
+    for row, d2t, t2d in rungs:
+        k = int(row["draft_vocab_size"])
+        directory = ladder_entry_dir(output_dir, k)
+        files, rung_notes = mapping_files(d2t, t2d, vocab_size=vocab_size, counts=counts, exports=exports)
+        if config_path:
+            files[LADDER_CONFIG_FILE] = _patched_config(config_path, k)[1].encode("utf-8")
+        payloads.update({os.path.join(directory, name): data for name, data in files.items()})
+        notes += rung_notes
+        rows.append(
+            {
+                **row,
+                "directory": os.path.relpath(directory, output_dir),
+                "files": list(files),
+                "mapping_fingerprint": mapping_fingerprint(kept_ids_from_d2t(d2t), vocab_size),
+            }
+        )
+    return payloads, rows, notes
+
+
 def commit_outputs(
     payloads: Dict[str, Payload],
     *,
@@ -154,9 +203,12 @@ def commit_outputs(
     draft_vocab_size: Optional[int] = None,
     backup: bool = True,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    owned: Sequence[str] = (),
 ) -> Optional[str]:
-    """Write ``payloads`` (paths inside ``output_dir``) and set ``draft_vocab_size`` in
-    ``config_path`` as one commit, under the locks of both. Returns the config backup
+    """Write ``payloads`` (paths inside ``output_dir``, subdirectories allowed) and set
+    ``draft_vocab_size`` in ``config_path`` as one commit, under the locks of both. The names in
+    ``owned`` (e.g. :data:`OPTIONAL_OUTPUTS`) are replaced as a whole: what an earlier run left
+    there and this one does not write is removed in the same commit. Returns the config backup
     path (``<config>.bak``) or None.
 
     Before writing: an interrupted earlier write is completed, and a config that disagrees
@@ -167,9 +219,10 @@ def commit_outputs(
         raise InputError(problem)
     if config_path is not None and draft_vocab_size is None:
         raise ValueError("commit_outputs: draft_vocab_size is required with config_path")
-    outside = [p for p in payloads if os.path.dirname(os.path.abspath(p)) != os.path.abspath(output_dir)]
+    root = os.path.abspath(output_dir)
+    outside = [p for p in payloads if not os.path.abspath(p).startswith(root + os.sep)]
     if outside:
-        raise ValueError(f"commit_outputs: every output must be directly inside {output_dir}, but got {outside}")
+        raise ValueError(f"commit_outputs: every output must be inside {output_dir}, but got {outside}")
     with file_locks([output_dir, config_path], timeout=lock_timeout):
         recover_outputs(output_dir, config_path, clean=True)
         linked: Dict[str, Payload] = {}
@@ -186,7 +239,7 @@ def commit_outputs(
                 linked[config_path] = new
             else:
                 logger.info("%s already has draft_vocab_size %d; left unchanged.", config_path, draft_vocab_size)
-        method = atomic_write_many(payloads, linked=linked)
+        method = atomic_write_many(payloads, linked=linked, root=output_dir, owned=owned)
         logger.info(
             "wrote %d file(s) to %s (%s)%s",
             len(payloads),

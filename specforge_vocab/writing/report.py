@@ -189,14 +189,16 @@ def render_optimization_results(
         )
         for label, pick, pcolour, style in picks:
             ax.axvline(pick.k, color=pcolour, linestyle=style, linewidth=1.2, label=f"{label}: {pick.k:,}")
-        if field == "coverage" and result.settings.min_coverage > 0:
-            ax.axhline(
-                result.settings.min_coverage,
-                color="gray",
-                linestyle="-.",
-                linewidth=1,
-                label=f"min coverage {result.settings.min_coverage:g}",
-            )
+        if field == "coverage" and curve is not None:
+            for name, domain in result.domain_curves.items():
+                ax.plot(curve.ks, domain[curve.ks], linewidth=1.0, linestyle="--", label=f"domain {name}")
+        if field == "coverage":
+            floors = [("min coverage", result.settings.min_coverage, "gray")]
+            if result.domain_curves:
+                floors.append(("min domain coverage", result.settings.min_domain_coverage, "tab:red"))
+            for what, value, colour in floors:
+                if value > 0:
+                    ax.axhline(value, color=colour, linestyle="-.", linewidth=1, label=f"{what} {value:g}")
         if field == "utility" and curve is not None:
             # Zoom near the top so the gap between the picks is visible.
             top = float(curve.utility.max())
@@ -256,8 +258,8 @@ def plot_optimization_results(path: str, result: SearchResult, *, title: Optiona
 def render_coverage_curves(result: SearchResult, analysis, *, dpi: int = 110) -> bytes:
     """PNG bytes of coverage_curves.png (``analysis``: a :class:`specforge_vocab.serving.ServingAnalysis`).
 
-    Left: coverage against k on the train records, the held-out records and each evaluation set
-    (the vocabulary is always the train side's top k), with the chosen k and, with --bootstrap,
+    Left: coverage against k on the train records, the held-out records, each evaluation set and
+    each --domain, with the domain floor (the vocabulary is always the train side's top k), with the chosen k and, with --bootstrap,
     its interval. Middle: the Pareto front (coverage against latency reduction) with the best k
     of each objective marked. Right: predicted chain speed-up against k, with the full-vocabulary
     speed-up for reference.
@@ -272,6 +274,14 @@ def render_coverage_curves(result: SearchResult, analysis, *, dpi: int = 110) ->
     colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
     for i, (label, values) in enumerate(analysis.curves.items()):
         ax1.plot(ks, values, color=colours[i % len(colours)], linewidth=1.5, label=label)
+    if analysis.domains and analysis.min_domain_coverage > 0:
+        ax1.axhline(
+            analysis.min_domain_coverage,
+            color="tab:red",
+            linestyle="-.",
+            linewidth=1,
+            label=f"--min-domain-coverage {analysis.min_domain_coverage:g}",
+        )
     ax1.axvline(result.k, color="black", linestyle="--", linewidth=1.2, label=f"chosen k = {result.k:,}")
     if analysis.bootstrap is not None:
         low, high = analysis.bootstrap.interval(analysis.bootstrap.chosen_k, integer=True)

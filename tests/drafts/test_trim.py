@@ -219,6 +219,21 @@ def test_new_kept_are_the_most_frequent_old_ids_and_report_has_coverage_and_flop
     assert result.as_dict()["new_draft_vocab_size"] == 512 and result.method == "fixed"
 
 
+def test_export_ids_writes_the_trimmed_drafts_kept_ids_beside_it(ckpt, tmp_path):
+    result = trim(ckpt, tmp_path / "out", draft_vocab_size=512, exports=["ids"])
+    data = json.loads((tmp_path / "out" / "kept_ids.json").read_text())
+    d2t = read_output(tmp_path / "out")["d2t"]
+    assert data["kept_ids"] == (torch.arange(512) + d2t).tolist() == result.kept_token_ids.tolist()
+    assert data["vocab_size"] == V and "kept_ids.json" in result.files_written
+
+
+@pytest.mark.parametrize("name", ["sglang-token-map", "speculators"])
+def test_exports_that_do_not_fit_a_trimmed_draft_are_refused(ckpt, tmp_path, name):
+    with pytest.raises(SettingsError, match=f"--export {name} does not fit trim"):
+        trim(ckpt, tmp_path / "out", draft_vocab_size=512, exports=[name])
+    assert not (tmp_path / "out").exists()
+
+
 def test_exact_search_picks_the_best_utility_among_ks_up_to_the_old_k(ckpt, tmp_path):
     search = SearchSettings(search="exact", coverage_weight=0.9, min_vocab_size=50, max_vocab_size=50_000, n_calls=5)
     result = trim(ckpt, tmp_path / "out", search=search)

@@ -104,6 +104,39 @@ def test_forcing_the_swap_where_it_cannot_work_is_an_error_and_changes_nothing(t
         fileio.atomic_write_many(group(out, "v1"))
 
 
+def tree_of(directory: Path):
+    return {str(p.relative_to(directory)): p.read_text() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("mode", ["auto", "journal"])
+def test_a_group_with_a_root_replaces_its_subtrees_whole_and_keeps_the_rest(tmp_path, monkeypatch, mode):
+    monkeypatch.setenv(fileio.GROUP_WRITE_ENV, mode)
+    out = tmp_path / "out"
+    first = {str(out / "a.json"): "v1", str(out / "tree" / "k1" / "x"): "v1", str(out / "tree" / "k2" / "y"): "v1"}
+    first[str(out / "extra.pt")] = "v1"
+    fileio.atomic_write_many(first, root=str(out))
+    (out / "notes.txt").write_text("mine")
+    second = {str(out / "a.json"): "v2", str(out / "tree" / "k2" / "y"): "v2", str(out / "tree" / "k3" / "z"): "v2"}
+    expected = "exchange" if mode == "auto" and fileio.exchange_supported(str(tmp_path)) else "journal"
+    assert fileio.atomic_write_many(second, root=str(out), owned=["tree", "extra.pt", "absent"]) == expected
+    assert tree_of(out) == {"a.json": "v2", "notes.txt": "mine", "tree/k2/y": "v2", "tree/k3/z": "v2"}
+    assert not (out / "tree" / "k1").exists() and leftovers(str(tmp_path)) == []
+    fileio.atomic_write_many({str(out / "a.json"): "v3"}, root=str(out), owned=["tree"])
+    assert tree_of(out) == {"a.json": "v3", "notes.txt": "mine"} and not (out / "tree").exists()
+
+
+def test_a_subdirectory_the_group_does_not_own_is_kept_and_a_file_in_the_way_is_refused(tmp_path):
+    out = tmp_path / "out"
+    (out / "theirs").mkdir(parents=True)
+    (out / "theirs" / "f").write_text("theirs")
+    assert fileio.atomic_write_many({str(out / "tree" / "k" / "x"): "v1"}, root=str(out), owned=["tree"]) == "journal"
+    assert tree_of(out) == {"theirs/f": "theirs", "tree/k/x": "v1"}
+    (out / "blocker").write_text("a file")
+    with pytest.raises(InputError, match=r"blocker is a file where a directory is needed.*nothing was changed"):
+        fileio.atomic_write_many({str(out / "blocker" / "x"): "v1"}, root=str(out))
+    assert tree_of(out) == {"blocker": "a file", "theirs/f": "theirs", "tree/k/x": "v1"}
+
+
 def test_groups_across_directories_use_one_journal(tmp_path):
     files = {**group(tmp_path / "one", "v1", ("a",)), **group(tmp_path / "two", "v1", ("b",))}
     assert fileio.atomic_write_many(files) == "journal"
