@@ -34,12 +34,12 @@ from specforge_vocab.choosing.serving import (
     choose_objective,
 )
 from specforge_vocab.counting.count import CountResult, count_dataset
-from specforge_vocab.counting.counts_file import save_counts
+from specforge_vocab.counting.counts_file import counts_file_bytes, save_counts
 from specforge_vocab.counting.engine import CountSettings, Tally
-from specforge_vocab.counting.sources import obtain_counts
+from specforge_vocab.counting.sources import Counted, obtain_counts
 from specforge_vocab.counting.tokenizer import load_tokenizer
-from specforge_vocab.errors import SettingsError, must
-from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT, json_text, safetensors_bytes, writable_dir_problem
+from specforge_vocab.errors import InputError, SettingsError, must
+from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT, json_text, writable_dir_problem
 from specforge_vocab.writing.draft_config import check_vocab_size, read_draft_config
 from specforge_vocab.writing.mapping import check_mapping, mapping_from_counts, mapping_payloads
 from specforge_vocab.writing.outputs import OUTPUT_FILES, commit_outputs
@@ -55,13 +55,14 @@ logger = logging.getLogger(__name__)
 LATENCY_LABELS = {"flops": "relative FLOPs", "bytes": "relative weight bytes", "measured": "measured time"}
 
 
-def count_to_file(settings: CountSettings, *, output: str, progress: bool = False) -> CountResult:
-    """Count ``settings`` and write the counts file (safetensors, tensor 'counts' + metadata)."""
+def count_to_file(settings: CountSettings, *, output: str, progress: bool = False) -> Counted:
+    """Count ``settings`` and write the counts file (safetensors: tensor 'counts', the other count
+    sources beside it, metadata)."""
     settings.validate()
-    result = count_dataset(settings, progress=progress)
-    save_counts(output, result.counts, result.metadata())
+    counted = obtain_counts(settings, progress=progress)
+    save_counts(output, counted.counts, counted.metadata, counted.by_source)
     logger.info("wrote %s", output)
-    return result
+    return counted
 
 
 @dataclass
@@ -101,6 +102,8 @@ class Inputs:
     arch: DraftArchitecture
     config: Optional[Dict[str, Any]]  # the draft config, when --config-path is given
     count_result: Optional[CountResult] = None
+    by_source: Dict[str, np.ndarray] = field(default_factory=dict)  # every count source counted (coverage report)
+    count_lines: List[str] = field(default_factory=list)  # what the counting read, for the printed summary
     holdout: Optional[HoldoutTally] = None
     bootstrap: Optional[BootstrapTally] = None
     eval_counts: Dict[str, np.ndarray] = field(default_factory=dict)
@@ -142,6 +145,7 @@ class OptimizeResult:
     config_backup: Optional[str] = None
     count_result: Optional[CountResult] = None
     analysis: Optional[ServingAnalysis] = None
+    count_lines: List[str] = field(default_factory=list)
 
     @property
     def k(self) -> int:
@@ -150,7 +154,7 @@ class OptimizeResult:
     def summary_lines(self) -> List[str]:
         s, arch, V = self.search, self.arch, self.search.vocab_size
         full, draft = draft_flops(arch, V), draft_flops(arch, s.k)
-        lines = list(self.count_result.summary_lines()) if self.count_result is not None else []
+        lines = list(self.count_lines)
         name = s.objective
         lines += [
             f"draft_vocab_size: {s.k:,} of {V:,} ({s.method} pick)  coverage {s.pick.coverage:.4%}  "
@@ -182,28 +186,49 @@ def optimize(
     output: OutputSettings,
     *,
     progress: bool = False,
-    precounted: Optional[Tuple[np.ndarray, Dict[str, str]]] = None,
+    precounted: Optional[Counted] = None,
     serving: Optional[ServingSettings] = None,
 ) -> OptimizeResult:
     """Count (or load counts), choose k, write summary/results/plots/counts/mapping, patch the config.
 
-    ``precounted`` = (counts, metadata) skips counting (the training hook counts pre-tokenized
-    prompts and feature files itself). ``serving``: held-out split, evaluation sets, bootstrap,
+    ``precounted`` (from :func:`~specforge_vocab.counting.sources.obtain_counts`) skips counting (the
+    training hook counts across ranks itself). ``serving``: held-out split, evaluation sets, bootstrap,
     latency model, objective, pinned tokens; the defaults give the paper's choice.
     """
     serving = serving or ServingSettings()
+    if _counts_here(output, precounted):
+        count = with_config_vocab_size(count, output.config_path)
     check_settings(count, search_settings, output, serving, counting=_counts_here(output, precounted))
     inputs = gather_inputs(count, search_settings, output, serving, precounted=precounted, progress=progress)
     choice = choose(inputs, search_settings, serving, cache_dir=output.cache_dir)
     summary, files, backup = write(inputs, choice, output, serving)
     return OptimizeResult(
-        choice.result, inputs.arch, inputs.counts, summary, files, backup, inputs.count_result, choice.analysis
+        choice.result,
+        inputs.arch,
+        inputs.counts,
+        summary,
+        files,
+        backup,
+        inputs.count_result,
+        choice.analysis,
+        inputs.count_lines,
     )
 
 
 def _counts_here(output: OutputSettings, precounted) -> bool:
     """True when this call counts the data itself (no counts file, nothing passed in)."""
     return output.counts_path is None and precounted is None
+
+
+def with_config_vocab_size(count: CountSettings, config_path: Optional[str]) -> CountSettings:
+    """Count over the draft config's vocab_size when no V is given (an unreadable config is reported later)."""
+    if count.target_vocab_size is not None or not config_path or not os.path.isfile(config_path):
+        return count
+    try:
+        vocab_size = read_draft_config(config_path).get("vocab_size")
+    except InputError:
+        return count
+    return replace(count, target_vocab_size=vocab_size) if isinstance(vocab_size, int) else count
 
 
 def check_settings(
@@ -216,9 +241,21 @@ def check_settings(
 ) -> None:
     """Every problem with the settings, all at once, before any work."""
     problems = output.problems() + search_settings.problems() + serving.problems()
+    evaluation = serving.evaluation
     if counting:
         problems = count.problems() + problems
-    elif serving.evaluation.needs_records:
+        raw = count.reads_conversations
+        if evaluation.needs_records and not raw:
+            problems.append(
+                f"--holdout-fraction and --bootstrap split raw conversation records, but the data come from "
+                f"{count.source_flag}. Drop those flags (--eval-dataset-path still works, with --tokenizer-path)."
+            )
+        if evaluation.eval_dataset_paths and not raw and not count.tokenizer_path:
+            problems.append(
+                "--eval-dataset-path holds raw conversations, which must be tokenized, but got no --tokenizer-path "
+                f"(the data of {count.source_flag} are token ids already). Pass the target's tokenizer directory."
+            )
+    elif evaluation.needs_records:
         problems.append(
             "--holdout-fraction and --bootstrap must see each record as it is counted, but the counts "
             "come from --counts (or were passed in counted). Count from --dataset-path instead, or drop "
@@ -237,29 +274,26 @@ def gather_inputs(
     output: OutputSettings,
     serving: ServingSettings,
     *,
-    precounted: Optional[Tuple[np.ndarray, Dict[str, str]]] = None,
+    precounted: Optional[Counted] = None,
     progress: bool = False,
 ) -> Inputs:
     """The counts, evaluation counts, tokenizer, V and architecture the choice is made from."""
     counting = _counts_here(output, precounted)
     config = read_draft_config(output.config_path) if output.config_path else None
-    config_v = config.get("vocab_size") if config else None
-    if counting and count.target_vocab_size is None and config_v is not None:
-        count = replace(count, target_vocab_size=config_v)  # count over the draft's V
+    if counting:
+        count = with_config_vocab_size(count, output.config_path)  # count over the draft's V
     # The tokenizer, loaded once: for V when a tally needs it before counting, and for pinned strings.
-    tokenizer = load_tokenizer(count.tokenizer_path, trust_remote_code=count.trust_remote_code) if counting else None
+    loads = counting and (count.reads_conversations or count.tokenizer_path)
+    tokenizer = load_tokenizer(count.tokenizer_path, trust_remote_code=count.trust_remote_code) if loads else None
     tallies = _tallies(count, serving, search_settings, tokenizer, counting=counting)
-    if precounted is not None:
-        counts, metadata, count_result = precounted[0], precounted[1], None
-    else:
-        counted = obtain_counts(
-            count if counting else None,
-            counts_path=output.counts_path,
-            cache_dir=None if output.no_cache else output.cache_dir,
-            progress=progress,
-            tallies=tallies,
-        )
-        counts, metadata, count_result = counted.counts, counted.metadata, counted.result
+    counted = precounted or obtain_counts(
+        count if counting else None,
+        counts_path=output.counts_path,
+        cache_dir=None if output.no_cache else output.cache_dir,
+        progress=progress,
+        tallies=tallies,
+    )
+    counts, metadata, count_result = counted.counts, counted.metadata, counted.result
     if not counting:
         tokenizer = _tokenizer_named_by(count, metadata)
     chat_template = count.chat_template if counting else (metadata.get("chat_template") or count.chat_template)
@@ -281,6 +315,8 @@ def gather_inputs(
         arch=arch,
         config=config,
         count_result=count_result,
+        by_source=dict(counted.by_source),
+        count_lines=counted.summary_lines(),
         holdout=next((t for t in tallies if isinstance(t, HoldoutTally)), None),
         bootstrap=next((t for t in tallies if isinstance(t, BootstrapTally)), None),
         eval_counts=_count_eval_sets(serving.evaluation.eval_dataset_paths, count, metadata, V, counting=counting),
@@ -321,7 +357,18 @@ def _eval_count_settings(
     path: str, count: CountSettings, meta: Dict[str, str], vocab_size: int, *, counting: bool
 ) -> CountSettings:
     if counting or count.tokenizer_path:
-        return replace(count, dataset_paths=[path], sample_size=None, target_vocab_size=vocab_size)
+        return replace(
+            count,
+            dataset_paths=[path],
+            prompts_path=None,
+            hidden_states_path=None,
+            count_source=CountSettings.count_source,
+            target_model_path=None,
+            lm_head_key=CountSettings.lm_head_key,
+            device=CountSettings.device,
+            sample_size=None,
+            target_vocab_size=vocab_size,
+        )
     missing = [key for key in ("tokenizer_path", "chat_template", "max_length") if not meta.get(key)]
     if missing:
         raise SettingsError(
@@ -402,6 +449,8 @@ def choose(inputs: Inputs, search_settings: SearchSettings, serving: ServingSett
         holdout=inputs.holdout,
         bootstrap=inputs.bootstrap,
         eval_counts=inputs.eval_counts,
+        by_source=inputs.by_source,
+        count_source=inputs.metadata.get("count_source", "tokens"),
     )
     return Choice(result, d2t, t2d, analysis, latency_model, objective, pinned)
 
@@ -437,7 +486,7 @@ def write(
         files["full_results"]: json_text(full_results(result)),
         files["plot"]: render_optimization_results(result, latency_label=LATENCY_LABELS[serving.latency.latency_model]),
         files["coverage_plot"]: render_coverage_curves(result, choice.analysis),
-        files["counts"]: safetensors_bytes({"counts": np.ascontiguousarray(counts)}, inputs.metadata),
+        files["counts"]: counts_file_bytes(counts, inputs.metadata, inputs.by_source),
         files["mapping_pt"]: pt_bytes,
         files["mapping_safetensors"]: st_bytes,
         files["summary"]: json_text(summary),  # last: its presence means the set is complete

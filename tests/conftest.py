@@ -266,6 +266,47 @@ def write_features(directory: Path, examples) -> None:
             (folder / f"data_{i}.ckpt").write_bytes(buffer.getvalue())
 
 
+def masked_by_hand(ids, mask, max_length):
+    """The ids a loss mask keeps, truncated to max_length, written out plainly."""
+    return [t for t, m in zip(list(ids)[:max_length], list(mask)[:max_length]) if m]
+
+
+def save_feature(path: Path, record: dict, compress: bool = False) -> Path:
+    """torch.save ``record`` at ``path`` (gzipped with ``compress``, as prepare_hidden_states.py --compress)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if compress:
+        with gzip.open(path, "wb") as handle:
+            torch.save(record, handle)
+    else:
+        torch.save(record, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenized_records():
+    """Real llama3 token ids of small chats, with the assistant part masked in."""
+    tokenizer = hf_tokenizer(LLAMA3_DIR)
+    chats = [
+        ("What is 2+2?", "2+2 equals 4."),
+        ("Name a prime.", "Seven is prime; so is 11."),
+        ("Write hello in Python.", "print('hello')"),
+        ("Say nothing.", ""),
+        ("Translate 'chat' to English.", "'Chat' means 'cat' in French."),
+    ]
+    records = []
+    for user, reply in chats:
+        prompt = tokenizer.encode(
+            f"<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            add_special_tokens=False,
+        )
+        answer = tokenizer.encode(reply + "<|eot_id|>", add_special_tokens=False)
+        records.append((prompt + answer, [0] * len(prompt) + [1] * len(answer)))
+    return records
+
+
 # ---------------------------------------------------------------- running the CLI
 
 
