@@ -307,6 +307,48 @@ def tokenized_records():
     return records
 
 
+def write_target_model(
+    folder: Path, weight, *, key: str = "lm_head.weight", shards: int = 2, index: bool = True, config: bool = True
+) -> Path:
+    """A target model directory with what the LM-head loader reads: config.json (vocab_size, hidden_size),
+    safetensors shards with a model.safetensors.index.json (the head in the last shard, other tensors in
+    the first), or with ``index=False`` a single model.safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, hidden = weight.shape
+    other = {"model.norm.weight": torch.ones(hidden, dtype=weight.dtype)}
+    if config:
+        (folder / "config.json").write_text(json.dumps({"vocab_size": vocab, "hidden_size": hidden}))
+    if not index:
+        save_file({**other, key: weight.contiguous()}, str(folder / "model.safetensors"))
+        return folder
+    names = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    save_file(other, str(folder / names[0]))
+    for name in names[1:-1]:
+        save_file({f"filler.{name}": torch.zeros(2, dtype=weight.dtype)}, str(folder / name))
+    save_file({key: weight.contiguous()}, str(folder / names[-1]))
+    weight_map = {"model.norm.weight": names[0], key: names[-1]}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def write_feature_sample(path: Path, ids, mask, hidden, *, batch_dim: bool = True, compress: bool = False) -> Path:
+    """One offline feature file as prepare_hidden_states.py writes it: input_ids and loss_mask [L] (int64),
+    hidden_state [1, L, H] (or [L, H] without ``batch_dim``) and aux_hidden_state [1, L, 3H]."""
+    import torch
+
+    hidden = torch.as_tensor(hidden)
+    record = {
+        "input_ids": torch.as_tensor(ids, dtype=torch.int64),
+        "loss_mask": torch.as_tensor(mask, dtype=torch.int64),
+        "aux_hidden_state": torch.zeros(1, hidden.shape[0], 3 * hidden.shape[1], dtype=hidden.dtype),
+        "hidden_state": hidden[None] if batch_dim else hidden,
+    }
+    return save_feature(path, record, compress)
+
+
 # ---------------------------------------------------------------- running the CLI
 
 

@@ -99,7 +99,8 @@ class CountSettings(ValidatedSettings):
             return False
         return self.source_flag == "--dataset-path"
 
-    def problems(self) -> List[str]:
+    def problems(self, *, vocab_size_known: bool = False) -> List[str]:
+        """Every invalid field, named by its flag; ``vocab_size_known``: V comes from elsewhere (a checkpoint)."""
         out = self._source_problems()
         self._prompts_kind(out)
         raw = self.reads_conversations
@@ -109,7 +110,7 @@ class CountSettings(ValidatedSettings):
             out += self._raw_only_problems()
         if self.count_source not in COUNT_SOURCES:
             out.append(must("--count-source", f"one of {', '.join(COUNT_SOURCES)}", self.count_source))
-        out += self._target_problems()
+        out += self._target_problems(vocab_size_known)
         if canonical_template_name(self.chat_template) not in template_names():
             out.append(must("--chat-template", f"one of {', '.join(template_names())}", self.chat_template))
         if not isinstance(self.max_length, int) or self.max_length < 1:
@@ -196,7 +197,7 @@ class CountSettings(ValidatedSettings):
             ]
         return []
 
-    def _target_problems(self) -> List[str]:
+    def _target_problems(self, vocab_size_known: bool) -> List[str]:
         out = []
         if self.count_source == "target-argmax":
             if not self.hidden_states_path:
@@ -235,8 +236,12 @@ class CountSettings(ValidatedSettings):
                 out.append(
                     "--device cuda must have a CUDA GPU that torch can see, but none is available. Use --device cpu."
                 )
-        needs_vocab = not self.reads_conversations and not (
-            self.target_vocab_size or self.tokenizer_path or self.target_model_path
+        needs_vocab = not (
+            vocab_size_known
+            or self.reads_conversations
+            or self.target_vocab_size
+            or self.tokenizer_path
+            or self.target_model_path
         )
         if needs_vocab:
             out.append(

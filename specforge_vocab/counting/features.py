@@ -58,6 +58,11 @@ def load_feature_file(path: str) -> Any:
     ``weights_only=True`` and, for plain files, memory-mapped (tensors are read when touched)."""
     import torch
 
+    if not path.endswith(".gz") and _starts_with(path, b"\x1f\x8b"):
+        raise InputError(
+            f"{path} is gzip-compressed but its name does not end in .gz, so SpecForge would load it uncompressed and "
+            "fail. Rename it to .ckpt.gz (prepare_hidden_states.py --compress names them so)."
+        )
     try:
         if path.endswith(".gz"):
             with gzip.open(path, "rb") as handle:
@@ -80,6 +85,14 @@ def load_feature_file(path: str) -> Any:
             f"{path} is not a readable torch feature file ({type(exc).__name__}: {short(str(exc), 160)}). "
             "It may be truncated; regenerate it with prepare_hidden_states.py or remove it."
         ) from None
+
+
+def _starts_with(path: str, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(magic)) == magic
+    except OSError:
+        return False  # torch.load reports it
 
 
 def _ids_and_mask(path: str, data: Any):

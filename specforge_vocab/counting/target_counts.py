@@ -181,9 +181,9 @@ class TargetArgmax:
             return np.zeros(0, dtype=np.int64)
         with torch.no_grad():
             h32 = hidden.to(self.device).float()
-            norms = torch.linalg.vector_norm(h32, dim=1, dtype=torch.float64)
-            error = 2.0 * self.hidden_size * FP32_UNIT_ROUNDOFF * self.max_row_norm * norms
-            values, ids = self._fast_top(h32)
+            bound = self.max_row_norm * torch.linalg.vector_norm(h32, dim=1, dtype=torch.float64)  # >= sum|w_i h_i|
+            error = 2.0 * self.hidden_size * FP32_UNIT_ROUNDOFF * bound
+            values, ids = self._fast_top(h32, 2.0 * error + 2.0 * bf16_spacing(bound + error))
             top = values.double().max(dim=1).values
             threshold = top - 2.0 * error - 2.0 * bf16_spacing(top.abs() + error) - 1e-300
             candidate = values.double() >= threshold[:, None]
@@ -201,23 +201,29 @@ class TargetArgmax:
                     chosen[positions] = best
         return chosen
 
-    def _fast_top(self, h32):
-        """The ``keep`` largest fp32 logits of each row and their ids, one vocabulary tile at a time."""
+    def _fast_top(self, h32, loose):
+        """The ``keep`` largest fp32 logits of each row and their ids, one vocabulary tile at a time. A tile
+        whose largest value is more than ``loose`` (per row) below the row's maximum so far holds no candidate
+        and is skipped for that row."""
         import torch
 
-        values = ids = None
+        n = h32.shape[0]
+        values = torch.full((n, self.keep), float("-inf"), dtype=torch.float32, device=h32.device)
+        ids = torch.zeros((n, self.keep), dtype=torch.int64, device=h32.device)
+        running = torch.full((n,), float("-inf"), dtype=torch.float32, device=h32.device)
+        scratch = torch.empty(n * self.vocab_tile, dtype=torch.float32, device=h32.device)  # reused: no page faults
         for start, tile in self._tiles():
-            logits = h32 @ tile.T
-            k = min(self.keep, logits.shape[1])
-            tile_values, tile_ids = torch.topk(logits, k, dim=1, sorted=False)
-            tile_ids += start
-            if values is None:
-                values, ids = tile_values, tile_ids
-            else:
-                values, ids = torch.cat([values, tile_values], 1), torch.cat([ids, tile_ids], 1)
-                if values.shape[1] > self.keep:
-                    values, keep_at = torch.topk(values, self.keep, dim=1, sorted=False)
-                    ids = torch.gather(ids, 1, keep_at)
+            logits = torch.matmul(h32, tile.T, out=scratch[: n * tile.shape[0]].view(n, tile.shape[0]))
+            tile_max = logits.amax(dim=1)
+            running = torch.maximum(running, tile_max)
+            rows = (tile_max.double() >= running.double() - loose).nonzero(as_tuple=True)[0]
+            if not rows.numel():
+                continue
+            tile_values, tile_ids = torch.topk(logits.index_select(0, rows), min(self.keep, logits.shape[1]), dim=1)
+            merged_values = torch.cat([values.index_select(0, rows), tile_values], 1)
+            merged_ids = torch.cat([ids.index_select(0, rows), tile_ids + start], 1)
+            best, at = torch.topk(merged_values, self.keep, dim=1)
+            values[rows], ids[rows] = best, torch.gather(merged_ids, 1, at)
         return values, ids
 
     def _exact_values(self, h32, rows, ids) -> np.ndarray:

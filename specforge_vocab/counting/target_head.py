@@ -209,5 +209,7 @@ def load_target_head(
             )
     stored = str(tensor.dtype).replace("torch.", "")
     weight = tensor.to(torch.bfloat16).contiguous()
+    if weight.data_ptr() == tensor.data_ptr():
+        weight = weight.clone()  # read it now (safetensors may hand out a view of the memory-mapped file)
     logger.info("target LM head %s %s (%s) from %s", lm_head_key, list(weight.shape), stored, path)
     return TargetHead(weight, model_dir, lm_head_key, os.path.abspath(path), stored)

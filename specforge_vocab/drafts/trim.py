@@ -218,7 +218,7 @@ class TrimSettings:
             )
         out.extend(self.search.problems())
         if self.count is not None and not counts_given and not self.counts_path:
-            out.extend(self.count.problems())
+            out.extend(self.count.problems(vocab_size_known=True))  # V: the checkpoint's vocab_size
         return out
 
     def validate(self, *, counts_given: bool = False) -> None:

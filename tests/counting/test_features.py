@@ -13,6 +13,8 @@ from conftest import masked_by_hand, save_feature, write_text
 from specforge_vocab.counting.features import (
     iter_feature_files,
     list_feature_files,
+    read_feature_sample,
+    training_positions,
 )
 from specforge_vocab.counting.pretokenized import count_masked_ids
 from specforge_vocab.errors import InputError
@@ -103,3 +105,24 @@ def test_broken_and_missing_feature_files(tmp_path):
         tmp_path / "h" / "x.ckpt", {"input_ids": torch.tensor([4, 5, 6]), "loss_mask": torch.tensor([0.0, 1.0, 1.0])}
     )
     assert next(iter_feature_files(str(tmp_path / "h"), 10)).tolist() == [5, 6]
+
+
+def test_gzip_content_under_a_plain_name_is_named(tmp_path):
+    record = {"input_ids": torch.arange(3), "loss_mask": torch.ones(3)}
+    path = save_feature(tmp_path / "f" / "data_0.ckpt", record, compress=True)
+    with pytest.raises(InputError, match="is gzip-compressed but its name does not end in .gz") as info:
+        list(iter_feature_files(str(tmp_path / "f"), 10))
+    assert str(path) in str(info.value)
+
+
+def test_training_positions_and_teacher_rows(tmp_path):
+    """Truncated to max_length, the last kept position zeroed, the teacher is the next stored row."""
+    hidden = torch.arange(8 * 2, dtype=torch.float32).reshape(8, 2).to(torch.bfloat16)
+    mask = torch.tensor([0, 1, 1, 0, 1, 1, 1, 1])
+    record = {"input_ids": torch.arange(10, 18), "loss_mask": mask, "hidden_state": hidden[None]}
+    path = save_feature(tmp_path / "data_0.ckpt", record)
+    for max_length, positions in [(8, [1, 2, 4, 5, 6]), (6, [1, 2, 4]), (2, [])]:
+        sample = read_feature_sample(str(path), max_length, hidden=True)
+        assert training_positions(mask[:max_length].numpy()).tolist() == positions
+        assert torch.equal(sample.teacher_hidden, hidden[[p + 1 for p in positions]])
+        assert sample.masked_ids.tolist() == masked_by_hand(range(10, 18), mask.tolist(), max_length)
