@@ -4,7 +4,7 @@
 Two rules read them (docs/SPECFORGE.md sections 4.3, 4.4 and 7):
 
 * the data tokens, as SpecForge's own mapping builder counts them: ``input_ids`` where
-  ``loss_mask`` is non-zero, truncated to max_length (:func:`read_feature_file`);
+  ``loss_mask`` is non-zero, truncated to max_length (:func:`iter_feature_files`);
 * the positions training puts loss on, whose teacher is the target's prediction from the next
   stored hidden state: truncate to L' = min(L, max_length), zero the last mask entry, and take
   ``hidden_state[t + 1]`` for every t with a non-zero mask (:func:`training_positions`,
@@ -123,11 +123,21 @@ def _ids_and_mask(path: str, data: Any):
     return ids, mask
 
 
-def read_feature_file(path: str, max_length: int, *, vocab_size: Optional[int] = None) -> np.ndarray:
-    """Loss-masked ids of one offline feature file: input_ids where loss_mask
-    is non-zero, after flattening (a batch dimension of 1 is common) and
-    truncating to ``max_length``."""
-    return read_feature_sample(path, max_length, vocab_size=vocab_size).masked_ids
+def iter_feature_samples(
+    path: str,
+    max_length: int,
+    *,
+    vocab_size: Optional[int] = None,
+    rank: int = 0,
+    world_size: int = 1,
+    hidden: bool = False,
+    field: str = "data.hidden_states_path",
+) -> Iterator["FeatureSample"]:
+    """:func:`read_feature_sample` of each feature file under ``path``; file i (in SpecForge's order)
+    goes to rank ``i % world_size``."""
+    for index, file in enumerate(list_feature_files(path, field=field)):
+        if index % world_size == rank:
+            yield read_feature_sample(file, max_length, vocab_size=vocab_size, hidden=hidden)
 
 
 def iter_feature_files(
@@ -138,11 +148,11 @@ def iter_feature_files(
     rank: int = 0,
     world_size: int = 1,
 ) -> Iterator[np.ndarray]:
-    """Loss-masked ids (int64) of each feature file under ``data.hidden_states_path``;
-    file i (in sorted order) goes to rank ``i % world_size``."""
-    for index, file in enumerate(list_feature_files(path)):
-        if index % world_size == rank:
-            yield read_feature_file(file, max_length, vocab_size=vocab_size)
+    """Loss-masked ids (int64) of each feature file under ``data.hidden_states_path``: input_ids where
+    loss_mask is non-zero, after flattening (a batch dimension of 1 is common) and truncating to
+    ``max_length``; file i (in sorted order) goes to rank ``i % world_size``."""
+    for sample in iter_feature_samples(path, max_length, vocab_size=vocab_size, rank=rank, world_size=world_size):
+        yield sample.masked_ids
 
 
 def training_positions(loss_mask) -> np.ndarray:

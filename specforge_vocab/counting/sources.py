@@ -76,8 +76,9 @@ def obtain_counts(
 ) -> Counted:
     """Counts from ``counts_path`` (a file of `specforge-vocab count`), else counted from ``settings``.
 
-    ``cache_dir`` reuses (and stores) counts of raw conversations by a fingerprint of the data,
-    tokenizer and options (None: always count); ``distributed`` splits the counting over the ranks
+    ``cache_dir`` reuses (and stores) counts by a fingerprint of the data, tokenizer and options
+    (None: always count; prompts and features by their files' paths, sizes and mtimes, and the LM
+    head's file, as SpecForge identifies features); ``distributed`` splits the counting over the ranks
     of the process group and sums it; ``tallies`` are filled in the same pass (a cache hit cannot
     fill them, so it is not used then; prompts and features have no tallies). ``field`` names a
     prompts or features source in messages (e.g. data.hidden_states_path; default: its flag).
@@ -91,8 +92,16 @@ def obtain_counts(
     if not settings.reads_conversations:
         if tallies:
             raise ValueError("held-out and bootstrap tallies need raw conversation records")
-        counted = count_tokenized(settings, distributed=distributed, progress=progress, field=field)
-        return Counted(counted.counts, counted.metadata, by_source=counted.by_source)
+        counted = count_tokenized(
+            settings, distributed=distributed, progress=progress, field=field, cache_dir=cache_dir, force=force
+        )
+        if counted.cache_hit:
+            logger.warning(
+                "Reusing the counts cached in %s (same files, sizes and mtimes, settings and LM head; --no-cache "
+                "recounts).",
+                os.path.join(cache_dir, COUNTS_SUBDIR),
+            )
+        return Counted(counted.counts, counted.metadata, by_source=counted.by_source, cache_hit=counted.cache_hit)
     if distributed:
         result = count_dataset_distributed(
             settings, progress=progress, tallies=tallies, cache_dir=cache_dir, force=force

@@ -207,6 +207,10 @@ def load_target_head(
                 f"{name} {want}. SpecForge's TargetHead copies the head into a [vocab_size, hidden_size] layer and "
                 "would fail too; check the key and the model directory."
             )
+    if not bool(torch.isfinite(tensor).all()):
+        raise InputError(
+            f"{path}: {lm_head_key!r} holds NaN or infinite values; the file is damaged. Download it again."
+        )
     stored = str(tensor.dtype).replace("torch.", "")
     weight = tensor.to(torch.bfloat16).contiguous()
     if weight.data_ptr() == tensor.data_ptr():

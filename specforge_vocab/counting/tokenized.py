@@ -21,14 +21,15 @@ from typing import Callable, Dict, Iterator, List, Optional
 import numpy as np
 from tqdm import tqdm
 
+from specforge_vocab.counting.cache import FINGERPRINT_KEY, cache_entry_path, canonical_json
 from specforge_vocab.counting.count import available_cores
-from specforge_vocab.counting.counts_file import FORMAT_VERSION
+from specforge_vocab.counting.counts_file import FORMAT_VERSION, read_counts_file, save_counts
 from specforge_vocab.counting.distributed import distributed_session
-from specforge_vocab.counting.engine import CountAborted, CountSettings
-from specforge_vocab.counting.features import list_feature_files, read_feature_sample
+from specforge_vocab.counting.engine import COUNTING_VERSION, CountAborted, CountSettings
+from specforge_vocab.counting.features import iter_feature_samples, list_feature_files
 from specforge_vocab.counting.pretokenized import count_masked_ids, iter_prompt_records
 from specforge_vocab.counting.target_counts import ArgmaxCounter, TargetArgmax, full_precision_matmul, resolve_device
-from specforge_vocab.counting.target_head import TargetHead, load_target_head
+from specforge_vocab.counting.target_head import TargetHead, head_file_identity, load_target_head
 from specforge_vocab.counting.tokenizer import load_tokenizer
 from specforge_vocab.errors import InputError
 
@@ -47,6 +48,7 @@ class TokenizedCount:
     count_source: str
     metadata: Dict[str, str]
     records: int
+    cache_hit: bool = False
 
     @property
     def counts(self) -> np.ndarray:
@@ -136,13 +138,18 @@ def _count_here(
 
     def feature_ids() -> Iterator[np.ndarray]:
         nonlocal records
-        for index, path in enumerate(list_feature_files(settings.hidden_states_path, field=field)):
-            if index % world_size != rank:
-                continue
+        for sample in iter_feature_samples(
+            settings.hidden_states_path,
+            settings.max_length,
+            vocab_size=vocab_size,
+            rank=rank,
+            world_size=world_size,
+            hidden=argmax is not None,
+            field=field,
+        ):
             stopped()
-            sample = read_feature_sample(path, settings.max_length, vocab_size=vocab_size, hidden=argmax is not None)
             if argmax is not None:
-                argmax.add(sample.teacher_hidden, source=path)
+                argmax.add(sample.teacher_hidden, source=sample.path)
             records += 1
             yield sample.masked_ids
 
@@ -200,17 +207,78 @@ def _metadata(
     return metadata
 
 
+def tokenized_fingerprint(settings: CountSettings, field: str) -> Dict[str, object]:
+    """What decides the counts of prompts or features: the files by path, size and mtime (the identity
+    SpecForge gives features), max_length, V, the count source and the LM head's file and key."""
+    files = []
+    for path in _files(settings, field):
+        stat = os.stat(path)
+        files.append({"path": path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    head = None
+    if settings.hidden_states_path and settings.target_model_path:
+        head = head_file_identity(settings.target_model_path, settings.lm_head_key)
+    return {
+        "kind": "specforge-vocab-tokenized",
+        "counting_version": COUNTING_VERSION,
+        "source": settings.source_flag,
+        "files": files,
+        "max_length": int(settings.max_length),
+        "target_vocab_size": settings.target_vocab_size,
+        "count_source": settings.count_source,
+        "target_head": head,
+    }
+
+
+def _cached(path: str, fingerprint: Dict[str, object], count_source: str) -> Optional[TokenizedCount]:
+    if not os.path.isfile(path):
+        return None
+    try:
+        counts, metadata, companions = read_counts_file(path, flag="cache entry")
+    except InputError as exc:
+        logger.warning("ignoring unreadable cache entry (%s); recounting", exc)
+        return None
+    if metadata.get(FINGERPRINT_KEY) != canonical_json(fingerprint):
+        return None
+    by_source = companions or {count_source: counts}
+    return TokenizedCount(by_source, count_source, metadata, int(metadata.get("records_counted", 0)), cache_hit=True)
+
+
 def count_tokenized(
-    settings: CountSettings, *, distributed: bool = False, progress: bool = False, field: Optional[str] = None
+    settings: CountSettings,
+    *,
+    distributed: bool = False,
+    progress: bool = False,
+    field: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    force: bool = False,
 ) -> TokenizedCount:
     """Counts of ``settings.prompts_path`` or ``settings.hidden_states_path`` (see the module docstring).
 
     ``field`` names the source in messages and metadata (default: its flag, e.g. --hidden-states-path;
     prepare passes data.hidden_states_path). ``distributed`` splits the files over the ranks of a
-    torch.distributed job; every rank returns the same result.
+    torch.distributed job; every rank returns the same result. ``cache_dir`` (one process only) reuses
+    and stores the counts under ``<cache_dir>/counts/`` by :func:`tokenized_fingerprint`; ``force`` recounts.
     """
     settings.validate()
     field = field or settings.source_flag
+    entry = fingerprint = None
+    if cache_dir is not None and not distributed:
+        fingerprint = tokenized_fingerprint(settings, field)
+        entry = cache_entry_path(cache_dir, fingerprint)
+        hit = None if force else _cached(entry, fingerprint, settings.count_source)
+        if hit is not None:
+            return hit
+    counted = _count(settings, distributed=distributed, progress=progress, field=field)
+    if entry is not None and tokenized_fingerprint(settings, field) == fingerprint:  # unchanged while counted
+        metadata = dict(counted.metadata, **{FINGERPRINT_KEY: canonical_json(fingerprint)})
+        try:
+            save_counts(entry, counted.counts, metadata, counted.by_source)
+        except InputError as exc:
+            logger.warning("could not store the counts cache entry: %s", exc)
+    return counted
+
+
+def _count(settings: CountSettings, *, distributed: bool, progress: bool, field: str) -> TokenizedCount:
     head = None
     if settings.hidden_states_path and settings.target_model_path:
         head = load_target_head(settings.target_model_path, settings.lm_head_key)

@@ -82,6 +82,13 @@ def test_broken_targets_are_named(tmp_path, damage, fragment):
     assert fragment in str(info.value)
 
 
+def test_a_damaged_head_is_refused(tmp_path):
+    weight = head(3)
+    weight[7, 3] = float("inf")
+    with pytest.raises(InputError, match="holds NaN or infinite values"):
+        load_target_head(str(write_target_model(tmp_path / "t", weight)))
+
+
 def test_a_matrix_of_integers_or_a_vector_is_not_a_head(tmp_path):
     save_file({"lm_head.weight": torch.zeros(V, dtype=torch.int32)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(InputError, match=r"must be a floating-point matrix \[vocab_size, hidden_size\]"):

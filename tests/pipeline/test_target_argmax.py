@@ -126,3 +126,22 @@ def test_readme_worked_example(tmp_path, capsys):
         coverage[source] = strict_json((out / "summary.json").read_text())["coverage_at_draft_vocab_size"]
     assert coverage["target-argmax"]["target_argmax"] > coverage["tokens"]["target_argmax"] + 0.2
     assert coverage["tokens"]["data_tokens"] > coverage["target-argmax"]["data_tokens"]
+
+
+def test_target_argmax_counts_are_cached_by_file_identity(tmp_path, capsys, caplog):
+    features, target = features_whose_target_disagrees(tmp_path, seed=3)
+    argv = ["--hidden-states-path", features, "--target-model-path", target, "--count-source", "target-argmax"]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--draft-vocab-size", str(K)]
+    first, _, _ = optimize(tmp_path, capsys, "first", *argv)
+    assert not any("Reusing the counts cached" in r.message for r in caplog.records)
+    second, _, _ = optimize(tmp_path, capsys, "second", *argv)
+    assert any("Reusing the counts cached" in r.message for r in caplog.records)
+    assert second["coverage_at_draft_vocab_size"] == first["coverage_at_draft_vocab_size"]
+    caplog.clear()
+    changed = sorted((tmp_path / "features").iterdir())[0]
+    sample = torch.load(changed, weights_only=True)
+    sample["loss_mask"][:] = 1
+    torch.save(sample, changed)  # new size and mtime: counted again
+    third, _, _ = optimize(tmp_path, capsys, "third", *argv)
+    assert not any("Reusing the counts cached" in r.message for r in caplog.records)
+    assert third["tokens_counted"] > first["tokens_counted"]
