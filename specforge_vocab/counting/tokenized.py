@@ -76,7 +76,7 @@ def summary_lines(metadata: Dict[str, str]) -> List[str]:
     return lines
 
 
-def resolve_vocab_size(settings: CountSettings, head: Optional[TargetHead]) -> int:
+def vocab_size_for(settings: CountSettings, head: Optional[TargetHead]) -> int:
     """V: --target-vocab-size, else the LM head's rows, else the tokenizer's length."""
     if head is not None:
         if settings.target_vocab_size is not None and settings.target_vocab_size != head.vocab_size:
@@ -282,7 +282,7 @@ def _count(settings: CountSettings, *, distributed: bool, progress: bool, field:
     head = None
     if settings.hidden_states_path and settings.target_model_path:
         head = load_target_head(settings.target_model_path, settings.lm_head_key)
-    vocab_size = resolve_vocab_size(settings, head)
+    vocab_size = vocab_size_for(settings, head)
     with distributed_session() as session:
         if not distributed or session is None:
             total = _count_here(settings, head, vocab_size, field=field, progress=progress)
