@@ -36,7 +36,7 @@ from specforge_vocab.choosing.serving import (
     choose_objective,
 )
 from specforge_vocab.counting.count import CountResult, count_dataset
-from specforge_vocab.counting.counts_file import save_counts
+from specforge_vocab.counting.counts_file import counts_file_bytes, save_counts
 from specforge_vocab.counting.data import dataset_files
 from specforge_vocab.counting.engine import CountSettings, Tally, resolve_vocab_size
 from specforge_vocab.counting.file_tally import (
@@ -45,10 +45,10 @@ from specforge_vocab.counting.file_tally import (
     weighted_source_lines,
     weighted_sources,
 )
-from specforge_vocab.counting.sources import obtain_counts
+from specforge_vocab.counting.sources import Counted, obtain_counts
 from specforge_vocab.counting.tokenizer import load_tokenizer
-from specforge_vocab.errors import SettingsError, must
-from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT, json_text, safetensors_bytes, writable_dir_problem
+from specforge_vocab.errors import InputError, SettingsError, must
+from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT, json_text, writable_dir_problem
 from specforge_vocab.writing.draft_config import check_vocab_size, read_draft_config
 from specforge_vocab.writing.exports import export_problems, mapping_files
 from specforge_vocab.writing.mapping import check_mapping, kept_ids_from_d2t, mapping_fingerprint, mapping_from_counts
@@ -65,8 +65,9 @@ logger = logging.getLogger(__name__)
 LATENCY_LABELS = {"flops": "relative FLOPs", "bytes": "relative weight bytes", "measured": "measured time"}
 
 
-def count_to_file(settings: CountSettings, *, output: str, progress: bool = False) -> CountResult:
-    """Count ``settings`` and write the counts file (safetensors, tensor 'counts' + metadata).
+def count_to_file(settings: CountSettings, *, output: str, progress: bool = False) -> Counted:
+    """Count ``settings`` and write the counts file (safetensors: tensor 'counts', the other count
+    sources beside it, metadata).
 
     A weighted count (--dataset-weight) also tallies each path, reported in ``result.sources``."""
     settings.validate()
@@ -74,12 +75,12 @@ def count_to_file(settings: CountSettings, *, output: str, progress: bool = Fals
     if settings.file_weights() is not None:
         tokenizer = load_tokenizer(settings.tokenizer_path, trust_remote_code=settings.trust_remote_code)
         tally = dataset_path_tally(settings, resolve_vocab_size(tokenizer, settings.target_vocab_size))
-    result = count_dataset(settings, progress=progress, tallies=[tally] if tally else [])
+    counted = obtain_counts(settings, progress=progress, tallies=[tally] if tally else [])
     if tally is not None:
-        result.sources = weighted_sources(settings, result.tallies[0])
-    save_counts(output, result.counts, result.metadata())
+        counted.result.sources = weighted_sources(settings, counted.result.tallies[0])
+    save_counts(output, counted.counts, counted.metadata, counted.by_source)
     logger.info("wrote %s", output)
-    return result
+    return counted
 
 
 @dataclass
@@ -121,6 +122,8 @@ class Inputs:
     arch: DraftArchitecture
     config: Optional[Dict[str, Any]]  # the draft config, when --config-path is given
     count_result: Optional[CountResult] = None
+    by_source: Dict[str, np.ndarray] = field(default_factory=dict)  # every count source counted (coverage report)
+    count_lines: List[str] = field(default_factory=list)  # what the counting read, for the printed summary
     holdout: Optional[HoldoutTally] = None
     bootstrap: Optional[BootstrapTally] = None
     eval_counts: Dict[str, np.ndarray] = field(default_factory=dict)
@@ -167,6 +170,7 @@ class OptimizeResult:
     analysis: Optional[ServingAnalysis] = None
     ladder: List[LadderRow] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    count_lines: List[str] = field(default_factory=list)
 
     @property
     def k(self) -> int:
@@ -175,7 +179,7 @@ class OptimizeResult:
     def summary_lines(self) -> List[str]:
         s, arch, V = self.search, self.arch, self.search.vocab_size
         full, draft = draft_flops(arch, V), draft_flops(arch, s.k)
-        lines = list(self.count_result.summary_lines()) if self.count_result is not None else []
+        lines = list(self.count_lines)
         if self.summary.get("datasets"):
             lines += weighted_source_lines(self.summary["datasets"])
         name = s.objective
@@ -211,19 +215,21 @@ def optimize(
     output: OutputSettings,
     *,
     progress: bool = False,
-    precounted: Optional[Tuple[np.ndarray, Dict[str, str]]] = None,
+    precounted: Optional[Counted] = None,
     serving: Optional[ServingSettings] = None,
     draft_config: Optional[Dict[str, Any]] = None,
 ) -> OptimizeResult:
     """Count (or load counts), choose k, write summary/results/plots/counts/mapping, patch the config.
 
-    ``precounted`` = (counts, metadata) skips counting (the training hook counts pre-tokenized
-    prompts and feature files itself). ``serving``: held-out split, evaluation sets, bootstrap,
+    ``precounted`` (from :func:`~specforge_vocab.counting.sources.obtain_counts`) skips counting (the
+    training hook counts across ranks itself). ``serving``: held-out split, evaluation sets, bootstrap,
     latency model, objective, pinned tokens; the defaults give the paper's choice.
     ``draft_config``: the draft config as a dict when it is no file to patch (prepare's config
     derived from the target, or a checkpoint's); it gives V and the architecture.
     """
     serving = serving or ServingSettings()
+    if _counts_here(output, precounted):
+        count = with_config_vocab_size(count, output.config_path)
     check_settings(count, search_settings, output, serving, counting=_counts_here(output, precounted))
     inputs = gather_inputs(
         count, search_settings, output, serving, precounted=precounted, progress=progress, draft_config=draft_config
@@ -241,12 +247,24 @@ def optimize(
         choice.analysis,
         [row for row, _, _ in choice.ladder],
         list(summary.get("exports", {}).get("notes", [])),
+        inputs.count_lines,
     )
 
 
 def _counts_here(output: OutputSettings, precounted) -> bool:
     """True when this call counts the data itself (no counts file, nothing passed in)."""
     return output.counts_path is None and precounted is None
+
+
+def with_config_vocab_size(count: CountSettings, config_path: Optional[str]) -> CountSettings:
+    """Count over the draft config's vocab_size when no V is given (an unreadable config is reported later)."""
+    if count.target_vocab_size is not None or not config_path or not os.path.isfile(config_path):
+        return count
+    try:
+        vocab_size = read_draft_config(config_path).get("vocab_size")
+    except InputError:
+        return count
+    return replace(count, target_vocab_size=vocab_size) if isinstance(vocab_size, int) else count
 
 
 def check_settings(
@@ -264,15 +282,27 @@ def check_settings(
             "--min-domain-coverage needs the domains it applies to, but no --domain was given. Add "
             "--domain NAME=PATH [PATH ...] for each domain, or drop --min-domain-coverage."
         )
+    evaluation = serving.evaluation
     if counting:
         problems = count.problems() + problems
+        raw = count.reads_conversations
+        if evaluation.needs_records and not raw:
+            problems.append(
+                f"--holdout-fraction and --bootstrap split raw conversation records, but the data come from "
+                f"{count.source_flag}. Drop those flags (--eval-dataset-path still works, with --tokenizer-path)."
+            )
+        if evaluation.eval_dataset_paths and not raw and not count.tokenizer_path:
+            problems.append(
+                "--eval-dataset-path holds raw conversations, which must be tokenized, but got no --tokenizer-path "
+                f"(the data of {count.source_flag} are token ids already). Pass the target's tokenizer directory."
+            )
     if not counting and count.dataset_weights:
         problems.append(
             "--dataset-weight weights the files counted from --dataset-path, but the counts come from --counts "
             "(or were passed in counted). Weight them when counting (`specforge-vocab count --dataset-weight ...`) "
             "or count here from --dataset-path."
         )
-    if not counting and serving.evaluation.needs_records:
+    if not counting and evaluation.needs_records:
         problems.append(
             "--holdout-fraction and --bootstrap must see each record as it is counted, but the counts "
             "come from --counts (or were passed in counted). Count from --dataset-path instead, or drop "
@@ -291,7 +321,7 @@ def gather_inputs(
     output: OutputSettings,
     serving: ServingSettings,
     *,
-    precounted: Optional[Tuple[np.ndarray, Dict[str, str]]] = None,
+    precounted: Optional[Counted] = None,
     progress: bool = False,
     draft_config: Optional[Dict[str, Any]] = None,
 ) -> Inputs:
@@ -302,10 +332,11 @@ def gather_inputs(
     config_source = output.config_path or "the draft config"
     config = read_draft_config(output.config_path) if output.config_path else draft_config
     config_v = config.get("vocab_size") if config else None
-    if counting and count.target_vocab_size is None and config_v is not None:
+    if counting and count.target_vocab_size is None and isinstance(config_v, int):
         count = replace(count, target_vocab_size=config_v)  # count over the draft's V
     # The tokenizer, loaded once: for V when a tally needs it before counting, and for pinned strings.
-    tokenizer = load_tokenizer(count.tokenizer_path, trust_remote_code=count.trust_remote_code) if counting else None
+    loads = counting and (count.reads_conversations or count.tokenizer_path)
+    tokenizer = load_tokenizer(count.tokenizer_path, trust_remote_code=count.trust_remote_code) if loads else None
     tallies = _tallies(count, serving, search_settings, tokenizer, counting=counting)
     domain_paths = serving.evaluation.domain_paths
     vocab_guess = count.target_vocab_size or (len(tokenizer) if tokenizer is not None else 0)
@@ -315,17 +346,14 @@ def gather_inputs(
     path_tally = dataset_path_tally(count, vocab_guess) if counting else None
     if path_tally is not None:
         tallies.append(path_tally)
-    if precounted is not None:
-        counts, metadata, count_result = precounted[0], precounted[1], None
-    else:
-        counted = obtain_counts(
-            count if counting else None,
-            counts_path=output.counts_path,
-            cache_dir=None if output.no_cache else output.cache_dir,
-            progress=progress,
-            tallies=tallies,
-        )
-        counts, metadata, count_result = counted.counts, counted.metadata, counted.result
+    counted = precounted or obtain_counts(
+        count if counting else None,
+        counts_path=output.counts_path,
+        cache_dir=None if output.no_cache else output.cache_dir,
+        progress=progress,
+        tallies=tallies,
+    )
+    counts, metadata, count_result = counted.counts, counted.metadata, counted.result
     if not counting:
         tokenizer = _tokenizer_named_by(count, metadata)
     chat_template = count.chat_template if counting else (metadata.get("chat_template") or count.chat_template)
@@ -348,6 +376,8 @@ def gather_inputs(
         arch=arch,
         config=config,
         count_result=count_result,
+        by_source=dict(counted.by_source),
+        count_lines=counted.summary_lines(),
         holdout=next((t for t in tallies if isinstance(t, HoldoutTally)), None),
         bootstrap=next((t for t in tallies if isinstance(t, BootstrapTally)), None),
         eval_counts=_count_eval_sets(serving.evaluation.eval_dataset_paths, count, metadata, V, counting=counting),
@@ -426,7 +456,17 @@ def _eval_count_settings(
     """Settings to count ``paths`` as the training data was counted (every record once, no sample)."""
     if counting or count.tokenizer_path:
         return replace(
-            count, dataset_paths=list(paths), dataset_weights=[], sample_size=None, target_vocab_size=vocab_size
+            count,
+            dataset_paths=list(paths),
+            dataset_weights=[],
+            prompts_path=None,
+            hidden_states_path=None,
+            count_source=CountSettings.count_source,
+            target_model_path=None,
+            lm_head_key=CountSettings.lm_head_key,
+            device=CountSettings.device,
+            sample_size=None,
+            target_vocab_size=vocab_size,
         )
     missing = [key for key in ("tokenizer_path", "chat_template", "max_length") if not meta.get(key)]
     if missing:
@@ -520,6 +560,8 @@ def choose(
         bootstrap=inputs.bootstrap,
         eval_counts=inputs.eval_counts,
         domains=inputs.domains,
+        by_source=inputs.by_source,
+        count_source=inputs.metadata.get("count_source", "tokens"),
     )
     rows = ladder_rows(
         ladder,
@@ -598,7 +640,7 @@ def write(
         files["full_results"]: json_text(full_results(result)),
         files["plot"]: render_optimization_results(result, latency_label=LATENCY_LABELS[serving.latency.latency_model]),
         files["coverage_plot"]: render_coverage_curves(result, choice.analysis),
-        files["counts"]: safetensors_bytes({"counts": np.ascontiguousarray(counts)}, inputs.metadata),
+        files["counts"]: counts_file_bytes(counts, inputs.metadata, inputs.by_source),
         **{os.path.join(output.output_dir, name): data for name, data in main_files.items()},
     }
     payloads[files["summary"]] = json_text(summary)  # last: its presence means the set is complete

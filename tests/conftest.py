@@ -266,6 +266,89 @@ def write_features(directory: Path, examples) -> None:
             (folder / f"data_{i}.ckpt").write_bytes(buffer.getvalue())
 
 
+def masked_by_hand(ids, mask, max_length):
+    """The ids a loss mask keeps, truncated to max_length, written out plainly."""
+    return [t for t, m in zip(list(ids)[:max_length], list(mask)[:max_length]) if m]
+
+
+def save_feature(path: Path, record: dict, compress: bool = False) -> Path:
+    """torch.save ``record`` at ``path`` (gzipped with ``compress``, as prepare_hidden_states.py --compress)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if compress:
+        with gzip.open(path, "wb") as handle:
+            torch.save(record, handle)
+    else:
+        torch.save(record, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenized_records():
+    """Real llama3 token ids of small chats, with the assistant part masked in."""
+    tokenizer = hf_tokenizer(LLAMA3_DIR)
+    chats = [
+        ("What is 2+2?", "2+2 equals 4."),
+        ("Name a prime.", "Seven is prime; so is 11."),
+        ("Write hello in Python.", "print('hello')"),
+        ("Say nothing.", ""),
+        ("Translate 'chat' to English.", "'Chat' means 'cat' in French."),
+    ]
+    records = []
+    for user, reply in chats:
+        prompt = tokenizer.encode(
+            f"<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            add_special_tokens=False,
+        )
+        answer = tokenizer.encode(reply + "<|eot_id|>", add_special_tokens=False)
+        records.append((prompt + answer, [0] * len(prompt) + [1] * len(answer)))
+    return records
+
+
+def write_target_model(
+    folder: Path, weight, *, key: str = "lm_head.weight", shards: int = 2, index: bool = True, config: bool = True
+) -> Path:
+    """A target model directory with what the LM-head loader reads: config.json (vocab_size, hidden_size),
+    safetensors shards with a model.safetensors.index.json (the head in the last shard, other tensors in
+    the first), or with ``index=False`` a single model.safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, hidden = weight.shape
+    other = {"model.norm.weight": torch.ones(hidden, dtype=weight.dtype)}
+    if config:
+        (folder / "config.json").write_text(json.dumps({"vocab_size": vocab, "hidden_size": hidden}))
+    if not index:
+        save_file({**other, key: weight.contiguous()}, str(folder / "model.safetensors"))
+        return folder
+    names = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    save_file(other, str(folder / names[0]))
+    for name in names[1:-1]:
+        save_file({f"filler.{name}": torch.zeros(2, dtype=weight.dtype)}, str(folder / name))
+    save_file({key: weight.contiguous()}, str(folder / names[-1]))
+    weight_map = {"model.norm.weight": names[0], key: names[-1]}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def write_feature_sample(path: Path, ids, mask, hidden, *, batch_dim: bool = True, compress: bool = False) -> Path:
+    """One offline feature file as prepare_hidden_states.py writes it: input_ids and loss_mask [L] (int64),
+    hidden_state [1, L, H] (or [L, H] without ``batch_dim``) and aux_hidden_state [1, L, 3H]."""
+    import torch
+
+    hidden = torch.as_tensor(hidden)
+    record = {
+        "input_ids": torch.as_tensor(ids, dtype=torch.int64),
+        "loss_mask": torch.as_tensor(mask, dtype=torch.int64),
+        "aux_hidden_state": torch.zeros(1, hidden.shape[0], 3 * hidden.shape[1], dtype=hidden.dtype),
+        "hidden_state": hidden[None] if batch_dim else hidden,
+    }
+    return save_feature(path, record, compress)
+
+
 # ---------------------------------------------------------------- running the CLI
 
 

@@ -1,9 +1,14 @@
-"""A plain, obviously-correct implementation of SpecForge's loss-mask rule (contract section 3).
+"""Plain, obviously-correct implementations of SpecForge's rules, written in the tests.
 
-Written from the documented rule, independently of specforge_vocab.counting.masking: it renders with its
-own code, encodes the whole text with the Hugging Face tokenizer call SpecForge uses, and finds
-each span's token range by re-encoding the prefixes (quadratic, like SpecForge). The fast path
-must give the same counts, id for id.
+The loss mask (docs/SPECFORGE.md section 3): written from the documented rule, independently of
+specforge_vocab.counting.masking: it renders with its own code, encodes the whole text with the
+Hugging Face tokenizer call SpecForge uses, and finds each span's token range by re-encoding the
+prefixes (quadratic, like SpecForge). The fast path must give the same counts, id for id.
+
+The target's argmax at the trained positions (docs/SPECFORGE.md section 7): the steps of
+SpecForge's offline path one by one (normalize_offline_sample, TargetHead.preprocess, the full
+logits, argmax), with the full [L, V] logits of every sample, independently of
+specforge_vocab.counting.target_counts.
 """
 
 from __future__ import annotations
@@ -127,4 +132,58 @@ def reference_counts(
         for i, m in zip(ids, mask):
             if m:
                 counts[i] += 1
+    return counts
+
+
+# ---------------------------------------------------------------- target argmax (section 7)
+
+
+def bf16_round_by_bits(values):
+    """float64 -> the nearest bfloat16 (ties to even), as float64: keep 7 of the 52 fraction bits by
+    adding a rounding bias to the bit pattern (normal numbers; enough for logits)."""
+    bits = np.ascontiguousarray(values, dtype=np.float64).view(np.uint64)
+    lowest_kept = (bits >> np.uint64(45)) & np.uint64(1)
+    rounded = (bits + np.uint64((1 << 44) - 1) + lowest_kept) >> np.uint64(45) << np.uint64(45)
+    return rounded.view(np.float64)
+
+
+def load_feature(path):
+    import gzip
+    import io
+
+    import torch
+
+    if str(path).endswith(".gz"):
+        with gzip.open(path, "rb") as handle:
+            return torch.load(io.BytesIO(handle.read()), weights_only=True)
+    return torch.load(path, weights_only=True)
+
+
+def sample_teachers(raw, weight, max_length):
+    """(target argmax per position [L'], loss mask [L']) of one feature file, step by step as SpecForge:
+    normalize_offline_sample (truncate, zero the last mask entry), TargetHead.preprocess (shift the
+    hidden states left by one, zero row last), full logits W . h over the vocabulary (float64 sums of the
+    exact products, rounded to bfloat16), argmax (first maximum); positions with mask 0 (which the loss
+    never sees) are left 0."""
+    import torch
+
+    target = raw["hidden_state"].squeeze(0)[:max_length]
+    loss_mask = raw["loss_mask"].reshape(-1)[:max_length].clone()
+    loss_mask[-1] = 0
+    shifted = torch.cat([target[1:], torch.zeros_like(target[:1])])
+    mask = loss_mask.numpy()
+    argmax = np.zeros(len(mask), dtype=np.int64)
+    rows = torch.from_numpy(np.flatnonzero(mask))  # the full logits of the positions the loss sees
+    logits = bf16_round_by_bits((shifted[rows].double() @ weight.double().T).numpy())
+    argmax[rows.numpy()] = logits.argmax(axis=1)
+    return argmax, mask
+
+
+def target_argmax_counts(paths, weight, max_length):
+    """Counts [V] of the target's argmax at every position with a non-zero (zeroed-last) loss mask."""
+    counts = np.zeros(weight.shape[0], dtype=np.int64)
+    for path in paths:
+        argmax, mask = sample_teachers(load_feature(path), weight, max_length)
+        for t in np.flatnonzero(mask):
+            counts[argmax[t]] += 1
     return counts

@@ -4,7 +4,10 @@ Speed-up model (``--objective speedup``). The draft proposes a chain of ``g`` to
 (``--draft-steps``), then the target verifies them in one forward pass. A drafted token is
 accepted with probability ``p(k) = p_full * coverage(k)``: a token outside the draft
 vocabulary can never be drafted, and ``p_full`` is the acceptance rate with the full
-vocabulary. With independent acceptances a cycle yields::
+vocabulary. ``coverage`` is that of the counts k is chosen on: the data's tokens by default, the
+target's own argmax with ``--count-source target-argmax`` (what greedy acceptance is measured
+against, docs/SPECFORGE.md section 7); when both are known the serving analysis also reports the
+speed-up at the target-argmax coverage. With independent acceptances a cycle yields::
 
     T(p) = 1 + p + ... + p**g = (1 - p**(g + 1)) / (1 - p)      tokens (the target adds one)
 

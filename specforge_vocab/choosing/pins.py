@@ -92,7 +92,7 @@ def resolve_pinned_tokens(
         if tokenizer is None:
             notes.append(
                 "the template's end-of-turn token and the EOS were not pinned: no tokenizer is known "
-                "(the counts file names none); pass --tokenizer-path or pin ids with --pin-token"
+                "(none was given, or the counts file names none); pass --tokenizer-path or pin ids with --pin-token"
             )
         else:
             if chat_template:

@@ -127,12 +127,14 @@ class ServingAnalysis:
     domains: List[DomainCoverage] = dataclasses.field(default_factory=list)
     min_domain_coverage: float = 0.0
     k_without_floor: Optional[int] = None  # the objective's best k without the domain floors
+    count_source: str = "tokens"  # what k was chosen on (--count-source)
 
     def summary(self) -> Dict[str, Any]:
         """JSON-ready: NaN (an empty split, no out-of-bag records) becomes null."""
         return _json_ready(
             {
                 "objective": self.objective.name,
+                "count_source": self.count_source,
                 "latency_model": self.latency,
                 "pinned_tokens": [t.as_dict() for t in self.pinned],
                 "pinned_tokens_note": "; ".join(self.pin_notes) or None,
@@ -166,12 +168,19 @@ class ServingAnalysis:
             return f"{value:.4%}" if value is not None and np.isfinite(value) else "n/a (no tokens)"
 
         parts = [f"train {percent(cov['train'])}"]
+        if cov.get("target_argmax") is not None:
+            parts = [f"data tokens {percent(cov['data_tokens'])}", f"target argmax {percent(cov['target_argmax'])}"]
         if cov.get("held_out") is not None:
             parts.append(f"held-out {percent(cov['held_out'])}")
         parts += [f"{name} {percent(value)}" for name, value in (cov.get("eval") or {}).items()]
         lines.append(f"coverage at k = {self.k:,}: " + ", ".join(parts))
         if self.domains:
             lines += domain_lines(self.domains, self.min_domain_coverage, self.k_without_floor)
+        if cov.get("target_positions_dropped") is not None:
+            lines.append(
+                f"SpecForge drops {percent(cov['target_positions_dropped'])} of the trained positions at this k "
+                "(their target argmax is not kept)"
+            )
         if self.bootstrap is not None:
             b = self.bootstrap.as_dict()
             level = f"{self.bootstrap.confidence:.0%}"
@@ -189,6 +198,11 @@ class ServingAnalysis:
             f"predicted chain speed-up (p_full {s['p_full']}, g {s['draft_steps']}, R {s['target_cost_ratio']:.2f}): "
             f"{s['at_draft_vocab_size']:.4f}x at k vs {s['at_full_vocab']:.4f}x at V "
             f"({self.latency['name']} latency model)"
+            + (
+                f"; {s['at_draft_vocab_size_target_argmax']:.4f}x at k on the target-argmax coverage"
+                if "at_draft_vocab_size_target_argmax" in s
+                else ""
+            )
         )
         picks = ", ".join(f"{name} {e.k:,}" for name, e in self.picks.items())
         lines.append(f"best k by objective (exact): {picks}")
@@ -209,6 +223,25 @@ class ServingAnalysis:
 
 def _kept(order: np.ndarray, k: int) -> np.ndarray:
     return order[:k]
+
+
+SOURCE_LABELS = {"tokens": "data tokens", "target-argmax": "target argmax"}
+
+
+def source_coverage(order: np.ndarray, kept: np.ndarray, by_source: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    """Coverage of the kept ids on each count source, and the share of trained positions SpecForge drops.
+
+    >>> counts = {"tokens": np.array([5, 3, 2]), "target-argmax": np.array([2, 6, 2])}
+    >>> out = source_coverage(np.array([0, 1, 2]), np.array([0]), counts)
+    >>> out["data_tokens"], out["target_argmax"], out["target_positions_dropped"]
+    (0.5, 0.2, 0.8)
+    """
+    out: Dict[str, Any] = {}
+    for name, counts in by_source.items():
+        out[SOURCE_LABELS[name].replace(" ", "_")] = coverage_of(kept, counts)
+    if "target-argmax" in by_source:
+        out["target_positions_dropped"] = 1.0 - out["target_argmax"]
+    return out
 
 
 def _json_ready(value: Any) -> Any:
@@ -239,8 +272,15 @@ def analyse(
     bootstrap: Optional[BootstrapTally] = None,
     eval_counts: Optional[Dict[str, np.ndarray]] = None,
     domains: Optional[DomainCounts] = None,
+    by_source: Optional[Dict[str, np.ndarray]] = None,
+    count_source: str = "tokens",
 ) -> ServingAnalysis:
-    """Everything the serving analysis reports about the pick ``result`` (k chosen on ``search_counts``)."""
+    """Everything the serving analysis reports about the pick ``result`` (k chosen on ``search_counts``).
+
+    ``by_source``: the counts of every count source of the same data ("tokens", "target-argmax");
+    with two, the coverage of the kept set is reported on each, with the share of trained positions
+    SpecForge drops at k (those whose target argmax is not kept).
+    """
     k, V = result.k, result.vocab_size
     pins = [t.id for t in pinned]
     order = pinned_frequency_order(search_counts, pins)
@@ -252,6 +292,12 @@ def analyse(
     # coverage at k and curves over the candidates
     coverage = {"train": coverage_of(kept, search_counts), "held_out": None, "eval": {}}
     curves = {"train": result.curve[ks]}
+    if by_source and len(by_source) > 1:
+        coverage.update(source_coverage(order, kept, by_source))
+        curves = {f"{SOURCE_LABELS[count_source]} (k chosen on these)": result.curve[ks]}
+        for name, counts in by_source.items():
+            if name != count_source:
+                curves[SOURCE_LABELS[name]] = coverage_curve_in_order(order, counts)[ks]
     if holdout is not None:
         if holdout.held_out.sum():
             coverage["held_out"] = coverage_of(kept, holdout.held_out)
@@ -313,6 +359,8 @@ def analyse(
     }
     if coverage["held_out"] is not None and np.isfinite(coverage["held_out"]):
         speedup["at_draft_vocab_size_held_out"] = objective.speedup(coverage["held_out"], relative_k)
+    if coverage.get("target_argmax") is not None:
+        speedup["at_draft_vocab_size_target_argmax"] = objective.speedup(coverage["target_argmax"], relative_k)
     if coverage["eval"]:
         speedup["at_draft_vocab_size_eval"] = {
             name: objective.speedup(c, relative_k) for name, c in coverage["eval"].items() if np.isfinite(c)
@@ -395,4 +443,5 @@ def analyse(
         domains=domain_coverage,
         min_domain_coverage=floor,
         k_without_floor=k_without_floor,
+        count_source=count_source,
     )

@@ -31,7 +31,7 @@ from specforge_vocab.choosing.objectives import (
 from specforge_vocab.choosing.pins import PinSettings
 from specforge_vocab.choosing.search import SEARCH_METHODS, SearchSettings
 from specforge_vocab.choosing.serving import ServingSettings
-from specforge_vocab.counting.engine import CountSettings
+from specforge_vocab.counting.engine import COUNT_SOURCES, DEVICES, CountSettings
 from specforge_vocab.drafts.trim import TRIM_EXPORT_FORMATS, TrimSettings
 from specforge_vocab.drafts.verify import VerifySettings
 from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT
@@ -80,20 +80,33 @@ def settings_from(cls: Type[Settings], args: argparse.Namespace) -> Settings:
 # ---------------------------------------------------------------- counting
 
 
-def add_count_flags(parser: argparse.ArgumentParser, *, datasets_required: bool = True, shard: bool = True) -> None:
-    """The data, tokenizer and parallelism flags of :class:`CountSettings`.
+def add_count_flags(parser: argparse.ArgumentParser, *, shard: bool = True) -> None:
+    """The data, tokenizer, counting-source and parallelism flags of :class:`CountSettings` (which of the
+    three data sources is given, exactly one, is checked by :meth:`CountSettings.problems`).
 
     ``shard=False`` leaves out ``--shard`` (for commands that need every record, e.g. optimize).
     """
-    data = parser.add_argument_group("data (what SpecForge trains on)")
+    data = parser.add_argument_group("data (what SpecForge trains on: exactly one of the three sources)")
     data.add_argument(
         "--dataset-path",
         dest="dataset_paths",
         nargs="+",
-        required=datasets_required,
         default=[],
         metavar="PATH",
-        help="dataset files (.jsonl, .json, optionally .gz) or directories, read in order",
+        help="raw conversations (data.train_data_path): .jsonl, .json, optionally .gz, or directories, read in order",
+    )
+    data.add_argument(
+        "--prompts-path",
+        default=CountSettings.prompts_path,
+        metavar="FILE",
+        help="pre-tokenized prompts (data.prompts_path): JSONL records with input_ids and loss_mask",
+    )
+    data.add_argument(
+        "--hidden-states-path",
+        default=CountSettings.hidden_states_path,
+        metavar="PATH",
+        help="offline feature files (data.hidden_states_path): a *.ckpt / *.ckpt.gz file or the directory "
+        "prepare_hidden_states.py wrote",
     )
     data.add_argument(
         "--dataset-weight",
@@ -153,6 +166,7 @@ def add_count_flags(parser: argparse.ArgumentParser, *, datasets_required: bool 
         default=CountSettings.trust_remote_code,
         help="allow the tokenizer to run its own code",
     )
+    add_count_source_flags(parser, head_flags=True)
     par = parser.add_argument_group("parallelism")
     par.add_argument(
         "--num-workers",
@@ -170,6 +184,41 @@ def add_count_flags(parser: argparse.ArgumentParser, *, datasets_required: bool 
             "position %% N == I, after --sample-size); merge the N files with "
             "`specforge-vocab merge`",
         )
+
+
+def add_count_source_flags(parser: argparse.ArgumentParser, *, head_flags: bool) -> None:
+    """--count-source and --device of :class:`CountSettings`; ``head_flags`` adds --target-model-path and
+    --lm-head-key (prepare reads those from the run config's model section instead)."""
+    target = parser.add_argument_group("counting source (what the draft vocabulary is chosen by)")
+    target.add_argument(
+        "--count-source",
+        choices=COUNT_SOURCES,
+        default=CountSettings.count_source,
+        help="tokens: the data's loss-masked tokens (default); target-argmax: the target's own prediction at each "
+        "position SpecForge trains on, from offline features and the target's LM head (what the EAGLE-3 loss "
+        "and greedy acceptance depend on)",
+    )
+    if head_flags:
+        target.add_argument(
+            "--target-model-path",
+            default=CountSettings.target_model_path,
+            metavar="DIR",
+            help="the target model's directory (model.target_model_path); only its LM head is read. With "
+            "--hidden-states-path the target-argmax coverage is reported whatever --count-source is",
+        )
+        target.add_argument(
+            "--lm-head-key",
+            default=CountSettings.lm_head_key,
+            metavar="NAME",
+            help=f"the LM head's tensor name (model.lm_head_key; default {CountSettings.lm_head_key}; tied-embedding "
+            "targets: model.embed_tokens.weight)",
+        )
+    target.add_argument(
+        "--device",
+        choices=DEVICES,
+        default=CountSettings.device,
+        help="where the target's logits are computed (auto: CUDA when present, else every CPU core)",
+    )
 
 
 # ---------------------------------------------------------------- choosing
@@ -565,8 +614,13 @@ def add_trim_flags(parser: argparse.ArgumentParser) -> None:
         help="write into an existing, non-empty --output directory",
     )
     add_export_flag(ckpt, formats=TRIM_EXPORT_FORMATS)
-    add_count_flags(parser, datasets_required=False, shard=False)
+    add_count_flags(parser, shard=False)
     add_search_flags(parser)
+
+
+def counting_asked(args: argparse.Namespace) -> bool:
+    """True when any data source flag was given (the other counting flags then apply to it)."""
+    return bool(args.dataset_paths or args.prompts_path or args.hidden_states_path)
 
 
 def trim_settings(args: argparse.Namespace) -> TrimSettings:
@@ -576,7 +630,7 @@ def trim_settings(args: argparse.Namespace) -> TrimSettings:
         output=args.output,
         vocab_mapping=args.vocab_mapping,
         draft_vocab_size=search.draft_vocab_size,
-        count=settings_from(CountSettings, args) if args.dataset_paths else None,
+        count=settings_from(CountSettings, args) if counting_asked(args) else None,
         counts_path=args.counts_path,
         search=search,
         overwrite=args.overwrite,
@@ -604,12 +658,6 @@ def add_verify_flags(parser: argparse.ArgumentParser) -> None:
         help="the mapping the draft was trained with (.pt or .safetensors): its contents must equal the draft's d2t",
     )
     group.add_argument(
-        "--target-model-path",
-        default=v.target_model_path,
-        metavar="DIR",
-        help="the target model directory: its vocab and hidden sizes must match (also the tokenizer for --dataset-path)",
-    )
-    group.add_argument(
         "--counts",
         dest="counts_path",
         default=v.counts_path,
@@ -617,13 +665,15 @@ def add_verify_flags(parser: argparse.ArgumentParser) -> None:
         help="token counts from `specforge-vocab count`: report the kept set's coverage of them",
     )
     group.add_argument("--json", dest="as_json", action="store_true", default=False, help="print the report as JSON")
-    add_count_flags(parser, datasets_required=False, shard=False)
+    add_count_flags(parser, shard=False)
 
 
 def verify_settings(args: argparse.Namespace) -> VerifySettings:
     count = None
     if args.dataset_paths:
         count = settings_from(CountSettings, args)
+        if not count.hidden_states_path:  # here the target gives the tokenizer, not an LM head to count with
+            count = dataclasses.replace(count, target_model_path=None)
         if not count.tokenizer_path and args.target_model_path:
             count = dataclasses.replace(count, tokenizer_path=args.target_model_path)
     return VerifySettings(

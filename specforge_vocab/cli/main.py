@@ -87,7 +87,7 @@ def add_optimize_parser(sub) -> None:
         "summary.json, full_results.json, the plot, the counts and the mapping, and "
         "patch the draft config.",
     )
-    add_count_flags(parser, datasets_required=False, shard=False)  # optimize needs every record
+    add_count_flags(parser, shard=False)  # optimize needs every record
     add_search_flags(parser)
     add_serving_flags(parser)
     add_output_flags(parser)

@@ -14,7 +14,13 @@ from typing import List, Optional, Sequence, Tuple
 
 from specforge_vocab.choosing.search import SearchSettings
 from specforge_vocab.cli.console import say
-from specforge_vocab.cli.flags import add_lock_timeout_flag, add_remap_flag, add_search_flags, settings_from
+from specforge_vocab.cli.flags import (
+    add_count_source_flags,
+    add_lock_timeout_flag,
+    add_remap_flag,
+    add_search_flags,
+    settings_from,
+)
 from specforge_vocab.errors import InputError, SpecForgeVocabError
 from specforge_vocab.specforge.prepare import PrepareResult, before_training
 from specforge_vocab.specforge.train_eagle3 import find_specforge_train_script
@@ -75,6 +81,7 @@ def add_prepare_parser(sub) -> None:
         help="write the run config with vocab_mapping_path here instead of changing --config",
     )
     add_prepare_flags(parser)
+    add_count_source_flags(parser, head_flags=False)  # the LM head: model.target_model_path, model.lm_head_key
     parser.set_defaults(run=run_prepare_command)
 
 
@@ -89,6 +96,8 @@ def run_prepare_command(args: argparse.Namespace) -> int:
         args.config,
         overrides=[*args.overrides, *args.set_overrides],
         output_config=args.output_config,
+        count_source=args.count_source,
+        device=args.device,
         keep_draft_vocab_size=args.keep_draft_vocab_size,
         force=args.force,
         search=settings_from(SearchSettings, args),

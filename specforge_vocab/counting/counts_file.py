@@ -1,5 +1,9 @@
 """The counts file: tensor ``counts`` (int64 [V]) in a safetensors file, with the counting settings
 and what was read as string metadata. Equal counts and metadata give byte-identical files.
+
+Counts of offline features with the target's LM head also carry both sources side by side
+(``token_counts``: the data's loss-masked tokens; ``target_argmax_counts``: the target's argmax at
+the trained positions), so the coverage of each can be reported whichever one k is chosen on.
 """
 
 from __future__ import annotations
@@ -7,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -20,6 +24,10 @@ logger = logging.getLogger(__name__)
 
 
 COUNTS_TENSOR = "counts"
+
+
+# Count sources stored beside ``counts`` (by --count-source name), and their tensor names.
+COMPANION_TENSORS = {"tokens": "token_counts", "target-argmax": "target_argmax_counts"}
 
 
 FORMAT_VERSION = "1"
@@ -52,17 +60,30 @@ def settings_from_metadata(metadata: Dict[str, str], *, source: str = "counts fi
         raise InputError(f"{source}: the metadata is malformed ({exc}); the file is corrupt. Recount it.") from None
 
 
-def save_counts(path: str, counts: np.ndarray, metadata: Dict[str, str]) -> None:
-    """Write ``counts`` (int64 [V]) and string metadata to a safetensors file, atomically and
-    deterministically (equal counts and metadata give byte-identical files)."""
-    counts = np.ascontiguousarray(counts, dtype=np.int64)
-    if counts.ndim != 1:
-        raise ValueError(f"counts must be one-dimensional, but got shape {counts.shape}")
-    atomic_write(path, safetensors_bytes({COUNTS_TENSOR: counts}, {k: str(v) for k, v in metadata.items()}))
+def save_counts(
+    path: str, counts: np.ndarray, metadata: Dict[str, str], companions: Optional[Dict[str, np.ndarray]] = None
+) -> None:
+    """Write ``counts`` (int64 [V]), the ``companions`` (by count source) and string metadata to a
+    safetensors file, atomically and deterministically (equal inputs give byte-identical files)."""
+    atomic_write(path, counts_file_bytes(counts, metadata, companions))
 
 
-def load_counts(path: str, *, flag: str = "--counts") -> Tuple[np.ndarray, Dict[str, str]]:
-    """Read a counts file written by :func:`save_counts`; a bad file is a clear error."""
+def counts_file_bytes(
+    counts: np.ndarray, metadata: Dict[str, str], companions: Optional[Dict[str, np.ndarray]] = None
+) -> bytes:
+    """The bytes :func:`save_counts` writes (companions only when there are two sources to compare)."""
+    companions = companions if companions and len(companions) > 1 else {}
+    tensors = {COUNTS_TENSOR: counts}
+    tensors.update({COMPANION_TENSORS[name]: value for name, value in (companions or {}).items()})
+    for name, value in tensors.items():
+        tensors[name] = np.ascontiguousarray(value, dtype=np.int64)
+        if tensors[name].ndim != 1 or tensors[name].shape != tensors[COUNTS_TENSOR].shape:
+            raise ValueError(f"{name} must be one-dimensional like counts, but got shape {np.shape(value)}")
+    return safetensors_bytes(tensors, {k: str(v) for k, v in metadata.items()})
+
+
+def read_counts_file(path: str, *, flag: str = "--counts") -> Tuple[np.ndarray, Dict[str, str], Dict[str, np.ndarray]]:
+    """(counts, metadata, companions by count source) of a file written by :func:`save_counts`."""
 
     if not os.path.isfile(path):
         raise InputError(f"{flag} {path} does not exist. Write one with `specforge-vocab count ... --output {path}`.")
@@ -75,16 +96,28 @@ def load_counts(path: str, *, flag: str = "--counts") -> Tuple[np.ndarray, Dict[
                     "Use a file written by `specforge-vocab count`."
                 )
             counts = handle.get_tensor(COUNTS_TENSOR)
+            companions = {
+                source: handle.get_tensor(tensor)
+                for source, tensor in COMPANION_TENSORS.items()
+                if tensor in handle.keys()
+            }
     except (SafetensorError, OSError, ValueError) as exc:
         raise InputError(
             f"{flag} {path} is not a readable safetensors file ({exc}). Recount with `specforge-vocab count`."
         ) from None
-    if counts.dtype != np.int64 or counts.ndim != 1:
-        raise InputError(
-            f"{flag} {path}: 'counts' must be int64 with shape [V], but got {counts.dtype} {list(counts.shape)}."
-        )
-    if (counts < 0).any():
-        raise InputError(
-            f"{flag} {path}: 'counts' must be non-negative, but holds negative values; the file is corrupt."
-        )
+    for name, value in [(COUNTS_TENSOR, counts)] + [(COMPANION_TENSORS[s], v) for s, v in companions.items()]:
+        if value.dtype != np.int64 or value.ndim != 1 or value.shape != counts.shape:
+            raise InputError(
+                f"{flag} {path}: '{name}' must be int64 with shape [V], but got {value.dtype} {list(value.shape)}."
+            )
+        if (value < 0).any():
+            raise InputError(
+                f"{flag} {path}: '{name}' must be non-negative, but holds negative values; the file is corrupt."
+            )
+    return counts, metadata, companions
+
+
+def load_counts(path: str, *, flag: str = "--counts") -> Tuple[np.ndarray, Dict[str, str]]:
+    """Read a counts file written by :func:`save_counts`; a bad file is a clear error."""
+    counts, metadata, _ = read_counts_file(path, flag=flag)
     return counts, metadata

@@ -12,6 +12,7 @@ array([0, 2, 0, 0, 1])
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import numbers
@@ -23,6 +24,7 @@ import numpy as np
 
 from specforge_vocab.counting.data import RawRecord, ReadStats, Record, Shard, dataset_files
 from specforge_vocab.counting.masking import MaskEngine, render_record
+from specforge_vocab.counting.pretokenized import prompts_file_kind
 from specforge_vocab.counting.templates import canonical_template_name, get_template, template_names
 from specforge_vocab.errors import InputError, SpecForgeVocabError, ValidatedSettings, must
 
@@ -40,12 +42,31 @@ CHUNK_RECORDS = 512
 CHUNK_BYTES = 1 << 20
 
 
+# What the counts are of (--count-source): the data's loss-masked tokens, or the target's own argmax at
+# the positions SpecForge trains on (offline features and the target's LM head; counting/target_counts.py).
+COUNT_SOURCES = ("tokens", "target-argmax")
+
+
+# Where the target's logits are computed (--device).
+DEVICES = ("auto", "cpu", "cuda")
+
+
+# The three data sources SpecForge trains from, by flag (exactly one is given).
+DATA_FLAGS = ("--dataset-path", "--prompts-path", "--hidden-states-path")
+
+
 @dataclass
 class CountSettings(ValidatedSettings):
     """What to count and how; one field per `specforge-vocab count` flag."""
 
     dataset_paths: List[str] = field(default_factory=list)
     dataset_weights: List[int] = field(default_factory=list)  # one per dataset path; empty: every weight 1
+    prompts_path: Optional[str] = None
+    hidden_states_path: Optional[str] = None
+    count_source: str = "tokens"
+    target_model_path: Optional[str] = None
+    lm_head_key: str = "lm_head.weight"
+    device: str = "auto"
     tokenizer_path: str = ""
     chat_template: str = "llama3"
     max_length: int = 2048
@@ -63,21 +84,36 @@ class CountSettings(ValidatedSettings):
         """The parsed ``shard`` ("i/n"), or None when counting every record."""
         return None if self.shard in (None, "") else Shard.parse(self.shard)
 
-    def problems(self) -> List[str]:
-        out = []
-        if not self.dataset_paths:
-            out.append("--dataset-path must name at least one file or directory, but got none.")
-        for path in self.dataset_paths:
-            if not os.path.exists(path):
-                out.append(f"--dataset-path {path} does not exist; check the path (relative to {os.getcwd()}).")
-        out += self._weight_problems()
-        if not self.tokenizer_path:
-            out.append("--tokenizer-path must name the target model's tokenizer directory, but got nothing.")
-        elif not os.path.isdir(self.tokenizer_path):
-            out.append(
-                f"--tokenizer-path {self.tokenizer_path} must be a directory holding tokenizer.json, but it "
-                "does not exist. Point it at the target model's tokenizer folder."
-            )
+    @property
+    def source_flag(self) -> str:
+        """The data flag in use: --dataset-path, --prompts-path or --hidden-states-path."""
+        if self.hidden_states_path:
+            return "--hidden-states-path"
+        return "--prompts-path" if self.prompts_path else "--dataset-path"
+
+    @property
+    def reads_conversations(self) -> bool:
+        """True when records are rendered and tokenized: --dataset-path, or a --prompts-path whose first
+        record has no input_ids/loss_mask (SpecForge then reads raw conversations). Pre-tokenized prompts
+        and feature files hold token ids already."""
+        if self.source_flag == "--prompts-path":
+            with contextlib.suppress(InputError, OSError):
+                return prompts_file_kind(self.prompts_path) == "conversations"
+            return False
+        return self.source_flag == "--dataset-path"
+
+    def problems(self, *, vocab_size_known: bool = False) -> List[str]:
+        """Every invalid field, named by its flag; ``vocab_size_known``: V comes from elsewhere (a checkpoint)."""
+        out = self._source_problems() + self._weight_problems()
+        self._prompts_kind(out)
+        raw = self.reads_conversations
+        if raw or self.tokenizer_path:
+            out += self._tokenizer_problems()
+        if not raw:
+            out += self._raw_only_problems()
+        if self.count_source not in COUNT_SOURCES:
+            out.append(must("--count-source", f"one of {', '.join(COUNT_SOURCES)}", self.count_source))
+        out += self._target_problems(vocab_size_known)
         if canonical_template_name(self.chat_template) not in template_names():
             out.append(must("--chat-template", f"one of {', '.join(template_names())}", self.chat_template))
         if not isinstance(self.max_length, int) or self.max_length < 1:
@@ -97,6 +133,125 @@ class CountSettings(ValidatedSettings):
                 Shard.parse(self.shard)
             except InputError as exc:
                 out.append(str(exc))
+            if not self.reads_conversations:
+                out.append(f"--shard splits the records of --dataset-path; it cannot be used with {self.source_flag}.")
+        return out
+
+    def _source_problems(self) -> List[str]:
+        given = [flag for flag, value in zip(DATA_FLAGS, self._sources()) if value]
+        if len(given) != 1:
+            return [
+                "Exactly one of --dataset-path (raw conversations), --prompts-path (pre-tokenized input_ids and "
+                "loss_mask) and --hidden-states-path (offline feature files), as SpecForge's data section has them, "
+                f"must be given, but got {' and '.join(given) if given else 'none'}."
+            ]
+        out = []
+        for path in self.dataset_paths:
+            if not os.path.exists(path):
+                out.append(f"--dataset-path {path} does not exist; check the path (relative to {os.getcwd()}).")
+        for flag, path in (("--prompts-path", self.prompts_path), ("--hidden-states-path", self.hidden_states_path)):
+            if path and not os.path.exists(path):
+                out.append(f"{flag} {path} does not exist; check the path (relative to {os.getcwd()}).")
+        return out
+
+    def _sources(self):
+        return (self.dataset_paths, self.prompts_path, self.hidden_states_path)
+
+    def _prompts_kind(self, out: List[str]) -> Optional[str]:
+        """What --prompts-path holds (SpecForge decides from the first record); a problem is added to ``out``."""
+        if not self.prompts_path or not os.path.isfile(self.prompts_path):
+            return None
+        try:
+            kind = prompts_file_kind(self.prompts_path)
+        except InputError as exc:
+            out.append(str(exc))
+            return None
+        if kind == "empty":
+            out.append(
+                f"--prompts-path {self.prompts_path} holds no records; point it at the prompts file SpecForge trains on."
+            )
+        return kind
+
+    def _raw_only_problems(self) -> List[str]:
+        """Flags that shape how raw conversations are rendered mean nothing for token ids: refuse, never drop them."""
+        defaults = CountSettings()
+        raw_only = [
+            ("--sample-size", "sample_size"),
+            ("--is-preformatted", "is_preformatted"),
+            ("--train-only-last-turn", "train_only_last_turn"),
+            ("--skip-invalid", "skip_invalid"),
+            ("--num-workers", "num_workers"),
+        ]
+        given = [flag for flag, name in raw_only if getattr(self, name) != getattr(defaults, name)]
+        if not given:
+            return []
+        return [
+            f"{', '.join(given)} shape(s) how raw conversations are rendered, but {self.source_flag} holds token ids "
+            "already; drop them (SpecForge ignores them for this source too)."
+        ]
+
+    def _tokenizer_problems(self) -> List[str]:
+        if not self.tokenizer_path:
+            return ["--tokenizer-path must name the target model's tokenizer directory, but got nothing."]
+        if not os.path.isdir(self.tokenizer_path):
+            return [
+                f"--tokenizer-path {self.tokenizer_path} must be a directory holding tokenizer.json, but it "
+                "does not exist. Point it at the target model's tokenizer folder."
+            ]
+        return []
+
+    def _target_problems(self, vocab_size_known: bool) -> List[str]:
+        out = []
+        if self.count_source == "target-argmax":
+            if not self.hidden_states_path:
+                out.append(
+                    "--count-source target-argmax must read SpecForge's offline features (the target's hidden "
+                    f"states), but got {self.source_flag}. Pass --hidden-states-path, or count --count-source tokens."
+                )
+            if not self.target_model_path:
+                out.append(
+                    "--count-source target-argmax must have the target's LM head, but got no --target-model-path. "
+                    "Pass the target model's directory (only the LM head is read)."
+                )
+        if self.target_model_path and not self.hidden_states_path:
+            out.append(
+                f"--target-model-path is used with --hidden-states-path only (the target's argmax needs its hidden "
+                f"states), but got {self.source_flag}. Drop it, or count offline features."
+            )
+        defaults = CountSettings()
+        unused = [
+            flag
+            for flag, name in (("--lm-head-key", "lm_head_key"), ("--device", "device"))
+            if getattr(self, name) != getattr(defaults, name) and not self.target_model_path
+        ]
+        if unused:
+            out.append(
+                f"{' and '.join(unused)} apply to the target's LM head, but got no --target-model-path; drop them."
+            )
+        if not isinstance(self.lm_head_key, str) or not self.lm_head_key:
+            out.append(must("--lm-head-key", "a tensor name such as lm_head.weight", self.lm_head_key))
+        if self.device not in DEVICES:
+            out.append(must("--device", f"one of {', '.join(DEVICES)}", self.device))
+        elif self.device == "cuda" and self.target_model_path:
+            import torch
+
+            if not torch.cuda.is_available():
+                out.append(
+                    "--device cuda must have a CUDA GPU that torch can see, but none is available. Use --device cpu."
+                )
+        needs_vocab = not (
+            vocab_size_known
+            or self.reads_conversations
+            or self.target_vocab_size
+            or self.tokenizer_path
+            or self.target_model_path
+        )
+        if needs_vocab:
+            out.append(
+                f"{self.source_flag} holds token ids only, so the vocabulary size V must come from elsewhere, but got "
+                "none. Pass --target-vocab-size, --config-path (the draft config's vocab_size), --tokenizer-path or "
+                "--target-model-path."
+            )
         return out
 
     def _weight_problems(self) -> List[str]:

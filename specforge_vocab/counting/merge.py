@@ -168,6 +168,11 @@ def merge_counts(paths: Sequence[str]) -> "CountResult":
                 f"{meta.get('format')!r}, expected 'specforge-vocab-counts'). Pass the --output files of "
                 "`specforge-vocab count --shard i/n`."
             )
+        if "count_source" in meta:
+            raise InputError(
+                f"merge: {path} holds counts of {meta.get('source', 'prompts or feature files')}, which are counted "
+                "whole (--shard splits --dataset-path records only); there is nothing to merge. Use it directly."
+            )
         for key in ["files", "tokenizer_path", "records_read", "tokens_counted"] + [k for k, _ in SAME_FIELDS]:
             if key not in meta:
                 raise InputError(

@@ -208,15 +208,16 @@ class TrimSettings:
             out.append(
                 must("--output", "a directory other than --checkpoint (the input is never overwritten)", self.output)
             )
-        sources = [s for s, on in (("--counts", self.counts_path), ("--dataset-path", self.count)) if on]
+        data_flag = self.count.source_flag if self.count is not None else "--dataset-path"
+        sources = [s for s, on in (("--counts", self.counts_path), (data_flag, self.count)) if on]
         if not counts_given:
             if not sources:
                 out.append(
-                    "Token counts are needed to choose which rows to keep: pass --dataset-path (with --tokenizer-path) "
-                    "or --counts FILE from `specforge-vocab count`."
+                    "Token counts are needed to choose which rows to keep: pass --dataset-path (with --tokenizer-path), "
+                    "--prompts-path, --hidden-states-path or --counts FILE from `specforge-vocab count`."
                 )
             elif len(sources) > 1:
-                out.append("Pass either --counts or --dataset-path, not both.")
+                out.append(f"Pass either --counts or {data_flag}, not both.")
         if self.draft_vocab_size is not None and (
             isinstance(self.draft_vocab_size, bool)
             or not isinstance(self.draft_vocab_size, int)
@@ -237,7 +238,7 @@ class TrimSettings:
                 )
         out.extend(p for p in export_problems(self.exports) if not any(n in p for n in TRIM_EXPORT_REFUSALS))
         if self.count is not None and not counts_given and not self.counts_path:
-            out.extend(self.count.problems())
+            out.extend(self.count.problems(vocab_size_known=True))  # V: the checkpoint's vocab_size
         return out
 
     def validate(self, *, counts_given: bool = False) -> None:

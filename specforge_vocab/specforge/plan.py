@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from specforge_vocab.choosing.search import SearchSettings
 from specforge_vocab.counting.engine import CountSettings
+from specforge_vocab.counting.pretokenized import prompts_file_kind
 from specforge_vocab.drafts.target_head import read_target_config, target_vocab_size
 from specforge_vocab.errors import InputError, where
 from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT
@@ -31,7 +32,6 @@ from specforge_vocab.specforge.continuing import (
     find_old_continuation,
     warm_start_config_file,
 )
-from specforge_vocab.specforge.data_files import prompts_file_kind
 from specforge_vocab.specforge.draft_derivation import SPECFORGE_DERIVED_DRAFT_VOCAB_SIZE, derive_draft_config
 from specforge_vocab.specforge.run_config import (
     DEFAULT_CHAT_TEMPLATE,
@@ -84,9 +84,25 @@ class DataSpec:
     train_only_last_turn: bool = False
     trust_remote_code: bool = False
     skip_invalid: bool = False  # train_eagle3.py skips malformed lines (newer SpecForge refuses them)
+    count_source: str = "tokens"  # features only: "target-argmax" counts the target's own predictions
+    target_model_path: Optional[str] = None  # with target-argmax: where the target's LM head is read
+    lm_head_key: str = CountSettings.lm_head_key
+    device: str = CountSettings.device
 
-    def count_settings(self):
-
+    def count_settings(self) -> CountSettings:
+        """The settings that count this data through counting/sources.py's obtain_counts."""
+        if self.source == PRETOKENIZED:
+            return CountSettings(prompts_path=self.path, max_length=self.max_length, target_vocab_size=self.vocab_size)
+        if self.source == FEATURES:
+            return CountSettings(
+                hidden_states_path=self.path,
+                max_length=self.max_length,
+                target_vocab_size=self.vocab_size,
+                count_source=self.count_source,
+                target_model_path=self.target_model_path,
+                lm_head_key=self.lm_head_key,
+                device=self.device,
+            )
         return CountSettings(
             dataset_paths=[self.path],
             tokenizer_path=self.tokenizer_path,
@@ -281,11 +297,36 @@ def _existing(path: str, *, raw: str, field: str, source: str, cwd: str) -> str:
     return path
 
 
+def _target_argmax_options(run: RunConfig, count_source: str, device: str, *, config_path: str, cwd: str) -> dict:
+    """DataSpec fields for counting the target's argmax from a run config's model section."""
+    if count_source == "tokens":
+        return {}
+    if run.data_source != "hidden_states_path":
+        raise InputError(
+            f"--count-source {count_source} counts the target's predictions from offline features, but "
+            f"{config_path} trains from data.{run.data_source}. Use data.hidden_states_path, or drop the flag."
+        )
+    local = resolve_path(run.target_model_path, cwd=cwd)
+    lm_head_key = run.raw["model"].get("lm_head_key") or CountSettings.lm_head_key
+    if not isinstance(lm_head_key, str):
+        raise InputError(
+            f"{where(config_path, field='model.lm_head_key')} must be a tensor name, but got {lm_head_key!r}."
+        )
+    return dict(
+        count_source=count_source,
+        target_model_path=local if os.path.exists(local) else run.target_model_path,
+        lm_head_key=lm_head_key,
+        device=device,
+    )
+
+
 def plan_from_run_config(
     config_path: str,
     *,
     overrides: Sequence[str] = (),
     output_config: Optional[str] = None,
+    count_source: str = CountSettings.count_source,
+    device: str = CountSettings.device,
     keep_draft_vocab_size: bool = False,
     force: bool = False,
     search: Optional[SearchSettings] = None,
@@ -295,7 +336,9 @@ def plan_from_run_config(
     cwd: Optional[str] = None,
     remap: bool = False,
 ) -> Plan:
-    """What to count and write for a ``specforge train --config`` run."""
+    """What to count and write for a ``specforge train --config`` run (``count_source`` "target-argmax":
+    the target's predictions from ``data.hidden_states_path``, with ``model.target_model_path`` and
+    ``model.lm_head_key``)."""
     cwd = os.path.abspath(cwd or os.getcwd())
     config_path = resolve_path(os.fspath(config_path), cwd=cwd)
     overrides = tuple(overrides or ())
@@ -310,6 +353,7 @@ def plan_from_run_config(
             )
     run = read_run_config(config_path, overrides, cwd=cwd)
     continuation = find_continuation(run, remap=remap)
+    argmax_options = _target_argmax_options(run, count_source, device, config_path=config_path, cwd=cwd)
     field = f"data.{run.data_source}"
     path = _existing(run.resolved_data_path, raw=run.data_path, field=field, source=config_path, cwd=cwd)
     cache_dir = run.resolved_cache_dir
@@ -345,7 +389,7 @@ def plan_from_run_config(
             ),
         )
     else:
-        data = DataSpec(source, **common)
+        data = DataSpec(source, **common, **argmax_options)
     search = search if search is not None else SearchSettings()
     keep_reason = "--keep-draft-vocab-size" if keep_draft_vocab_size else ""
     if keep_reason:

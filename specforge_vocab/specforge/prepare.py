@@ -6,7 +6,9 @@ Three entry points share one path, :func:`before_training`:
 * ``specforge-vocab prepare --config run.yaml [--set section.field=value ...]`` (newer SpecForge,
   ``specforge train --config``): sets ``model.vocab_mapping_path`` in the run config (in place
   with a ``.bak``, or in ``--output-config``). For ``data.hidden_states_path`` runs the mapping
-  is also copied to SpecForge's own offline cache path when the target's vocab size is known.
+  is also copied to SpecForge's own offline cache path when the target's vocab size is known, and
+  ``--count-source target-argmax`` chooses by the target's own predictions (its LM head from
+  ``model.target_model_path`` / ``model.lm_head_key``; docs/SPECFORGE.md section 7).
 * ``specforge-vocab pre-step -- <train_eagle3 flags>`` and ``scripts/train_eagle3.py`` (older
   SpecForge): writes the mapping at train_eagle3.py's md5 cache paths (both key versions); the
   script then hands over to SpecForge's own train_eagle3.py with the remaining flags. As there,
@@ -23,8 +25,8 @@ setting searches the stored counts again; changed data recounts; ``force`` recom
 every call.
 
 Ranks. Under torchrun (or in an initialised process group) every rank must call this: rank 0
-plans, the ranks split the counting (:func:`~.distributed.count_dataset_distributed` for raw
-data; record/file ``i % world_size`` for prompts and feature files) and sum with all_reduce,
+plans, the ranks split the counting (counting/sources.py: record shards for raw data,
+record/file ``i % world_size`` for prompts and feature files) and sum with all_reduce,
 rank 0 alone writes, and every rank then reads the same files back. An error on any rank is
 raised on every rank with the same message. A gloo group started here lives under its own store
 prefix and is destroyed on return, so the training script can start its own group afterwards.
@@ -37,38 +39,26 @@ import dataclasses
 import json
 import logging
 import os
-import uuid
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
-
-import numpy as np
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from specforge_vocab.choosing.search import SearchSettings
 from specforge_vocab.choosing.serving import ServingSettings
-from specforge_vocab.counting.counts_file import FORMAT_VERSION, load_counts
 from specforge_vocab.counting.distributed import distributed_session
-from specforge_vocab.counting.engine import CountAborted, CountSettings
-from specforge_vocab.counting.sources import obtain_counts
+from specforge_vocab.counting.engine import COUNT_SOURCES, DEVICES, CountSettings
+from specforge_vocab.counting.sources import Counted, obtain_counts
 from specforge_vocab.drafts.checkpoint import CONFIG_NAME
 from specforge_vocab.drafts.remap import RemapResult, write_warm_start
 from specforge_vocab.drafts.runtime_checkpoint import STATE_FILE, open_draft
 from specforge_vocab.drafts.target_head import DEFAULT_LM_HEAD_KEY
-from specforge_vocab.errors import InputError
+from specforge_vocab.errors import InputError, SettingsError, must
 from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT, atomic_write, file_lock, json_text, sha256_file
 from specforge_vocab.pipeline import OutputSettings, check_settings, choose, gather_inputs, optimize
 from specforge_vocab.specforge.continuing import RESUME, configured_mapping_equals, continuing_payloads
 from specforge_vocab.specforge.continuing import summary_lines as continuing_summary_lines
-from specforge_vocab.specforge.data_files import (
-    count_masked_ids,
-    iter_feature_files,
-    iter_prompt_records,
-    list_feature_files,
-)
 from specforge_vocab.specforge.plan import (
     CONVERSATIONS,
     FEATURES,
-    PRETOKENIZED,
     SOURCE_NAMES,
-    DataSpec,
     Plan,
     plan_from_run_config,
     plan_from_train_eagle3_args,
@@ -125,6 +115,13 @@ class PrepareResult:
             f"draft_vocab_size: {self.k:,} of {s.get('target_vocab_size', 0):,}  coverage "
             f"{float(s.get('coverage', 0.0)):.4%}  ({s.get('method')}), draft config {self.draft_config}",
         ]
+        coverage = s.get("coverage_at_draft_vocab_size") or {}
+        if coverage.get("target_argmax") is not None:
+            lines.append(
+                f"coverage at k: data tokens {coverage['data_tokens']:.4%}, target argmax "
+                f"{coverage['target_argmax']:.4%} (SpecForge drops {coverage['target_positions_dropped']:.4%} of the "
+                "trained positions)"
+            )
         if "continuing" in s:
             lines += continuing_summary_lines(s)
         lines.append(f"mapping: {self.mapping_path} (fingerprint {str(s.get('mapping_fingerprint', ''))[:16]})")
@@ -146,6 +143,8 @@ def before_training(
     train_eagle3_args: Optional[Sequence[str]] = None,
     overrides: Sequence[str] = (),
     output_config: Optional[str] = None,
+    count_source: str = CountSettings.count_source,
+    device: str = CountSettings.device,
     keep_draft_vocab_size: bool = False,
     force: bool = False,
     search: Optional[SearchSettings] = None,
@@ -163,7 +162,9 @@ def before_training(
     flags are ignored). Relative paths resolve from ``cwd`` (default: the current directory),
     as SpecForge resolves them. When the run continues from a checkpoint, the checkpoint's own
     mapping is handed over; ``remap`` moves the draft onto a fresh choice instead
-    (specforge/continuing.py).
+    (specforge/continuing.py). ``count_source="target-argmax"`` (run configs with
+    ``data.hidden_states_path``) chooses by the target's own predictions, read with
+    ``model.target_model_path`` and ``model.lm_head_key`` on ``device``.
 
     >>> result = before_training("configs/llama3-8b-eagle3-run.yaml")  # doctest: +SKIP
     >>> result.k, result.mapping_path, result.reused  # doctest: +SKIP
@@ -182,7 +183,18 @@ def before_training(
         )
     cwd = os.path.abspath(cwd or os.getcwd())
     search = search if search is not None else SearchSettings()
-    search.validate()  # every search flag is checked before any work
+    problems = search.problems()  # every flag is checked before any work
+    if count_source not in COUNT_SOURCES:
+        problems.append(must("--count-source", f"one of {', '.join(COUNT_SOURCES)}", count_source))
+    if device not in DEVICES:
+        problems.append(must("--device", f"one of {', '.join(DEVICES)}", device))
+    if train_eagle3_args is not None and count_source != CountSettings.count_source:
+        problems.append(
+            f"--count-source {count_source} reads offline features through a run config's data.hidden_states_path; "
+            "train_eagle3.py's mapping comes from --train-data-path. Use `specforge-vocab prepare --config`."
+        )
+    if problems:
+        raise SettingsError(problems)
     options = dict(
         keep_draft_vocab_size=keep_draft_vocab_size,
         force=force,
@@ -196,7 +208,14 @@ def before_training(
 
     def make_plan() -> Plan:
         if run_config is not None:
-            return plan_from_run_config(run_config, overrides=overrides, output_config=output_config, **options)
+            return plan_from_run_config(
+                run_config,
+                overrides=overrides,
+                output_config=output_config,
+                count_source=count_source,
+                device=device,
+                **options,
+            )
         return plan_from_train_eagle3_args(train_eagle3_args, **options)
 
     with process_group(), distributed_session() as session, contextlib.ExitStack() as held:
@@ -217,77 +236,17 @@ def before_training(
         return agreed(session, lambda: load_result(info, plan, rank=rank))
 
 
-def _local_masked_counts(data: DataSpec, rank: int, world_size: int, stop: Optional[Callable[[], bool]]) -> np.ndarray:
-    """This rank's counts of prompts records / feature files, with the record count appended."""
-
-    if data.source == PRETOKENIZED:
-        arrays = iter_prompt_records(
-            data.path, data.max_length, vocab_size=data.vocab_size, rank=rank, world_size=world_size
-        )
-    else:
-        arrays = iter_feature_files(
-            data.path, data.max_length, vocab_size=data.vocab_size, rank=rank, world_size=world_size
-        )
-    records = 0
-
-    def counted() -> Iterator[np.ndarray]:
-        nonlocal records
-        for ids in arrays:
-            if stop is not None and stop():
-                raise CountAborted("another rank failed")
-            records += 1
-            yield ids
-
-    counts = count_masked_ids(counted(), data.vocab_size)
-    return np.concatenate([counts, np.array([records], dtype=np.int64)])
-
-
-def _masked_metadata(data: DataSpec, counts: np.ndarray, records: int) -> Dict[str, str]:
-
-    paths = [data.path] if data.source == PRETOKENIZED else list_feature_files(data.path)
-    files = [{"path": p, "size": os.path.getsize(p)} for p in paths]
-    return {
-        "format": "specforge-vocab-counts",
-        "format_version": FORMAT_VERSION,
-        "source": f"{data.field} ({SOURCE_NAMES[data.source]})",
-        "data_path": data.path,
-        "files": json.dumps(files, ensure_ascii=False),
-        "max_length": str(data.max_length),
-        "vocab_size": str(data.vocab_size),
-        "records_counted": str(records),
-        "tokens_counted": str(int(counts.sum())),
-        "unique_tokens": str(int(np.count_nonzero(counts))),
-    }
-
-
-def count_data(plan: Plan, *, session=None, progress: bool = False) -> Tuple[np.ndarray, Dict[str, str]]:
-    """Counts [V] and their metadata for ``plan.data``; split over the ranks of ``session``."""
+def count_data(plan: Plan, *, session=None, progress: bool = False) -> Counted:
+    """The counts of ``plan.data`` (every count source counted, with metadata), split over the ranks of ``session``."""
     data = plan.data
-    if data.source == CONVERSATIONS:
-        counted = obtain_counts(
-            data.count_settings(),
-            cache_dir=plan.cache_dir,
-            force=plan.force,
-            distributed=session is not None,
-            progress=progress,
-        )
-        return counted.counts, counted.metadata
-    if session is None:
-        local = _local_masked_counts(data, 0, 1, None)
-        total = local
-    else:
-        key = run_on_rank_zero(session, lambda: f"specforge_vocab/prepare-abort/{uuid.uuid4().hex}")
-        local, _ = session.agree(
-            lambda: _local_masked_counts(data, session.rank, session.world_size, session.stop_flag(key)), abort_key=key
-        )
-        total = session.all_reduce_int64(local)
-    counts, records = total[:-1].copy(), int(total[-1])
-    if records == 0 or counts.sum() == 0:
-        raise InputError(
-            f"{data.field} {data.path}: no loss-masked tokens to count ({records} records read), so SpecForge would "
-            "train on nothing. Check that loss_mask marks the assistant tokens, or point at the right data."
-        )
-    return counts, _masked_metadata(data, counts, records)
+    return obtain_counts(
+        data.count_settings(),
+        cache_dir=plan.cache_dir if data.source == CONVERSATIONS else None,
+        force=plan.force,
+        distributed=session is not None,
+        progress=progress,
+        field=data.field,
+    )
 
 
 def _write_if_different(path: str, payload: bytes) -> bool:
@@ -327,9 +286,7 @@ def cache_copy_paths(plan: Plan, k: int, draft_config: Optional[str] = None) -> 
     return paths
 
 
-def write_outputs(
-    plan: Plan, decision: Decision, counted: Optional[Tuple[np.ndarray, Dict[str, str]]]
-) -> Dict[str, Any]:
+def write_outputs(plan: Plan, decision: Decision, counted: Optional[Counted]) -> Dict[str, Any]:
     """Rank 0: choose and write (unless reused), then hand over; fingerprint.json goes last."""
 
     out = plan.output_dir
@@ -342,7 +299,9 @@ def write_outputs(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(fingerprint_path)  # outputs are about to change: never pair old fingerprint with new files
         if counted is None:
-            counted = load_counts(os.path.join(out, COUNTS_FILE), flag=f"the stored counts in {out}")
+            counted = obtain_counts(
+                None, counts_path=os.path.join(out, COUNTS_FILE), flag=f"the stored counts in {out}"
+            )
         if plan.continuation is not None and not plan.remap:
             k = _write_continuing(plan, counted)
         else:
@@ -367,7 +326,7 @@ def write_outputs(
     }
 
 
-def _choose_and_write(plan: Plan, counted: Tuple[np.ndarray, Dict[str, str]]) -> int:
+def _choose_and_write(plan: Plan, counted: Counted) -> int:
     """A fresh choice (also the one --remap moves the draft onto), written by optimize; returns k."""
     count = plan.data.count_settings() if plan.data.source == CONVERSATIONS else CountSettings()
     to_file = plan.patch_draft_config and plan.derived_config is None and not plan.remap
@@ -386,7 +345,7 @@ def _choose_and_write(plan: Plan, counted: Tuple[np.ndarray, Dict[str, str]]) ->
     return result.k
 
 
-def _write_continuing(plan: Plan, counted: Tuple[np.ndarray, Dict[str, str]]) -> int:
+def _write_continuing(plan: Plan, counted: Counted) -> int:
     """The outputs of a continuing run: the checkpoint's own mapping, its coverage and the fresh choice."""
     cont = plan.continuation
     count = plan.data.count_settings() if plan.data.source == CONVERSATIONS else CountSettings()

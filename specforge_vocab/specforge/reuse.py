@@ -21,9 +21,10 @@ from typing import Any, Dict, Optional, Sequence
 
 from specforge_vocab.counting.cache import HashMemo, counting_fingerprint, memo_for
 from specforge_vocab.counting.engine import COUNTING_VERSION
+from specforge_vocab.counting.features import list_feature_files
+from specforge_vocab.counting.target_head import head_file_identity
 from specforge_vocab.errors import short
 from specforge_vocab.fileio import json_text, sha256_file
-from specforge_vocab.specforge.data_files import list_feature_files
 from specforge_vocab.specforge.plan import CONVERSATIONS, PRETOKENIZED, Plan
 from specforge_vocab.version import __version__
 from specforge_vocab.writing.outputs import COUNTS_FILE, FINGERPRINT_FILE, MAPPING_FILE, SUMMARY_FILE, recover_outputs
@@ -67,13 +68,17 @@ def counting_identity(plan: Plan, memo=None) -> Dict[str, Any]:
         for path in list_feature_files(data.path):
             stat = os.stat(path)
             files.append({"path": path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-    return {
+    identity = {
         "source": data.source,
         "counting_version": COUNTING_VERSION,
         "files": files,
         "max_length": data.max_length,
         "vocab_size": data.vocab_size,
     }
+    if data.count_source != "tokens":  # the target's predictions: its LM head decides them too
+        identity["count_source"] = data.count_source
+        identity["target_head"] = head_file_identity(data.target_model_path, data.lm_head_key)
+    return identity
 
 
 def choice_identity(plan: Plan) -> Dict[str, Any]:

@@ -19,8 +19,8 @@ import os
 import re
 from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
+from specforge_vocab.counting.features import list_feature_files
 from specforge_vocab.errors import InputError
-from specforge_vocab.specforge.data_files import list_feature_files
 from specforge_vocab.specforge.run_config import DEFAULT_CACHE_DIR, DEFAULT_CHAT_TEMPLATE, DEFAULT_MAX_LENGTH, RunConfig
 from specforge_vocab.writing.draft_config import read_draft_vocab_sizes
 

@@ -259,8 +259,10 @@ def render_coverage_curves(result: SearchResult, analysis, *, dpi: int = 110) ->
     """PNG bytes of coverage_curves.png (``analysis``: a :class:`specforge_vocab.serving.ServingAnalysis`).
 
     Left: coverage against k on the train records, the held-out records, each evaluation set and
-    each --domain, with the domain floor (the vocabulary is always the train side's top k), with the chosen k and, with --bootstrap,
-    its interval. Middle: the Pareto front (coverage against latency reduction) with the best k
+    each --domain, with the domain floor (the vocabulary is always the train side's top k), with the
+    chosen k and, with --bootstrap, its interval; with offline features and the target's LM head, the
+    data-token and target-argmax coverage of the same kept set. Middle: the Pareto front (coverage
+    against latency reduction) with the best k
     of each objective marked. Right: predicted chain speed-up against k, with the full-vocabulary
     speed-up for reference.
     """
@@ -353,6 +355,11 @@ def render_coverage_curves(result: SearchResult, analysis, *, dpi: int = 110) ->
 
     speed = analysis.objective.speedup(result.candidates.coverage, 1.0 - analysis.latency_reduction)
     ax3.plot(ks, speed, color="tab:red", linewidth=1.5, label="predicted speed-up (train coverage)")
+    if "target argmax" in analysis.curves:  # k chosen on data tokens, the target's argmax known too
+        argmax_speed = analysis.objective.speedup(analysis.curves["target argmax"], 1.0 - analysis.latency_reduction)
+        ax3.plot(
+            ks, argmax_speed, color="tab:purple", linewidth=1.2, label="predicted speed-up (target-argmax coverage)"
+        )
     ax3.axhline(
         analysis.speedup["at_full_vocab"],
         color="gray",

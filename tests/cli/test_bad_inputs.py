@@ -563,7 +563,7 @@ CASES: List[Case] = [
         "no-data-and-no-counts",
         "optimize",
         lambda e: ["--tokenizer-path", LLAMA3_DIR, "--output-dir", e.out],
-        r"--dataset-path must name at least one file or directory",
+        r"Exactly one of --dataset-path .*--prompts-path .*--hidden-states-path .*must be given, but got none",
     ),
     # ---------------------------------------------------------------- optimize: where outputs go
     Case("output-dir-is-a-file", "optimize", lambda e: optimize_args(e, out=e.write("plain_file", "x")), OUT_NOT_A_DIR),

@@ -726,3 +726,19 @@ def test_cli_trim_counts_a_real_dataset_with_a_real_tokenizer(tmp_path, llama3_d
     assert f"draft_vocab_size: 4,096 -> {new_k:,} of V=128,256" in text
     assert f"coverage of {total:,} counted tokens: {old_cov:.4%} -> {new_cov:.4%}" in text
     assert json.loads((tmp_path / "out" / "config.json").read_text())["draft_vocab_size"] == new_k
+
+
+def test_cli_trim_counts_pre_tokenized_prompts(ckpt, tmp_path, capsys):
+    """--prompts-path (like --hidden-states-path) is a data source for trim too, never silently dropped."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for _ in range(40):
+        ids = rng.choice(OLD_KEPT, size=30).tolist()
+        rows.append({"input_ids": ids, "loss_mask": [0] * 10 + [1] * 20})
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["trim", "--checkpoint", str(ckpt), "--prompts-path", str(prompts), "--draft-vocab-size", "50"]
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 0
+    counts = np.bincount([t for r in rows for t, m in zip(r["input_ids"], r["loss_mask"]) if m], minlength=V)
+    after = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert np.array_equal(np.arange(50) + after["d2t"].numpy(), top_ids(counts, 50, among=OLD_KEPT))

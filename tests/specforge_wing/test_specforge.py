@@ -1,15 +1,13 @@
 """The host side: run configs, the YAML edit, train_eagle3 flags and cache
-keys, the SpecForge stand-in, and the pre-tokenized / offline readers."""
+keys, the SpecForge stand-in (the pre-tokenized and offline readers are tested in tests/counting)."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import importlib.util
 import json
 import os
 import stat
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -17,19 +15,11 @@ import pytest
 import specforge_standin as standin
 import torch
 import yaml
-from conftest import CONFIG_YAMLS, CONFIGS, LLAMA3_DIR, REPO, SHARED, hf_tokenizer, write_jsonl, write_text
+from conftest import CONFIG_YAMLS, CONFIGS, REPO, SHARED, write_text
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specforge_vocab.errors import InputError
-from specforge_vocab.specforge.data_files import (
-    RawConversationsFile,
-    count_masked_ids,
-    iter_feature_files,
-    iter_prompt_records,
-    list_feature_files,
-    prompts_file_kind,
-)
 from specforge_vocab.specforge.run_config import DATA_SOURCES, load_run_config, read_run_config
 from specforge_vocab.specforge.train_eagle3 import (
     cache_mapping_paths,
@@ -68,10 +58,6 @@ def valid_mapping(k: int, vocab: int, seed: int = 0):
     t2d = torch.zeros(vocab, dtype=torch.bool)
     t2d[torch.from_numpy(kept)] = True
     return {"d2t": torch.from_numpy(kept - np.arange(k)).to(torch.int64), "t2d": t2d}
-
-
-def masked_by_hand(ids, mask, max_length):
-    return [t for t, m in zip(list(ids)[:max_length], list(mask)[:max_length]) if m]
 
 
 RUN_YAML = """\
@@ -654,210 +640,3 @@ def test_find_specforge_train_script(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path / "SpecForge"))
     importlib.invalidate_caches()
     assert find_specforge_train_script() == str(script)
-
-
-# ---------------------------------------------------------------- readers
-
-
-@pytest.fixture(scope="module")
-def tokenized_records():
-    """Real llama3 token ids of small chats, with the assistant part masked in."""
-    tokenizer = hf_tokenizer(LLAMA3_DIR)
-    chats = [
-        ("What is 2+2?", "2+2 equals 4."),
-        ("Name a prime.", "Seven is prime; so is 11."),
-        ("Write hello in Python.", "print('hello')"),
-        ("Say nothing.", ""),
-        ("Translate 'chat' to English.", "'Chat' means 'cat' in French."),
-    ]
-    records = []
-    for user, reply in chats:
-        prompt = tokenizer.encode(
-            f"<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
-            "<|start_header_id|>assistant<|end_header_id|>\n\n",
-            add_special_tokens=False,
-        )
-        answer = tokenizer.encode(reply + "<|eot_id|>", add_special_tokens=False)
-        records.append((prompt + answer, [0] * len(prompt) + [1] * len(answer)))
-    return records
-
-
-@pytest.mark.parametrize("max_length", [8, 25, 2048])
-def test_prompt_records_match_a_hand_count(tmp_path, tokenized_records, max_length):
-    rows = [{"input_ids": ids, "loss_mask": mask, "extra": 1} for ids, mask in tokenized_records]
-    rows[1] = {"input_ids": [rows[1]["input_ids"]], "loss_mask": [rows[1]["loss_mask"]]}  # batch dim of 1
-    path = write_jsonl(tmp_path / "p.jsonl", rows, blank_lines=True)
-    got = list(iter_prompt_records(str(path), max_length, vocab_size=128256))
-    expected = [masked_by_hand(ids, mask, max_length) for ids, mask in tokenized_records]
-    assert [g.tolist() for g in got] == expected and all(g.dtype == np.int64 for g in got)
-    counts = count_masked_ids(got, 128256)
-    hand = Counter(t for e in expected for t in e)
-    assert counts.sum() == sum(hand.values()) and all(counts[t] == n for t, n in hand.items())
-    split = [list(iter_prompt_records(str(path), max_length, rank=r, world_size=2)) for r in (0, 1)]
-    assert [a.tolist() for a in split[0]] == expected[0::2] and [a.tolist() for a in split[1]] == expected[1::2]
-
-
-def test_prompt_records_in_a_json_array(tmp_path, tokenized_records):
-    path = write_text(tmp_path / "p.json", json.dumps([{"input_ids": i, "loss_mask": m} for i, m in tokenized_records]))
-    got = [a.tolist() for a in iter_prompt_records(str(path), 2048)]
-    assert got == [masked_by_hand(i, m, 2048) for i, m in tokenized_records]
-
-
-def test_raw_conversations_and_empty_prompt_files(tmp_path):
-    raw = write_jsonl(tmp_path / "raw.jsonl", [{"conversations": [{"role": "user", "content": "hi"}]}])
-    assert prompts_file_kind(str(raw)) == "conversations"
-    with pytest.raises(RawConversationsFile) as info:
-        list(iter_prompt_records(str(raw), 10))
-    assert info.value.path == str(raw) and isinstance(info.value, InputError)
-    empty = write_text(tmp_path / "empty.jsonl", "\n  \n")
-    assert prompts_file_kind(str(empty)) == "empty" and list(iter_prompt_records(str(empty), 10)) == []
-
-
-@pytest.mark.parametrize(
-    "rows, fragment",
-    [
-        ([{"input_ids": [1, 2]}], "line 1 has input_ids but no loss_mask"),
-        ([{"loss_mask": [1, 0]}], "line 1 has loss_mask but no input_ids"),
-        ([{"input_ids": [1], "loss_mask": [1]}, {"input_ids": [1, 2]}], "line 2 has no loss_mask"),
-        ([{"input_ids": [1, 2], "loss_mask": [1]}], "input_ids has 2 entries but loss_mask has 1"),
-        ([{"input_ids": [1, 2.5], "loss_mask": [1, 1]}], "'input_ids[1]' must be an integer, but got 2.5"),
-        ([{"input_ids": [1, True], "loss_mask": [1, 1]}], "'input_ids[1]' must be an integer, but got True"),
-        ([{"input_ids": [1, 2], "loss_mask": [1, 2]}], "'loss_mask[1]' must be 0 or 1, but got 2"),
-        ([{"input_ids": [], "loss_mask": []}], "empty token sequence"),
-        ([{"input_ids": [[1], [2]], "loss_mask": [1, 1]}], "nested or ragged"),
-        ([{"input_ids": "1 2", "loss_mask": [1, 1]}], "must be a list of integers"),
-        ([{"input_ids": [5, 200000], "loss_mask": [1, 1]}], "token id 200000, outside the target vocabulary of 128256"),
-        ([{"input_ids": [-3, 2], "loss_mask": [1, 1]}], "negative token id -3"),
-        ([{"input_ids": [1], "loss_mask": [1]}, [1, 2]], "line 2 must be a JSON object"),
-    ],
-)
-def test_bad_prompt_records_are_named(tmp_path, rows, fragment):
-    path = write_jsonl(tmp_path / "p.jsonl", rows)
-    with pytest.raises(InputError) as info:
-        list(iter_prompt_records(str(path), 2048, vocab_size=128256))
-    assert fragment in str(info.value) and str(path) in str(info.value)
-
-
-def test_bad_json_line_and_missing_prompts_file(tmp_path):
-    path = write_text(tmp_path / "p.jsonl", '{"input_ids": [1], "loss_mask": [1]}\n{"input_ids": [1,\n')
-    with pytest.raises(InputError, match=r"line 2: invalid JSON"):
-        list(iter_prompt_records(str(path), 10))
-    with pytest.raises(InputError, match="does not exist"):
-        list(iter_prompt_records(str(tmp_path / "nope.jsonl"), 10))
-
-
-def save_feature(path: Path, record: dict, compress: bool = False) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if compress:
-        with gzip.open(path, "wb") as handle:
-            torch.save(record, handle)
-    else:
-        torch.save(record, path)
-    return path
-
-
-@pytest.fixture()
-def feature_dir(tmp_path, tokenized_records):
-    """Feature files laid out like prepare_hidden_states.py: rows_<a>-<b>/data_<i>.ckpt[.gz],
-    input_ids/loss_mask with and without a batch dimension, plus hidden states."""
-    root = tmp_path / "hidden_states"
-    names = []
-    for i, (ids, mask) in enumerate(tokenized_records):
-        ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
-        if i % 2:
-            ids_t, mask_t = ids_t[None], mask_t[None]
-        record = {
-            "input_ids": ids_t,
-            "loss_mask": mask_t,
-            "hidden_state": torch.randn(1, len(ids), 8),
-            "aux_hidden_state": torch.randn(1, len(ids), 24),
-        }
-        name = f"rows_{i // 2 * 2}-{i // 2 * 2 + 2}/data_{i}.ckpt" + (".gz" if i == 2 else "")
-        save_feature(root / name, record, compress=i == 2)
-        names.append(name)
-    write_text(root / "rows_0-2" / "README.txt", "not a feature file")
-    return root, names
-
-
-@pytest.mark.parametrize("max_length", [7, 2048])
-def test_feature_files_match_a_hand_count(feature_dir, tokenized_records, max_length):
-    root, names = feature_dir
-    files = list_feature_files(str(root))
-    assert files == sorted(str(root / n) for n in names)
-    by_name = {str(root / n): rec for n, rec in zip(names, tokenized_records)}
-    expected = [masked_by_hand(*by_name[f], max_length) for f in files]
-    got = list(iter_feature_files(str(root), max_length, vocab_size=128256))
-    assert [g.tolist() for g in got] == expected
-    hand = Counter(t for e in expected for t in e)
-    counts = count_masked_ids(got, 128256)
-    assert counts.dtype == np.int64 and counts.shape == (128256,)
-    assert {int(t): int(counts[t]) for t in np.flatnonzero(counts)} == dict(hand)
-    ranks = [[a.tolist() for a in iter_feature_files(str(root), max_length, rank=r, world_size=3)] for r in range(3)]
-    assert ranks == [expected[0::3], expected[1::3], expected[2::3]]
-    assert list_feature_files(files[0]) == [files[0]]
-
-
-class NotATensor:
-    pass
-
-
-@pytest.mark.parametrize(
-    "record, fragment",
-    [
-        ({"input_ids": torch.tensor([1, 2])}, "has no loss_mask"),
-        ({"loss_mask": torch.tensor([1, 2])}, "has no input_ids"),
-        ({"input_ids": [1, 2], "loss_mask": torch.tensor([1, 1])}, "'input_ids' must be a tensor"),
-        ({"input_ids": torch.tensor([1.0, 2.0]), "loss_mask": torch.tensor([1, 1])}, "must be an integer tensor"),
-        (
-            {"input_ids": torch.tensor([1, 2, 3]), "loss_mask": torch.tensor([1, 1])},
-            "input_ids has 3 entries but loss_mask has 2",
-        ),
-        ({"input_ids": torch.tensor([1, 128256]), "loss_mask": torch.tensor([1, 1])}, "token id 128256"),
-        ({"input_ids": torch.tensor([-1, 2]), "loss_mask": torch.tensor([1, 0])}, "negative token id -1"),
-        ([torch.tensor([1])], "must hold a dict of tensors"),
-        ({"input_ids": torch.tensor([1]), "loss_mask": torch.tensor([1]), "meta": NotATensor()}, "weights_only=True"),
-    ],
-)
-def test_bad_feature_files_are_named(tmp_path, record, fragment):
-    path = save_feature(tmp_path / "f" / "data_0.ckpt", record)
-    with pytest.raises(InputError) as info:
-        list(iter_feature_files(str(tmp_path / "f"), 2048, vocab_size=128256))
-    assert fragment in str(info.value) and str(path) in str(info.value)
-
-
-def test_broken_and_missing_feature_files(tmp_path):
-    good = save_feature(tmp_path / "f" / "data_0.ckpt", {"input_ids": torch.arange(50), "loss_mask": torch.ones(50)})
-    data = good.read_bytes()
-    write_text(tmp_path / "g" / "data_0.ckpt", "").write_bytes(data[: len(data) // 2])
-    with pytest.raises(InputError, match="not a readable torch feature file"):
-        list(iter_feature_files(str(tmp_path / "g"), 10))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match=r"no \*\.ckpt or \*\.ckpt\.gz"):
-        list_feature_files(str(tmp_path / "empty"))
-    with pytest.raises(InputError, match="does not exist"):
-        list_feature_files(str(tmp_path / "nope"))
-    # a float loss mask counts where it is non-zero, as in SpecForge's own counter
-    save_feature(
-        tmp_path / "h" / "x.ckpt", {"input_ids": torch.tensor([4, 5, 6]), "loss_mask": torch.tensor([0.0, 1.0, 1.0])}
-    )
-    assert next(iter_feature_files(str(tmp_path / "h"), 10)).tolist() == [5, 6]
-
-
-def test_count_masked_ids_chunks_and_checks():
-    rng = np.random.default_rng(1)
-    arrays = [rng.integers(0, 50, size=n) for n in (0, 3, 7, 1, 20)]
-    expected = np.zeros(50, dtype=np.int64)
-    for a in arrays:
-        for t in a:
-            expected[t] += 1
-    assert np.array_equal(count_masked_ids(arrays, 50, chunk=4), expected)
-    assert np.array_equal(count_masked_ids(iter(arrays), 50), expected)
-    assert np.array_equal(count_masked_ids([], 5), np.zeros(5, dtype=np.int64))
-    with pytest.raises(InputError, match="token id 50, outside"):
-        count_masked_ids([np.array([1, 50])], 50)
-    with pytest.raises(InputError, match="negative token id"):
-        count_masked_ids([np.array([-2])], 50)
-    with pytest.raises(InputError, match="must be integers"):
-        count_masked_ids([np.array([1.5])], 50)
-    with pytest.raises(InputError, match="vocab_size must be a positive integer"):
-        count_masked_ids([np.array([1])], 0)

@@ -1,31 +1,22 @@
-"""SpecForge's already-tokenized data: pre-tokenized prompts (``data.prompts_path``: JSONL records
-with ``input_ids`` and ``loss_mask``) and offline feature files (``data.hidden_states_path``:
-``*.ckpt`` / ``*.ckpt.gz``, torch-saved dicts read with ``weights_only=True``).
+"""SpecForge's pre-tokenized prompts (``data.prompts_path`` / ``--prompts-path``: JSONL records with
+``input_ids`` and ``loss_mask``), and the dense counts of already-tokenized ids.
 
-:func:`iter_prompt_records` and :func:`iter_feature_files` yield the loss-masked ids of each
-record (truncated to max_length, as SpecForge does) and :func:`count_masked_ids` turns them into
-dense counts (docs/SPECFORGE.md section 4).
+:func:`iter_prompt_records` yields the loss-masked ids of each record (truncated to max_length,
+as SpecForge does) and :func:`count_masked_ids` turns them into dense counts
+(docs/SPECFORGE.md section 4.2). Offline feature files are read in counting/features.py.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import logging
-import os
-import pickle
-import zipfile
-from typing import Any, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from specforge_vocab.errors import InputError, short, where
 
 logger = logging.getLogger(__name__)
-
-
-FEATURE_SUFFIXES = (".ckpt", ".ckpt.gz")
 
 
 class RawConversationsFile(InputError):
@@ -127,7 +118,7 @@ def _int_array(value: Any, *, place: str, field: str, binary: bool) -> np.ndarra
     return array
 
 
-def _check_id_range(ids: np.ndarray, vocab_size: Optional[int], place: str) -> None:
+def check_id_range(ids: np.ndarray, vocab_size: Optional[int], place: str) -> None:
     if ids.size == 0:
         return
     low, high = int(ids.min()), int(ids.max())
@@ -197,108 +188,8 @@ def iter_prompt_records(
                 f"{place}: input_ids has {ids.size} entries but loss_mask has {mask.size}; they must be equally long."
             )
         kept = ids[:max_length][mask[:max_length] == 1]
-        _check_id_range(kept, vocab_size, place)
+        check_id_range(kept, vocab_size, place)
         yield kept
-
-
-def list_feature_files(path: str) -> List[str]:
-    """Offline feature files as SpecForge lists them: a file itself, or every
-    ``*.ckpt``/``*.ckpt.gz`` under a directory (recursively), absolute, sorted."""
-    if os.path.isfile(path):
-        return [os.path.abspath(path)]
-    if not os.path.isdir(path):
-        raise InputError(
-            f"data.hidden_states_path {path} does not exist. Point it at the directory written by SpecForge's "
-            "prepare_hidden_states.py (relative paths start at the current directory)."
-        )
-    files = []
-    for root, _dirs, names in os.walk(path):
-        for name in names:
-            if name.endswith(FEATURE_SUFFIXES):
-                files.append(os.path.abspath(os.path.join(root, name)))
-    files.sort()
-    if not files:
-        raise InputError(
-            f"data.hidden_states_path {path} holds no *.ckpt or *.ckpt.gz feature files. "
-            "Run SpecForge's prepare_hidden_states.py first, or point at the directory it wrote."
-        )
-    return files
-
-
-def _load_feature(path: str) -> Any:
-    import torch
-
-    try:
-        if path.endswith(".gz"):
-            with gzip.open(path, "rb") as handle:
-                return torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=True)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise InputError(
-            f"{path} cannot be read with torch.load(weights_only=True): it holds objects other than tensors and plain "
-            f"containers ({short(reason, 160)}). specforge-vocab never unpickles arbitrary objects; re-save the "
-            "features as a dict of tensors."
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise InputError(
-            f"{path} is not a readable torch feature file ({type(exc).__name__}: {short(str(exc), 160)}). "
-            "It may be truncated; regenerate it with prepare_hidden_states.py or remove it."
-        ) from None
-
-
-def read_feature_file(path: str, max_length: int, *, vocab_size: Optional[int] = None) -> np.ndarray:
-    """Loss-masked ids of one offline feature file: input_ids where loss_mask
-    is non-zero, after flattening (a batch dimension of 1 is common) and
-    truncating to ``max_length``."""
-    import torch
-
-    data = _load_feature(path)
-    if not isinstance(data, Mapping):
-        raise InputError(
-            f"{path} must hold a dict of tensors (input_ids, loss_mask, ...), but holds {type(data).__name__}."
-        )
-    missing = [name for name in ("input_ids", "loss_mask") if name not in data]
-    if missing:
-        raise InputError(
-            f"{path} has no {' and no '.join(missing)} (keys: {', '.join(map(str, data))}). Offline feature files "
-            "must hold input_ids and loss_mask; regenerate them with SpecForge's prepare_hidden_states.py."
-        )
-    ids, mask = data["input_ids"], data["loss_mask"]
-    for name, value in (("input_ids", ids), ("loss_mask", mask)):
-        if not isinstance(value, torch.Tensor):
-            raise InputError(f"{path}: '{name}' must be a tensor, but is {type(value).__name__}.")
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise InputError(f"{path}: 'input_ids' must be an integer tensor, but has dtype {ids.dtype}.")
-    ids, mask = ids.reshape(-1), mask.reshape(-1)
-    if ids.numel() != mask.numel():
-        raise InputError(
-            f"{path}: input_ids has {ids.numel()} entries but loss_mask has {mask.numel()}; they must match."
-        )
-    ids, mask = ids[:max_length], mask[:max_length]
-    kept = ids[mask.to(torch.bool)].to(torch.int64).numpy()
-    _check_id_range(kept, vocab_size, path)
-    return kept
-
-
-def iter_feature_files(
-    path: str,
-    max_length: int,
-    *,
-    vocab_size: Optional[int] = None,
-    rank: int = 0,
-    world_size: int = 1,
-) -> Iterator[np.ndarray]:
-    """Loss-masked ids (int64) of each feature file under ``data.hidden_states_path``;
-    file i (in sorted order) goes to rank ``i % world_size``."""
-    for index, file in enumerate(list_feature_files(path)):
-        if index % world_size == rank:
-            yield read_feature_file(file, max_length, vocab_size=vocab_size)
 
 
 def count_masked_ids(id_arrays: Iterable[np.ndarray], vocab_size: int, *, chunk: int = 1 << 22) -> np.ndarray:
@@ -321,7 +212,7 @@ def count_masked_ids(id_arrays: Iterable[np.ndarray], vocab_size: int, *, chunk:
         pending, size = [], 0
         if ids.size == 0:
             return
-        _check_id_range(ids, int(vocab_size), "The counted data")
+        check_id_range(ids, int(vocab_size), "The counted data")
         np.add(counts, np.bincount(ids, minlength=int(vocab_size)), out=counts)
 
     for array in id_arrays:
