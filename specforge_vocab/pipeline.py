@@ -106,6 +106,7 @@ class Inputs:
     eval_counts: Dict[str, np.ndarray] = field(default_factory=dict)
     tokenizer: Any = None  # for resolving pinned token strings
     chat_template: Optional[str] = None
+    cache_hit: bool = False  # the counts came from the counts cache
 
     @property
     def vocab_size(self) -> int:
@@ -142,6 +143,7 @@ class OptimizeResult:
     config_backup: Optional[str] = None
     count_result: Optional[CountResult] = None
     analysis: Optional[ServingAnalysis] = None
+    cache_hit: bool = False
 
     @property
     def k(self) -> int:
@@ -151,6 +153,10 @@ class OptimizeResult:
         s, arch, V = self.search, self.arch, self.search.vocab_size
         full, draft = draft_flops(arch, V), draft_flops(arch, s.k)
         lines = list(self.count_result.summary_lines()) if self.count_result is not None else []
+        if self.cache_hit:
+            lines.insert(
+                0, "counts reused from the counts cache (same data, tokenizer and settings; --no-cache recounts)"
+            )
         name = s.objective
         lines += [
             f"draft_vocab_size: {s.k:,} of {V:,} ({s.method} pick)  coverage {s.pick.coverage:.4%}  "
@@ -197,7 +203,15 @@ def optimize(
     choice = choose(inputs, search_settings, serving, cache_dir=output.cache_dir)
     summary, files, backup = write(inputs, choice, output, serving)
     return OptimizeResult(
-        choice.result, inputs.arch, inputs.counts, summary, files, backup, inputs.count_result, choice.analysis
+        choice.result,
+        inputs.arch,
+        inputs.counts,
+        summary,
+        files,
+        backup,
+        inputs.count_result,
+        choice.analysis,
+        inputs.cache_hit,
     )
 
 
@@ -250,7 +264,7 @@ def gather_inputs(
     tokenizer = load_tokenizer(count.tokenizer_path, trust_remote_code=count.trust_remote_code) if counting else None
     tallies = _tallies(count, serving, search_settings, tokenizer, counting=counting)
     if precounted is not None:
-        counts, metadata, count_result = precounted[0], precounted[1], None
+        counts, metadata, count_result, cache_hit = precounted[0], precounted[1], None, False
     else:
         counted = obtain_counts(
             count if counting else None,
@@ -259,7 +273,7 @@ def gather_inputs(
             progress=progress,
             tallies=tallies,
         )
-        counts, metadata, count_result = counted.counts, counted.metadata, counted.result
+        counts, metadata, count_result, cache_hit = counted.counts, counted.metadata, counted.result, counted.cache_hit
     if not counting:
         tokenizer = _tokenizer_named_by(count, metadata)
     chat_template = count.chat_template if counting else (metadata.get("chat_template") or count.chat_template)
@@ -286,6 +300,7 @@ def gather_inputs(
         eval_counts=_count_eval_sets(serving.evaluation.eval_dataset_paths, count, metadata, V, counting=counting),
         tokenizer=tokenizer,
         chat_template=chat_template,
+        cache_hit=cache_hit,
     )
 
 

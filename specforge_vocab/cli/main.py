@@ -15,6 +15,7 @@ from typing import Callable, List, Optional, Sequence
 from specforge_vocab.choosing.search import SearchSettings
 from specforge_vocab.cli.console import configure_logging, say
 from specforge_vocab.cli.flags import (
+    Parser,
     add_count_flags,
     add_output_flags,
     add_search_flags,
@@ -106,6 +107,13 @@ def demo_data_dir() -> str:
     return str(resources.files("specforge_vocab").joinpath("resources/demo"))
 
 
+def demo_config() -> str:
+    """configs/deepseek-v3-671b-eagle3.json of the checkout this package runs from (found from the
+    package's own location, so the demo runs from any directory)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(os.path.dirname(package), "configs", "deepseek-v3-671b-eagle3.json")
+
+
 def add_demo_parser(sub) -> None:
     parser = sub.add_parser(
         "demo",
@@ -116,11 +124,11 @@ def add_demo_parser(sub) -> None:
     )
     parser.add_argument(
         "--config",
-        default="configs/deepseek-v3-671b-eagle3.json",
+        default=demo_config(),
         help="draft config to start from (copied, never changed)",
     )
-    parser.add_argument("--output-dir", default="outputs/demo")
-    parser.add_argument("--n-calls", type=int, default=100)
+    parser.add_argument("--output-dir", default="outputs/demo", help="where the demo writes its outputs")
+    parser.add_argument("--n-calls", type=int, default=100, help="number of TPE trials")
     parser.set_defaults(run=run_demo_command)
 
 
@@ -133,8 +141,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
         ) from None
     if not os.path.isfile(args.config):
         raise InputError(
-            f"--config {args.config} does not exist; run the demo from the repository root or pass "
-            "--config with a DeepSeek-V3 draft config JSON."
+            f"--config {args.config} does not exist (the demo's default is configs/deepseek-v3-671b-eagle3.json "
+            "of a source checkout). Pass --config with a DeepSeek-V3 draft config JSON."
         )
     config = os.path.join(args.output_dir, "draft_config.json")
     copy_file(args.config, config)
@@ -192,7 +200,7 @@ SUBCOMMANDS: List[Callable] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="specforge-vocab",
         description="Choose an EAGLE-3 draft vocabulary from exactly the tokens SpecForge trains on.",
     )

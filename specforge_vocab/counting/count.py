@@ -140,10 +140,29 @@ class CountResult:
                 f"shard {shard} (records at position % {shard.count} == {shard.index}; "
                 "`specforge-vocab merge` sums the shards)",
             )
-        if self.records_invalid_skipped:
-            lines.append(f"invalid records skipped (--skip-invalid): {self.records_invalid_skipped:,}")
-            lines.extend(f"  e.g. {m}" for m in self.invalid_examples[:3])
-        return lines
+        return lines  # invalid records skipped are reported once, by report_skipped
+
+    def skipped_summary(self, shown: int = 3) -> Optional[str]:
+        """One paragraph on the invalid records --skip-invalid skipped: the first few, then a count."""
+        n = self.records_invalid_skipped
+        if not n:
+            return None
+        first = self.invalid_examples[:shown]
+        more = n - len(first)
+        return (
+            f"--skip-invalid skipped {n:,} invalid record{'s' if n != 1 else ''}"
+            + (f", the first {len(first)}" if n > len(first) else "")
+            + ": "
+            + " | ".join(first)
+            + (f" | and {more:,} more (-v lists every one)" if more > 0 else "")
+        )
+
+
+def report_skipped(result: CountResult) -> None:
+    """Log the one warning about the records --skip-invalid skipped (nothing when none were)."""
+    summary = result.skipped_summary()
+    if summary:
+        logger.warning("%s", summary)
 
 
 def file_infos(paths: Sequence[str], *, sha256: Callable[[str], str] = sha256_file) -> List[Dict[str, object]]:
@@ -221,9 +240,11 @@ def count_records(
     sha256: Callable[[str], str] = sha256_file,
     stop: Optional[Callable[[], bool]] = None,
     check_empty: bool = True,
+    report: bool = True,
 ) -> CountResult:
     """:func:`count_dataset` with the shard given explicitly (the distributed path splits one shard
-    further by rank); the result carries ``settings`` as given."""
+    further by rank, with ``check_empty`` and ``report`` off: it checks and reports the sum); the
+    result carries ``settings`` as given."""
     files = dataset_files(settings.dataset_paths)
     stats = ReadStats()
     workers = 1 if records is not None else resolve_num_workers(settings, files, shard)
@@ -247,7 +268,7 @@ def count_records(
         tokenizer = load_tokenizer(settings.tokenizer_path, trust_remote_code=settings.trust_remote_code)
         totals.tokenizer_length = len(tokenizer)
         totals.counts = np.zeros(resolve_vocab_size(tokenizer, settings.target_vocab_size), dtype=np.int64)
-    return CountResult(
+    result = CountResult(
         counts=totals.counts,
         settings=settings,
         tokenizer_length=totals.tokenizer_length,
@@ -264,6 +285,9 @@ def count_records(
             settings.tokenizer_path, trust_remote_code=settings.trust_remote_code, sha256=sha256
         ),
     )
+    if report:
+        report_skipped(result)
+    return result
 
 
 def check_not_empty(files: Sequence[str], records_read: int, records_counted: int, invalid_skipped: int) -> None:

@@ -127,12 +127,13 @@ class ReadStats:
     max_examples: int = 5
 
     def skip(self, message: str, index: Optional[int] = None, *, log: bool = True) -> None:
+        """Note one skipped record (logged at debug level; the count reports them all at once)."""
         self.invalid_skipped += 1
         if len(self.examples) < self.max_examples:
             self.examples.append(message)
             self.example_indices.append(-1 if index is None else int(index))
         if log:
-            logger.warning("skipped: %s", message)
+            logger.debug("skipped: %s", message)
 
 
 def dataset_files(paths: Sequence[str], *, flag: str = "--dataset-path") -> List[str]:

@@ -72,9 +72,6 @@ def obtain_counts(
         result = count_dataset(settings, progress=progress, tallies=tallies)
         return Counted(result.counts, result.metadata(), result)
     result, hit = cached_count(settings, cache_dir=cache_dir, progress=progress, force=force, tallies=tallies)
-    if hit:
-        logger.warning(
-            "Reusing the counts cached in %s (same data, tokenizer and settings; --no-cache recounts).",
-            os.path.join(cache_dir, COUNTS_SUBDIR),
-        )
+    if hit:  # expected on a rerun, so not a warning; the summary says where the counts came from
+        logger.info("Reusing the counts cached in %s.", os.path.join(cache_dir, COUNTS_SUBDIR))
     return Counted(result.counts, result.metadata(), result, cache_hit=hit)

@@ -90,19 +90,15 @@ def count_args(env: Env, *extra: str, data: Optional[str] = None) -> List[str]:
 def optimize_args(
     env: Env, *extra: str, counts: Optional[str] = None, config: Optional[str] = None, out: Optional[str] = None
 ) -> List[str]:
-    return [
-        "--counts",
-        counts or env.counts,
-        "--config-path",
-        config or env.config,
-        "--output-dir",
-        out or env.out,
-        "--n-calls",
-        "5",
-        "--lock-timeout",
-        "5",
-        *extra,
-    ]
+    """optimize's flags over the work folder; a flag in ``extra`` replaces the same base flag."""
+    base = {
+        "--counts": counts or env.counts,
+        "--config-path": config or env.config,
+        "--output-dir": out or env.out,
+        "--n-calls": "5",
+        "--lock-timeout": "5",
+    }
+    return [item for flag, value in base.items() if flag not in extra for item in (flag, value)] + list(extra)
 
 
 def bad_data(env: Env, *lines: str, name: str = "bad.jsonl") -> str:
@@ -541,7 +537,7 @@ CASES: List[Case] = [
     Case(
         "lock-timeout-negative",
         "optimize",
-        lambda e: optimize_args(e)[:-2] + ["--lock-timeout", "-1"],
+        lambda e: optimize_args(e, "--lock-timeout", "-1"),
         r"--lock-timeout must be a number of seconds >= 0, but got -1",
     ),
     Case(
@@ -564,6 +560,18 @@ CASES: List[Case] = [
         "optimize",
         lambda e: ["--tokenizer-path", LLAMA3_DIR, "--output-dir", e.out],
         r"--dataset-path must name at least one file or directory",
+    ),
+    Case(
+        "single-value-flag-twice",
+        "optimize",
+        lambda e: optimize_args(e) + ["--n-calls", "6"],
+        r"--n-calls was given twice \(first 5, then 6\); give it once",
+    ),
+    Case(
+        "abbreviated-flag",
+        "optimize",
+        lambda e: optimize_args(e, "--output", e.path("elsewhere")),
+        r"unrecognized arguments: --output",
     ),
     # ---------------------------------------------------------------- optimize: where outputs go
     Case("output-dir-is-a-file", "optimize", lambda e: optimize_args(e, out=e.write("plain_file", "x")), OUT_NOT_A_DIR),
@@ -719,6 +727,22 @@ CASES: List[Case] = [
             e.path("o"),
         ],
         r"'--train-data-path' is .*nothere\.jsonl.*does not exist",
+    ),
+    Case(
+        "pre_step_own_flag_after_dashes",
+        "pre-step",
+        lambda e: [
+            "--",
+            "--target-model-path",
+            LLAMA3_DIR,
+            "--train-data-path",
+            e.data,
+            "--draft-model-config",
+            e.config,
+            "--n-calls",
+            "5",
+        ],
+        r"--n-calls after -- would go to SpecForge's train_eagle3\.py, which has no such flag.*Put it before --",
     ),
     Case(
         "pre_step_missing_required_flag",

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, DATA, LLAMA3_CONFIG, PAPER_KEYS, REPO
+from conftest import CONFIGS, DATA, LLAMA3_CONFIG, PAPER_KEYS, REPO, child_env
 
 from specforge_vocab.cli.main import main
 from specforge_vocab.counting.count import count_tokens
@@ -243,12 +243,25 @@ def test_paper_command_line_runs_unchanged(tmp_path, llama3_dir):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_demo_runs_from_the_repository(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(REPO)
+def test_demo_runs_from_any_directory_and_says_each_thing_once(tmp_path):
+    """`specforge-vocab demo` from a folder that is not the repository, as a user runs it: it finds
+    its config, writes its outputs, and no line of what it prints (stdout and stderr) repeats."""
     out = tmp_path / "demo"
-    assert main(["demo", "--output-dir", str(out), "--n-calls", "10"]) == 0
-    stdout = capsys.readouterr().out
-    assert "records read: 6,018" in stdout and "draft_vocab_size" in stdout
+    proc = subprocess.run(
+        [sys.executable, "-m", "specforge_vocab.cli", "demo", "--output-dir", str(out), "--n-calls", "10"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=child_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "records read: 6,018" in proc.stdout and "draft_vocab_size" in proc.stdout
+    lines = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    repeated = {line for line in lines if lines.count(line) > 1}
+    assert not repeated, f"printed more than once: {repeated}"
+    # a warning is said once, in one place (logging or the summary, not both)
+    assert "--min-token-count" in proc.stdout + proc.stderr
+    assert sum(text.count("--min-token-count") for text in (proc.stdout, proc.stderr)) == 1
     assert (
         json.loads((out / "draft_config.json").read_text())["draft_vocab_size"]
         == json.loads((out / "summary.json").read_text())["optimal_draft_vocab_size"]
