@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Collection, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -34,8 +34,8 @@ from specforge_vocab.choosing.serving import (
     choose_objective,
 )
 from specforge_vocab.counting.count import CountResult, count_dataset
-from specforge_vocab.counting.counts_file import save_counts
-from specforge_vocab.counting.engine import CountSettings, Tally
+from specforge_vocab.counting.counts_file import counts_file_conflicts, save_counts
+from specforge_vocab.counting.engine import NO_TOKENS, CountSettings, Tally
 from specforge_vocab.counting.sources import obtain_counts
 from specforge_vocab.counting.tokenizer import load_tokenizer
 from specforge_vocab.errors import SettingsError, must
@@ -59,6 +59,8 @@ def count_to_file(settings: CountSettings, *, output: str, progress: bool = Fals
     """Count ``settings`` and write the counts file (safetensors, tensor 'counts' + metadata)."""
     settings.validate()
     result = count_dataset(settings, progress=progress)
+    if result.tokens_counted == 0 and settings.shard_spec() is None:
+        logger.warning("%s The counts file is written all the same.", NO_TOKENS)
     save_counts(output, result.counts, result.metadata())
     logger.info("wrote %s", output)
     return result
@@ -190,15 +192,25 @@ def optimize(
     progress: bool = False,
     precounted: Optional[Tuple[np.ndarray, Dict[str, str]]] = None,
     serving: Optional[ServingSettings] = None,
+    count_flags_given: Optional[Collection[str]] = None,
 ) -> OptimizeResult:
     """Count (or load counts), choose k, write summary/results/plots/counts/mapping, patch the config.
 
     ``precounted`` = (counts, metadata) skips counting (the training hook counts pre-tokenized
     prompts and feature files itself). ``serving``: held-out split, evaluation sets, bootstrap,
     latency model, objective, pinned tokens; the defaults give the paper's choice.
+    ``count_flags_given``: the CountSettings fields set on the command line; with ``--counts``
+    each must equal what the counts file records (see counting/counts_file.counts_file_conflicts).
     """
     serving = serving or ServingSettings()
-    check_settings(count, search_settings, output, serving, counting=_counts_here(output, precounted))
+    check_settings(
+        count,
+        search_settings,
+        output,
+        serving,
+        counting=_counts_here(output, precounted),
+        count_flags_given=count_flags_given,
+    )
     inputs = gather_inputs(count, search_settings, output, serving, precounted=precounted, progress=progress)
     choice = choose(inputs, search_settings, serving, cache_dir=output.cache_dir)
     summary, files, backup = write(inputs, choice, output, serving)
@@ -227,11 +239,14 @@ def check_settings(
     serving: ServingSettings,
     *,
     counting: bool,
+    count_flags_given: Optional[Collection[str]] = None,
 ) -> None:
     """Every problem with the settings, all at once, before any work."""
     problems = output.problems() + search_settings.problems() + serving.problems()
     if counting:
         problems = count.problems() + problems
+    elif output.counts_path is not None:
+        problems = counts_file_conflicts(count, output.counts_path, count_flags_given) + problems
     elif serving.evaluation.needs_records:
         problems.append(
             "--holdout-fraction and --bootstrap must see each record as it is counted, but the counts "
@@ -335,10 +350,12 @@ def _tallies(
 def _eval_count_settings(
     path: str, count: CountSettings, meta: Dict[str, str], vocab_size: int, *, counting: bool
 ) -> CountSettings:
-    if counting or count.tokenizer_path:
+    """Evaluation sets are counted as the training data was: with --counts, as the counts file records
+    (a counting flag given with it equals that); a flag fills in what an older file does not record."""
+    if counting:
         return replace(count, dataset_paths=[path], sample_size=None, target_vocab_size=vocab_size)
     missing = [key for key in ("tokenizer_path", "chat_template", "max_length") if not meta.get(key)]
-    if missing:
+    if missing and not count.tokenizer_path:
         raise SettingsError(
             [
                 f"--eval-dataset-path needs the tokenizer and template the counts were made with, but "
@@ -346,13 +363,17 @@ def _eval_count_settings(
                 "--chat-template (and --max-length) with --counts."
             ]
         )
+
+    def recorded_flag(key: str, default: bool) -> bool:
+        return bool(json.loads(meta[key])) if key in meta else default
+
     return CountSettings(
         dataset_paths=[path],
-        tokenizer_path=meta["tokenizer_path"],
-        chat_template=meta["chat_template"],
-        max_length=int(meta["max_length"]),
-        is_preformatted=json.loads(meta.get("is_preformatted", "false")),
-        train_only_last_turn=json.loads(meta.get("train_only_last_turn", "false")),
+        tokenizer_path=meta.get("tokenizer_path") or count.tokenizer_path,
+        chat_template=meta.get("chat_template") or count.chat_template,
+        max_length=int(meta["max_length"]) if meta.get("max_length") else count.max_length,
+        is_preformatted=recorded_flag("is_preformatted", count.is_preformatted),
+        train_only_last_turn=recorded_flag("train_only_last_turn", count.train_only_last_turn),
         target_vocab_size=vocab_size,
         trust_remote_code=count.trust_remote_code,
     )

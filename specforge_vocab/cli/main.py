@@ -21,6 +21,7 @@ from specforge_vocab.cli.flags import (
     add_search_flags,
     add_serving_flags,
     add_trim_flags,
+    flags_given,
     serving_settings,
     settings_from,
     trim_settings,
@@ -98,6 +99,7 @@ def run_optimize_command(args: argparse.Namespace) -> int:
         settings_from(OutputSettings, args),
         progress=not args.quiet,
         serving=serving_settings(args),
+        count_flags_given=flags_given(args),
     )
     say(args, *result.summary_lines())
     return 0

@@ -21,7 +21,7 @@ from specforge_vocab.counting.data import ReadStats, Record, Shard, dataset_file
 from specforge_vocab.counting.engine import CountAborted, Counter, CountSettings, Tally, Totals, resolve_vocab_size
 from specforge_vocab.counting.tokenizer import load_tokenizer, tokenizer_sha256
 from specforge_vocab.counting.workers import count_in_workers
-from specforge_vocab.errors import InputError
+from specforge_vocab.errors import InputError, SettingsError
 from specforge_vocab.fileio import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -377,13 +377,16 @@ def count_tokens(
 ) -> np.ndarray:
     """Loss-masked token counts of a SpecForge dataset: int64 array of length V.
 
-    ``dataset_paths`` is a path or a list of files/directories, read in order.
+    ``dataset_paths`` is a path or a list of files/directories, read in order. An argument of the
+    wrong type is refused with a message naming it (``max_length=True`` is not a length).
     """
     if isinstance(dataset_paths, (str, os.PathLike)):
         dataset_paths = [os.fspath(dataset_paths)]
+    elif isinstance(dataset_paths, (list, tuple)):
+        dataset_paths = list(dataset_paths)
     settings = CountSettings(
-        dataset_paths=list(dataset_paths),
-        tokenizer_path=os.fspath(tokenizer_path),
+        dataset_paths=dataset_paths,
+        tokenizer_path=os.fspath(tokenizer_path) if isinstance(tokenizer_path, os.PathLike) else tokenizer_path,
         chat_template=chat_template,
         max_length=max_length,
         is_preformatted=is_preformatted,
@@ -391,4 +394,20 @@ def count_tokens(
         sample_size=sample_size,
         target_vocab_size=target_vocab_size,
     )
+    problems = settings.problems()
+    if problems:
+        raise SettingsError([f"count_tokens: {named_as_argument(p)}" for p in problems])
     return count_dataset(settings).counts
+
+
+def named_as_argument(problem: str) -> str:
+    """A settings problem worded for the Python API: its leading flag also named as the argument.
+
+    >>> named_as_argument("--max-length must be a positive integer, but got True.")
+    'max_length (--max-length) must be a positive integer, but got True.'
+    """
+    flag = problem.split(" ", 1)[0]
+    if not flag.startswith("--"):
+        return problem
+    name = {"--dataset-path": "dataset_paths"}.get(flag, flag[2:].replace("-", "_"))
+    return f"{name} ({flag}){problem[len(flag) :]}"

@@ -22,13 +22,23 @@ import numpy as np
 from specforge_vocab.counting.data import RawRecord, ReadStats, Record, Shard
 from specforge_vocab.counting.masking import MaskEngine, render_record
 from specforge_vocab.counting.templates import canonical_template_name, get_template, template_names
-from specforge_vocab.errors import InputError, SpecForgeVocabError, ValidatedSettings, must
+from specforge_vocab.counting.tokenizer import tokenizer_path_problem
+from specforge_vocab.errors import InputError, SpecForgeVocabError, ValidatedSettings, is_int, must
 
 logger = logging.getLogger(__name__)
 
 
 # Bumped whenever a change to counting changes what is counted: cached counts then miss.
 COUNTING_VERSION = "1"
+
+
+# What to check when nothing was counted (optimize, trim, count).
+NO_TOKENS = (
+    "No loss-masked tokens were counted, so coverage is undefined. Check that the dataset has assistant "
+    "replies, that --chat-template matches it, and that --max-length leaves room for them: SpecForge "
+    "truncates each conversation to max_length tokens before the mask, so a long system prompt or first "
+    "question can leave no reply inside it (raise --max-length, SpecForge's data.max_length)."
+)
 
 
 # Records per chunk sent to a worker (also cut at CHUNK_BYTES of raw JSON).
@@ -62,32 +72,45 @@ class CountSettings(ValidatedSettings):
 
     def problems(self) -> List[str]:
         out = []
-        if not self.dataset_paths:
+        paths = self.dataset_paths
+        if isinstance(paths, (str, bytes, os.PathLike)) or not isinstance(paths, (list, tuple)):
+            out.append(must("--dataset-path", "a list of files or directories", paths))
+            paths = []
+        elif not paths:
             out.append("--dataset-path must name at least one file or directory, but got none.")
-        for path in self.dataset_paths:
+        for path in paths:
+            if not isinstance(path, (str, os.PathLike)):
+                out.append(must("--dataset-path", "a list of paths", paths))
+                break
             if not os.path.exists(path):
                 out.append(f"--dataset-path {path} does not exist; check the path (relative to {os.getcwd()}).")
-        if not self.tokenizer_path:
+        if not isinstance(self.tokenizer_path, (str, os.PathLike)):
+            out.append(must("--tokenizer-path", "a path", self.tokenizer_path))
+        elif not self.tokenizer_path:
             out.append("--tokenizer-path must name the target model's tokenizer directory, but got nothing.")
-        elif not os.path.isdir(self.tokenizer_path):
-            out.append(
-                f"--tokenizer-path {self.tokenizer_path} must be a directory holding tokenizer.json, but it "
-                "does not exist. Point it at the target model's tokenizer folder."
-            )
-        if canonical_template_name(self.chat_template) not in template_names():
-            out.append(must("--chat-template", f"one of {', '.join(template_names())}", self.chat_template))
-        if not isinstance(self.max_length, int) or self.max_length < 1:
-            out.append(must("--max-length", "a positive integer", self.max_length))
-        if self.sample_size is not None and (not isinstance(self.sample_size, int) or self.sample_size < 1):
-            out.append(must("--sample-size", "a positive integer", self.sample_size))
-        if self.target_vocab_size is not None and (
-            not isinstance(self.target_vocab_size, int) or self.target_vocab_size < 1
+        elif tokenizer_path_problem(self.tokenizer_path):
+            out.append(tokenizer_path_problem(self.tokenizer_path))
+        if (
+            not isinstance(self.chat_template, str)
+            or canonical_template_name(self.chat_template) not in template_names()
         ):
-            out.append(must("--target-vocab-size", "a positive integer", self.target_vocab_size))
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            out.append(must("--batch-size", "a positive integer", self.batch_size))
-        if self.num_workers is not None and (not isinstance(self.num_workers, int) or self.num_workers < 1):
+            out.append(must("--chat-template", f"one of {', '.join(template_names())}", self.chat_template))
+        for flag, value in (("--max-length", self.max_length), ("--batch-size", self.batch_size)):
+            if not is_int(value) or value < 1:
+                out.append(must(flag, "a positive integer", value))
+        for flag, value in (("--sample-size", self.sample_size), ("--target-vocab-size", self.target_vocab_size)):
+            if value is not None and (not is_int(value) or value < 1):
+                out.append(must(flag, "a positive integer", value))
+        if self.num_workers is not None and (not is_int(self.num_workers) or self.num_workers < 1):
             out.append(must("--num-workers", "a positive integer (1 counts in this process)", self.num_workers))
+        for flag, value in (
+            ("--is-preformatted", self.is_preformatted),
+            ("--train-only-last-turn", self.train_only_last_turn),
+            ("--skip-invalid", self.skip_invalid),
+            ("--trust-remote-code", self.trust_remote_code),
+        ):
+            if not isinstance(value, bool):
+                out.append(must(flag, "True or False", value))
         if self.shard not in (None, ""):
             try:
                 Shard.parse(self.shard)

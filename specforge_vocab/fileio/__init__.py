@@ -39,6 +39,7 @@ from specforge_vocab.fileio.atomic import (
     pid_alive,
     sha256_file,
     writable_dir_problem,
+    write_target,
 )
 from specforge_vocab.fileio.groups import (
     GROUP_WRITE_ENV,
@@ -85,4 +86,5 @@ __all__ = [
     "safetensors_bytes",
     "sha256_file",
     "writable_dir_problem",
+    "write_target",
 ]

@@ -173,28 +173,41 @@ def json_text(obj: object, indent: int = 2) -> str:
     return json.dumps(obj, indent=indent, ensure_ascii=False, sort_keys=False) + "\n"
 
 
+def write_target(path: str) -> str:
+    """Where writing ``path`` puts the bytes: a symlink's target (so the link stays a link), else ``path``."""
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
 def atomic_write(path: str, payload: Payload, *, keep_mode_of: Optional[str] = None) -> None:
     """Write ``payload`` (bytes, str, or a function given the open binary file)
     to ``path`` atomically: the old file stays intact until the new one is complete.
 
-    The new file keeps the mode of ``keep_mode_of`` (default: of the file it replaces)."""
-    mode = _file_mode(keep_mode_of if keep_mode_of and os.path.exists(keep_mode_of) else path)
-    tmp = _temp_path(path)
+    A symlink stays a symlink: its target is written. The new file keeps the mode of
+    ``keep_mode_of`` (default: of the file it replaces)."""
+    target = write_target(path)
+    mode = _file_mode(keep_mode_of if keep_mode_of and os.path.exists(keep_mode_of) else target)
+    tmp = _temp_path(target)
     try:
         _fill(tmp, path, payload, mode)
         try:
-            os.replace(tmp, path)
+            os.replace(tmp, target)
         except OSError as exc:
             raise InputError(f"Cannot move the new {path} into place: {exc.strerror}. Nothing was changed.") from exc
     except BaseException:
         _unlink_quietly([tmp])
         raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    _fsync_dir(os.path.dirname(os.path.abspath(target)))
 
 
 def backup_file(path: str, suffix: str = ".bak") -> str:
-    """Copy ``path`` to ``path + suffix`` (atomically); return the backup path."""
+    """Keep the original of ``path`` in ``path + suffix`` and return that path.
+
+    The backup is written only when none exists yet, so it always holds the file as it was
+    before specforge-vocab first changed it (a second run never replaces it with the first
+    run's result). Delete it to take a new one."""
     backup = path + suffix
+    if os.path.lexists(backup):
+        return backup
     with open(path, "rb") as handle:
         data = handle.read()
     atomic_write(backup, data, keep_mode_of=path)

@@ -39,6 +39,7 @@ from specforge_vocab.fileio.atomic import (
     _unlink_quietly,
     atomic_write,
     json_text,
+    write_target,
 )
 
 logger = logging.getLogger(__name__)
@@ -511,7 +512,7 @@ def atomic_write_many(files: Dict[str, Payload], *, linked: Optional[Dict[str, P
     group's directory. Old files stay intact if anything fails before the group is in place.
     Callers hold :func:`file_lock` on the directory (this also removes what killed runs left there).
     """
-    linked = {os.path.abspath(p): v for p, v in (linked or {}).items()}
+    linked = {os.path.abspath(write_target(p)): v for p, v in (linked or {}).items()}  # a link's target
     groups: Dict[str, Dict[str, Payload]] = {}
     for path, payload in files.items():
         full = os.path.abspath(path)

@@ -31,7 +31,9 @@ from specforge_vocab.specforge.run_config import (
     resolve_path,
 )
 from specforge_vocab.specforge.train_eagle3 import draft_config_path_from_args, parse_train_eagle3_args
+from specforge_vocab.specforge.yaml_patch import run_config_with_mapping
 from specforge_vocab.writing.draft_config import read_draft_vocab_sizes
+from specforge_vocab.writing.outputs import MAPPING_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -239,20 +241,25 @@ def plan_from_run_config(
     if keep_reason:
         search = _search_for_keep(search, draft, keep_reason)
     cache_dir = run.resolved_cache_dir
+    output_dir = resolve_path(output_dir, cwd=cwd) if output_dir else default_output_dir(cache_dir, data, draft)
+    output_config = resolve_path(output_config, cwd=cwd) if output_config else None
+    # Setting model.vocab_mapping_path is the last step; a layout it cannot edit is refused now,
+    # before anything is counted or written.
+    run_config_with_mapping(config_path, os.path.join(output_dir, MAPPING_FILE), output_path=output_config)
     return Plan(
         data=data,
         draft_config=draft,
         search=search,
         keep_draft_vocab_size=bool(keep_reason),
         keep_reason=keep_reason,
-        output_dir=resolve_path(output_dir, cwd=cwd) if output_dir else default_output_dir(cache_dir, data, draft),
+        output_dir=output_dir,
         cache_dir=cache_dir,
         cwd=cwd,
         force=force,
         backup=backup,
         lock_timeout=lock_timeout,
         run=run,
-        output_config=resolve_path(output_config, cwd=cwd) if output_config else None,
+        output_config=output_config,
         overrides=overrides,
         target_vocab_size=target_model_vocab_size(run.target_model_path, cwd=cwd) if source == FEATURES else None,
     )

@@ -44,7 +44,7 @@ from specforge_vocab.counting.counts_file import FORMAT_VERSION, load_counts
 from specforge_vocab.counting.distributed import distributed_session
 from specforge_vocab.counting.engine import CountAborted, CountSettings
 from specforge_vocab.counting.sources import obtain_counts
-from specforge_vocab.errors import InputError
+from specforge_vocab.errors import InputError, SettingsError, must
 from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT, atomic_write, file_lock, json_text, sha256_file
 from specforge_vocab.pipeline import OutputSettings, optimize
 from specforge_vocab.specforge.data_files import (
@@ -144,6 +144,20 @@ def before_training(
     >>> result.k, result.mapping_path, result.reused  # doctest: +SKIP
     (13264, '/abs/cache/vocab_optimization/.../vocab_mapping.pt', False)
     """
+    _check_argument_types(
+        run_config=run_config,
+        train_eagle3_args=train_eagle3_args,
+        overrides=overrides,
+        output_config=output_config,
+        keep_draft_vocab_size=keep_draft_vocab_size,
+        force=force,
+        search=search,
+        output_dir=output_dir,
+        backup=backup,
+        lock_timeout=lock_timeout,
+        progress=progress,
+        cwd=cwd,
+    )
     if (run_config is None) == (train_eagle3_args is None):
         raise InputError(
             "before_training needs exactly one of run_config (a `specforge train` config file) or "
@@ -189,6 +203,35 @@ def before_training(
             counted = count_data(plan, session=session, progress=progress and rank == 0)
         info = run_on_rank_zero(session, lambda: write_outputs(plan, decision, counted))
         return agreed(session, lambda: load_result(info, plan, rank=rank))
+
+
+def _check_argument_types(**arguments: Any) -> None:
+    """Refuse arguments of the wrong type, each named (a string where a list belongs would be read
+    one character at a time)."""
+    optional_path = (str, os.PathLike, type(None))
+
+    def string_list(value: Any) -> bool:
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+    expected = {
+        "run_config": (lambda v: isinstance(v, optional_path), "a path"),
+        "train_eagle3_args": (lambda v: v is None or string_list(v), "a list of strings (the flags, one per item)"),
+        "overrides": (string_list, "a list of 'section.field=value' strings"),
+        "output_config": (lambda v: isinstance(v, optional_path), "a path or None"),
+        "output_dir": (lambda v: isinstance(v, optional_path), "a path or None"),
+        "cwd": (lambda v: isinstance(v, optional_path), "a path or None"),
+        "search": (lambda v: v is None or isinstance(v, SearchSettings), "a SearchSettings or None"),
+        "lock_timeout": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number of seconds"),
+    }
+    for name in ("keep_draft_vocab_size", "force", "backup", "progress"):
+        expected[name] = (lambda v: isinstance(v, bool), "True or False")
+    problems = [
+        must(f"before_training: {name}", what, arguments[name])
+        for name, (ok, what) in expected.items()
+        if not ok(arguments[name])
+    ]
+    if problems:
+        raise SettingsError(problems)
 
 
 def _local_masked_counts(data: DataSpec, rank: int, world_size: int, stop: Optional[Callable[[], bool]]) -> np.ndarray:
@@ -259,7 +302,8 @@ def count_data(plan: Plan, *, session=None, progress: bool = False) -> Tuple[np.
     if records == 0 or counts.sum() == 0:
         raise InputError(
             f"{data.field} {data.path}: no loss-masked tokens to count ({records} records read), so SpecForge would "
-            "train on nothing. Check that loss_mask marks the assistant tokens, or point at the right data."
+            "train on nothing. Check that loss_mask marks the assistant tokens and that data.max_length "
+            f"({data.max_length}) leaves room for them (both are cut to max_length first), or point at the right data."
         )
     return counts, _masked_metadata(data, counts, records)
 

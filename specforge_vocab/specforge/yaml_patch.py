@@ -37,7 +37,7 @@ _CHILD_KEY = re.compile(
 )
 
 
-_BAD_VALUE_START = set("|>&*!{[%@`?,")
+_BAD_VALUE_START = set("{[%@`?,")
 
 
 _KEY = "vocab_mapping_path"
@@ -129,19 +129,149 @@ def _render_scalar(value: str, style: str) -> str:
 
 def _odd_layout(path: str, line: int, what: str) -> InputError:
     return InputError(
-        f"{where(path, line, 'model.vocab_mapping_path')}: {what}, so the value cannot be replaced without rewriting "
-        "other parts of the file. Nothing was changed. Write the model section in block style "
-        "('model:' then one indented 'field: value' per line), or pass --output-config and set the key by hand."
+        f"{where(path, line, 'model.vocab_mapping_path')}: {what}, so the value cannot be set without rewriting "
+        "other parts of the file. Nothing was changed. Pass --output-config NEW.yaml (prepare then writes the "
+        "run config, re-serialised with the key set, to NEW.yaml; train with `specforge train --config "
+        "NEW.yaml`), or write the model section in block style ('model:' then one indented 'field: value' per line)."
     )
+
+
+_PROPERTY = re.compile(r"(?:[&!][^ \t,\[\]{}]*[ \t]+)*")  # anchors and tags before a value: "&a ", "!!str "
+
+
+def _flow_end(text: str, start: int, source: str, line: int) -> Tuple[int, list]:
+    """The index of the '}' closing the flow mapping opened at ``start``, and the spans
+    ``(key start, key end, value start, value end)`` of its own entries (quotes, nesting and
+    comments skipped)."""
+    depth, i, entries = 0, start, []
+    entry_start, colon, quoted_end = start + 1, None, -1
+    while i < len(text):
+        c = text[i]
+        if c in "\"'":
+            quoted_end = _scan_quoted(text, i)
+            if quoted_end < 0:
+                raise _odd_layout(source, line, "a quoted scalar in the flow mapping 'model: {...}' is not closed")
+            i = quoted_end
+            continue
+        if c == "#" and text[i - 1] in " \t\r\n":
+            newline = text.find("\n", i)
+            i = len(text) if newline < 0 else newline
+            continue
+        if c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                if colon is not None:
+                    entries.append((entry_start, colon, colon + 1, i))
+                return i, entries
+        elif depth == 1 and c == ",":
+            if colon is not None:
+                entries.append((entry_start, colon, colon + 1, i))
+            entry_start, colon = i + 1, None
+        elif depth == 1 and c == ":" and colon is None and (i == quoted_end or text[i + 1 : i + 2] in " \t\r\n,}"):
+            colon = i
+        i += 1
+    raise _odd_layout(source, line, "the flow mapping 'model: {...}' is not closed")
+
+
+def _comment_start(text: str, begin: int, end: int) -> int:
+    """Where a comment starts in ``text[begin:end]`` (outside quotes), or ``end``."""
+    i = begin
+    while i < end:
+        c = text[i]
+        if c in "\"'":
+            close = _scan_quoted(text, i)
+            i = end if close < 0 else close
+            continue
+        if c == "#" and (i == 0 or text[i - 1] in " \t\r\n"):
+            return i
+        i += 1
+    return end
+
+
+def _patch_flow(text: str, brace: int, mapping_path: str, source: str, line: int) -> str:
+    """``text`` with the key set inside the flow mapping ``model: {...}`` that opens at ``brace``."""
+    close, entries = _flow_end(text, brace, source, line)
+    rendered = _double_quoted(mapping_path)  # a flow context: quoting is always safe
+    hits = [e for e in entries if _unquote_key(text[e[0] : e[1]].strip()) == _KEY]
+    if len(hits) > 1:
+        raise _odd_layout(source, line, f"model.{_KEY} appears {len(hits)} times")
+    if hits:  # replace the value, keeping an anchor or tag on it
+        _, _, i, end = hits[0]
+        while i < end and text[i] in " \t\r\n":
+            i += 1
+        i += len(_PROPERTY.match(text[i:end]).group(0))
+        if i < end and text[i] in "\"'":
+            j = _scan_quoted(text, i)
+        else:
+            newline = text.find("\n", i, end)
+            j = _comment_start(text, i, end if newline < 0 else newline)
+            while j > i and text[j - 1] in " \t\r":
+                j -= 1
+        return text[:i] + rendered + text[j:]
+    last = close  # insert after the last entry: skip back over blanks and comments
+    while True:
+        last -= 1
+        if text[last] in " \t\r\n":
+            continue
+        line_start = text.rfind("\n", 0, last) + 1
+        comment = _comment_start(text, line_start, last + 1)
+        if comment <= last:
+            last = comment
+            continue
+        break
+    if last == brace:
+        insert = f"{_KEY}: {rendered}"
+    elif text[last] == ",":
+        insert = f" {_KEY}: {rendered}"
+    else:
+        insert = f", {_KEY}: {rendered}"
+    return text[: last + 1] + insert + text[last + 1 :]
+
+
+def _model_value_start(text: str, lines: list, start: int, match) -> Tuple[str, int]:
+    """What follows 'model:' on its line, past any anchor or tag: ("", -1) for a block section,
+    ("{", offset of the brace) for a flow mapping, else (the text, -1)."""
+    rest_at = match.start("rest")
+    rest = match.group("rest")
+    lead = len(rest) - len(rest.lstrip(" \t"))
+    props = _PROPERTY.match(rest[lead:]).group(0)
+    after = rest[lead + len(props) :]
+    if not props and rest[lead:].startswith(("&", "!")):  # an anchor or tag alone on the line
+        props, after = rest[lead:], ""
+    value = after.strip()
+    if value == "" or value.startswith("#"):
+        return "", -1
+    offset = sum(len(line) for line in lines[:start]) + rest_at + lead + len(props)
+    if value.startswith("{"):
+        return "{", offset + (len(after) - len(after.lstrip(" \t")))
+    return value, -1
+
+
+def _value_lines_end(bodies: list, content: list, j: int, indent: int) -> int:
+    """The last line of the value that starts on line ``j`` (its more-indented continuation lines)."""
+    last = j
+    for n in content:
+        if n <= j:
+            continue
+        if _indent_of(bodies[n]) <= indent:
+            break
+        last = n
+    return last
 
 
 def patch_vocab_mapping_text(text: str, mapping_path: str, *, source: str = "run config") -> str:
     """Return ``text`` (a YAML run config) with ``model.vocab_mapping_path`` set
-    to ``mapping_path``; every other byte is kept. Raises InputError for layouts
-    it cannot edit safely (flow style, anchors, block scalars, duplicates).
+    to ``mapping_path``; every other byte is kept. The model section may be a block mapping
+    (with an anchor on it) or a flow mapping (``model: {...}``); the old value may be plain,
+    quoted, a block scalar or span several lines. Raises InputError for layouts it cannot
+    edit safely (the model section an alias of another, duplicates).
 
-    The result is re-parsed: it must equal the original document with only
-    that one key changed.
+    The result is re-parsed: it must equal the original document with only that one key changed.
+
+    >>> patch_vocab_mapping_text("model: {target_model_path: m}\n", "/v.pt")
+    'model: {target_model_path: m, vocab_mapping_path: "/v.pt"}\n'
     """
 
     original = parse_yaml_text(text, source)
@@ -164,18 +294,34 @@ def patch_vocab_mapping_text(text: str, mapping_path: str, *, source: str = "run
         if match and _unquote_key(match.group("key")) == "model":
             starts.append((i, match))
     if len(starts) != 1:
-        raise InputError(
-            f"{source}: found {len(starts)} top-level 'model:' lines at column 0, expected exactly one. "
-            "Nothing was changed; write the config with one block 'model:' section starting at column 0."
+        raise _odd_layout(
+            source, None, f"found {len(starts)} top-level 'model:' lines at column 0, expected exactly one"
         )
     start, match = starts[0]
-    rest = match.group("rest").strip()
-    if rest and not rest.startswith("#"):
+    bom = 1 if start == 0 and bodies[0].startswith("\ufeff") else 0
+    kind, where_at = _model_value_start(text, lines, start, match)
+    if kind == "{":
+        new_text = _patch_flow(text, where_at + bom, mapping_path, source, start + 1)
+    elif kind:
+        what = "an alias of another section" if kind.startswith("*") else f"{short(kind)}"
+        raise _odd_layout(source, start + 1, f"'model:' is followed by {what} on the same line")
+    else:
+        new_text = _patch_block(text, lines, bodies, start, mapping_path, source)
+    expected = copy.deepcopy(original)
+    expected["model"][_KEY] = mapping_path
+    try:
+        reparsed = yaml.safe_load(new_text)
+    except yaml.YAMLError:
+        reparsed = None
+    if reparsed != expected:
         raise _odd_layout(
-            source,
-            start + 1,
-            f"'model:' is followed by {short(rest)} on the same line (flow style, an anchor or a tag)",
+            source, start + 1, "re-reading the edited file did not give the original config with only this key changed"
         )
+    return new_text
+
+
+def _patch_block(text: str, lines: list, bodies: list, start: int, mapping_path: str, source: str) -> str:
+    """``text`` with the key set in the block mapping under the 'model:' line ``start``."""
     end = len(lines)
     for j in range(start + 1, len(lines)):
         body = bodies[j]
@@ -200,70 +346,76 @@ def patch_vocab_mapping_text(text: str, mapping_path: str, *, source: str = "run
     hits = [(j, m) for j, m in keys if _unquote_key(m.group("key")) == _KEY]
     if len(hits) > 1:
         raise _odd_layout(source, hits[1][0] + 1, f"model.{_KEY} appears {len(hits)} times")
-    other_styles = [m.group("rest").strip()[:1] for _, m in keys]
-
-    def continues(j: int) -> bool:
-        later = [n for n in content if n > j]
-        return bool(later) and _indent_of(bodies[later[0]]) > indent
-
-    if hits:
-        j, m = hits[0]
-        body, eol = _split_eol(lines[j])
-        value_from = m.end("colon")
-        rest_raw = body[value_from:]
-        lead = len(rest_raw) - len(rest_raw.lstrip(" \t"))
-        v0 = value_from + lead
-        head = body[v0 : v0 + 1]
-        if continues(j):
-            raise _odd_layout(source, j + 1, "its value continues on the following, more indented lines")
-        if head in ('"', "'"):
-            v1 = _scan_quoted(body, v0)
-            if v1 < 0:
-                raise _odd_layout(source, j + 1, "its quoted value spans several lines")
-            style = head
-        elif head == "" or head == "#":
-            v1 = v0
-            style = ""
-        elif head in _BAD_VALUE_START:
-            raise _odd_layout(
-                source, j + 1, f"its value starts with {head!r} (a block scalar, anchor, alias, tag or flow value)"
-            )
-        else:
-            comment = re.search(r"[ \t]#", body[v0:])
-            v1 = v0 + (comment.start() if comment else len(body) - v0)
-            while v1 > v0 and body[v1 - 1] in " \t":
-                v1 -= 1
-            style = ""
-        tail = body[v1:]
-        if head != "#" and tail.strip() and not re.match(r"[ \t]+#", tail):
-            raise _odd_layout(source, j + 1, f"its value is followed by {short(tail.strip())}")
-        rendered = _render_scalar(mapping_path, style)
-        if v0 == v1:  # no value yet: keep the spacing before a comment as it is
-            new_body = body[:value_from] + " " + rendered + body[value_from:]
-        else:
-            new_body = body[:v0] + rendered + body[v1:]
-        new_lines = lines[:j] + [new_body + eol] + lines[j + 1 :]
-    else:
+    if not hits:
+        other_styles = [m.group("rest").strip()[:1] for _, m in keys]
         last = content[-1]
         body, eol = _split_eol(lines[last])
         eol_new = eol or next((_split_eol(line)[1] for line in lines if _split_eol(line)[1]), "\n")
         style = '"' if '"' in other_styles else ""
         new_line = " " * indent + f"{_KEY}: " + _render_scalar(mapping_path, style)
         if eol:
-            new_lines = lines[: last + 1] + [new_line + eol_new] + lines[last + 1 :]
-        else:
-            new_lines = lines[:last] + [body + eol_new, new_line] + lines[last + 1 :]
-    new_text = "".join(new_lines)
-    expected = copy.deepcopy(original)
-    expected["model"][_KEY] = mapping_path
-    try:
-        reparsed = yaml.safe_load(new_text)
-    except yaml.YAMLError:
-        reparsed = None
-    if reparsed != expected:
-        raise _odd_layout(
-            source, start + 1, "re-reading the edited file did not give the original config with only this key changed"
-        )
+            return "".join(lines[: last + 1] + [new_line + eol_new] + lines[last + 1 :])
+        return "".join(lines[:last] + [body + eol_new, new_line] + lines[last + 1 :])
+    j, m = hits[0]
+    body, eol = _split_eol(lines[j])
+    value_from = m.end("colon")
+    rest_raw = body[value_from:]
+    lead = len(rest_raw) - len(rest_raw.lstrip(" \t"))
+    v0 = value_from + lead
+    v0 += len(_PROPERTY.match(body[v0:]).group(0))  # keep an anchor or tag on the value
+    head = body[v0 : v0 + 1]
+    last = _value_lines_end(bodies, content, j, indent)
+    if last > j or head in ("|", ">"):  # a block scalar, or a value continued on more-indented lines
+        style = head if head in ('"', "'") else ""
+        new_body = body[:v0] + _render_scalar(mapping_path, style)
+        return "".join(lines[:j] + [new_body + _split_eol(lines[last])[1]] + lines[last + 1 :])
+    if head in ('"', "'"):
+        v1 = _scan_quoted(body, v0)
+        if v1 < 0:
+            raise _odd_layout(source, j + 1, "its quoted value is not closed on its line")
+        style = head
+    elif head == "" or head == "#":
+        v1 = v0
+        style = ""
+    elif head == "*":  # an alias: replaced by the value itself
+        alias = re.match(r"\*[^ \t,\[\]{}]+", body[v0:])
+        v1 = v0 + (alias.end() if alias else 1)
+        style = ""
+    elif head in _BAD_VALUE_START:
+        raise _odd_layout(source, j + 1, f"its value starts with {head!r} (a flow value or a reserved character)")
+    else:
+        comment = re.search(r"[ \t]#", body[v0:])
+        v1 = v0 + (comment.start() if comment else len(body) - v0)
+        while v1 > v0 and body[v1 - 1] in " \t":
+            v1 -= 1
+        style = ""
+    tail = body[v1:]
+    if head != "#" and tail.strip() and not re.match(r"[ \t]+#", tail):
+        raise _odd_layout(source, j + 1, f"its value is followed by {short(tail.strip())}")
+    rendered = _render_scalar(mapping_path, style)
+    if v0 == v1 == value_from + lead:  # no value yet: keep the spacing before a comment as it is
+        new_body = body[:value_from] + " " + rendered + body[value_from:]
+    else:
+        new_body = body[:v0] + rendered + body[v1:]
+    return "".join(lines[:j] + [new_body + eol] + lines[j + 1 :])
+
+
+def rewritten_run_config(text: str, mapping_path: str, *, source: str) -> str:
+    """The run config re-serialised with the key set (for a new file only: comments and layout
+    of the original are not kept; aliases are written out)."""
+    data = copy.deepcopy(parse_yaml_text(text, source))
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise InputError(f"{source} has no 'model' mapping, so there is nowhere to set model.vocab_mapping_path.")
+    data["model"][_KEY] = mapping_path
+
+    class _NoAliases(yaml.SafeDumper):
+        def ignore_aliases(self, data):
+            return True
+
+    header = f"# {os.path.basename(source)} with model.vocab_mapping_path set by specforge-vocab prepare\n"
+    new_text = header + yaml.dump(data, Dumper=_NoAliases, sort_keys=False, allow_unicode=True)
+    if yaml.safe_load(new_text) != data:  # pragma: no cover - safe_dump round-trips plain data
+        raise InputError(f"{source}: the run config cannot be written back as YAML. Set the key by hand.")
     return new_text
 
 
@@ -283,6 +435,32 @@ def _patch_json_text(text: str, mapping_path: str, source: str) -> str:
     return out + ("\n" if text.endswith("\n") else "")
 
 
+def run_config_with_mapping(
+    yaml_path: str, mapping_path: str, *, output_path: Optional[str] = None
+) -> Tuple[str, str, str]:
+    """``(file to write, its old text, the new text)`` of setting ``model.vocab_mapping_path``;
+    nothing is written, so prepare calls it before any work to refuse a layout it cannot edit.
+
+    In place, the text is edited (every other byte kept) or refused. Into another file
+    (``output_path``), a layout the edit cannot handle is written re-serialised instead.
+    """
+    yaml_path = str(yaml_path)
+    if not isinstance(mapping_path, str) or not mapping_path:
+        raise InputError(f"The vocab mapping path must be a non-empty string, but got {short(mapping_path)}.")
+    text = read_run_text(yaml_path, "Run config")
+    in_place = output_path is None or (os.path.exists(output_path) and os.path.samefile(output_path, yaml_path))
+    target = yaml_path if in_place else str(output_path)
+    if is_json_config(yaml_path):
+        return target, text, _patch_json_text(text, mapping_path, yaml_path)
+    try:
+        return target, text, patch_vocab_mapping_text(text, mapping_path, source=yaml_path)
+    except InputError:
+        if in_place:
+            raise
+    logger.info("%s cannot be edited in place; writing %s re-serialised (comments not kept).", yaml_path, target)
+    return target, text, rewritten_run_config(text, mapping_path, source=yaml_path)
+
+
 def set_vocab_mapping_path(
     yaml_path: str,
     mapping_path: str,
@@ -291,23 +469,15 @@ def set_vocab_mapping_path(
     backup: bool = True,
 ) -> PatchResult:
     """Set ``model.vocab_mapping_path`` in a run config, keeping comments, key
-    order, quoting and line endings byte-identical elsewhere.
+    order, quoting and line endings byte-identical elsewhere (see :func:`run_config_with_mapping`).
 
-    In place (no ``output_path``) the old file is first copied to
-    ``<path>.bak`` (``backup=True``); an unchanged value writes nothing.
-    ``mapping_path`` is written as given: SpecForge resolves it from the
-    directory training runs in, so an absolute path is the safe choice.
+    In place (no ``output_path``) the original is kept in ``<path>.bak`` (``backup=True``; see
+    fileio.backup_file); an unchanged value writes nothing. ``mapping_path`` is written as given:
+    SpecForge resolves it from the directory training runs in, so an absolute path is the safe choice.
     """
     yaml_path = str(yaml_path)
-    if not isinstance(mapping_path, str) or not mapping_path:
-        raise InputError(f"The vocab mapping path must be a non-empty string, but got {short(mapping_path)}.")
-    text = read_run_text(yaml_path, "Run config")
-    if is_json_config(yaml_path):
-        new_text = _patch_json_text(text, mapping_path, yaml_path)
-    else:
-        new_text = patch_vocab_mapping_text(text, mapping_path, source=yaml_path)
-    in_place = output_path is None or (os.path.exists(output_path) and os.path.samefile(output_path, yaml_path))
-    target = yaml_path if in_place else str(output_path)
+    target, text, new_text = run_config_with_mapping(yaml_path, mapping_path, output_path=output_path)
+    in_place = target == yaml_path
     if in_place and new_text == text:
         logger.info("%s already has model.vocab_mapping_path = %s", yaml_path, mapping_path)
         return PatchResult(target, False, None)

