@@ -39,7 +39,13 @@ from specforge_vocab.counting.engine import NO_TOKENS, CountSettings, Tally
 from specforge_vocab.counting.sources import obtain_counts
 from specforge_vocab.counting.tokenizer import load_tokenizer
 from specforge_vocab.errors import SettingsError, must
-from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT, json_text, safetensors_bytes, writable_dir_problem
+from specforge_vocab.fileio import (
+    DEFAULT_LOCK_TIMEOUT,
+    json_text,
+    replaceable_file_problem,
+    safetensors_bytes,
+    writable_dir_problem,
+)
 from specforge_vocab.writing.draft_config import check_vocab_size, read_draft_config
 from specforge_vocab.writing.mapping import check_mapping, mapping_from_counts, mapping_payloads
 from specforge_vocab.writing.outputs import OUTPUT_FILES, commit_outputs
@@ -89,6 +95,8 @@ class OutputSettings:
             )
         if self.config_path is not None and not os.path.isfile(self.config_path):
             out.append(f"--config-path {self.config_path} does not exist. Point it at the draft model config JSON.")
+        elif self.config_path is not None and replaceable_file_problem(self.config_path, "--config-path"):
+            out.append(replaceable_file_problem(self.config_path, "--config-path"))
         if not isinstance(self.lock_timeout, (int, float)) or self.lock_timeout < 0:
             out.append(must("--lock-timeout", "a number of seconds >= 0", self.lock_timeout))
         return out

@@ -192,7 +192,7 @@ def resolve_num_workers(settings: CountSettings, files: Sequence[str], shard: Op
     size = 0
     for path in files:
         try:
-            size += os.path.getsize(path) * (4 if path.endswith(".gz") else 1)
+            size += os.path.getsize(path) * (4 if path.lower().endswith(".gz") else 1)
         except OSError:
             pass
     return 1 if size / parts < AUTO_WORKERS_MIN_BYTES else cores

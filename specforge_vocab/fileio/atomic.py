@@ -252,3 +252,20 @@ def writable_dir_problem(path: str, flag: str = "--output-dir") -> Optional[str]
     if not os.access(ancestor, os.W_OK | os.X_OK):
         return f"{flag} {path} cannot be created, because {ancestor} is not writable. Choose another {flag}."
     return None
+
+
+def replaceable_file_problem(path: str, flag: str) -> Optional[str]:
+    """Why the existing file ``path`` cannot be replaced in place, or None. No side effects.
+
+    A file is replaced by writing a new copy next to it and renaming it over the old one, with
+    a lock file (and a .bak) beside it, so its folder must be writable, not only the file.
+    """
+    folders = sorted({os.path.dirname(os.path.abspath(path)), os.path.dirname(os.path.realpath(path))})
+    for folder in folders:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return (
+                f"{flag} {path} cannot be changed: its folder {folder} is not writable, and the new version is "
+                "written next to it and renamed over it (with a lock file beside it). Make the folder writable, "
+                "or copy the file to a folder you can write to and pass the copy."
+            )
+    return None

@@ -229,7 +229,7 @@ def _load_feature(path: str) -> Any:
     import torch
 
     try:
-        if path.endswith(".gz"):
+        if path.lower().endswith(".gz"):
             with gzip.open(path, "rb") as handle:
                 return torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=True)
         try:

@@ -20,8 +20,8 @@ from typing import Optional, Sequence, Tuple
 
 from specforge_vocab.choosing.search import SearchSettings
 from specforge_vocab.counting.engine import CountSettings
-from specforge_vocab.errors import InputError, where
-from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT
+from specforge_vocab.errors import InputError, SettingsError, where
+from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT, replaceable_file_problem
 from specforge_vocab.specforge.data_files import prompts_file_kind
 from specforge_vocab.specforge.run_config import (
     DEFAULT_CHAT_TEMPLATE,
@@ -119,6 +119,13 @@ def _search_for_keep(search: SearchSettings, draft_config: str, reason: str) -> 
             f"{search.draft_vocab_size}. Drop one of the two."
         )
     return dataclasses.replace(search, draft_vocab_size=k)
+
+
+def _check_replaceable(*files: Tuple[Optional[str], str]) -> None:
+    """Refuse (before any work) files prepare must change in folders it cannot write."""
+    problems = [replaceable_file_problem(path, name) for path, name in files if path]
+    if any(problems):
+        raise SettingsError([p for p in problems if p])
 
 
 def _slug(text: str) -> str:
@@ -243,8 +250,9 @@ def plan_from_run_config(
     cache_dir = run.resolved_cache_dir
     output_dir = resolve_path(output_dir, cwd=cwd) if output_dir else default_output_dir(cache_dir, data, draft)
     output_config = resolve_path(output_config, cwd=cwd) if output_config else None
-    # Setting model.vocab_mapping_path is the last step; a layout it cannot edit is refused now,
-    # before anything is counted or written.
+    # Setting model.vocab_mapping_path is the last step; a layout it cannot edit, or a file that cannot
+    # be replaced, is refused now, before anything is counted or written.
+    _check_replaceable((draft, "model.draft_model_config"), (None if output_config else config_path, "--config"))
     run_config_with_mapping(config_path, os.path.join(output_dir, MAPPING_FILE), output_path=output_config)
     return Plan(
         data=data,
@@ -350,6 +358,7 @@ def plan_from_train_eagle3_args(
             )
         search = _search_for_keep(search, draft, keep_reason)
     cache_dir = resolve_path(args.cache_dir, cwd=cwd)
+    _check_replaceable((draft, "--ckpt-dir config.json" if args.ckpt_dir else "--draft-model-config"))
     return Plan(
         data=data,
         draft_config=draft,

@@ -191,6 +191,24 @@ CASES: List[Case] = [
         r"cut\.jsonl\.gz: cannot be read to the end",
     ),
     Case(
+        "json-nested-past-the-parser",
+        "count",
+        lambda e: count_args(e, data=bad_data(e, '{"conversations": ' + "[" * 50_000 + "]" * 50_000 + "}")),
+        r"bad\.jsonl, line 2: malformed JSON: nested deeper than the JSON parser allows",
+    ),
+    Case(
+        "json-file-holding-an-object",
+        "count",
+        lambda e: count_args(e, data=e.write("one.json", json.dumps(GOOD, indent=2))),
+        r"one\.json, line 1: .*a \.json dataset must be a list of records",
+    ),
+    Case(
+        "folder-and-a-file-in-it",
+        "count",
+        lambda e: count_args(e, "--dataset-path", e.path("."), e.data),
+        r"data\.jsonl would be counted twice, as it is named by both",
+    ),
+    Case(
         "record-not-object",
         "count",
         lambda e: count_args(e, data=bad_data(e, '["user", "hi"]')),

@@ -285,6 +285,7 @@ def bad_dataset(tmp_path):
 
 
 def test_workers_report_the_first_bad_record_and_skip_the_same(tmp_path, llama3_dir, monkeypatch, caplog):
+    caplog.set_level(logging.WARNING, logger="specforge_vocab")
     monkeypatch.setattr(engine, "CHUNK_RECORDS", 8)  # the bad record sits in the 7th chunk, the 12th is malformed
     paths = bad_dataset(tmp_path)
     messages = []

@@ -107,3 +107,71 @@ def test_a_symlinked_counts_output_stays_a_symlink(tmp_path, capsys):
     counts, metadata = load_counts(str(real))
     assert counts.sum() > 0 and metadata["max_length"] == "512"
     assert leftovers(str(tmp_path)) == []
+
+
+def run_as_other_user(argv, stderr_path: Path) -> int:
+    """main(argv) in a forked child running as the unprivileged user nobody (when this is root, for
+    whom a folder's permissions do not stop writes), or as this user; returns the exit status."""
+    import matplotlib.pyplot  # noqa: F401 - what the child may import lazily, loaded while it still can
+    import torch  # noqa: F401
+
+    from specforge_vocab.cli.main import build_parser, main
+
+    build_parser()  # reads the template names through importlib.resources, which imports lazily
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 99
+        try:
+            fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            os.dup2(fd, 2)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            import sys
+
+            sys.stderr = os.fdopen(2, "w", buffering=1)
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # noqa: BLE001 - a traceback is printed to stderr_path, then the status says so
+            import traceback
+
+            traceback.print_exc()
+            code = 98
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_a_config_in_a_read_only_folder_is_refused_before_any_work(counts_file):
+    """As an ordinary user, --config-path in a folder they cannot write: exit 2, the reason, nothing
+    written (not even a lock file)."""
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="readonly-config-"))
+    try:
+        os.chmod(work, 0o777)
+        folder = work / "configs"
+        folder.mkdir()
+        config = folder / "draft.json"
+        config.write_bytes(LLAMA3_CONFIG.read_bytes())
+        counts = work / "counts.safetensors"
+        shutil.copy(counts_file, counts)
+        os.chmod(counts, 0o644)
+        os.chmod(config, 0o644)
+        os.chmod(folder, 0o555)
+        err = work / "stderr.txt"
+        out = work / "out"
+        argv = ["-q", "optimize", "--counts", str(counts), "--config-path", str(config), "--output-dir", str(out)]
+        code = run_as_other_user([*argv, "--n-calls", "5"], err)
+        message = err.read_text()
+        assert code == 2, message
+        assert "Traceback" not in message
+        assert f"--config-path {config} cannot be changed: its folder {folder} is not writable" in message
+        assert sorted(os.listdir(folder)) == ["draft.json"] and not out.exists()
+        assert config.read_bytes() == LLAMA3_CONFIG.read_bytes()
+    finally:
+        os.chmod(work / "configs", 0o755)
+        shutil.rmtree(work)
