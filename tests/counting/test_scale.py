@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -490,3 +491,50 @@ def test_torchrun_bad_line_stops_every_rank_with_the_same_message(tmp_path, llam
         count_dataset(CountSettings(**fields))
     assert str(single.value) == reports[0]["message"]
     assert "rank 0 stopped counting early: another rank failed" in proc.stderr, (seconds, proc.stderr[-3000:])
+
+
+def test_killing_the_parent_mid_count_ends_every_process_it_started(tmp_path, llama3_dir):
+    """`specforge-vocab count --num-workers 2` killed with SIGKILL while its workers count: the
+    workers, the forkserver and the resource tracker all exit within seconds."""
+    rows = read_jsonl(DATA / "gsm8k_train_sample.jsonl")
+    data = tmp_path / "big.jsonl"
+    with open(data, "w", encoding="utf-8") as handle:
+        for i in range(40_000):
+            handle.write(json.dumps(rows[i % len(rows)]) + "\n")
+    out = tmp_path / "c.safetensors"
+    argv = ["-q", "count", "--dataset-path", str(data), "--tokenizer-path", llama3_dir, "--num-workers", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "specforge_vocab.cli", *argv, "--output", str(out)],
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 180
+    while True:  # until both workers (the forkserver's children) are counting, past loading the tokenizer
+        assert proc.poll() is None, f"the count ended before it could be killed: {proc.communicate()[1]}"
+        assert time.monotonic() < deadline, "the workers never started"
+        with contextlib.suppress(psutil.Error):
+            helpers = parent.children()  # the resource tracker and the forkserver
+            workers = [w for h in helpers for w in h.children()]
+            if len(workers) >= 2 and all(w.cpu_times().user > 1.0 for w in workers):
+                break
+        time.sleep(0.1)
+    started = helpers + workers
+    kinds = sorted(re.search(r"resource_tracker|forkserver", " ".join(h.cmdline())).group(0) for h in helpers)
+    assert kinds == ["forkserver", "resource_tracker"] and len(workers) == 2
+    proc.kill()
+    proc.wait()
+    killed_at = time.monotonic()
+
+    def running(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    while any(running(p) for p in started) and time.monotonic() - killed_at < 10:
+        time.sleep(0.05)
+    left = [(p.pid, p.cmdline()) for p in started if running(p)]
+    assert not left, f"still running {time.monotonic() - killed_at:.1f} s after the parent was killed: {left}"
+    assert not out.exists()
