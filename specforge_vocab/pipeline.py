@@ -42,6 +42,7 @@ from specforge_vocab.errors import SettingsError, must
 from specforge_vocab.fileio import (
     DEFAULT_LOCK_TIMEOUT,
     json_text,
+    output_file_problem,
     replaceable_file_problem,
     safetensors_bytes,
     writable_dir_problem,
@@ -63,7 +64,9 @@ LATENCY_LABELS = {"flops": "relative FLOPs", "bytes": "relative weight bytes", "
 
 def count_to_file(settings: CountSettings, *, output: str, progress: bool = False) -> CountResult:
     """Count ``settings`` and write the counts file (safetensors, tensor 'counts' + metadata)."""
-    settings.validate()
+    problems = settings.problems() + [p for p in [output_file_problem(output)] if p]
+    if problems:  # all of them, before counting
+        raise SettingsError(problems)
     result = count_dataset(settings, progress=progress)
     if result.tokens_counted == 0 and settings.shard_spec() is None:
         logger.warning("%s The counts file is written all the same.", NO_TOKENS)

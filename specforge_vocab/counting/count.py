@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -248,7 +249,7 @@ def count_records(
     files = dataset_files(settings.dataset_paths)
     stats = ReadStats()
     workers = 1 if records is not None else resolve_num_workers(settings, files, shard)
-    bar = _progress_bar(progress, files, settings.sample_size)
+    bar = _progress_bar(progress, files, settings.sample_size, shard)
     tallies = list(tallies)
     try:
         if workers > 1:
@@ -348,18 +349,41 @@ def _count_in_process(
     )
 
 
-def _progress_bar(enabled: bool, files: Sequence[str], sample_size: Optional[int]):
-    if not enabled:
-        return None
+def expected_records(files: Sequence[str], sample_size: Optional[int], shard: Optional[Shard] = None) -> Optional[int]:
+    """How many records a count will read, when that is known without decoding: ``sample_size``, or
+    the lines of plain .jsonl files (blank lines, which are not records, make it a little high);
+    None for .json lists and .gz files. Divided among the shards."""
+    total = sample_size
+    if total is None:
+        if not all(p.lower().endswith(".jsonl") for p in files):
+            return None
+        total = 0
+        for path in files:
+            try:
+                with open(path, "rb") as handle:
+                    last = b"\n"
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        total += block.count(b"\n")
+                        last = block[-1:]
+                    total += last != b"\n"
+            except OSError:
+                return None
+    if shard is not None:
+        total = len(range(shard.index, total, shard.count))
+    return total
 
-    # disable=None: no bar when stderr is not a terminal (CI logs, pipes).
+
+def _progress_bar(enabled: bool, files: Sequence[str], sample_size: Optional[int], shard: Optional[Shard] = None):
+    """A progress bar on stderr (none when it is not a terminal: CI logs, pipes), with a total and an
+    ETA when the number of records is known (see :func:`expected_records`)."""
+    if not enabled or not sys.stderr.isatty():
+        return None
     return tqdm(
-        total=sample_size,
+        total=expected_records(files, sample_size, shard),
         unit=" records",
         desc="counting",
         dynamic_ncols=True,
         mininterval=0.5,
-        disable=None,
         leave=False,
     )
 

@@ -290,7 +290,7 @@ class TrimResult:
                 + ", ".join(self.unsliced_draft_sized)
             )
         if self.files_not_copied:
-            lines.append("not copied (weights or training state): " + ", ".join(self.files_not_copied))
+            lines.append(f"not copied from {self.checkpoint}: " + ", ".join(self.files_not_copied))
         return lines
 
 

@@ -269,3 +269,21 @@ def replaceable_file_problem(path: str, flag: str) -> Optional[str]:
                 "or copy the file to a folder you can write to and pass the copy."
             )
     return None
+
+
+def output_file_problem(path: str, flag: str = "--output") -> Optional[str]:
+    """Why a file cannot be written at ``path`` (a directory there, or a folder that cannot be
+    made), or None. No side effects: checked before the work whose result it holds."""
+    if os.path.isdir(path):
+        return (
+            f"{flag} {path} must name a file, but it is a directory. Name a file in it, e.g. "
+            f"{flag} {os.path.join(path, 'counts.safetensors')}."
+        )
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        return f"{flag} {path} cannot be written: {ancestor} is a file, not a folder. Choose another {flag}."
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{flag} {path} cannot be written: {ancestor} is not writable. Choose another {flag}."
+    return None

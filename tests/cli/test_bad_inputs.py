@@ -375,14 +375,15 @@ CASES: List[Case] = [
         "output-under-a-file",
         "count",
         lambda e: count_args(e, "--output", e.path("plain_file", "c.safetensors")),
-        r"(Cannot create output directory|Cannot write).*plain_file",
+        r"--output .*plain_file/c\.safetensors cannot be written: .*plain_file is a file, not a folder",
         setup=lambda e: e.write("plain_file", "x"),
     ),
-    Case(
+    Case(  # refused before counting: the data's malformed line is never reached
         "output-is-a-directory",
         "count",
-        lambda e: count_args(e, "--output", e.out),
-        r"(Cannot move the new .*out into place|out.*is a directory)",
+        lambda e: count_args(e, "--output", e.out, data=bad_data(e, "{oops")),
+        r"--output .*out must name a file, but it is a directory\. Name a file in it, e\.g\. --output "
+        r".*out/counts\.safetensors",
     ),
     Case("full-disk", "count", lambda e: count_args(e), NO_SPACE, patch=full_disk_at(1)),
     # ---------------------------------------------------------------- optimize: counts and config files

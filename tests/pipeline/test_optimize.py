@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, DATA, LLAMA3_CONFIG, PAPER_KEYS, REPO, child_env, optimize_summary
+from conftest import CONFIGS, DATA, LLAMA3_CONFIG, LLAMA3_DIR, PAPER_KEYS, REPO, child_env, optimize_summary
 
 from specforge_vocab.cli.main import main
 from specforge_vocab.counting.count import count_tokens
@@ -282,3 +283,29 @@ def test_counting_flags_with_counts_are_accepted_only_when_they_match(tmp_path, 
     code = main(["optimize", "--counts", str(counts), "--max-length", "2048", "--output-dir", str(tmp_path / "o2")])
     assert code == 2 and "--max-length 2048 conflicts with --counts" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+def test_verbose_shows_this_packages_debug_lines_not_matplotlibs(tmp_path):
+    counts = tmp_path / "c.safetensors"
+    data = str(DATA / "gsm8k_test_sample.jsonl")
+    assert (
+        main(["-q", "count", "--dataset-path", data, "--tokenizer-path", str(LLAMA3_DIR), "--output", str(counts)]) == 0
+    )
+    env = child_env(MPLCONFIGDIR=str(tmp_path / "mpl"))  # a fresh font cache: matplotlib logs its font search
+    argv = ["-v", "optimize", "--counts", str(counts), "--n-calls", "5", "--output-dir", str(tmp_path / "out")]
+    proc = subprocess.run([sys.executable, "-m", "specforge_vocab.cli", *argv], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "INFO: wrote 7 file(s)" in proc.stderr  # this package's own detail
+    assert not [line for line in proc.stderr.splitlines() if "font" in line.lower() or "matplotlib" in line.lower()]
+
+
+def test_a_counts_cache_hit_is_reported_in_the_summary_not_as_a_warning(tmp_path, capsys, caplog, llama3_dir):
+    caplog.set_level(logging.WARNING, logger="specforge_vocab")
+    argv = ["optimize", "--dataset-path", FIXTURES[0], "--tokenizer-path", llama3_dir, "--max-length", "512"]
+    argv += ["--n-calls", "5", "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert "counts reused from the counts cache" not in capsys.readouterr().out
+    caplog.clear()
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith("counts reused from the counts cache")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "cache" in r.getMessage()]
