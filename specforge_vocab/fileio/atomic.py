@@ -244,13 +244,20 @@ def writable_dir_problem(path: str, flag: str = "--output-dir") -> Optional[str]
         if not os.access(full, os.W_OK | os.X_OK):
             return f"{flag} {path} is not writable. Choose a directory you can write to."
         return None
-    ancestor = full
+    blocked = _creation_blocked(full)
+    return f"{flag} {path} cannot be created, because {blocked}. Choose another {flag}." if blocked else None
+
+
+def _creation_blocked(path: str) -> Optional[str]:
+    """What stops ``path`` (absent) from being created: "<ancestor> is a file, not a directory" or
+    "<ancestor> is not writable" for its nearest existing ancestor, or None."""
+    ancestor = path
     while not os.path.exists(ancestor):
         ancestor = os.path.dirname(ancestor)
     if not os.path.isdir(ancestor):
-        return f"{flag} {path} cannot be created, because {ancestor} is a file, not a directory. Choose another {flag}."
+        return f"{ancestor} is a file, not a directory"
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        return f"{flag} {path} cannot be created, because {ancestor} is not writable. Choose another {flag}."
+        return f"{ancestor} is not writable"
     return None
 
 
@@ -279,11 +286,5 @@ def output_file_problem(path: str, flag: str = "--output") -> Optional[str]:
             f"{flag} {path} must name a file, but it is a directory. Name a file in it, e.g. "
             f"{flag} {os.path.join(path, 'counts.safetensors')}."
         )
-    ancestor = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        return f"{flag} {path} cannot be written: {ancestor} is a file, not a folder. Choose another {flag}."
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        return f"{flag} {path} cannot be written: {ancestor} is not writable. Choose another {flag}."
-    return None
+    blocked = _creation_blocked(os.path.dirname(os.path.abspath(path)))
+    return f"{flag} {path} cannot be written, because {blocked}. Choose another {flag}." if blocked else None

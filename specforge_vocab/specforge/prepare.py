@@ -144,20 +144,7 @@ def before_training(
     >>> result.k, result.mapping_path, result.reused  # doctest: +SKIP
     (13264, '/abs/cache/vocab_optimization/.../vocab_mapping.pt', False)
     """
-    _check_argument_types(
-        run_config=run_config,
-        train_eagle3_args=train_eagle3_args,
-        overrides=overrides,
-        output_config=output_config,
-        keep_draft_vocab_size=keep_draft_vocab_size,
-        force=force,
-        search=search,
-        output_dir=output_dir,
-        backup=backup,
-        lock_timeout=lock_timeout,
-        progress=progress,
-        cwd=cwd,
-    )
+    _check_argument_types(**locals())  # the parameters: no other name is bound yet
     if (run_config is None) == (train_eagle3_args is None):
         raise InputError(
             "before_training needs exactly one of run_config (a `specforge train` config file) or "

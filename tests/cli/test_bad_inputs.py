@@ -375,7 +375,7 @@ CASES: List[Case] = [
         "output-under-a-file",
         "count",
         lambda e: count_args(e, "--output", e.path("plain_file", "c.safetensors")),
-        r"--output .*plain_file/c\.safetensors cannot be written: .*plain_file is a file, not a folder",
+        r"--output .*plain_file/c\.safetensors cannot be written, because .*plain_file is a file, not a directory",
         setup=lambda e: e.write("plain_file", "x"),
     ),
     Case(  # refused before counting: the data's malformed line is never reached
@@ -771,33 +771,13 @@ CASES: List[Case] = [
     Case(
         "pre_step_missing_data",
         "pre-step",
-        lambda e: [
-            "--",
-            "--target-model-path",
-            LLAMA3_DIR,
-            "--train-data-path",
-            e.path("nothere.jsonl"),
-            "--draft-model-config",
-            e.config,
-            "--output-dir",
-            e.path("o"),
-        ],
+        lambda e: ["--", *train_eagle3_flags(e, data=e.path("nothere.jsonl")), "--output-dir", e.path("o")],
         r"'--train-data-path' is .*nothere\.jsonl.*does not exist",
     ),
     Case(
         "pre_step_own_flag_after_dashes",
         "pre-step",
-        lambda e: [
-            "--",
-            "--target-model-path",
-            LLAMA3_DIR,
-            "--train-data-path",
-            e.data,
-            "--draft-model-config",
-            e.config,
-            "--n-calls",
-            "5",
-        ],
+        lambda e: ["--", *train_eagle3_flags(e), "--n-calls", "5"],
         r"--n-calls after -- would go to SpecForge's train_eagle3\.py, which has no such flag.*Put it before --",
     ),
     Case(
@@ -928,6 +908,18 @@ def shard_files(env: Env) -> None:
             )
             == 0
         )
+
+
+def train_eagle3_flags(env: Env, *, data: Optional[str] = None) -> List[str]:
+    """SpecForge's train_eagle3.py flags over the work folder."""
+    return [
+        "--target-model-path",
+        LLAMA3_DIR,
+        "--train-data-path",
+        data or env.data,
+        "--draft-model-config",
+        env.config,
+    ]
 
 
 def real_counts(env: Env) -> None:
