@@ -258,7 +258,7 @@ def check_settings(
         problems = count.problems() + problems
     elif output.counts_path is not None:
         problems = counts_file_conflicts(count, output.counts_path, count_flags_given) + problems
-    elif serving.evaluation.needs_records:
+    if not counting and serving.evaluation.needs_records:
         problems.append(
             "--holdout-fraction and --bootstrap must see each record as it is counted, but the counts "
             "come from --counts (or were passed in counted). Count from --dataset-path instead, or drop "
