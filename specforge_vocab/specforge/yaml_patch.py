@@ -1,8 +1,12 @@
 """Set ``model.vocab_mapping_path`` in a user's run config and change nothing else in the file.
 
 The YAML is edited as text: comments, key order, quoting and every other line stay byte for byte.
-Layouts that cannot be edited safely this way (a flow mapping, anchors, a block scalar at that
-key) are refused with the exact place named, before any file is written.
+The model section may be a block or a flow mapping (``model: {...}``), with an anchor; the old value
+may be plain, quoted, a block scalar, an alias or span several lines. Every edit is re-read and must
+give the original document with only that key changed. What cannot be edited (a model section that
+is an alias of another) is refused with the place named, before any work (prepare asks
+:func:`run_config_with_mapping` while it plans); into a new file (--output-config) such a config is
+written re-serialised instead.
 """
 
 from __future__ import annotations
