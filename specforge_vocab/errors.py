@@ -67,6 +67,15 @@ def must(name: str, expected: str, got: object, fix: str = "") -> str:
     return f"{text} {fix}".strip()
 
 
+def is_int(value: object) -> bool:
+    """An integer that is not a bool (``True`` is an int to Python, never a length or a count here).
+
+    >>> is_int(3), is_int(True), is_int(3.0)
+    (True, False, False)
+    """
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def short(value: object, limit: int = 80) -> str:
     """repr() of a value, cut to ``limit`` characters for messages."""
     text = repr(value)

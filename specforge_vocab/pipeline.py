@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -36,9 +36,9 @@ from specforge_vocab.choosing.serving import (
     choose_objective,
 )
 from specforge_vocab.counting.count import CountResult, count_dataset
-from specforge_vocab.counting.counts_file import counts_file_bytes, save_counts
+from specforge_vocab.counting.counts_file import counts_file_bytes, counts_file_conflicts, save_counts
 from specforge_vocab.counting.data import dataset_files
-from specforge_vocab.counting.engine import CountSettings, Tally, resolve_vocab_size
+from specforge_vocab.counting.engine import NO_TOKENS, CountSettings, Tally, resolve_vocab_size
 from specforge_vocab.counting.file_tally import (
     FileGroupTally,
     dataset_path_tally,
@@ -48,7 +48,13 @@ from specforge_vocab.counting.file_tally import (
 from specforge_vocab.counting.sources import Counted, obtain_counts
 from specforge_vocab.counting.tokenizer import load_tokenizer
 from specforge_vocab.errors import InputError, SettingsError, must
-from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT, json_text, writable_dir_problem
+from specforge_vocab.fileio import (
+    DEFAULT_LOCK_TIMEOUT,
+    json_text,
+    output_file_problem,
+    replaceable_file_problem,
+    writable_dir_problem,
+)
 from specforge_vocab.writing.draft_config import check_vocab_size, read_draft_config
 from specforge_vocab.writing.exports import export_problems, mapping_files
 from specforge_vocab.writing.mapping import check_mapping, kept_ids_from_d2t, mapping_fingerprint, mapping_from_counts
@@ -70,7 +76,9 @@ def count_to_file(settings: CountSettings, *, output: str, progress: bool = Fals
     sources beside it, metadata).
 
     A weighted count (--dataset-weight) also tallies each path, reported in ``result.sources``."""
-    settings.validate()
+    problems = settings.problems() + [p for p in [output_file_problem(output)] if p]
+    if problems:  # all of them, before counting
+        raise SettingsError(problems)
     tally = None
     if settings.file_weights() is not None:
         tokenizer = load_tokenizer(settings.tokenizer_path, trust_remote_code=settings.trust_remote_code)
@@ -78,6 +86,8 @@ def count_to_file(settings: CountSettings, *, output: str, progress: bool = Fals
     counted = obtain_counts(settings, progress=progress, tallies=[tally] if tally else [])
     if tally is not None:
         counted.result.sources = weighted_sources(settings, counted.result.tallies[0])
+    if int(counted.counts.sum()) == 0 and settings.shard_spec() is None:
+        logger.warning("%s The counts file is written all the same.", NO_TOKENS)
     save_counts(output, counted.counts, counted.metadata, counted.by_source)
     logger.info("wrote %s", output)
     return counted
@@ -108,6 +118,8 @@ class OutputSettings:
             )
         if self.config_path is not None and not os.path.isfile(self.config_path):
             out.append(f"--config-path {self.config_path} does not exist. Point it at the draft model config JSON.")
+        elif self.config_path is not None and replaceable_file_problem(self.config_path, "--config-path"):
+            out.append(replaceable_file_problem(self.config_path, "--config-path"))
         if not isinstance(self.lock_timeout, (int, float)) or self.lock_timeout < 0:
             out.append(must("--lock-timeout", "a number of seconds >= 0", self.lock_timeout))
         return out
@@ -131,6 +143,7 @@ class Inputs:
     chat_template: Optional[str] = None
     domains: Optional[DomainCounts] = None  # --domain counts (each record once)
     sources: List[Dict[str, Any]] = field(default_factory=list)  # per --dataset-path, when weighted
+    cache_hit: bool = False  # the counts came from the counts cache
 
     @property
     def vocab_size(self) -> int:
@@ -171,6 +184,7 @@ class OptimizeResult:
     ladder: List[LadderRow] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     count_lines: List[str] = field(default_factory=list)
+    cache_hit: bool = False
 
     @property
     def k(self) -> int:
@@ -180,6 +194,10 @@ class OptimizeResult:
         s, arch, V = self.search, self.arch, self.search.vocab_size
         full, draft = draft_flops(arch, V), draft_flops(arch, s.k)
         lines = list(self.count_lines)
+        if self.cache_hit:
+            lines.insert(
+                0, "counts reused from the counts cache (same data, tokenizer and settings; --no-cache recounts)"
+            )
         if self.summary.get("datasets"):
             lines += weighted_source_lines(self.summary["datasets"])
         name = s.objective
@@ -218,6 +236,7 @@ def optimize(
     precounted: Optional[Counted] = None,
     serving: Optional[ServingSettings] = None,
     draft_config: Optional[Dict[str, Any]] = None,
+    count_flags_given: Optional[Collection[str]] = None,
 ) -> OptimizeResult:
     """Count (or load counts), choose k, write summary/results/plots/counts/mapping, patch the config.
 
@@ -226,11 +245,20 @@ def optimize(
     latency model, objective, pinned tokens; the defaults give the paper's choice.
     ``draft_config``: the draft config as a dict when it is no file to patch (prepare's config
     derived from the target, or a checkpoint's); it gives V and the architecture.
+    ``count_flags_given``: the CountSettings fields set on the command line; with ``--counts``
+    each must equal what the counts file records (see counting/counts_file.counts_file_conflicts).
     """
     serving = serving or ServingSettings()
     if _counts_here(output, precounted):
         count = with_config_vocab_size(count, output.config_path)
-    check_settings(count, search_settings, output, serving, counting=_counts_here(output, precounted))
+    check_settings(
+        count,
+        search_settings,
+        output,
+        serving,
+        counting=_counts_here(output, precounted),
+        count_flags_given=count_flags_given,
+    )
     inputs = gather_inputs(
         count, search_settings, output, serving, precounted=precounted, progress=progress, draft_config=draft_config
     )
@@ -248,6 +276,7 @@ def optimize(
         [row for row, _, _ in choice.ladder],
         list(summary.get("exports", {}).get("notes", [])),
         inputs.count_lines,
+        inputs.cache_hit,
     )
 
 
@@ -274,6 +303,7 @@ def check_settings(
     serving: ServingSettings,
     *,
     counting: bool,
+    count_flags_given: Optional[Collection[str]] = None,
 ) -> None:
     """Every problem with the settings, all at once, before any work."""
     problems = output.problems() + search_settings.problems() + serving.problems()
@@ -296,6 +326,8 @@ def check_settings(
                 "--eval-dataset-path holds raw conversations, which must be tokenized, but got no --tokenizer-path "
                 f"(the data of {count.source_flag} are token ids already). Pass the target's tokenizer directory."
             )
+    elif output.counts_path is not None:
+        problems = counts_file_conflicts(count, output.counts_path, count_flags_given) + problems
     if not counting and count.dataset_weights:
         problems.append(
             "--dataset-weight weights the files counted from --dataset-path, but the counts come from --counts "
@@ -354,6 +386,7 @@ def gather_inputs(
         tallies=tallies,
     )
     counts, metadata, count_result = counted.counts, counted.metadata, counted.result
+    cache_hit = counted.cache_hit
     if not counting:
         tokenizer = _tokenizer_named_by(count, metadata)
     chat_template = count.chat_template if counting else (metadata.get("chat_template") or count.chat_template)
@@ -385,6 +418,7 @@ def gather_inputs(
         chat_template=chat_template,
         domains=_domain_counts(domain_paths, groups.get("--domain"), count, metadata, V, counting=counting),
         sources=weighted_sources(count, groups["--dataset-path"]) if "--dataset-path" in groups else [],
+        cache_hit=cache_hit,
     )
 
 
@@ -453,8 +487,10 @@ def _tallies(
 def _eval_count_settings(
     paths: List[str], count: CountSettings, meta: Dict[str, str], vocab_size: int, *, counting: bool
 ) -> CountSettings:
-    """Settings to count ``paths`` as the training data was counted (every record once, no sample)."""
-    if counting or count.tokenizer_path:
+    """Settings to count ``paths`` as the training data was counted (every record once, no sample): with
+    --counts, as the counts file records (a counting flag given with it equals that); a flag fills in what
+    an older file does not record."""
+    if counting:
         return replace(
             count,
             dataset_paths=list(paths),
@@ -469,7 +505,7 @@ def _eval_count_settings(
             target_vocab_size=vocab_size,
         )
     missing = [key for key in ("tokenizer_path", "chat_template", "max_length") if not meta.get(key)]
-    if missing:
+    if missing and not count.tokenizer_path:
         raise SettingsError(
             [
                 f"--eval-dataset-path and --domain need the tokenizer and template the counts were made with, but "
@@ -477,13 +513,17 @@ def _eval_count_settings(
                 "--chat-template (and --max-length) with --counts."
             ]
         )
+
+    def recorded_flag(key: str, default: bool) -> bool:
+        return bool(json.loads(meta[key])) if key in meta else default
+
     return CountSettings(
         dataset_paths=list(paths),
-        tokenizer_path=meta["tokenizer_path"],
-        chat_template=meta["chat_template"],
-        max_length=int(meta["max_length"]),
-        is_preformatted=json.loads(meta.get("is_preformatted", "false")),
-        train_only_last_turn=json.loads(meta.get("train_only_last_turn", "false")),
+        tokenizer_path=meta.get("tokenizer_path") or count.tokenizer_path,
+        chat_template=meta.get("chat_template") or count.chat_template,
+        max_length=int(meta["max_length"]) if meta.get("max_length") else count.max_length,
+        is_preformatted=recorded_flag("is_preformatted", count.is_preformatted),
+        train_only_last_turn=recorded_flag("train_only_last_turn", count.train_only_last_turn),
         target_vocab_size=vocab_size,
         trust_remote_code=count.trust_remote_code,
     )

@@ -81,18 +81,26 @@ def classify(signature: Signature, references: Dict[str, object]) -> str:
     raise AssertionError("the output directory holds a MIX of sets: " + "; ".join(parts))
 
 
+LOCK_FILE_RE = re.compile(r"\.lock(\.pid)?$")
+
+
 def leftovers(root: str) -> List[str]:
-    """Temp files, staging directories and journals anywhere under ``root``."""
+    """Temp files, staging directories, journals and lock files anywhere under ``root``."""
     found = []
     for base, dirs, files in os.walk(root):
         for name in dirs + files:
-            if fileio.TEMP_RE.match(name) or fileio.STAGING_RE.match(name) or fileio.JOURNAL_RE.match(name):
+            if (
+                fileio.TEMP_RE.match(name)
+                or fileio.STAGING_RE.match(name)
+                or fileio.JOURNAL_RE.match(name)
+                or LOCK_FILE_RE.search(name)
+            ):
                 found.append(os.path.join(base, name))
     return found
 
 
-def snapshot_tree(root: str, *, ignore=(r"\.lock$", r"\.lock\.pid$")) -> Dict[str, str]:
-    """{relative path: sha256 or 'dir'} of everything under ``root`` (lock files ignored)."""
+def snapshot_tree(root: str, *, ignore=()) -> Dict[str, str]:
+    """{relative path: sha256 or 'dir'} of everything under ``root`` (names matching ``ignore`` left out)."""
     pattern = re.compile("|".join(ignore)) if ignore else None
     out = {}
     for base, dirs, files in os.walk(root):

@@ -4,8 +4,10 @@ A draft that cannot propose the end-of-turn token can never draft the end of a r
 default the chat template's end-of-turn token and the tokenizer's EOS are pinned, plus any
 ``--pin-token`` (one token's string, or an integer id). Strings need the tokenizer: when only
 a counts file without a tokenizer path is at hand, only explicit ids are pinned (and the
-summary says so). An end-of-turn string that the tokenizer splits into several ids pins each
-of them (e.g. Qwen's ``<|im_end|>\\n`` pins ``<|im_end|>`` and ``\\n``).
+summary says so). Only a single token of the tokenizer is pinned: the end-of-turn string
+without its surrounding whitespace (Qwen's ``<|im_end|>\\n`` pins ``<|im_end|>``); when it, or a
+header's special token, is not one token of this tokenizer, the template was made for another
+model, and a warning names a template that fits.
 
 Pinning changes nothing when the pinned ids are already among the most frequent: the usual
 case for an end-of-turn token, which closes every assistant turn.
@@ -17,7 +19,7 @@ import dataclasses
 import logging
 from typing import Any, Dict, List, Optional, Sequence
 
-from specforge_vocab.counting.templates import get_template
+from specforge_vocab.counting.templates import get_template, likely_templates, single_token_id, unfit_markers
 from specforge_vocab.errors import InputError, ValidatedSettings
 
 logger = logging.getLogger(__name__)
@@ -96,10 +98,9 @@ def resolve_pinned_tokens(
             )
         else:
             if chat_template:
-                eot = get_template(chat_template).end_of_turn_token
-                if eot:
-                    for i in _ids_of_string(tokenizer, eot):
-                        add(int(i), f"end-of-turn ({chat_template})")
+                eot = single_token_id(tokenizer, get_template(chat_template).end_of_turn_token.strip())
+                if eot is not None:
+                    add(eot, f"end-of-turn ({chat_template})")
             eos = getattr(tokenizer, "eos_token_id", None)
             if isinstance(eos, int):
                 add(eos, "eos_token")
@@ -123,7 +124,30 @@ def resolve_pinned_tokens(
             add(int(ids[0]), f"--pin-token {value!r}")
     for note in notes:
         logger.warning("pinned tokens: %s.", note)
+    if tokenizer is not None and chat_template:
+        check_template_fits(chat_template, tokenizer)
     return [found[i] for i in sorted(found)], notes
+
+
+def check_template_fits(chat_template: str, tokenizer) -> Optional[str]:
+    """Warn (and return the warning) when the template's end-of-turn string or headers are not single
+    tokens of the tokenizer: the template was made for another model (e.g. llama3 on a DeepSeek tokenizer)."""
+    unfit = unfit_markers(get_template(chat_template), tokenizer)
+    if not unfit:
+        return None
+    likely = [name for name in likely_templates(tokenizer) if name != chat_template]
+    hint = (
+        f"a template that fits it: --chat-template {likely[0]}"
+        if likely
+        else "no template of SpecForge's registry fits it; check --tokenizer-path"
+    )
+    message = (
+        f"--chat-template {chat_template} does not fit this tokenizer: {', '.join(map(repr, unfit))} "
+        f"{'is' if len(unfit) == 1 else 'are'} not a single token of it, so SpecForge's mask would not find the "
+        f"assistant replies as this template describes them ({hint})"
+    )
+    logger.warning("%s.", message)
+    return message
 
 
 def pinned_ids(tokens: Sequence[PinnedToken]) -> List[int]:

@@ -46,6 +46,7 @@ from specforge_vocab.choosing.cost import DraftArchitecture, latency_reduction
 from specforge_vocab.choosing.domains import domain_curves, first_meeting, meets_floor
 from specforge_vocab.choosing.holdout import pinned_frequency_order
 from specforge_vocab.choosing.studies import best_of, check_storage_settings, run_tpe_trials
+from specforge_vocab.counting.engine import NO_TOKENS
 from specforge_vocab.errors import InputError, SettingsError, must
 
 logger = logging.getLogger(__name__)
@@ -85,10 +86,7 @@ def coverage_curve(counts: np.ndarray, *, pinned_ids: Sequence[int] = ()) -> np.
     prefix = np.concatenate([[0], np.cumsum(ordered)])
     total = int(prefix[-1])
     if total == 0:
-        raise InputError(
-            "No loss-masked tokens were counted, so coverage is undefined. Check that the dataset has "
-            "assistant replies and that --chat-template matches it."
-        )
+        raise InputError(NO_TOKENS)
     # int64 / int: each entry is the exact quotient rounded once, as the paper's int / int.
     return prefix / total
 

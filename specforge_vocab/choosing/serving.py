@@ -217,8 +217,7 @@ class ServingAnalysis:
             lines.append(
                 "pinned: " + ", ".join(f"{t.id} {t.token!r}" if t.token is not None else str(t.id) for t in self.pinned)
             )
-        lines += [f"warning: {w}" for w in self.warnings]
-        return lines
+        return lines  # the warnings were logged when found (each is said once)
 
 
 def _kept(order: np.ndarray, k: int) -> np.ndarray:
@@ -385,7 +384,6 @@ def analyse(
             "at this data size; count more data, or prefer a smaller k or the held-out/bootstrap figures"
         )
         warnings.append(message)
-        logger.warning("%s.", message)
 
     holdout_summary = None
     if holdout is not None:
@@ -423,6 +421,8 @@ def analyse(
             confidence=settings.evaluation.confidence,
         )
 
+    for message in warnings:
+        logger.warning("%s.", message)
     return ServingAnalysis(
         k=k,
         vocab_size=V,

@@ -5,19 +5,23 @@ Each ``add_*_flags`` function adds one settings class's flags (as an argparse gr
 dataclass from the parsed flags, so a field without a flag on that command keeps the
 dataclass default and no default is written twice.
 
->>> parser = argparse.ArgumentParser()
+>>> parser = Parser()
 >>> add_search_flags(parser)
 >>> settings_from(SearchSettings, parser.parse_args(["--n-calls", "100"])).n_calls
 100
 >>> settings_from(SearchSettings, parser.parse_args([])).coverage_weight == SearchSettings.coverage_weight
 True
+
+Every parser is a :class:`Parser`: a flag that takes several values keeps all of them when
+repeated (``--dataset-path a --dataset-path b`` is ``--dataset-path a b``), a single-value flag
+given twice is an error naming it, flags are never abbreviated, and ``--help`` shows every default.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Type, TypeVar
+from typing import FrozenSet, Type, TypeVar
 
 from specforge_vocab.choosing.holdout import EvaluationSettings
 from specforge_vocab.choosing.latency import LATENCY_MODELS, MEASURE_DEVICES, LatencySettings
@@ -32,6 +36,7 @@ from specforge_vocab.choosing.pins import PinSettings
 from specforge_vocab.choosing.search import SEARCH_METHODS, SearchSettings
 from specforge_vocab.choosing.serving import ServingSettings
 from specforge_vocab.counting.engine import COUNT_SOURCES, DEVICES, CountSettings
+from specforge_vocab.counting.templates import template_names
 from specforge_vocab.drafts.trim import TRIM_EXPORT_FORMATS, TrimSettings
 from specforge_vocab.drafts.verify import VerifySettings
 from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT
@@ -46,6 +51,72 @@ EXPORT_HELP = {
 }
 
 Settings = TypeVar("Settings")
+
+# The namespace attribute that records which flags were given on the command line (by dest).
+GIVEN_ATTRIBUTE = "_flags_given"
+
+
+class Store(argparse.Action):
+    """argparse's ``store`` under the house rules.
+
+    A flag taking several values (nargs "+" or "*") given again adds its values to the first
+    ones; a single-value flag given twice is an error naming it (argparse would keep the last
+    value and silently drop the first). Each flag given is recorded (see :func:`flags_given`).
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = set(getattr(namespace, GIVEN_ATTRIBUTE, ()))
+        several = self.nargs in ("+", "*")
+        if option_string is not None and self.dest in given and not several:
+            parser.error(
+                f"{option_string} was given twice (first {getattr(namespace, self.dest)!r}, then {values!r}); "
+                "give it once"
+            )
+        if several and self.dest in given:
+            values = [*getattr(namespace, self.dest), *values]
+        elif several:
+            values = list(values)
+        if option_string is not None:
+            given.add(self.dest)
+            setattr(namespace, GIVEN_ATTRIBUTE, frozenset(given))
+        setattr(namespace, self.dest, values)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` after every flag with a value, without "(default: None)" or
+    "(default: False)" noise, and not where the help text already states the default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.nargs == 0
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or default in ("", [])
+            or "default" in text.lower()
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser with the house rules (:class:`Store`, no abbreviations, every default in
+    ``--help``); its sub-parsers are Parsers too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.register("action", None, Store)
+        self.register("action", "store", Store)
+
+
+def flags_given(args: argparse.Namespace) -> FrozenSet[str]:
+    """The dests of the flags given on the command line (not those left at their defaults)."""
+    return frozenset(getattr(args, GIVEN_ATTRIBUTE, ()))
 
 
 def positive_int(text: str) -> int:
@@ -146,13 +217,14 @@ def add_count_flags(parser: argparse.ArgumentParser, *, shard: bool = True) -> N
     tok.add_argument(
         "--chat-template",
         default=CountSettings.chat_template,
-        help=f"SpecForge chat template name (default {CountSettings.chat_template})",
+        metavar="NAME",
+        help=f"the SpecForge chat template the target is trained with: {', '.join(template_names())}",
     )
     tok.add_argument(
         "--max-length",
         type=positive_int,
         default=CountSettings.max_length,
-        help=f"truncation length (SpecForge: {CountSettings.max_length})",
+        help="truncation length, as SpecForge's max_length",
     )
     tok.add_argument(
         "--target-vocab-size",
@@ -241,7 +313,7 @@ def add_search_flags(parser: argparse.ArgumentParser, *, prefix: str = "--") -> 
         dest="coverage_weight",
         type=float,
         default=s.coverage_weight,
-        help=f"a in a*coverage + (1-a)*latency_reduction (default {s.coverage_weight})",
+        help="a in a*coverage + (1-a)*latency_reduction",
     )
     group.add_argument(
         name("min-coverage"),
@@ -255,21 +327,17 @@ def add_search_flags(parser: argparse.ArgumentParser, *, prefix: str = "--") -> 
         dest="min_vocab_size",
         type=int,
         default=s.min_vocab_size,
-        help=f"lower bound of the search range ({s.min_vocab_size})",
+        help="lower bound of the search range",
     )
     group.add_argument(
         name("max-vocab-size"),
         dest="max_vocab_size",
         type=int,
         default=s.max_vocab_size,
-        help=f"upper bound of the search range ({s.max_vocab_size})",
+        help="upper bound of the search range",
     )
-    group.add_argument(
-        name("n-calls"), dest="n_calls", type=int, default=s.n_calls, help=f"number of TPE trials ({s.n_calls})"
-    )
-    group.add_argument(
-        name("random-state"), dest="random_state", type=int, default=s.random_state, help=f"TPE seed ({s.random_state})"
-    )
+    group.add_argument(name("n-calls"), dest="n_calls", type=int, default=s.n_calls, help="number of TPE trials")
+    group.add_argument(name("random-state"), dest="random_state", type=int, default=s.random_state, help="TPE seed")
     group.add_argument(
         name("search"),
         dest="search",
@@ -343,13 +411,13 @@ def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
         dest="confidence",
         type=float,
         default=e.confidence,
-        help=f"level of the bootstrap intervals ({e.confidence})",
+        help="level of the bootstrap intervals",
     )
     group.add_argument(
         "--min-token-count",
         type=int,
         default=e.min_token_count,
-        help=f"warn when the chosen k keeps ids seen fewer than this many times ({e.min_token_count})",
+        help="warn when the chosen k keeps ids seen fewer than this many times",
     )
 
 
@@ -404,19 +472,19 @@ def add_latency_flags(parser: argparse.ArgumentParser) -> None:
         "--measure-points",
         type=int,
         default=lat.measure_points,
-        help=f"LM-head sizes timed, geometric up to V ({lat.measure_points})",
+        help="LM-head sizes timed, geometric up to V",
     )
     group.add_argument(
         "--measure-repeats",
         type=int,
         default=lat.measure_repeats,
-        help=f"timings per size; the median is fitted ({lat.measure_repeats})",
+        help="timings per size; the median is fitted",
     )
     group.add_argument(
         "--measure-context",
         type=int,
         default=lat.measure_context,
-        help=f"KV-cache length the timed attention reads ({lat.measure_context})",
+        help="KV-cache length the timed attention reads",
     )
     group.add_argument(
         "--measure-eager",
@@ -484,7 +552,6 @@ def add_pin_flags(parser: argparse.ArgumentParser) -> None:
         "--pin-token",
         dest="pin_tokens",
         nargs="+",
-        action="extend",
         default=[],
         metavar="TOKEN",
         help="token strings or integer ids to keep whatever their counts",

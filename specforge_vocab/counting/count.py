@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -22,7 +23,7 @@ from specforge_vocab.counting.engine import CountAborted, Counter, CountSettings
 from specforge_vocab.counting.file_tally import weighted_source_lines
 from specforge_vocab.counting.tokenizer import load_tokenizer, tokenizer_sha256
 from specforge_vocab.counting.workers import count_in_workers
-from specforge_vocab.errors import InputError
+from specforge_vocab.errors import InputError, SettingsError
 from specforge_vocab.fileio import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -148,12 +149,31 @@ class CountResult:
                 f"shard {shard} (records at position % {shard.count} == {shard.index}; "
                 "`specforge-vocab merge` sums the shards)",
             )
-        if self.records_invalid_skipped:
-            lines.append(f"invalid records skipped (--skip-invalid): {self.records_invalid_skipped:,}")
-            lines.extend(f"  e.g. {m}" for m in self.invalid_examples[:3])
         if self.sources:
             lines += weighted_source_lines(self.sources)
-        return lines
+        return lines  # invalid records skipped are reported once, by report_skipped
+
+    def skipped_summary(self, shown: int = 3) -> Optional[str]:
+        """One paragraph on the invalid records --skip-invalid skipped: the first few, then a count."""
+        n = self.records_invalid_skipped
+        if not n:
+            return None
+        first = self.invalid_examples[:shown]
+        more = n - len(first)
+        return (
+            f"--skip-invalid skipped {n:,} invalid record{'s' if n != 1 else ''}"
+            + (f", the first {len(first)}" if n > len(first) else "")
+            + ": "
+            + " | ".join(first)
+            + (f" | and {more:,} more (-v lists every one)" if more > 0 else "")
+        )
+
+
+def report_skipped(result: CountResult) -> None:
+    """Log the one warning about the records --skip-invalid skipped (nothing when none were)."""
+    summary = result.skipped_summary()
+    if summary:
+        logger.warning("%s", summary)
 
 
 def file_infos(
@@ -192,7 +212,7 @@ def resolve_num_workers(settings: CountSettings, files: Sequence[str], shard: Op
     size = 0
     for path in files:
         try:
-            size += os.path.getsize(path) * (4 if path.endswith(".gz") else 1)
+            size += os.path.getsize(path) * (4 if path.lower().endswith(".gz") else 1)
         except OSError:
             pass
     return 1 if size / parts < AUTO_WORKERS_MIN_BYTES else cores
@@ -240,13 +260,15 @@ def count_records(
     sha256: Callable[[str], str] = sha256_file,
     stop: Optional[Callable[[], bool]] = None,
     check_empty: bool = True,
+    report: bool = True,
 ) -> CountResult:
     """:func:`count_dataset` with the shard given explicitly (the distributed path splits one shard
-    further by rank); the result carries ``settings`` as given."""
+    further by rank, with ``check_empty`` and ``report`` off: it checks and reports the sum); the
+    result carries ``settings`` as given."""
     files = dataset_files(settings.dataset_paths)
     stats = ReadStats()
     workers = 1 if records is not None else resolve_num_workers(settings, files, shard)
-    bar = _progress_bar(progress, files, settings.sample_size)
+    bar = _progress_bar(progress, files, settings.sample_size, shard)
     tallies = list(tallies)
     try:
         if workers > 1:
@@ -266,7 +288,7 @@ def count_records(
         tokenizer = load_tokenizer(settings.tokenizer_path, trust_remote_code=settings.trust_remote_code)
         totals.tokenizer_length = len(tokenizer)
         totals.counts = np.zeros(resolve_vocab_size(tokenizer, settings.target_vocab_size), dtype=np.int64)
-    return CountResult(
+    result = CountResult(
         counts=totals.counts,
         settings=settings,
         tokenizer_length=totals.tokenizer_length,
@@ -283,6 +305,9 @@ def count_records(
             settings.tokenizer_path, trust_remote_code=settings.trust_remote_code, sha256=sha256
         ),
     )
+    if report:
+        report_skipped(result)
+    return result
 
 
 def check_not_empty(files: Sequence[str], records_read: int, records_counted: int, invalid_skipped: int) -> None:
@@ -343,18 +368,41 @@ def _count_in_process(
     )
 
 
-def _progress_bar(enabled: bool, files: Sequence[str], sample_size: Optional[int]):
-    if not enabled:
-        return None
+def expected_records(files: Sequence[str], sample_size: Optional[int], shard: Optional[Shard] = None) -> Optional[int]:
+    """How many records a count will read, when that is known without decoding: ``sample_size``, or
+    the lines of plain .jsonl files (blank lines, which are not records, make it a little high);
+    None for .json lists and .gz files. Divided among the shards."""
+    total = sample_size
+    if total is None:
+        if not all(p.lower().endswith(".jsonl") for p in files):
+            return None
+        total = 0
+        for path in files:
+            try:
+                with open(path, "rb") as handle:
+                    last = b"\n"
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        total += block.count(b"\n")
+                        last = block[-1:]
+                    total += last != b"\n"
+            except OSError:
+                return None
+    if shard is not None:
+        total = len(range(shard.index, total, shard.count))
+    return total
 
-    # disable=None: no bar when stderr is not a terminal (CI logs, pipes).
+
+def _progress_bar(enabled: bool, files: Sequence[str], sample_size: Optional[int], shard: Optional[Shard] = None):
+    """A progress bar on stderr (none when it is not a terminal: CI logs, pipes), with a total and an
+    ETA when the number of records is known (see :func:`expected_records`)."""
+    if not enabled or not sys.stderr.isatty():
+        return None
     return tqdm(
-        total=sample_size,
+        total=expected_records(files, sample_size, shard),
         unit=" records",
         desc="counting",
         dynamic_ncols=True,
         mininterval=0.5,
-        disable=None,
         leave=False,
     )
 
@@ -372,13 +420,16 @@ def count_tokens(
 ) -> np.ndarray:
     """Loss-masked token counts of a SpecForge dataset: int64 array of length V.
 
-    ``dataset_paths`` is a path or a list of files/directories, read in order.
+    ``dataset_paths`` is a path or a list of files/directories, read in order. An argument of the
+    wrong type is refused with a message naming it (``max_length=True`` is not a length).
     """
     if isinstance(dataset_paths, (str, os.PathLike)):
         dataset_paths = [os.fspath(dataset_paths)]
+    elif isinstance(dataset_paths, (list, tuple)):
+        dataset_paths = list(dataset_paths)
     settings = CountSettings(
-        dataset_paths=list(dataset_paths),
-        tokenizer_path=os.fspath(tokenizer_path),
+        dataset_paths=dataset_paths,
+        tokenizer_path=os.fspath(tokenizer_path) if isinstance(tokenizer_path, os.PathLike) else tokenizer_path,
         chat_template=chat_template,
         max_length=max_length,
         is_preformatted=is_preformatted,
@@ -386,4 +437,20 @@ def count_tokens(
         sample_size=sample_size,
         target_vocab_size=target_vocab_size,
     )
+    problems = settings.problems()
+    if problems:
+        raise SettingsError([f"count_tokens: {named_as_argument(p)}" for p in problems])
     return count_dataset(settings).counts
+
+
+def named_as_argument(problem: str) -> str:
+    """A settings problem worded for the Python API: its leading flag also named as the argument.
+
+    >>> named_as_argument("--max-length must be a positive integer, but got True.")
+    'max_length (--max-length) must be a positive integer, but got True.'
+    """
+    flag = problem.split(" ", 1)[0]
+    if not flag.startswith("--"):
+        return problem
+    name = {"--dataset-path": "dataset_paths"}.get(flag, flag[2:].replace("-", "_"))
+    return f"{name} ({flag}){problem[len(flag) :]}"

@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Dict, Optional, Tuple
+from typing import Collection, Dict, List, Optional, Tuple
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from specforge_vocab.counting.data import dataset_files
 from specforge_vocab.counting.engine import CountSettings
+from specforge_vocab.counting.templates import canonical_template_name
+from specforge_vocab.counting.tokenizer import tokenizer_sha256
 from specforge_vocab.errors import InputError
 from specforge_vocab.fileio import atomic_write, safetensors_bytes
 
@@ -121,3 +124,94 @@ def load_counts(path: str, *, flag: str = "--counts") -> Tuple[np.ndarray, Dict[
     """Read a counts file written by :func:`save_counts`; a bad file is a clear error."""
     counts, metadata, _ = read_counts_file(path, flag=flag)
     return counts, metadata
+
+
+# The counting settings a counts file was made with, by field: their flag and how the file records them.
+COUNTED_WITH = {
+    "dataset_paths": "--dataset-path",
+    "tokenizer_path": "--tokenizer-path",
+    "chat_template": "--chat-template",
+    "max_length": "--max-length",
+    "is_preformatted": "--is-preformatted",
+    "train_only_last_turn": "--train-only-last-turn",
+    "sample_size": "--sample-size",
+    "target_vocab_size": "--target-vocab-size",
+}
+
+
+def read_counts_metadata(path: str) -> Optional[Dict[str, str]]:
+    """The metadata of a counts file (the tensor is not read), or None when it cannot be read."""
+    try:
+        with safe_open(path, framework="numpy") as handle:
+            metadata = dict(handle.metadata() or {})
+            metadata["vocab_size"] = metadata.get("vocab_size") or str(handle.get_slice(COUNTS_TENSOR).get_shape()[0])
+            return metadata
+    except Exception:  # noqa: BLE001 - load_counts reports an unreadable file with its reason
+        return None
+
+
+def _recorded(field: str, metadata: Dict[str, str]):
+    """What the counts file records for ``field`` (KeyError / ValueError when it does not say)."""
+    if field == "dataset_paths":
+        return [(os.path.realpath(f["path"]), int(f["size"])) for f in json.loads(metadata["files"])]
+    if field == "tokenizer_path":
+        return metadata["tokenizer_path"]
+    if field == "chat_template":
+        return canonical_template_name(metadata["chat_template"])
+    if field in ("max_length", "target_vocab_size"):
+        return int(metadata["max_length" if field == "max_length" else "vocab_size"])
+    return json.loads(metadata[field])
+
+
+def _same(field: str, given, recorded, metadata: Dict[str, str]) -> bool:
+    if field == "dataset_paths":
+        try:
+            files = dataset_files(given)
+        except InputError:
+            return False
+        return [(os.path.realpath(p), os.path.getsize(p)) for p in files] == recorded
+    if field == "tokenizer_path":
+        if os.path.realpath(given) == os.path.realpath(recorded):
+            return True
+        return bool(metadata.get("tokenizer_sha256")) and tokenizer_sha256(given) == metadata["tokenizer_sha256"]
+    if field == "chat_template":
+        return canonical_template_name(given) == recorded
+    return given == recorded
+
+
+def counts_file_conflicts(
+    settings: CountSettings, counts_path: str, given: Optional[Collection[str]] = None, *, flag: str = "--counts"
+) -> List[str]:
+    """Counting flags that disagree with the counts file ``counts_path`` (one problem each).
+
+    The counts file already fixes what was counted; a counting flag given with it is accepted only
+    when it equals what the file records. A field is checked when it differs from CountSettings'
+    default or is in ``given`` (the fields set on the command line, a default typed out included).
+    """
+    metadata = read_counts_metadata(counts_path)
+    if metadata is None:
+        return []  # load_counts says what is wrong with the file
+    defaults = CountSettings()
+    problems = []
+    for field, name in COUNTED_WITH.items():
+        value = getattr(settings, field)
+        if value == getattr(defaults, field) and (given is None or field not in given):
+            continue
+        try:
+            recorded = _recorded(field, metadata)
+        except (KeyError, ValueError, TypeError):
+            recorded = None
+        if recorded is None and field != "dataset_paths":
+            continue  # the file does not say (an older counts file): the flag fills it in
+        if recorded is not None and _same(field, value, recorded, metadata):
+            continue
+        if field == "dataset_paths":
+            said = json.dumps([path for path, _ in recorded]) if recorded else "no data files"
+        else:
+            said = "nothing" if recorded is None else repr(recorded)
+        problems.append(
+            f"{name} {value!r} conflicts with {flag} {counts_path}, which was counted with {said}: the counts "
+            f"file decides what was counted. Drop {name} to use the counts file as it is, or drop {flag} to "
+            "count again with the flags given."
+        )
+    return problems

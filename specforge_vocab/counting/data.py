@@ -18,10 +18,11 @@ import json
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from specforge_vocab.errors import InputError
+from specforge_vocab.errors import InputError, short
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,20 @@ def parse_json_line(text: str, path: str, number: int) -> Any:
     """``json.loads`` of one .jsonl line; malformed JSON is an InputError naming file and line."""
     try:
         return json.loads(text)
+    except RecursionError:
+        raise InputError(
+            f"{path}, line {number}: malformed JSON: nested deeper than the JSON parser allows "
+            f"({sys.getrecursionlimit()} levels). No conversation is nested like this; fix or remove this line, "
+            "or pass --skip-invalid to skip bad lines."
+        ) from None
     except json.JSONDecodeError as exc:
+        if number == 1 and text.lstrip().startswith("{") and path.lower().endswith((".json", ".json.gz")):
+            raise InputError(
+                f"{path}, line 1: malformed JSON ({exc.msg} at column {exc.colno}): a .json dataset must be a list "
+                "of records ([{...}, {...}]) or hold one record per line (JSON Lines), but this file starts "
+                "with an object that does not end on its first line. Wrap the records in [ ] (or write one "
+                "per line)."
+            ) from None
         raise InputError(
             f"{path}, line {number}: malformed JSON ({exc.msg} at column {exc.colno}). "
             "Each line of a .jsonl file must be one complete JSON object; fix or remove this line, "
@@ -127,53 +141,143 @@ class ReadStats:
     max_examples: int = 5
 
     def skip(self, message: str, index: Optional[int] = None, *, log: bool = True) -> None:
+        """Note one skipped record (logged at debug level; the count reports them all at once)."""
         self.invalid_skipped += 1
         if len(self.examples) < self.max_examples:
             self.examples.append(message)
             self.example_indices.append(-1 if index is None else int(index))
         if log:
-            logger.warning("skipped: %s", message)
+            logger.debug("skipped: %s", message)
+
+
+def is_dataset_file(path: str) -> bool:
+    """A name ending in .jsonl, .json, .jsonl.gz or .json.gz, in any case (``DATA.JSONL`` too)."""
+    return os.path.basename(path).lower().endswith(SUFFIXES)
+
+
+def is_gzip(path: str) -> bool:
+    return path.lower().endswith(".gz")
+
+
+# Conversions that work for the formats people most often keep next to their JSON data.
+_CONVERT = {
+    ".parquet": "pandas.read_parquet('{f}').to_json('{j}', orient='records', lines=True, force_ascii=False)",
+    ".arrow": "datasets.Dataset.from_file('{f}').to_json('{j}', force_ascii=False)",
+    ".csv": "pandas.read_csv('{f}').to_json('{j}', orient='records', lines=True, force_ascii=False)",
+}
+
+
+_reported_skips: set = set()
+
+
+def _walk_dataset_dir(directory: str, flag: str) -> Tuple[List[str], List[str]]:
+    """(dataset files, other files) below ``directory``, following symlinked folders (each folder
+    once, so a link back up is no loop); hidden entries are left out."""
+    found: List[str] = []
+    others: List[str] = []
+    seen = set()
+
+    def visit(folder: str) -> None:
+        try:
+            info = os.stat(folder)
+            if (info.st_dev, info.st_ino) in seen:
+                return
+            seen.add((info.st_dev, info.st_ino))
+            entries = list(os.scandir(folder))
+        except OSError as exc:
+            raise InputError(
+                f"{flag} {directory}: cannot read {folder} ({exc.strerror}). Check its permissions."
+            ) from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():  # a symlinked folder too
+                visit(entry.path)
+            elif entry.is_file() and is_dataset_file(entry.name):
+                found.append(entry.path)
+            else:
+                others.append(entry.path)
+
+    visit(directory)
+    return sorted(found), sorted(others)
+
+
+def _report_skipped(directory: str, skipped: List[str], flag: str) -> None:
+    """One warning listing the files of a dataset folder that are not read, with a conversion that works."""
+    key = (directory, tuple(skipped))
+    if not skipped or key in _reported_skips:
+        return
+    _reported_skips.add(key)
+    names = [os.path.relpath(p, directory) for p in skipped]
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    hints = []
+    for suffix, template in _CONVERT.items():
+        example = next((p for p in skipped if p.lower().endswith(suffix)), None)
+        if example:
+            target = example[: -len(suffix)] + ".jsonl"
+            hints.append(
+                'python -c "import ' + template.split(".")[0] + "; " + template.format(f=example, j=target) + '"'
+            )
+    fix = (" Convert them to JSON Lines to count them, e.g. " + "; ".join(hints) + ".") if hints else ""
+    logger.warning(
+        "%s %s: %d file(s) are not .jsonl/.json(.gz) and are not read: %s.%s",
+        flag,
+        directory,
+        len(names),
+        shown,
+        fix,
+    )
 
 
 def dataset_files(paths: Sequence[str], *, flag: str = "--dataset-path") -> List[str]:
-    """Expand files and directories (searched recursively, sorted) into data files, in order."""
+    """Expand files and directories (searched recursively, symlinked folders followed, sorted) into
+    data files, in order. Other files in a directory are listed in a warning; a file named twice
+    (or a folder and a file in it) is an error."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     files: List[str] = []
+    named_by: Dict[str, str] = {}
     for path in paths:
         path = os.fspath(path)
         if os.path.isdir(path):
-            found = sorted(
-                os.path.join(root, name)
-                for root, _, names in os.walk(path)
-                for name in names
-                if name.endswith(SUFFIXES) and not name.startswith(".")
-            )
+            found, others = _walk_dataset_dir(path, flag)
             if not found:
                 raise InputError(
                     f"{flag} {path} is a directory with no dataset files; expected files ending in "
-                    f"{', '.join(SUFFIXES)}. Point {flag} at your .jsonl/.json files."
+                    f"{', '.join(SUFFIXES)}"
+                    + (f" (it holds {short(sorted(os.path.relpath(o, path) for o in others), 120)})" if others else "")
+                    + f". Point {flag} at your .jsonl/.json files."
                 )
-            files.extend(found)
+            _report_skipped(path, others, flag)
         elif os.path.isfile(path):
-            if not path.endswith(SUFFIXES):
+            if not is_dataset_file(path):
                 raise InputError(
                     f"{flag} {path} must be a .jsonl, .json, .jsonl.gz or .json.gz file, but its name ends "
                     f"in {os.path.splitext(path)[1] or 'nothing'}. Rename it or convert it to JSON Lines."
                 )
-            files.append(path)
+            found = [path]
         else:
             raise InputError(f"{flag} {path} does not exist. Check the path (relative paths start at {os.getcwd()}).")
+        for file in found:
+            real = os.path.realpath(file)
+            if real in named_by:
+                raise InputError(
+                    f"{flag}: {file} would be counted twice, as it is named by both {named_by[real]!r} and {path!r} "
+                    f"(the same file, or a folder and a file in it). Name each file once."
+                )
+            named_by[real] = path
+            files.append(file)
     if not files:
         raise InputError(f"{flag} must name at least one dataset file or directory, but got none.")
     return files
 
 
 def _open_text(path: str) -> io.TextIOBase:
+    """The file as text, a UTF-8 byte order mark dropped."""
     try:
-        if path.endswith(".gz"):
-            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-        return open(path, encoding="utf-8")
+        if is_gzip(path):
+            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")
+        return open(path, encoding="utf-8-sig")
     except OSError as exc:
         raise InputError(f"Cannot read dataset {path}: {exc.strerror}. Check the file's permissions.") from exc
 
@@ -244,6 +348,11 @@ def _iter_json_array(handle, path: str) -> Iterator[tuple]:
                 if end >= len(buf) and not eof:
                     raise ValueError
                 break
+            except RecursionError:
+                raise InputError(
+                    f"{path}, line {line}: malformed JSON: a record nested deeper than the JSON parser allows "
+                    f"({sys.getrecursionlimit()} levels). Fix or remove that record."
+                ) from None
             except (json.JSONDecodeError, ValueError):
                 if not fill():
                     fail("a complete JSON record")
@@ -269,7 +378,7 @@ def iter_raw_records(
     for path in dataset_files(paths, flag=flag):
         with _open_text(path) as handle:
             try:
-                is_array = path.endswith((".json", ".json.gz")) and _peek_is_array(handle)
+                is_array = path.lower().endswith((".json", ".json.gz")) and _peek_is_array(handle)
                 values = _iter_json_array(handle, path) if is_array else _iter_jsonl_lines(handle)
                 for line, value in values:
                     if sample_size is not None and index >= sample_size:

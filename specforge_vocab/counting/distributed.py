@@ -36,7 +36,13 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from specforge_vocab.counting import cache
-from specforge_vocab.counting.count import CountResult, check_not_empty, count_dataset, count_records
+from specforge_vocab.counting.count import (
+    CountResult,
+    check_not_empty,
+    count_dataset,
+    count_records,
+    report_skipped,
+)
 from specforge_vocab.counting.data import Shard
 from specforge_vocab.counting.engine import CountAborted, CountSettings, Tally
 from specforge_vocab.errors import InputError, SpecForgeVocabError
@@ -308,6 +314,7 @@ def count_dataset_distributed(
                 progress=show,
                 tallies=tallies,
                 check_empty=False,
+                report=False,
                 stop=session.stop_flag(abort_key),
             )
 
@@ -316,6 +323,8 @@ def count_dataset_distributed(
         )
         _check_same_inputs(identities, session.rank)
         result = _sum_over_ranks(session, settings, local, tallies)
+        if session.rank == 0:
+            report_skipped(result)
         if cache_dir is not None:
 
             def store() -> None:

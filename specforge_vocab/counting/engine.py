@@ -26,13 +26,23 @@ from specforge_vocab.counting.data import RawRecord, ReadStats, Record, Shard, d
 from specforge_vocab.counting.masking import MaskEngine, render_record
 from specforge_vocab.counting.pretokenized import prompts_file_kind
 from specforge_vocab.counting.templates import canonical_template_name, get_template, template_names
-from specforge_vocab.errors import InputError, SpecForgeVocabError, ValidatedSettings, must
+from specforge_vocab.counting.tokenizer import tokenizer_path_problem
+from specforge_vocab.errors import InputError, SpecForgeVocabError, ValidatedSettings, is_int, must
 
 logger = logging.getLogger(__name__)
 
 
 # Bumped whenever a change to counting changes what is counted: cached counts then miss.
 COUNTING_VERSION = "1"
+
+
+# What to check when nothing was counted (optimize, trim, count).
+NO_TOKENS = (
+    "No loss-masked tokens were counted, so coverage is undefined. Check that the dataset has assistant "
+    "replies, that --chat-template matches it, and that --max-length leaves room for them: SpecForge "
+    "truncates each conversation to max_length tokens before the mask, so a long system prompt or first "
+    "question can leave no reply inside it (raise --max-length, SpecForge's data.max_length)."
+)
 
 
 # Records per chunk sent to a worker (also cut at CHUNK_BYTES of raw JSON).
@@ -60,13 +70,6 @@ class CountSettings(ValidatedSettings):
     """What to count and how; one field per `specforge-vocab count` flag."""
 
     dataset_paths: List[str] = field(default_factory=list)
-    dataset_weights: List[int] = field(default_factory=list)  # one per dataset path; empty: every weight 1
-    prompts_path: Optional[str] = None
-    hidden_states_path: Optional[str] = None
-    count_source: str = "tokens"
-    target_model_path: Optional[str] = None
-    lm_head_key: str = "lm_head.weight"
-    device: str = "auto"
     tokenizer_path: str = ""
     chat_template: str = "llama3"
     max_length: int = 2048
@@ -79,6 +82,14 @@ class CountSettings(ValidatedSettings):
     batch_size: int = 256
     num_workers: Optional[int] = None
     shard: Optional[str] = None
+    dataset_weights: List[int] = field(default_factory=list)  # one per dataset path; empty: every weight 1
+    # SpecForge's other two data sources (instead of dataset_paths) and what to count from them
+    prompts_path: Optional[str] = None
+    hidden_states_path: Optional[str] = None
+    count_source: str = "tokens"
+    target_model_path: Optional[str] = None
+    lm_head_key: str = "lm_head.weight"
+    device: str = "auto"
 
     def shard_spec(self) -> Optional[Shard]:
         """The parsed ``shard`` ("i/n"), or None when counting every record."""
@@ -114,20 +125,27 @@ class CountSettings(ValidatedSettings):
         if self.count_source not in COUNT_SOURCES:
             out.append(must("--count-source", f"one of {', '.join(COUNT_SOURCES)}", self.count_source))
         out += self._target_problems(vocab_size_known)
-        if canonical_template_name(self.chat_template) not in template_names():
-            out.append(must("--chat-template", f"one of {', '.join(template_names())}", self.chat_template))
-        if not isinstance(self.max_length, int) or self.max_length < 1:
-            out.append(must("--max-length", "a positive integer", self.max_length))
-        if self.sample_size is not None and (not isinstance(self.sample_size, int) or self.sample_size < 1):
-            out.append(must("--sample-size", "a positive integer", self.sample_size))
-        if self.target_vocab_size is not None and (
-            not isinstance(self.target_vocab_size, int) or self.target_vocab_size < 1
+        if (
+            not isinstance(self.chat_template, str)
+            or canonical_template_name(self.chat_template) not in template_names()
         ):
-            out.append(must("--target-vocab-size", "a positive integer", self.target_vocab_size))
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            out.append(must("--batch-size", "a positive integer", self.batch_size))
-        if self.num_workers is not None and (not isinstance(self.num_workers, int) or self.num_workers < 1):
+            out.append(must("--chat-template", f"one of {', '.join(template_names())}", self.chat_template))
+        for flag, value in (("--max-length", self.max_length), ("--batch-size", self.batch_size)):
+            if not is_int(value) or value < 1:
+                out.append(must(flag, "a positive integer", value))
+        for flag, value in (("--sample-size", self.sample_size), ("--target-vocab-size", self.target_vocab_size)):
+            if value is not None and (not is_int(value) or value < 1):
+                out.append(must(flag, "a positive integer", value))
+        if self.num_workers is not None and (not is_int(self.num_workers) or self.num_workers < 1):
             out.append(must("--num-workers", "a positive integer (1 counts in this process)", self.num_workers))
+        for flag, value in (
+            ("--is-preformatted", self.is_preformatted),
+            ("--train-only-last-turn", self.train_only_last_turn),
+            ("--skip-invalid", self.skip_invalid),
+            ("--trust-remote-code", self.trust_remote_code),
+        ):
+            if not isinstance(value, bool):
+                out.append(must(flag, "True or False", value))
         if self.shard not in (None, ""):
             try:
                 Shard.parse(self.shard)
@@ -138,6 +156,11 @@ class CountSettings(ValidatedSettings):
         return out
 
     def _source_problems(self) -> List[str]:
+        paths = self.dataset_paths
+        if isinstance(paths, (str, bytes, os.PathLike)) or not isinstance(paths, (list, tuple)):
+            return [must("--dataset-path", "a list of files or directories", paths)]
+        if not all(isinstance(path, (str, os.PathLike)) for path in paths):
+            return [must("--dataset-path", "a list of paths", paths)]
         given = [flag for flag, value in zip(DATA_FLAGS, self._sources()) if value]
         if len(given) != 1:
             return [
@@ -191,14 +214,12 @@ class CountSettings(ValidatedSettings):
         ]
 
     def _tokenizer_problems(self) -> List[str]:
+        if not isinstance(self.tokenizer_path, (str, os.PathLike)):
+            return [must("--tokenizer-path", "a path", self.tokenizer_path)]
         if not self.tokenizer_path:
             return ["--tokenizer-path must name the target model's tokenizer directory, but got nothing."]
-        if not os.path.isdir(self.tokenizer_path):
-            return [
-                f"--tokenizer-path {self.tokenizer_path} must be a directory holding tokenizer.json, but it "
-                "does not exist. Point it at the target model's tokenizer folder."
-            ]
-        return []
+        problem = tokenizer_path_problem(self.tokenizer_path)
+        return [problem] if problem else []
 
     def _target_problems(self, vocab_size_known: bool) -> List[str]:
         out = []

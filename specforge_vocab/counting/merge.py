@@ -26,6 +26,7 @@ from specforge_vocab.counting.count import CountResult, check_not_empty
 from specforge_vocab.counting.counts_file import load_counts, save_counts, settings_from_metadata
 from specforge_vocab.counting.data import Shard
 from specforge_vocab.errors import InputError
+from specforge_vocab.fileio import output_file_problem
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +218,9 @@ def merge_counts(paths: Sequence[str]) -> "CountResult":
 
 def merge_to_file(paths: Sequence[str], *, output: str) -> "CountResult":
     """Merge ``paths`` (see :func:`merge_counts`) and write the counts file ``output`` atomically."""
-
+    problem = output_file_problem(output)
+    if problem:
+        raise InputError(problem)
     result = merge_counts(paths)
     save_counts(output, result.counts, result.metadata())
     logger.info("wrote %s", output)

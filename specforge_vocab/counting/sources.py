@@ -95,12 +95,8 @@ def obtain_counts(
         counted = count_tokenized(
             settings, distributed=distributed, progress=progress, field=field, cache_dir=cache_dir, force=force
         )
-        if counted.cache_hit:
-            logger.warning(
-                "Reusing the counts cached in %s (same files, sizes and mtimes, settings and LM head; --no-cache "
-                "recounts).",
-                os.path.join(cache_dir, COUNTS_SUBDIR),
-            )
+        if counted.cache_hit:  # said in the summary (pipeline.OptimizeResult), not as a warning
+            logger.info("Reusing the counts cached in %s.", os.path.join(cache_dir, COUNTS_SUBDIR))
         return Counted(counted.counts, counted.metadata, by_source=counted.by_source, cache_hit=counted.cache_hit)
     if distributed:
         result = count_dataset_distributed(
@@ -111,9 +107,6 @@ def obtain_counts(
         result = count_dataset(settings, progress=progress, tallies=tallies)
         return Counted(result.counts, result.metadata(), result)
     result, hit = cached_count(settings, cache_dir=cache_dir, progress=progress, force=force, tallies=tallies)
-    if hit:
-        logger.warning(
-            "Reusing the counts cached in %s (same data, tokenizer and settings; --no-cache recounts).",
-            os.path.join(cache_dir, COUNTS_SUBDIR),
-        )
+    if hit:  # expected on a rerun, so not a warning; the summary says where the counts came from
+        logger.info("Reusing the counts cached in %s.", os.path.join(cache_dir, COUNTS_SUBDIR))
     return Counted(result.counts, result.metadata(), result, cache_hit=hit)

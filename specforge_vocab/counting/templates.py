@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from specforge_vocab.errors import InputError
 
@@ -91,3 +91,55 @@ def get_template(name: str, *, flag: str = "--chat-template") -> ChatTemplate:
 
 def template_or_none(name: Optional[str]) -> Optional[ChatTemplate]:
     return None if name is None else get_template(name)
+
+
+# The special-token-like pieces of a template's markers: <|eot_id|>, <｜User｜>, <role>, </longcat_s>.
+_MARKER = re.compile(r"<[^<>\s]+>")
+
+
+def is_single_token(tokenizer: Any, text: str) -> bool:
+    """``text`` is one token of ``tokenizer``: one of its added/special tokens, or a string it encodes
+    to exactly one id (without special tokens)."""
+    if not text:
+        return False
+    if text in tokenizer.get_added_vocab():
+        return True
+    return len(tokenizer.encode(text, add_special_tokens=False)) == 1
+
+
+def single_token_id(tokenizer: Any, text: str) -> Optional[int]:
+    """The id of ``text`` when it is a single token of ``tokenizer`` (see :func:`is_single_token`), else None."""
+    if not is_single_token(tokenizer, text):
+        return None
+    added = tokenizer.get_added_vocab()
+    return int(added[text]) if text in added else int(tokenizer.encode(text, add_special_tokens=False)[0])
+
+
+def template_markers(template: ChatTemplate) -> List[str]:
+    """The special-token-like pieces of the template's end-of-turn string and headers, once each.
+
+    >>> template_markers(get_template("llama3"))
+    ['<|eot_id|>', '<|start_header_id|>', '<|end_header_id|>']
+    """
+    out: List[str] = []
+    for text in (template.end_of_turn_token, template.assistant_header, template.user_header):
+        out += [m for m in _MARKER.findall(text or "") if m not in out]
+    return out
+
+
+def unfit_markers(template: ChatTemplate, tokenizer: Any) -> List[str]:
+    """The template's markers that are not single tokens of ``tokenizer``: a template made for another
+    model family (SpecForge would then find no assistant span to train on)."""
+    return [m for m in template_markers(template) if not is_single_token(tokenizer, m)]
+
+
+def likely_templates(tokenizer: Any) -> List[str]:
+    """Templates of the registry whose every marker is a single token of ``tokenizer``, most specific first
+    (more markers, then an end-of-turn token equal to the tokenizer's EOS)."""
+    eos = getattr(tokenizer, "eos_token", None)
+    scored = []
+    for position, (name, template) in enumerate(_registry().items()):
+        markers = template_markers(template)
+        if markers and not unfit_markers(template, tokenizer):
+            scored.append((-len(markers), template.end_of_turn_token.strip() != eos, position, name))
+    return [name for *_, name in sorted(scored)]

@@ -6,7 +6,7 @@ import hashlib
 import logging
 import os
 from functools import lru_cache
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 from specforge_vocab.errors import InputError
 from specforge_vocab.fileio import sha256_file
@@ -14,21 +14,39 @@ from specforge_vocab.fileio import sha256_file
 logger = logging.getLogger(__name__)
 
 
+def tokenizer_path_problem(path: str, flag: str = "--tokenizer-path") -> Optional[str]:
+    """Why ``path`` is not a tokenizer directory (None when it looks like one).
+
+    >>> tokenizer_path_problem("/nowhere")[:47]
+    '--tokenizer-path /nowhere must be a directory h'
+    """
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return (
+            f"{flag} {path} must be the directory holding tokenizer.json, but it is a file. Pass its folder: "
+            f"{flag} {os.path.dirname(os.path.abspath(path))}"
+        )
+    if not os.path.isdir(path):
+        return (
+            f"{flag} {path} must be a directory holding tokenizer.json (and tokenizer_config.json), "
+            "but it does not exist. Download the target model's tokenizer and point "
+            f"{flag} at that folder."
+        )
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        return (
+            f"{flag} {path} has no tokenizer.json; a fast tokenizer is required. Save one with "
+            "AutoTokenizer.from_pretrained(...).save_pretrained(dir) and point to that dir."
+        )
+    return None
+
+
 @lru_cache(maxsize=4)
 def load_tokenizer(path: str, *, trust_remote_code: bool = False, flag: str = "--tokenizer-path"):
     """AutoTokenizer.from_pretrained(path) with a clear error when it cannot be loaded."""
     path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise InputError(
-            f"{flag} {path} must be a local directory holding tokenizer.json (and tokenizer_config.json), "
-            "but it does not exist or is not a directory. Download the target model's tokenizer and point "
-            f"{flag} at that folder."
-        )
-    if not os.path.exists(os.path.join(path, "tokenizer.json")):
-        raise InputError(
-            f"{flag} {path} has no tokenizer.json; a fast tokenizer is required. Save one with "
-            "AutoTokenizer.from_pretrained(...).save_pretrained(dir) and point to that dir."
-        )
+    problem = tokenizer_path_problem(path, flag)
+    if problem:
+        raise InputError(problem)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging

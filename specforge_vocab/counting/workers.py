@@ -17,14 +17,25 @@ record order, so everything it reports is what the in-process path reports:
 
 At most ``2 * workers + 2`` chunks are in flight or waiting to be merged, so memory does not grow with the data.
 No worker outlives :func:`count_in_workers`: on success, error or interrupt the pool is
-shut down and joined.
+shut down and joined. Nor does one outlive the process that started it, even one killed with
+SIGKILL (which runs no cleanup): each worker asks Linux for SIGKILL when its parent dies
+(``prctl(PR_SET_PDEATHSIG)``) and watches that parent and the starting process from a thread
+(other systems too). The forkserver ends when every copy of the starting process's end of its
+"alive" pipe is closed (the workers hold copies, so once they are gone), and multiprocessing's
+resource tracker when the last process holding its pipe has gone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -37,6 +48,7 @@ from specforge_vocab.counting.data import RawRecord, ReadStats, Shard, iter_raw_
 from specforge_vocab.counting.engine import CountAborted, Counter, CountSettings, Tally, Totals, resolve_vocab_size
 from specforge_vocab.counting.tokenizer import load_tokenizer
 from specforge_vocab.errors import InputError, SpecForgeVocabError
+from specforge_vocab.fileio import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +114,45 @@ _TALLIES: List[Tally] = []
 _COUNTER: Optional[Counter] = None
 
 
-def _init_worker(settings: CountSettings, tallies: List[Tally]) -> None:
-    """Pool initializer: remember the settings; the tokenizer is loaded by the first chunk
-    (so a tokenizer error comes back as that chunk's error message, not a broken pool)."""
+# Linux prctl option: the signal this process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+# Seconds between two looks at whether the parent and the starting process still run.
+PARENT_WATCH_INTERVAL = 0.5
+
+
+def exit_with_parent(starter_pid: int) -> None:
+    """End this process when its parent or the process ``starter_pid`` (which started the pool) ends.
+
+    A worker blocks reading its task queue, whose writing end it holds itself, so without this a
+    SIGKILL of the starting process leaves it waiting forever (and, holding the resource tracker's
+    pipe, keeps that alive too).
+    """
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):  # best effort: the watching thread below covers the rest
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+    def gone() -> bool:
+        return os.getppid() != parent or not pid_alive(starter_pid)
+
+    if gone():  # the parent died before the signal was asked for
+        os._exit(1)
+
+    def watch() -> None:
+        while not gone():
+            time.sleep(PARENT_WATCH_INTERVAL)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="specforge-vocab-parent-watch", daemon=True).start()
+
+
+def _init_worker(settings: CountSettings, tallies: List[Tally], starter_pid: int) -> None:
+    """Pool initializer: end with the starting process, and remember the settings; the tokenizer is
+    loaded by the first chunk (so a tokenizer error comes back as that chunk's error message, not a
+    broken pool)."""
+    exit_with_parent(starter_pid)
     global _SETTINGS, _TALLIES
     # One single-threaded tokenizer per worker; workers are the parallelism.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -202,7 +250,10 @@ def count_in_workers(
     sent = merged = 0
     exhausted = aborted = False
     pool = ProcessPoolExecutor(
-        max_workers=workers, mp_context=worker_context(), initializer=_init_worker, initargs=(settings, templates)
+        max_workers=workers,
+        mp_context=worker_context(),
+        initializer=_init_worker,
+        initargs=(settings, templates, os.getpid()),
     )
     try:
         while True:

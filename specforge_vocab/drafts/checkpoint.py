@@ -578,14 +578,29 @@ def write_safetensors(
 
 
 def side_files(ckpt: DraftCheckpoint) -> Tuple[List[str], List[str]]:
-    """Other files of the checkpoint directory: (copied as they are, left out as weights/training state)."""
+    """Other entries of the checkpoint directory: (files copied as they are, entries left out, each
+    with why: weights or training state, another weight layout, a folder, a hidden or special file).
+
+    The weights trim reads, their index and config.json are written anew, so they are in neither list.
+    """
     copied, left_out = [], []
+    written = set(ckpt.files) | {ckpt.layout, CONFIG_NAME}
     for entry in sorted(os.listdir(ckpt.directory)):
-        if entry in ckpt.files or entry in LAYOUTS or entry == CONFIG_NAME or entry.startswith("."):
+        if entry in written:
             continue
-        if not os.path.isfile(ckpt.path(entry)):
-            continue
-        (left_out if entry.endswith(WEIGHT_SUFFIXES) else copied).append(entry)
+        path = ckpt.path(entry)
+        if os.path.isdir(path):
+            left_out.append(f"{entry}/ (a folder)")
+        elif entry in LAYOUTS:
+            left_out.append(f"{entry} (another weight layout; {ckpt.layout} was read)")
+        elif entry.startswith("."):
+            left_out.append(f"{entry} (hidden)")
+        elif not os.path.isfile(path):
+            left_out.append(f"{entry} (not a regular file)")
+        elif entry.endswith(WEIGHT_SUFFIXES):
+            left_out.append(f"{entry} (weights or training state)")
+        else:
+            copied.append(entry)
     return copied, left_out
 
 

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: `specforge-vocab 
     import torch
 from specforge_vocab.choosing.cost import draft_flops
 from specforge_vocab.choosing.search import SearchResult, SearchSettings, search
-from specforge_vocab.counting.engine import CountSettings
+from specforge_vocab.counting.engine import NO_TOKENS, CountSettings
 from specforge_vocab.counting.sources import obtain_counts
 from specforge_vocab.drafts.checkpoint import (
     BIN_SINGLE,
@@ -160,10 +160,7 @@ def restricted_coverage_curve(counts: np.ndarray, old_kept: np.ndarray) -> np.nd
     counts = np.asarray(counts, dtype=np.int64)
     total = int(counts.sum())
     if total == 0:
-        raise InputError(
-            "No loss-masked tokens were counted, so coverage is undefined. Check that the dataset has "
-            "assistant replies and that --chat-template matches it."
-        )
+        raise InputError(NO_TOKENS)
     ordered = np.sort(counts[np.asarray(old_kept, dtype=np.int64)])[::-1]
     prefix = np.zeros(counts.size + 1, dtype=np.int64)
     prefix[1 : ordered.size + 1] = np.cumsum(ordered)
@@ -314,7 +311,7 @@ class TrimResult:
                 + ", ".join(self.unsliced_draft_sized)
             )
         if self.files_not_copied:
-            lines.append("not copied (weights or training state): " + ", ".join(self.files_not_copied))
+            lines.append(f"not copied from {self.checkpoint}: " + ", ".join(self.files_not_copied))
         return lines
 
 

@@ -36,9 +36,12 @@ from specforge_vocab.fileio.atomic import (
     backup_file,
     copy_file,
     json_text,
+    output_file_problem,
     pid_alive,
+    replaceable_file_problem,
     sha256_file,
     writable_dir_problem,
+    write_target,
 )
 from specforge_vocab.fileio.groups import (
     GROUP_WRITE_ENV,
@@ -80,9 +83,12 @@ __all__ = [
     "json_text",
     "lock_holder",
     "lock_path_of",
+    "output_file_problem",
     "pid_alive",
     "recover_directory",
+    "replaceable_file_problem",
     "safetensors_bytes",
     "sha256_file",
     "writable_dir_problem",
+    "write_target",
 ]

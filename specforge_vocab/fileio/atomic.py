@@ -173,28 +173,41 @@ def json_text(obj: object, indent: int = 2) -> str:
     return json.dumps(obj, indent=indent, ensure_ascii=False, sort_keys=False) + "\n"
 
 
+def write_target(path: str) -> str:
+    """Where writing ``path`` puts the bytes: a symlink's target (so the link stays a link), else ``path``."""
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
 def atomic_write(path: str, payload: Payload, *, keep_mode_of: Optional[str] = None) -> None:
     """Write ``payload`` (bytes, str, or a function given the open binary file)
     to ``path`` atomically: the old file stays intact until the new one is complete.
 
-    The new file keeps the mode of ``keep_mode_of`` (default: of the file it replaces)."""
-    mode = _file_mode(keep_mode_of if keep_mode_of and os.path.exists(keep_mode_of) else path)
-    tmp = _temp_path(path)
+    A symlink stays a symlink: its target is written. The new file keeps the mode of
+    ``keep_mode_of`` (default: of the file it replaces)."""
+    target = write_target(path)
+    mode = _file_mode(keep_mode_of if keep_mode_of and os.path.exists(keep_mode_of) else target)
+    tmp = _temp_path(target)
     try:
         _fill(tmp, path, payload, mode)
         try:
-            os.replace(tmp, path)
+            os.replace(tmp, target)
         except OSError as exc:
             raise InputError(f"Cannot move the new {path} into place: {exc.strerror}. Nothing was changed.") from exc
     except BaseException:
         _unlink_quietly([tmp])
         raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    _fsync_dir(os.path.dirname(os.path.abspath(target)))
 
 
 def backup_file(path: str, suffix: str = ".bak") -> str:
-    """Copy ``path`` to ``path + suffix`` (atomically); return the backup path."""
+    """Keep the original of ``path`` in ``path + suffix`` and return that path.
+
+    The backup is written only when none exists yet, so it always holds the file as it was
+    before specforge-vocab first changed it (a second run never replaces it with the first
+    run's result). Delete it to take a new one."""
     backup = path + suffix
+    if os.path.lexists(backup):
+        return backup
     with open(path, "rb") as handle:
         data = handle.read()
     atomic_write(backup, data, keep_mode_of=path)
@@ -231,11 +244,47 @@ def writable_dir_problem(path: str, flag: str = "--output-dir") -> Optional[str]
         if not os.access(full, os.W_OK | os.X_OK):
             return f"{flag} {path} is not writable. Choose a directory you can write to."
         return None
-    ancestor = full
+    blocked = _creation_blocked(full)
+    return f"{flag} {path} cannot be created, because {blocked}. Choose another {flag}." if blocked else None
+
+
+def _creation_blocked(path: str) -> Optional[str]:
+    """What stops ``path`` (absent) from being created: "<ancestor> is a file, not a directory" or
+    "<ancestor> is not writable" for its nearest existing ancestor, or None."""
+    ancestor = path
     while not os.path.exists(ancestor):
         ancestor = os.path.dirname(ancestor)
     if not os.path.isdir(ancestor):
-        return f"{flag} {path} cannot be created, because {ancestor} is a file, not a directory. Choose another {flag}."
+        return f"{ancestor} is a file, not a directory"
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        return f"{flag} {path} cannot be created, because {ancestor} is not writable. Choose another {flag}."
+        return f"{ancestor} is not writable"
     return None
+
+
+def replaceable_file_problem(path: str, flag: str) -> Optional[str]:
+    """Why the existing file ``path`` cannot be replaced in place, or None. No side effects.
+
+    A file is replaced by writing a new copy next to it and renaming it over the old one, with
+    a lock file (and a .bak) beside it, so its folder must be writable, not only the file.
+    """
+    folders = sorted({os.path.dirname(os.path.abspath(path)), os.path.dirname(os.path.realpath(path))})
+    for folder in folders:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return (
+                f"{flag} {path} cannot be changed: its folder {folder} is not writable, and the new version is "
+                "written next to it and renamed over it (with a lock file beside it). Make the folder writable, "
+                "or copy the file to a folder you can write to and pass the copy."
+            )
+    return None
+
+
+def output_file_problem(path: str, flag: str = "--output") -> Optional[str]:
+    """Why a file cannot be written at ``path`` (a directory there, or a folder that cannot be
+    made), or None. No side effects: checked before the work whose result it holds."""
+    if os.path.isdir(path):
+        return (
+            f"{flag} {path} must name a file, but it is a directory. Name a file in it, e.g. "
+            f"{flag} {os.path.join(path, 'counts.safetensors')}."
+        )
+    blocked = _creation_blocked(os.path.dirname(os.path.abspath(path)))
+    return f"{flag} {path} cannot be written, because {blocked}. Choose another {flag}." if blocked else None

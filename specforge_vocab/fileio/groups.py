@@ -45,6 +45,7 @@ from specforge_vocab.fileio.atomic import (
     _unlink_quietly,
     atomic_write,
     json_text,
+    write_target,
 )
 
 logger = logging.getLogger(__name__)
@@ -565,7 +566,7 @@ def atomic_write_many(
     group's directory. Old files stay intact if anything fails before the group is in place.
     Callers hold :func:`file_lock` on the directory (this also removes what killed runs left there).
     """
-    linked = {os.path.abspath(p): v for p, v in (linked or {}).items()}
+    linked = {os.path.abspath(write_target(p)): v for p, v in (linked or {}).items()}  # a link's target
     directories = {os.path.dirname(os.path.abspath(path)) for path in files}
     if root is None and len(directories) == 1:
         (root,) = directories

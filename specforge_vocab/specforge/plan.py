@@ -21,8 +21,8 @@ from specforge_vocab.choosing.search import SearchSettings
 from specforge_vocab.counting.engine import CountSettings
 from specforge_vocab.counting.pretokenized import prompts_file_kind
 from specforge_vocab.drafts.target_head import read_target_config, target_vocab_size
-from specforge_vocab.errors import InputError, where
-from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT
+from specforge_vocab.errors import InputError, SettingsError, where
+from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT, replaceable_file_problem
 from specforge_vocab.specforge.continuing import (
     RESUME,
     WARM_START,
@@ -41,7 +41,9 @@ from specforge_vocab.specforge.run_config import (
     resolve_path,
 )
 from specforge_vocab.specforge.train_eagle3 import draft_config_path_from_args, parse_train_eagle3_args
+from specforge_vocab.specforge.yaml_patch import run_config_with_fields
 from specforge_vocab.writing.draft_config import read_draft_config, read_draft_vocab_sizes
+from specforge_vocab.writing.outputs import MAPPING_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +160,24 @@ def _search_for_keep(search: SearchSettings, draft_config, reason: str) -> Searc
             f"{search.draft_vocab_size}. Drop one of the two."
         )
     return dataclasses.replace(search, draft_vocab_size=k)
+
+
+def _run_fields_set(out: str, draft: str, derived, remap: bool) -> Dict[str, str]:
+    """The model.* fields prepare will set in the run config (values as paths of the right kind), so the
+    layout can be checked before any work; what is finally written is decided in specforge/prepare.py."""
+    fields = {"vocab_mapping_path": os.path.join(out, MAPPING_FILE)}
+    if derived is not None or remap:
+        fields["draft_model_config"] = draft
+    if remap:
+        fields["draft_checkpoint_path"] = out.rstrip("/\\") + "-warm-start"
+    return fields
+
+
+def _check_replaceable(*files: Tuple[Optional[str], str]) -> None:
+    """Refuse (before any work) files prepare must change in folders it cannot write."""
+    problems = [replaceable_file_problem(path, name) for path, name in files if path]
+    if any(problems):
+        raise SettingsError([p for p in problems if p])
 
 
 def _slug(text: str) -> str:
@@ -396,6 +416,15 @@ def plan_from_run_config(
         search = _search_for_keep(search, config if derived is not None else draft, keep_reason)
     if continuation is not None:
         _check_continuation_search(search, continuation)
+    output_config = resolve_path(output_config, cwd=cwd) if output_config else None
+    # Setting the model.* fields is the last step; a layout they cannot be set in, or a file that cannot be
+    # replaced, is refused now, before anything is counted or written (a resume changes neither).
+    if continuation is None or continuation.kind != RESUME:
+        _check_replaceable(
+            (draft if patchable and derived is None else None, "model.draft_model_config"),
+            (None if output_config else config_path, "--config"),
+        )
+        run_config_with_fields(config_path, _run_fields_set(out, draft, derived, remap), output_path=output_config)
     return Plan(
         data=data,
         draft_config=draft,
@@ -409,7 +438,7 @@ def plan_from_run_config(
         backup=backup,
         lock_timeout=lock_timeout,
         run=run,
-        output_config=resolve_path(output_config, cwd=cwd) if output_config else None,
+        output_config=output_config,
         overrides=overrides,
         target_vocab_size=target_model_vocab_size(run.target_model_path, cwd=cwd) if source == FEATURES else None,
         continuation=continuation,
@@ -503,6 +532,7 @@ def plan_from_train_eagle3_args(
     if continuation is not None:
         _check_continuation_search(search, continuation)
     cache_dir = resolve_path(args.cache_dir, cwd=cwd)
+    _check_replaceable((draft if patchable else None, "--draft-model-config"))
     return Plan(
         data=data,
         draft_config=draft,

@@ -170,6 +170,7 @@ def before_training(
     >>> result.k, result.mapping_path, result.reused  # doctest: +SKIP
     (13264, '/abs/cache/vocab_optimization/.../vocab_mapping.pt', False)
     """
+    _check_argument_types(**locals())  # the parameters: no other name is bound yet
     if (run_config is None) == (train_eagle3_args is None):
         raise InputError(
             "before_training needs exactly one of run_config (a `specforge train` config file) or "
@@ -247,6 +248,35 @@ def count_data(plan: Plan, *, session=None, progress: bool = False) -> Counted:
         progress=progress,
         field=data.field,
     )
+
+
+def _check_argument_types(**arguments: Any) -> None:
+    """Refuse arguments of the wrong type, each named (a string where a list belongs would be read
+    one character at a time)."""
+    optional_path = (str, os.PathLike, type(None))
+
+    def string_list(value: Any) -> bool:
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+    expected = {
+        "run_config": (lambda v: isinstance(v, optional_path), "a path"),
+        "train_eagle3_args": (lambda v: v is None or string_list(v), "a list of strings (the flags, one per item)"),
+        "overrides": (string_list, "a list of 'section.field=value' strings"),
+        "output_config": (lambda v: isinstance(v, optional_path), "a path or None"),
+        "output_dir": (lambda v: isinstance(v, optional_path), "a path or None"),
+        "cwd": (lambda v: isinstance(v, optional_path), "a path or None"),
+        "search": (lambda v: v is None or isinstance(v, SearchSettings), "a SearchSettings or None"),
+        "lock_timeout": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number of seconds"),
+    }
+    for name in ("keep_draft_vocab_size", "force", "backup", "progress", "remap"):
+        expected[name] = (lambda v: isinstance(v, bool), "True or False")
+    problems = [
+        must(f"before_training: {name}", what, arguments[name])
+        for name, (ok, what) in expected.items()
+        if not ok(arguments[name])
+    ]
+    if problems:
+        raise SettingsError(problems)
 
 
 def _write_if_different(path: str, payload: bytes) -> bool:

@@ -77,7 +77,7 @@ def recover_outputs(output_dir: str, config_path: Optional[str] = None, *, clean
     ``clean=True`` to also remove stale temp files and staging directories."""
     report = recover_directory(output_dir, clean=clean)
     if config_path:
-        other = recover_directory(os.path.dirname(os.path.abspath(config_path)), clean=clean)
+        other = recover_directory(os.path.dirname(os.path.realpath(config_path)), clean=clean)
         report.temps_removed += other.temps_removed
         report.journals_completed += other.journals_completed
         report.files_moved += other.files_moved
@@ -117,6 +117,28 @@ def recorded_draft_vocab_size(output_dir: str) -> Optional[Tuple[int, Optional[i
     return None
 
 
+def other_writer(output_dir: str, config_path: str, k: object, limit: int = 200) -> Optional[str]:
+    """Another output directory beside ``output_dir`` whose summary.json says it set ``k`` in this
+    config (the usual reason a config disagrees with a mapping), or None."""
+    parent, real_config = os.path.dirname(os.path.abspath(output_dir)), os.path.realpath(config_path)
+    try:
+        siblings = sorted(os.scandir(parent), key=lambda e: e.name)[:limit]
+    except OSError:
+        return None
+    for entry in siblings:
+        if os.path.realpath(entry.path) == os.path.realpath(output_dir) or not entry.is_dir():
+            continue
+        try:
+            with open(os.path.join(entry.path, SUMMARY_FILE), encoding="utf-8") as handle:
+                summary = json.load(handle)
+            used = summary["settings"]["config_path"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if used and os.path.realpath(used) == real_config and summary.get("optimal_draft_vocab_size") == k:
+            return entry.path
+    return None
+
+
 def config_disagreement(output_dir: str, config_path: str) -> Optional[str]:
     """A message if the draft config and the mapping in ``output_dir`` disagree, else None."""
 
@@ -127,10 +149,17 @@ def config_disagreement(output_dir: str, config_path: str) -> Optional[str]:
     config = read_draft_config(config_path, required=())
     config_k, config_V = config.get("draft_vocab_size"), config.get("vocab_size")
     if config_k != k:
+        other = other_writer(output_dir, config_path, config_k)
+        why = (
+            f"the run that wrote {other} (another output directory with the same config) set it afterwards. "
+            "One draft config cannot serve two output directories: give each its own copy of the config"
+            if other
+            else "the config or the outputs were changed after the run that wrote them (by a run with this "
+            "config and another output directory, or by hand)"
+        )
         return (
             f"{config_path} has draft_vocab_size {short(config_k)}, but the mapping {source} has {k} rows: "
-            "they disagree (the config or the outputs were changed after the run that wrote them). Training "
-            "with both would fail to load the mapping or load a wrong one."
+            f"they disagree: {why}. Training with both would fail to load the mapping or load a wrong one."
         )
     if V is not None and config_V is not None and config_V != V:
         return (
@@ -233,9 +262,10 @@ def commit_outputs(
                 logger.warning("%s This run rewrites both.", mismatch)
             old, new = _patched_config(config_path, int(draft_vocab_size))
             if new != old:
-                if backup:  # committed with the config (and before it), so a failed run leaves no new .bak
+                if backup:  # the original, kept from the first change on (see fileio.backup_file)
                     saved = config_path + ".bak"
-                    linked[saved] = old
+                    if not os.path.lexists(saved):  # committed with the config, so a failed run leaves none
+                        linked[saved] = old
                 linked[config_path] = new
             else:
                 logger.info("%s already has draft_vocab_size %d; left unchanged.", config_path, draft_vocab_size)

@@ -208,8 +208,9 @@ def test_evaluation_settings_problems(tmp_path):
 
 
 def run(tmp_path, llama3_dir, *extra, name="out"):
+    n_calls = [] if "--n-calls" in extra else ["--n-calls", "10"]
     summary, _ = optimize_summary(
-        tmp_path, "--tokenizer-path", llama3_dir, "--chat-template", "llama3", "--n-calls", "10", *extra, name=name
+        tmp_path, "--tokenizer-path", llama3_dir, "--chat-template", "llama3", *n_calls, *extra, name=name
     )
     return summary
 

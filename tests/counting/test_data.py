@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 
 import pytest
 from conftest import DATA, read_jsonl
@@ -76,3 +77,83 @@ def test_missing_and_wrong_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="directory with no dataset files"):
         dataset_files([str(tmp_path / "empty")])
+
+
+def test_directories_follow_symlinked_folders_once_and_any_case_of_extension(tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "far.JSONL").write_text('{"text": "far"}\n')
+    root = tmp_path / "data"
+    (root / "sub").mkdir(parents=True)
+    (root / "A.Json").write_text('[{"text": "A"}]')
+    (root / "sub" / "s.jsonl.GZ").write_bytes(gzip.compress(b'{"text": "s"}\n'))
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "sub" / "up").symlink_to(root, target_is_directory=True)  # a loop
+    texts = [r.data["text"] for r in iter_records([str(root)])]
+    assert texts == ["A", "far", "s"]
+
+
+def test_other_files_in_a_dataset_folder_are_listed_with_a_conversion_that_works(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="specforge_vocab")
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "a.jsonl").write_text('{"text": "a"}\n')
+    (root / "train-00000.parquet").write_bytes(b"PAR1")
+    (root / "cache.arrow").write_bytes(b"ARROW1")
+    (root / ".hidden").write_text("x")
+    assert dataset_files([str(root)]) == [str(root / "a.jsonl")]
+    dataset_files([str(root)])  # read again (the cache and the count both list the folder): said once
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    text = warnings[0]
+    assert "2 file(s) are not .jsonl/.json(.gz) and are not read: cache.arrow, train-00000.parquet" in text
+    assert f"pandas.read_parquet('{root / 'train-00000.parquet'}').to_json('{root / 'train-00000.jsonl'}'" in text
+    assert f"datasets.Dataset.from_file('{root / 'cache.arrow'}').to_json('{root / 'cache.jsonl'}'" in text
+    assert ".hidden" not in text
+
+
+@pytest.mark.parametrize("how", ["same file twice", "folder and a file in it", "two links to one file"])
+def test_a_file_named_twice_is_an_error(tmp_path, how):
+    (tmp_path / "d").mkdir()
+    data = tmp_path / "d" / "a.jsonl"
+    data.write_text('{"text": "a"}\n')
+    (tmp_path / "link.jsonl").symlink_to(data)
+    paths = {
+        "same file twice": [data, data],
+        "folder and a file in it": [tmp_path / "d", data],
+        "two links to one file": [data, tmp_path / "link.jsonl"],
+    }[how]
+    with pytest.raises(InputError, match=r"\.jsonl would be counted twice, as it is named by both .* Name each file"):
+        dataset_files([str(p) for p in paths])
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    records = [{"text": "a"}, {"text": "b"}]
+    bom = "\ufeff"
+    (tmp_path / "a.jsonl").write_text(bom + "".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    (tmp_path / "b.json").write_text(bom + json.dumps(records), encoding="utf-8")
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress((bom + json.dumps(records[0]) + "\n").encode("utf-8")))
+    assert [r.data for r in iter_records([str(tmp_path / "a.jsonl")])] == records
+    assert [r.data for r in iter_records([str(tmp_path / "b.json")])] == records
+    assert [r.data for r in iter_records([str(tmp_path / "c.jsonl.gz")])] == records[:1]
+
+
+def test_json_nested_past_the_parser_is_an_input_error_or_skipped(tmp_path):
+    deep = '{"conversations": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"text": "ok"}\n' + deep + '\n{"text": "ok"}\n')
+    with pytest.raises(InputError, match=r"deep.jsonl, line 2: malformed JSON: nested deeper than the JSON parser"):
+        list(iter_records([str(path)]))
+    stats = ReadStats()
+    assert len(list(iter_records([str(path)], skip_invalid=True, stats=stats))) == 2 and stats.invalid_skipped == 1
+    array = tmp_path / "deep.json"
+    array.write_text("[" + '{"text": "ok"},\n' + deep + "]")
+    with pytest.raises(InputError, match=r"deep.json, line 2: malformed JSON: a record nested deeper"):
+        list(iter_records([str(array)]))
+
+
+def test_a_json_file_holding_one_object_says_it_must_be_a_list(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps({"conversations": [{"role": "user", "content": "hi"}]}, indent=2))
+    with pytest.raises(InputError, match=r"one.json, line 1: .*a \.json dataset must be a list of records"):
+        list(iter_records([str(path)]))

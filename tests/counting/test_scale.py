@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -284,6 +286,7 @@ def bad_dataset(tmp_path):
 
 
 def test_workers_report_the_first_bad_record_and_skip_the_same(tmp_path, llama3_dir, monkeypatch, caplog):
+    caplog.set_level(logging.WARNING, logger="specforge_vocab")
     monkeypatch.setattr(engine, "CHUNK_RECORDS", 8)  # the bad record sits in the 7th chunk, the 12th is malformed
     paths = bad_dataset(tmp_path)
     messages = []
@@ -298,13 +301,14 @@ def test_workers_report_the_first_bad_record_and_skip_the_same(tmp_path, llama3_
     for workers in (1, 2):
         caplog.clear()
         results.append(count_dataset(settings(llama3_dir, paths, num_workers=workers, skip_invalid=True)))
-        results[-1].warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped: ")]
+        results[-1].warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     one, two = results
     assert one.records_invalid_skipped == two.records_invalid_skipped == 2
     assert (
         one.invalid_examples == two.invalid_examples and "b.jsonl, line 20: malformed JSON" in two.invalid_examples[1]
     )
-    assert one.warnings == two.warnings and len(one.warnings) == 2
+    assert one.warnings == two.warnings and len(one.warnings) == 1  # one summary, not one per record
+    assert one.warnings[0].startswith("--skip-invalid skipped 2 invalid records: ")
     assert np.array_equal(one.counts, two.counts) and one.metadata() == two.metadata()
     assert no_workers_left()
 
@@ -487,3 +491,50 @@ def test_torchrun_bad_line_stops_every_rank_with_the_same_message(tmp_path, llam
         count_dataset(CountSettings(**fields))
     assert str(single.value) == reports[0]["message"]
     assert "rank 0 stopped counting early: another rank failed" in proc.stderr, (seconds, proc.stderr[-3000:])
+
+
+def test_killing_the_parent_mid_count_ends_every_process_it_started(tmp_path, llama3_dir):
+    """`specforge-vocab count --num-workers 2` killed with SIGKILL while its workers count: the
+    workers, the forkserver and the resource tracker all exit within seconds."""
+    rows = read_jsonl(DATA / "gsm8k_train_sample.jsonl")
+    data = tmp_path / "big.jsonl"
+    with open(data, "w", encoding="utf-8") as handle:
+        for i in range(40_000):
+            handle.write(json.dumps(rows[i % len(rows)]) + "\n")
+    out = tmp_path / "c.safetensors"
+    argv = ["-q", "count", "--dataset-path", str(data), "--tokenizer-path", llama3_dir, "--num-workers", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "specforge_vocab.cli", *argv, "--output", str(out)],
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 180
+    while True:  # until both workers (the forkserver's children) are counting, past loading the tokenizer
+        assert proc.poll() is None, f"the count ended before it could be killed: {proc.communicate()[1]}"
+        assert time.monotonic() < deadline, "the workers never started"
+        with contextlib.suppress(psutil.Error):
+            helpers = parent.children()  # the resource tracker and the forkserver
+            workers = [w for h in helpers for w in h.children()]
+            if len(workers) >= 2 and all(w.cpu_times().user > 1.0 for w in workers):
+                break
+        time.sleep(0.1)
+    started = helpers + workers
+    kinds = sorted(re.search(r"resource_tracker|forkserver", " ".join(h.cmdline())).group(0) for h in helpers)
+    assert kinds == ["forkserver", "resource_tracker"] and len(workers) == 2
+    proc.kill()
+    proc.wait()
+    killed_at = time.monotonic()
+
+    def running(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    while any(running(p) for p in started) and time.monotonic() - killed_at < 10:
+        time.sleep(0.05)
+    left = [(p.pid, p.cmdline()) for p in started if running(p)]
+    assert not left, f"still running {time.monotonic() - killed_at:.1f} s after the parent was killed: {left}"
+    assert not out.exists()

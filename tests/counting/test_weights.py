@@ -67,13 +67,17 @@ def test_weight_one_everywhere_is_the_plain_count_and_keeps_its_cache_entry(tmp_
     assert hit and np.array_equal(again.counts, weighted.counts)
 
 
-def test_tallies_see_each_weighted_record_as_its_copies(llama3_dir, per_file):
+def test_tallies_see_each_weighted_record_as_its_copies(tmp_path, llama3_dir, per_file):
     tally = HoldoutTally(128256, 0.3)
     result = count_dataset(settings(llama3_dir, [GSM8K, HUMANEVAL], [3, 1]), tallies=[tally])
     merged = result.tallies[0]
     assert np.array_equal(merged.train + merged.held_out, result.counts)
     plain = HoldoutTally(128256, 0.3)
-    count_dataset(settings(llama3_dir, [GSM8K, GSM8K, GSM8K, HUMANEVAL], []), tallies=[plain])
+    copies = []  # the same file three times (naming one file twice is refused, so as three copies)
+    for i in range(3):
+        copies.append(str(tmp_path / f"gsm8k_copy{i}.jsonl"))
+        shutil.copy(GSM8K, copies[-1])
+    count_dataset(settings(llama3_dir, [*copies, HUMANEVAL], []), tallies=[plain])
     assert np.array_equal(plain.held_out, merged.held_out)  # equal to the file repeated 3 times
 
 

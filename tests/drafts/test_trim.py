@@ -294,6 +294,35 @@ def test_sharded_checkpoint_keeps_its_layout_and_a_consistent_index(tmp_path, la
     verify_checkpoint(str(out))
 
 
+def test_trim_lists_everything_it_did_not_copy(tmp_path):
+    """Folders, hidden files, another weight layout and training state are not copied, and each is
+    named (with why) in the result and the printed summary; other small files are copied."""
+    tensors = draft_tensors(OLD_KEPT, seed=6)
+    src = write_checkpoint(
+        tmp_path / "draft",
+        tensors,
+        draft_config(),
+        extra_files={"optimizer.pt": "state", "generation_config.json": "{}", ".gitattributes": "*.bin lfs"},
+    )
+    torch.save({"x": torch.zeros(1)}, src / "pytorch_model.bin")
+    (src / "runs").mkdir()
+    (src / "runs" / "events.out").write_text("log")
+    result = trim(src, tmp_path / "out", draft_vocab_size=200)
+    assert result.files_not_copied == [
+        ".gitattributes (hidden)",
+        "optimizer.pt (weights or training state)",
+        "pytorch_model.bin (another weight layout; model.safetensors was read)",
+        "runs/ (a folder)",
+    ]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
+    line = [x for x in result.summary_lines() if x.startswith("not copied from ")]
+    assert line == [f"not copied from {src}: " + ", ".join(result.files_not_copied)]
+
+
 def test_pytorch_model_bin_is_read_with_weights_only_and_written_as_safetensors(tmp_path):
     tensors = draft_tensors(OLD_KEPT, dtype=torch.float16, embed=False, seed=4)
     src = write_checkpoint(
@@ -306,7 +335,7 @@ def test_pytorch_model_bin_is_read_with_weights_only_and_written_as_safetensors(
     result = trim(src, tmp_path / "out", draft_vocab_size=200)
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
-    assert result.files_not_copied == ["training_args.bin"]
+    assert result.files_not_copied == ["training_args.bin (weights or training state)"]
     after = load_file(str(out / "model.safetensors"))
     assert set(after) == set(tensors)
     assert {n: t.dtype for n, t in after.items()} == {n: t.dtype for n, t in tensors.items()}

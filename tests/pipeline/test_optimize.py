@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, DATA, LLAMA3_CONFIG, PAPER_KEYS, REPO
+from conftest import CONFIGS, DATA, LLAMA3_CONFIG, LLAMA3_DIR, PAPER_KEYS, REPO, child_env, optimize_summary
 
 from specforge_vocab.cli.main import main
 from specforge_vocab.counting.count import count_tokens
@@ -243,14 +244,70 @@ def test_paper_command_line_runs_unchanged(tmp_path, llama3_dir):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_demo_runs_from_the_repository(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(REPO)
+def test_demo_runs_from_any_directory_and_says_each_thing_once(tmp_path):
+    """`specforge-vocab demo` from a folder that is not the repository, as a user runs it: it finds
+    its config, writes its outputs, and no line of what it prints (stdout and stderr) repeats."""
     out = tmp_path / "demo"
-    assert main(["demo", "--output-dir", str(out), "--n-calls", "10"]) == 0
-    stdout = capsys.readouterr().out
-    assert "records read: 6,018" in stdout and "draft_vocab_size" in stdout
+    proc = subprocess.run(
+        [sys.executable, "-m", "specforge_vocab.cli", "demo", "--output-dir", str(out), "--n-calls", "10"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=child_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "records read: 6,018" in proc.stdout and "draft_vocab_size" in proc.stdout
+    lines = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    repeated = {line for line in lines if lines.count(line) > 1}
+    assert not repeated, f"printed more than once: {repeated}"
+    # a warning is said once, in one place (logging or the summary, not both)
+    assert "--min-token-count" in proc.stdout + proc.stderr
+    assert sum(text.count("--min-token-count") for text in (proc.stdout, proc.stderr)) == 1
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "--min-token-count" in warnings[0], warnings  # nothing else to warn about
     assert (
         json.loads((out / "draft_config.json").read_text())["draft_vocab_size"]
         == json.loads((out / "summary.json").read_text())["optimal_draft_vocab_size"]
     )
     assert json.loads((CONFIGS / "deepseek-v3-671b-eagle3.json").read_text())["draft_vocab_size"] == 32000
+
+
+def test_counting_flags_with_counts_are_accepted_only_when_they_match(tmp_path, capsys, llama3_dir):
+    """--counts fixes what was counted: the same counting flags typed again are fine, another value
+    (a default typed out included) is refused before any work."""
+    counts = tmp_path / "c.safetensors"
+    data = str(DATA / "gsm8k_test_sample.jsonl")
+    flags = ["--dataset-path", data, "--tokenizer-path", llama3_dir, "--chat-template", "llama3", "--max-length", "256"]
+    assert main(["-q", "count", *flags, "--output", str(counts)]) == 0
+    summary, _ = optimize_summary(tmp_path, "--counts", str(counts), *flags, "--n-calls", "5")
+    assert summary["settings"]["counting"]["max_length"] == "256"
+    capsys.readouterr()
+    code = main(["optimize", "--counts", str(counts), "--max-length", "2048", "--output-dir", str(tmp_path / "o2")])
+    assert code == 2 and "--max-length 2048 conflicts with --counts" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+
+
+def test_verbose_shows_this_packages_debug_lines_not_matplotlibs(tmp_path):
+    counts = tmp_path / "c.safetensors"
+    data = str(DATA / "gsm8k_test_sample.jsonl")
+    assert (
+        main(["-q", "count", "--dataset-path", data, "--tokenizer-path", str(LLAMA3_DIR), "--output", str(counts)]) == 0
+    )
+    env = child_env(MPLCONFIGDIR=str(tmp_path / "mpl"))  # a fresh font cache: matplotlib logs its font search
+    argv = ["-v", "optimize", "--counts", str(counts), "--n-calls", "5", "--output-dir", str(tmp_path / "out")]
+    proc = subprocess.run([sys.executable, "-m", "specforge_vocab.cli", *argv], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "INFO: wrote 7 file(s)" in proc.stderr  # this package's own detail
+    assert not [line for line in proc.stderr.splitlines() if "font" in line.lower() or "matplotlib" in line.lower()]
+
+
+def test_a_counts_cache_hit_is_reported_in_the_summary_not_as_a_warning(tmp_path, capsys, caplog, llama3_dir):
+    caplog.set_level(logging.WARNING, logger="specforge_vocab")
+    argv = ["optimize", "--dataset-path", FIXTURES[0], "--tokenizer-path", llama3_dir, "--max-length", "512"]
+    argv += ["--n-calls", "5", "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert "counts reused from the counts cache" not in capsys.readouterr().out
+    caplog.clear()
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith("counts reused from the counts cache")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "cache" in r.getMessage()]

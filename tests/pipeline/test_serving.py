@@ -4,6 +4,7 @@ the speed-up objective, --vocab-multiple, and the pinned-token resolution with r
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -181,3 +182,34 @@ def test_resolve_pinned_tokens_with_real_tokenizers(llama3_dir, deepseek_dir):
         resolve_pinned_tokens(PinSettings(pin_tokens=["hello world"]), vocab_size=len(llama), tokenizer=llama)
     with pytest.raises(InputError, match=r"ids in \[0, 128256\)"):
         resolve_pinned_tokens(PinSettings(pin_tokens=["999999"]), vocab_size=len(llama), tokenizer=llama)
+
+
+def test_a_template_that_does_not_fit_the_tokenizer_pins_nothing_of_it_and_warns_once(deepseek_dir, caplog):
+    """The default llama3 template on a DeepSeek tokenizer: '<|eot_id|>' is 7 pieces there, none of which
+    is an end of turn. Only the tokenizer's own EOS is pinned, and one warning names deepseek-v3."""
+    caplog.set_level(logging.WARNING, logger="specforge_vocab")
+    deepseek = load_tokenizer(deepseek_dir)
+    pinned, _ = resolve_pinned_tokens(
+        PinSettings(), vocab_size=len(deepseek), tokenizer=deepseek, chat_template="llama3"
+    )
+    assert [(t.id, t.source) for t in pinned] == [(1, "eos_token")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("--chat-template llama3 does not fit this tokenizer: '<|eot_id|>', ")
+    assert "a template that fits it: --chat-template deepseek-v3" in warnings[0]
+
+
+def test_only_single_tokens_are_pinned_from_the_end_of_turn_string(llama3_dir, caplog):
+    """Qwen's end-of-turn string is '<|im_end|>\\n': the token '<|im_end|>' is pinned, never the newline."""
+    caplog.set_level(logging.WARNING, logger="specforge_vocab")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama3_dir)  # its own copy: tokens are added to it
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>", "<|im_start|>"]})
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert len(tokenizer.encode("<|im_end|>\n", add_special_tokens=False)) == 2
+    pinned, _ = resolve_pinned_tokens(
+        PinSettings(), vocab_size=len(tokenizer), tokenizer=tokenizer, chat_template="qwen"
+    )
+    assert [(t.id, t.token) for t in pinned] == [(im_end, "<|im_end|>")]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -214,6 +214,59 @@ def test_lock_message_names_the_pid_and_lock_is_reentrant(tmp_path):
     _count("lock-unit", 2)
 
 
+def test_many_processes_share_one_lock_whose_file_is_deleted_on_release(tmp_path):
+    """8 processes take the same lock 40 times each; every holder deletes the lock file before letting
+    go, so waiters that opened the old file must start again. Each child sleeps a random moment
+    between opening the lock file and locking it (where a holder's delete can slip in), which makes
+    the race a missing check would lose likely. Never are two inside at once; no lock file is left."""
+    import fcntl
+    import random
+    import types
+
+    from specforge_vocab.fileio import locks
+
+    target = str(tmp_path / "out")
+    inside = tmp_path / "inside"  # created exclusively by whoever holds the lock
+    breaches = tmp_path / "breaches"
+    children = []
+    for _ in range(8):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 0
+            rng = random.Random(os.getpid())
+
+            def slow_flock(fd, operation, rng=rng):
+                if operation & fcntl.LOCK_EX:
+                    time.sleep(rng.uniform(0, 0.002))
+                return fcntl.flock(fd, operation)
+
+            locks.fcntl = types.SimpleNamespace(
+                flock=slow_flock, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB, LOCK_UN=fcntl.LOCK_UN
+            )
+            try:
+                for _ in range(40):
+                    with fileio.file_lock(target, timeout=60):
+                        try:
+                            fd = os.open(inside, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                        except FileExistsError:
+                            with open(breaches, "a") as handle:
+                                handle.write(f"{os.getpid()}\n")
+                            continue
+                        os.close(fd)
+                        time.sleep(0.0005)
+                        os.unlink(inside)
+            except BaseException:  # noqa: BLE001 - report any failure through the exit status
+                code = 1
+            finally:
+                os._exit(code)
+        children.append(pid)
+    statuses = [os.waitpid(pid, 0)[1] for pid in children]
+    assert statuses == [0] * 8
+    assert not breaches.exists(), f"two holders at once: {breaches.read_text()}"
+    assert sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)
+    _count("lock-stress", 8)
+
+
 # --------------------------------------------------------------------------- many writers, one reader
 
 

@@ -377,6 +377,58 @@ def test_output_config_leaves_the_run_config_alone(llama_run):
     assert "next: specforge train --config " + str(llama_run / "run.prepared.yaml") in result.summary_lines()
 
 
+FLOW_RUN_YAML = """\
+model: {{target_model_path: "{tokenizer}", draft_model_config: configs/draft.json}}  # flow style
+data:
+  train_data_path: data/train.jsonl
+  max_length: {max_length}
+"""
+
+ALIAS_RUN_YAML = """\
+defaults: &model
+  target_model_path: "{tokenizer}"
+  draft_model_config: configs/draft.json
+model: *model
+data:
+  train_data_path: data/train.jsonl
+  max_length: {max_length}
+"""
+
+
+def test_a_flow_mapping_model_section_is_patched(llama_run):
+    run = llama_run / "run.yaml"
+    run.write_text(FLOW_RUN_YAML.format(tokenizer=LLAMA3_DIR, max_length=MAX_LENGTH))
+    result = before_training("run.yaml", search=FAST_SEARCH)
+    path, d2t, _ = standin.run_config_mapping("run.yaml")
+    assert path == result.mapping_path and d2t.numel() == result.k
+    assert run.read_text().startswith(f'model: {{target_model_path: "{LLAMA3_DIR}", draft_model_config: ')
+    assert run.read_text().splitlines()[0].endswith(f'vocab_mapping_path: "{result.mapping_path}"}}  # flow style')
+
+
+def test_a_layout_that_cannot_be_patched_is_refused_before_any_work(llama_run, monkeypatch, capsys):
+    """The model section is an alias: prepare refuses before counting, and changes no file; the
+    suggested --output-config works."""
+    run = llama_run / "run.yaml"
+    run.write_text(ALIAS_RUN_YAML.format(tokenizer=LLAMA3_DIR, max_length=MAX_LENGTH))
+    before = {p: p.read_bytes() for p in llama_run.rglob("*") if p.is_file()}
+    forbid(monkeypatch, prepare_module, "count_data")
+    forbid(monkeypatch, prepare_module, "optimize")
+    code = main(["prepare", "--config", "run.yaml", *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and "'model:' is followed by an alias of another section" in err and "Nothing was changed" in err
+    after = {p: p.read_bytes() for p in llama_run.rglob("*") if p.is_file()}
+    assert after == before and not (llama_run / "cache").exists()
+    monkeypatch.undo()
+    monkeypatch.chdir(llama_run)
+    assert main(["prepare", "--config", "run.yaml", "--output-config", "run.prepared.yaml", *FAST]) == 0
+    path, d2t, _ = standin.run_config_mapping("run.prepared.yaml")
+    assert (
+        os.path.isfile(path)
+        and d2t.numel() == json.loads((llama_run / "configs" / "draft.json").read_text())["draft_vocab_size"]
+    )
+    assert run.read_bytes() == before[run]
+
+
 # ---------------------------------------------------------------- older SpecForge: train_eagle3 flags
 
 

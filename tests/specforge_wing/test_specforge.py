@@ -387,27 +387,63 @@ def test_any_path_round_trips(value):
 
 
 @pytest.mark.parametrize(
+    "text, expected",
+    [
+        (  # a flow mapping
+            "model: {target_model_path: m}\ndata: {train_data_path: t}\n",
+            'model: {target_model_path: m, vocab_mapping_path: "/m/v.pt"}\ndata: {train_data_path: t}\n',
+        ),
+        (  # a flow mapping over several lines, with comments, a trailing comma and an anchor
+            "model: &m { # the model\n  target_model_path: 'm,}',\n  draft_model_config: d.json, # cfg\n}\n",
+            "model: &m { # the model\n  target_model_path: 'm,}',\n  draft_model_config: d.json, "
+            'vocab_mapping_path: "/m/v.pt" # cfg\n}\n',
+        ),
+        (  # a flow mapping that has the key already (quoted key, no space after the colon)
+            'model: {"vocab_mapping_path":"old.pt", target_model_path: m}\n',
+            'model: {"vocab_mapping_path":"/m/v.pt", target_model_path: m}\n',
+        ),
+        (  # an anchor on the model section
+            "model: &base\n  target_model_path: m\nother: *base\n",
+            "model: &base\n  target_model_path: m\n  vocab_mapping_path: /m/v.pt\nother: *base\n",
+        ),
+        (  # an anchor on the value
+            "model:\n  target_model_path: m\n  vocab_mapping_path: &a x\ndata:\n  train_data_path: t\n",
+            "model:\n  target_model_path: m\n  vocab_mapping_path: &a /m/v.pt\ndata:\n  train_data_path: t\n",
+        ),
+        (  # a block scalar
+            "model:\n  target_model_path: m\n  vocab_mapping_path: |\n    x.pt\n\n  torch_dtype: bf16\n",
+            "model:\n  target_model_path: m\n  vocab_mapping_path: /m/v.pt\n\n  torch_dtype: bf16\n",
+        ),
+        (  # a plain value over two lines
+            "model:\n  target_model_path: m\n  vocab_mapping_path: a\n    b\ndata:\n  train_data_path: t\n",
+            "model:\n  target_model_path: m\n  vocab_mapping_path: /m/v.pt\ndata:\n  train_data_path: t\n",
+        ),
+        (  # a quoted value over two lines
+            'model:\n  target_model_path: m\n  vocab_mapping_path: "a\n    b"\ndata:\n  train_data_path: t\n',
+            'model:\n  target_model_path: m\n  vocab_mapping_path: "/m/v.pt"\ndata:\n  train_data_path: t\n',
+        ),
+        (  # an alias as the value
+            "paths:\n  m: &p old.pt\nmodel:\n  target_model_path: m\n  vocab_mapping_path: *p\n",
+            "paths:\n  m: &p old.pt\nmodel:\n  target_model_path: m\n  vocab_mapping_path: /m/v.pt\n",
+        ),
+    ],
+)
+def test_other_yaml_forms_are_patched_exactly(tmp_path, text, expected):
+    path = write_text(tmp_path / "run.yaml", text)
+    set_vocab_mapping_path(str(path), "/m/v.pt")
+    assert path.read_text() == expected
+    assert (tmp_path / "run.yaml.bak").read_text() == text
+
+
+@pytest.mark.parametrize(
     "text, fragment",
     [
-        ("model: {target_model_path: m}\ndata: {train_data_path: t}\n", "same line"),
-        ("model:\n  target_model_path: m\n  vocab_mapping_path: &a x\ndata:\n  train_data_path: t\n", "anchor"),
-        (
-            "model:\n  target_model_path: m\n  vocab_mapping_path: |\n    x.pt\ndata:\n  train_data_path: t\n",
-            "more indented",
-        ),
-        (
-            "model:\n  target_model_path: m\n  vocab_mapping_path: a\n    b\ndata:\n  train_data_path: t\n",
-            "more indented",
-        ),
-        (
-            'model:\n  target_model_path: m\n  vocab_mapping_path: "a\n    b"\ndata:\n  train_data_path: t\n',
-            "more indented",
-        ),
         ("model:\n  target_model_path: m\n  vocab_mapping_path: a\n  vocab_mapping_path: b\n", "appears 2 times"),
         ("model:\n  target_model_path: m\n  vocab_mapping_path: [a]\n", "must be a string"),
         ("data:\n  train_data_path: t\n", "no block 'model:' section"),
         ("model:\n  target_model_path: m\nmodel:\n  target_model_path: n\n", "expected exactly one"),
-        ("base: &b\n  target_model_path: m\nmodel: *b\n", "same line"),
+        ("base: &b\n  target_model_path: m\nmodel: *b\n", "an alias of another section"),
+        ("{model: {target_model_path: m}}\n", "found 0 top-level 'model:' lines"),
         ("model:\n  target_model_path: m\n  note: |+\n    text\n\ndata:\n  train_data_path: t\n", "re-reading"),
     ],
 )
@@ -417,6 +453,14 @@ def test_odd_layouts_are_refused_and_the_file_is_untouched(tmp_path, text, fragm
         set_vocab_mapping_path(str(path), "/m/v.pt")
     assert fragment in str(info.value) and str(path) in str(info.value)
     assert path.read_text() == text and not (tmp_path / "run.yaml.bak").exists()
+    if "must be a string" not in fragment and "no block" not in fragment:
+        assert "Pass --output-config NEW.yaml" in str(info.value)
+        out = tmp_path / "new.yaml"  # the suggestion works: a re-serialised copy with the key set
+        set_vocab_mapping_path(str(path), "/m/v.pt", output_path=str(out))
+        assert path.read_text() == text
+        expected = yaml.safe_load(text)
+        expected["model"]["vocab_mapping_path"] = "/m/v.pt"
+        assert yaml.safe_load(out.read_text()) == expected
 
 
 def test_unchanged_value_writes_nothing(tmp_path):

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import LLAMA3_CONFIG, shared_data_or_skip, shipped_config, zipf_counts
+from conftest import LLAMA3_CONFIG, REPO, shared_data_or_skip, shipped_config, zipf_counts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -37,15 +37,18 @@ def specforge_counter(counts: np.ndarray) -> Counter:
     return token_dict
 
 
-def specforge_builder(token_dict: Counter, draft_vocab_size: int, target_vocab_size: int, *, fast_membership=False):
+def specforge_builder(
+    token_dict: Counter, draft_vocab_size: int, target_vocab_size: int, *, fast_membership=False, set_order=False
+):
     """SpecForge's rule, re-implemented plainly: pad with unseen ids from range(k), take
     most_common(k) (ties in insertion order), sort, d2t[i] = used[i] - i, and t2d by
     list membership (a set when ``fast_membership``, which gives the same booleans)."""
     token_dict = Counter(token_dict)
     if len(token_dict) < draft_vocab_size:
-        # SpecForge iterates a set here, which for small ints is almost always ascending; the contract
-        # (section 1) fixes "the smallest unseen ids", so the plain model pads in ascending order.
-        missing = sorted(set(range(draft_vocab_size)) - set(token_dict.keys()))
+        # SpecForge iterates a set here (``set_order``: so does this model), which for small ints is
+        # usually ascending; by default the plain model pads with the smallest unseen ids.
+        missing = set(range(draft_vocab_size)) - set(token_dict.keys())
+        missing = list(missing) if set_order else sorted(missing)
         for token in missing:
             token_dict[token] = 0
             if len(token_dict) >= draft_vocab_size:
@@ -321,3 +324,27 @@ def test_gsm8k_llama3_mapping_matches_specforge_builder(llama3_dir, tmp_path):
     assert_same_mapping(
         mapping_from_counts(counts, k), specforge_builder(specforge_counter(counts), k, arch.vocab_size)
     )
+
+
+def test_equal_to_specforges_builder_exactly_under_the_documented_condition():
+    """README and docs/SPECFORGE.md section 9: equal bit for bit when tied counts at the cut are ordered
+    by id; SpecForge keeps the tied id its counter saw first, and pads in set order."""
+    counts = np.zeros(10, dtype=np.int64)
+    counts[[9, 7, 2]] = [5, 1, 1]
+    ours = mapping_from_counts(counts, 2)
+    assert_same_mapping(ours, specforge_builder(specforge_counter(counts), 2, 10))  # inserted in id order
+    seen_7_first = Counter({9: 5, 7: 1, 2: 1})  # the tie at the cut (2 and 7) first seen in another order
+    d2t, _ = specforge_builder(seen_7_first, 2, 10)
+    assert (torch.arange(2) + d2t).tolist() == [7, 9] and kept_token_ids(counts, 2).tolist() == [2, 9]
+    # Fewer than k ids seen, two of them >= k: SpecForge pads from a set (35 first), we with the smallest (3).
+    seen = [i for i in range(40) if i not in (3, 35, 37)] + [100, 101]
+    sparse = np.zeros(128, dtype=np.int64)
+    sparse[seen] = 1
+    d2t, _ = specforge_builder(Counter({i: 1 for i in seen}), 40, 128, set_order=True)
+    theirs = set((torch.arange(40) + d2t).tolist())
+    mine = set(kept_token_ids(sparse, 40).tolist())
+    assert theirs - mine == {35} and mine - theirs == {3}
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "bit for bit when tied counts at the cut are ordered by id" in readme
+    assert "(docs/SPECFORGE.md#9-tie-breaking-and-padding-when-our-mapping-equals-specforges-builder)" in readme
+    assert "It equals, bit for bit, what SpecForge's own builder gives" not in readme

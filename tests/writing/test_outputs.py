@@ -89,3 +89,26 @@ def test_commit_outputs_refuses_before_writing_anything(tmp_path):
     assert (
         config.read_text() == '{"vocab_size": 100, "draft_vocab_size": 50}' and not Path(str(config) + ".bak").exists()
     )
+
+
+def test_one_config_for_two_output_directories_is_named_as_the_cause(tmp_path):
+    """Two real optimize runs share a config: the first one's outputs then disagree with it, and the
+    message names the second output directory instead of blaming an edit by hand."""
+    from conftest import LLAMA3_CONFIG, zipf_counts
+
+    from specforge_vocab.cli.main import main
+    from specforge_vocab.counting.counts_file import save_counts
+
+    counts = str(tmp_path / "counts.safetensors")
+    save_counts(counts, zipf_counts(128_256, 300_000, 1.1, seed=3), {"tokenizer_length": "128256"})
+    config = tmp_path / "draft.json"
+    config.write_bytes(LLAMA3_CONFIG.read_bytes())
+    for name, k in (("first", 1000), ("second", 2000)):
+        argv = ["-q", "optimize", "--counts", counts, "--config-path", str(config), "--draft-vocab-size", str(k)]
+        assert main([*argv, "--n-calls", "5", "--output-dir", str(tmp_path / "runs" / name)]) == 0
+    problem = config_disagreement(str(tmp_path / "runs" / "first"), str(config))
+    assert "has draft_vocab_size 2000, but the mapping" in problem and "has 1000 rows" in problem
+    assert (
+        f"the run that wrote {tmp_path / 'runs' / 'second'} (another output directory with the same config)" in problem
+    )
+    assert "by hand" not in problem
