@@ -4,15 +4,17 @@ and what was read as string metadata. Equal counts and metadata give byte-identi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from specforge_vocab.counting.engine import CountSettings
+from specforge_vocab.counting.templates import ChatTemplate, field_problems, get_template, template_from_fields
 from specforge_vocab.errors import InputError
 from specforge_vocab.fileio import atomic_write, safetensors_bytes
 
@@ -32,9 +34,11 @@ def settings_from_metadata(metadata: Dict[str, str], *, source: str = "counts fi
             dataset_paths=[str(f["path"]) for f in json.loads(metadata["files"])],
             tokenizer_path=metadata["tokenizer_path"],
             chat_template=metadata["chat_template"],
+            chat_template_file=metadata.get("chat_template_file") or None,
             max_length=int(metadata["max_length"]),
             is_preformatted=bool(json.loads(metadata["is_preformatted"])),
             train_only_last_turn=bool(json.loads(metadata["train_only_last_turn"])),
+            legacy_reader=bool(json.loads(metadata.get("legacy_reader") or "false")),
             sample_size=json.loads(metadata.get("sample_size") or "null"),
             skip_invalid=bool(json.loads(metadata.get("skip_invalid") or "false")),
             shard=metadata.get("shard") or None,
@@ -46,6 +50,22 @@ def settings_from_metadata(metadata: Dict[str, str], *, source: str = "counts fi
         ) from None
     except (ValueError, TypeError) as exc:
         raise InputError(f"{source}: the metadata is malformed ({exc}); the file is corrupt. Recount it.") from None
+
+
+def template_from_metadata(metadata: Dict[str, str], default_name: str) -> Optional[ChatTemplate]:
+    """The chat template a counts file was made with: its recorded fields, else the registered template of
+    its name (or ``default_name``); None when neither is known."""
+    name = metadata.get("chat_template") or default_name
+    fields = metadata.get("chat_template_fields")
+    if fields:
+        with contextlib.suppress(ValueError, TypeError):
+            raw = json.loads(fields)
+            if isinstance(raw, dict) and not field_problems(raw, "counts metadata"):
+                return template_from_fields(name, raw, origin="the counts file's metadata")
+    try:
+        return get_template(name)
+    except InputError:
+        return None
 
 
 def save_counts(path: str, counts: np.ndarray, metadata: Dict[str, str]) -> None:

@@ -21,14 +21,15 @@ import numpy as np
 
 from specforge_vocab.counting.data import RawRecord, ReadStats, Record, Shard
 from specforge_vocab.counting.masking import MaskEngine, render_record
-from specforge_vocab.counting.templates import canonical_template_name, get_template, template_names
+from specforge_vocab.counting.parsers import DatasetError
+from specforge_vocab.counting.templates import ChatTemplate, resolve_template
 from specforge_vocab.errors import InputError, SpecForgeVocabError, ValidatedSettings, must
 
 logger = logging.getLogger(__name__)
 
 
 # Bumped whenever a change to counting changes what is counted: cached counts then miss.
-COUNTING_VERSION = "1"
+COUNTING_VERSION = "2"
 
 
 # Records per chunk sent to a worker (also cut at CHUNK_BYTES of raw JSON).
@@ -45,6 +46,7 @@ class CountSettings(ValidatedSettings):
     dataset_paths: List[str] = field(default_factory=list)
     tokenizer_path: str = ""
     chat_template: str = "llama3"
+    chat_template_file: Optional[str] = None
     max_length: int = 2048
     is_preformatted: bool = False
     train_only_last_turn: bool = False
@@ -52,6 +54,9 @@ class CountSettings(ValidatedSettings):
     target_vocab_size: Optional[int] = None
     skip_invalid: bool = False
     trust_remote_code: bool = False
+    # Read records as the older scripts/train_eagle3.py did (no flag: pre-step sets it): only conversations
+    # and tools reach the parser, messages that are not objects are dropped.
+    legacy_reader: bool = False
     batch_size: int = 256
     num_workers: Optional[int] = None
     shard: Optional[str] = None
@@ -59,6 +64,10 @@ class CountSettings(ValidatedSettings):
     def shard_spec(self) -> Optional[Shard]:
         """The parsed ``shard`` ("i/n"), or None when counting every record."""
         return None if self.shard in (None, "") else Shard.parse(self.shard)
+
+    def template(self) -> ChatTemplate:
+        """The chat template: ``chat_template_file``'s when set, else SpecForge's ``chat_template``."""
+        return resolve_template(self.chat_template, self.chat_template_file)
 
     def problems(self) -> List[str]:
         out = []
@@ -74,8 +83,10 @@ class CountSettings(ValidatedSettings):
                 f"--tokenizer-path {self.tokenizer_path} must be a directory holding tokenizer.json, but it "
                 "does not exist. Point it at the target model's tokenizer folder."
             )
-        if canonical_template_name(self.chat_template) not in template_names():
-            out.append(must("--chat-template", f"one of {', '.join(template_names())}", self.chat_template))
+        try:
+            out.extend(self.template().problems())
+        except InputError as exc:
+            out.append(str(exc))
         if not isinstance(self.max_length, int) or self.max_length < 1:
             out.append(must("--max-length", "a positive integer", self.max_length))
         if self.sample_size is not None and (not isinstance(self.sample_size, int) or self.sample_size < 1):
@@ -133,10 +144,19 @@ class Counter:
     in file order is always the one reported, however the records are batched.
     """
 
-    def __init__(self, tokenizer, settings: CountSettings, *, vocab_size: int, tallies: Sequence[Tally] = ()):
+    def __init__(
+        self,
+        tokenizer,
+        settings: CountSettings,
+        *,
+        vocab_size: int,
+        tallies: Sequence[Tally] = (),
+        fill_columns: Sequence[str] = (),
+    ):
         self.tokenizer = tokenizer
+        self.fill_columns = tuple(fill_columns)
         self.settings = settings
-        self.template = get_template(settings.chat_template)
+        self.template = settings.template()
         self.engine = MaskEngine(
             tokenizer,
             max_length=settings.max_length,
@@ -153,7 +173,7 @@ class Counter:
         self._records: List[Record] = []
 
     def _invalid(self, exc: InputError, index: int, stats: ReadStats) -> None:
-        if not self.settings.skip_invalid:
+        if not self.settings.skip_invalid or isinstance(exc, DatasetError):
             self.flush()  # an earlier record of the batch may be bad too: it goes first
             raise exc
         stats.skip(str(exc), index)
@@ -175,6 +195,8 @@ class Counter:
                 template=self.template,
                 tokenizer=self.tokenizer,
                 is_preformatted=self.settings.is_preformatted,
+                fill=self.fill_columns,
+                legacy_reader=self.settings.legacy_reader,
                 source=record.source,
                 line=record.line,
             )

@@ -102,13 +102,16 @@ _TALLIES: List[Tally] = []
 _COUNTER: Optional[Counter] = None
 
 
-def _init_worker(settings: CountSettings, tallies: List[Tally]) -> None:
+_FILL: Tuple[str, ...] = ()
+
+
+def _init_worker(settings: CountSettings, tallies: List[Tally], fill_columns: Sequence[str] = ()) -> None:
     """Pool initializer: remember the settings; the tokenizer is loaded by the first chunk
     (so a tokenizer error comes back as that chunk's error message, not a broken pool)."""
-    global _SETTINGS, _TALLIES
+    global _SETTINGS, _TALLIES, _FILL
     # One single-threaded tokenizer per worker; workers are the parallelism.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _SETTINGS, _TALLIES = settings, list(tallies)
+    _SETTINGS, _TALLIES, _FILL = settings, list(tallies), tuple(fill_columns)
 
 
 def _counter() -> Counter:
@@ -116,7 +119,12 @@ def _counter() -> Counter:
     if _COUNTER is None:
         settings = _SETTINGS
         tokenizer = load_tokenizer(settings.tokenizer_path, trust_remote_code=settings.trust_remote_code)
-        _COUNTER = Counter(tokenizer, settings, vocab_size=resolve_vocab_size(tokenizer, settings.target_vocab_size))
+        _COUNTER = Counter(
+            tokenizer,
+            settings,
+            vocab_size=resolve_vocab_size(tokenizer, settings.target_vocab_size),
+            fill_columns=_FILL,
+        )
     return _COUNTER
 
 
@@ -190,8 +198,11 @@ def count_in_workers(
     stats: ReadStats,
     bar=None,
     stop: Optional[Callable[[], bool]] = None,
+    fill_columns: Sequence[str] = (),
 ) -> Totals:
-    """Count ``files`` with ``workers`` processes; see the module docstring for the guarantees."""
+    """Count ``files`` with ``workers`` processes; see the module docstring for the guarantees.
+
+    ``fill_columns``: columns each record lacking them gets as None (counting/columns.py)."""
     totals = Totals(tallies=list(tallies))
     templates = [t.fresh() for t in tallies]
     chunks = iter_chunks(iter_raw_records(files, sample_size=settings.sample_size, shard=shard, stats=stats))
@@ -202,7 +213,10 @@ def count_in_workers(
     sent = merged = 0
     exhausted = aborted = False
     pool = ProcessPoolExecutor(
-        max_workers=workers, mp_context=worker_context(), initializer=_init_worker, initargs=(settings, templates)
+        max_workers=workers,
+        mp_context=worker_context(),
+        initializer=_init_worker,
+        initargs=(settings, templates, tuple(fill_columns)),
     )
     try:
         while True:
