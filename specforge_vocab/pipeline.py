@@ -34,9 +34,10 @@ from specforge_vocab.choosing.serving import (
     choose_objective,
 )
 from specforge_vocab.counting.count import CountResult, count_dataset
-from specforge_vocab.counting.counts_file import save_counts
+from specforge_vocab.counting.counts_file import save_counts, template_from_metadata
 from specforge_vocab.counting.engine import CountSettings, Tally
 from specforge_vocab.counting.sources import obtain_counts
+from specforge_vocab.counting.templates import ChatTemplate
 from specforge_vocab.counting.tokenizer import load_tokenizer
 from specforge_vocab.errors import SettingsError, must
 from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT, json_text, safetensors_bytes, writable_dir_problem
@@ -105,7 +106,7 @@ class Inputs:
     bootstrap: Optional[BootstrapTally] = None
     eval_counts: Dict[str, np.ndarray] = field(default_factory=dict)
     tokenizer: Any = None  # for resolving pinned token strings
-    chat_template: Optional[str] = None
+    chat_template: Optional[ChatTemplate] = None
 
     @property
     def vocab_size(self) -> int:
@@ -262,7 +263,7 @@ def gather_inputs(
         counts, metadata, count_result = counted.counts, counted.metadata, counted.result
     if not counting:
         tokenizer = _tokenizer_named_by(count, metadata)
-    chat_template = count.chat_template if counting else (metadata.get("chat_template") or count.chat_template)
+    chat_template = count.template() if counting else template_from_metadata(metadata, count.chat_template)
     if count_result is not None and tallies:
         tallies = list(count_result.tallies)
     V = int(counts.shape[0])
@@ -335,6 +336,7 @@ def _eval_count_settings(
         dataset_paths=[path],
         tokenizer_path=meta["tokenizer_path"],
         chat_template=meta["chat_template"],
+        chat_template_file=meta.get("chat_template_file") or None,
         max_length=int(meta["max_length"]),
         is_preformatted=json.loads(meta.get("is_preformatted", "false")),
         train_only_last_turn=json.loads(meta.get("train_only_last_turn", "false")),

@@ -5,7 +5,9 @@ default the chat template's end-of-turn token and the tokenizer's EOS are pinned
 ``--pin-token`` (one token's string, or an integer id). Strings need the tokenizer: when only
 a counts file without a tokenizer path is at hand, only explicit ids are pinned (and the
 summary says so). An end-of-turn string that the tokenizer splits into several ids pins each
-of them (e.g. Qwen's ``<|im_end|>\\n`` pins ``<|im_end|>`` and ``\\n``).
+of them (e.g. Qwen's ``<|im_end|>\\n`` pins ``<|im_end|>`` and ``\\n``). The structural tokens the
+template trains on (``<think>``, ``</think>``, tool-call markers, harmony's ``<|channel|>`` ...;
+counting/templates.py TRAINED_MARKERS) are pinned too, each only when it is one token of the tokenizer.
 
 Pinning changes nothing when the pinned ids are already among the most frequent: the usual
 case for an end-of-turn token, which closes every assistant turn.
@@ -15,9 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from specforge_vocab.counting.templates import get_template
+from specforge_vocab.counting.templates import ChatTemplate, get_template, trained_markers
 from specforge_vocab.errors import InputError, ValidatedSettings
 
 logger = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ def resolve_pinned_tokens(
     *,
     vocab_size: int,
     tokenizer=None,
-    chat_template: Optional[str] = None,
+    chat_template=None,
 ) -> (List[PinnedToken], List[str]):
     """The pinned tokens (sorted by id, each once) and notes on what could not be pinned."""
     notes: List[str] = []
@@ -96,10 +98,13 @@ def resolve_pinned_tokens(
             )
         else:
             if chat_template:
-                eot = get_template(chat_template).end_of_turn_token
+                template = get_template(chat_template) if isinstance(chat_template, str) else chat_template
+                eot = template.end_of_turn_token
                 if eot:
                     for i in _ids_of_string(tokenizer, eot):
-                        add(int(i), f"end-of-turn ({chat_template})")
+                        add(int(i), f"end-of-turn ({template.name})")
+                for marker, marker_id in template_marker_ids(template, tokenizer):
+                    add(marker_id, f"trained marker {marker!r} ({template.name})")
             eos = getattr(tokenizer, "eos_token_id", None)
             if isinstance(eos, int):
                 add(eos, "eos_token")
@@ -124,6 +129,17 @@ def resolve_pinned_tokens(
     for note in notes:
         logger.warning("pinned tokens: %s.", note)
     return [found[i] for i in sorted(found)], notes
+
+
+def template_marker_ids(template: ChatTemplate, tokenizer) -> List[Tuple[str, int]]:
+    """(string, id) of each structural string ``template``'s training puts loss on (<think>, tool-call
+    markers, harmony's channel markers) that is one token of ``tokenizer``; the others are left out."""
+    found = []
+    for marker in trained_markers(template):
+        ids = _ids_of_string(tokenizer, marker)
+        if len(ids) == 1:
+            found.append((marker, int(ids[0])))
+    return found
 
 
 def pinned_ids(tokens: Sequence[PinnedToken]) -> List[int]:

@@ -102,8 +102,9 @@ def add_count_flags(parser: argparse.ArgumentParser, *, datasets_required: bool 
     tok.add_argument(
         "--chat-template",
         default=CountSettings.chat_template,
-        help=f"SpecForge chat template name (default {CountSettings.chat_template})",
+        help=f"SpecForge chat template name, any of its 26 (default {CountSettings.chat_template})",
     )
+    add_chat_template_file_flag(tok)
     tok.add_argument(
         "--max-length",
         type=positive_int,
@@ -139,6 +140,19 @@ def add_count_flags(parser: argparse.ArgumentParser, *, datasets_required: bool 
             "position %% N == I, after --sample-size); merge the N files with "
             "`specforge-vocab merge`",
         )
+
+
+def add_chat_template_file_flag(group) -> None:
+    """``--chat-template-file`` (count, optimize, trim, prepare, pre-step, scripts/train_eagle3.py)."""
+    group.add_argument(
+        "--chat-template-file",
+        default=CountSettings.chat_template_file,
+        metavar="FILE",
+        help="a chat template you registered in SpecForge yourself (TEMPLATE_REGISTRY.register): its "
+        "ChatTemplate fields (assistant_header, user_header, system_prompt, end_of_turn_token, parser_type, "
+        "assistant_pattern_type, enable_thinking, ignore_token) as JSON or YAML; used instead of SpecForge's "
+        "own template of that name",
+    )
 
 
 # ---------------------------------------------------------------- choosing

@@ -14,7 +14,12 @@ from typing import List, Optional, Sequence, Tuple
 
 from specforge_vocab.choosing.search import SearchSettings
 from specforge_vocab.cli.console import say
-from specforge_vocab.cli.flags import add_lock_timeout_flag, add_search_flags, settings_from
+from specforge_vocab.cli.flags import (
+    add_chat_template_file_flag,
+    add_lock_timeout_flag,
+    add_search_flags,
+    settings_from,
+)
 from specforge_vocab.errors import InputError, SpecForgeVocabError
 from specforge_vocab.specforge.prepare import PrepareResult, before_training
 from specforge_vocab.specforge.train_eagle3 import find_specforge_train_script
@@ -41,6 +46,7 @@ def add_prepare_flags(parser: argparse.ArgumentParser) -> None:
         help="do not keep <file>.bak copies of the configs it changes",
     )
     add_lock_timeout_flag(group)
+    add_chat_template_file_flag(parser.add_argument_group("chat template"))
     add_search_flags(parser)
 
 
@@ -95,6 +101,7 @@ def run_prepare_command(args: argparse.Namespace) -> int:
         backup=args.backup,
         lock_timeout=args.lock_timeout,
         progress=not args.quiet,
+        chat_template_file=args.chat_template_file,
     )
     _say_result(args, result)
     return 0
@@ -138,6 +145,7 @@ def run_pre_step_command(args: argparse.Namespace) -> int:
         backup=args.backup,
         lock_timeout=args.lock_timeout,
         progress=not args.quiet,
+        chat_template_file=args.chat_template_file,
     )
     _say_result(args, result)
     return 0
@@ -189,6 +197,7 @@ def handover_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not keep a .bak of the draft config",
     )
+    add_chat_template_file_flag(parser)
     add_search_flags(parser, prefix=HANDOVER_PREFIX)
     return parser
 
@@ -258,6 +267,7 @@ def train_eagle3_main(argv: Optional[Sequence[str]] = None) -> int:
             output_dir=args.output_dir,
             backup=args.backup,
             progress=True,
+            chat_template_file=args.chat_template_file,
         )
     except SpecForgeVocabError as exc:
         print(f"specforge-vocab: error: {exc}", file=sys.stderr)

@@ -132,13 +132,15 @@ def before_training(
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     progress: bool = False,
     cwd: Optional[str] = None,
+    chat_template_file: Optional[str] = None,
 ) -> PrepareResult:
     """Prepare the draft vocabulary for a SpecForge run; call it on every rank.
 
     Give either ``run_config`` (a ``specforge train`` YAML/JSON, with ``overrides`` as
     ``section.field=value``) or ``train_eagle3_args`` (scripts/train_eagle3.py's flags; the other
     flags are ignored). Relative paths resolve from ``cwd`` (default: the current directory),
-    as SpecForge resolves them.
+    as SpecForge resolves them. ``chat_template_file`` holds the fields of a chat template registered
+    in code (``TEMPLATE_REGISTRY.register``) under the name the run uses.
 
     >>> result = before_training("configs/llama3-8b-eagle3-run.yaml")  # doctest: +SKIP
     >>> result.k, result.mapping_path, result.reused  # doctest: +SKIP
@@ -166,6 +168,7 @@ def before_training(
         backup=backup,
         lock_timeout=lock_timeout,
         cwd=cwd,
+        chat_template_file=chat_template_file,
     )
 
     def make_plan() -> Plan:
