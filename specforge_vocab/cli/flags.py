@@ -405,7 +405,8 @@ def add_pin_flags(parser: argparse.ArgumentParser) -> None:
         dest="pin_special_tokens",
         action="store_false",
         default=PinSettings.pin_special_tokens,
-        help="do not pin the template's end-of-turn token and the tokenizer's EOS (pinned by default)",
+        help="do not pin the template's end-of-turn token, the structural tokens it trains on (<think>, "
+        "tool-call and harmony markers, when single tokens) and the tokenizer's EOS (pinned by default)",
     )
 
 
