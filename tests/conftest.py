@@ -299,6 +299,12 @@ def template_tokenizer_dir(template: str, family_tokenizer, *, shared: bool = Fa
     return str(SHARED_TOKENIZERS / shared_name) if shared else family_tokenizer(built)
 
 
+def e2e_tokenizer_dir(template: str, family_tokenizer) -> str:
+    """For end-to-end runs: the shared tokenizer of ``template``'s family when ../shared is present, else
+    the test-built one."""
+    return template_tokenizer_dir(template, family_tokenizer, shared=SHARED_TOKENIZERS.is_dir())
+
+
 def shared_tokenizers_or_skip() -> Path:
     if not SHARED_TOKENIZERS.is_dir():
         pytest.skip(

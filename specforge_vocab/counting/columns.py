@@ -67,6 +67,8 @@ def columns_to_fill(files, template: ChatTemplate, tokenizer) -> Tuple[str, ...]
     rendering call (sorted); each record lacking one gets it as None, as in SpecForge."""
     if template.is_harmony:
         return ()  # any column stops SpecForge's harmony parser; counting refuses it
+    if not getattr(tokenizer, "chat_template", None):
+        return ()  # every record renders by the fallback, which reads no column
     referenced = referenced_variables(tokenizer)
     names = None if referenced is None else (set(referenced) | set(COLLIDING_NAMES)) - set(RESERVED_COLUMNS)
     if names is not None and not names:

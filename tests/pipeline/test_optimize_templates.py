@@ -14,11 +14,10 @@ import yaml
 from conftest import (
     CONFIGS,
     DATA,
-    SHARED_TOKENIZERS,
     assert_same_counts,
+    e2e_tokenizer_dir,
     hf_tokenizer,
     read_jsonl,
-    template_tokenizer_dir,
 )
 from specforge_reference import reference_counts
 
@@ -31,10 +30,6 @@ CASES = {
     "gpt-oss": ("gpt-oss-20B-eagle3.json", DATA / "harmony_conversations.jsonl", ["<|channel|>", "<|message|>"]),
 }
 FAST = ["--n-calls", "8", "--min-vocab-size", "64", "--max-vocab-size", "2000"]
-
-
-def tokenizer_for(template, family_tokenizer):
-    return template_tokenizer_dir(template, family_tokenizer, shared=SHARED_TOKENIZERS.is_dir())
 
 
 def optimize(tmp_path, tok_dir, config_name, data, *template_flags, extra=()):
@@ -55,7 +50,7 @@ def kept_ids(out):
 @pytest.mark.parametrize("template", list(CASES))
 def test_optimize_counts_pins_and_writes_for_the_template(tmp_path, family_tokenizer, template):
     config_name, data, markers = CASES[template]
-    tok_dir = tokenizer_for(template, family_tokenizer)
+    tok_dir = e2e_tokenizer_dir(template, family_tokenizer)
     summary, out, config = optimize(tmp_path, tok_dir, config_name, data, "--chat-template", template)
     counts, meta = load_counts(str(out / "token_counts.safetensors"))
     V = json.loads((CONFIGS / config_name).read_text())["vocab_size"]
@@ -75,7 +70,7 @@ def test_optimize_counts_pins_and_writes_for_the_template(tmp_path, family_token
 def test_optimize_with_a_custom_template_file(tmp_path, family_tokenizer):
     """A template registered in code (here: qwen3-thinking's fields under another name) counts like
     SpecForge's own, and `optimize --counts` later finds the template in the counts' metadata."""
-    tok_dir = tokenizer_for("qwen3-thinking", family_tokenizer)
+    tok_dir = e2e_tokenizer_dir("qwen3-thinking", family_tokenizer)
     config_name, data, _ = CASES["qwen3-thinking"]
     template_file = tmp_path / "my_template.yaml"
     template_file.write_text(yaml.safe_dump(get_template("qwen3-thinking").fields()), encoding="utf-8")
@@ -96,7 +91,7 @@ def test_optimize_with_a_custom_template_file(tmp_path, family_tokenizer):
 
 
 def test_a_bad_template_file_stops_optimize_before_anything_is_written(tmp_path, family_tokenizer, capsys):
-    tok_dir = tokenizer_for("qwen3-thinking", family_tokenizer)
+    tok_dir = e2e_tokenizer_dir("qwen3-thinking", family_tokenizer)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"assistant_header": "<|im_start|>assistant\n", "parser_type": "thinkng"}))
     config = tmp_path / "draft.json"

@@ -17,11 +17,10 @@ import yaml
 from conftest import (
     CONFIGS,
     DATA,
-    SHARED_TOKENIZERS,
     assert_same_counts,
+    e2e_tokenizer_dir,
     hf_tokenizer,
     read_jsonl,
-    template_tokenizer_dir,
     write_jsonl,
 )
 from specforge_reference import reference_counts
@@ -57,8 +56,15 @@ training:
 """
 
 
-def tokenizer_for(template, family_tokenizer):
-    return template_tokenizer_dir(template, family_tokenizer, shared=SHARED_TOKENIZERS.is_dir())
+def train_flags(tok_dir: str, template: str):
+    """scripts/train_eagle3.py's flags for the run make_run lays out."""
+    return ["--target-model-path", tok_dir, "--draft-model-config", "configs/draft.json", "--train-data-path"] + [
+        "data/train.jsonl",
+        "--max-length",
+        str(MAX_LENGTH),
+        "--chat-template",
+        template,
+    ]
 
 
 def make_run(root: Path, template: str, tok_dir: str, config_name: str, data: Path) -> Path:
@@ -73,6 +79,14 @@ def make_run(root: Path, template: str, tok_dir: str, config_name: str, data: Pa
     return root
 
 
+def run_for(root: Path, template: str, family_tokenizer):
+    """make_run for one of CASES; (tokenizer directory, draft config name, data file)."""
+    config_name, data = CASES[template]
+    tok_dir = e2e_tokenizer_dir(template, family_tokenizer)
+    make_run(root, template, tok_dir, config_name, data)
+    return tok_dir, config_name, data
+
+
 def expected_counts(template, tok_dir, data, config_name):
     V = json.loads((CONFIGS / config_name).read_text())["vocab_size"]
     return reference_counts(read_jsonl(data), hf_tokenizer(tok_dir), template, max_length=MAX_LENGTH, vocab_size=V)
@@ -85,9 +99,7 @@ def stored_counts(result):
 @pytest.mark.parametrize("template", list(CASES))
 def test_prepare_installs_the_mapping_for_the_template(tmp_path, monkeypatch, family_tokenizer, template):
     monkeypatch.chdir(tmp_path)
-    config_name, data = CASES[template]
-    tok_dir = tokenizer_for(template, family_tokenizer)
-    make_run(tmp_path, template, tok_dir, config_name, data)
+    tok_dir, config_name, data = run_for(tmp_path, template, family_tokenizer)
     assert main(["-q", "prepare", "--config", "run.yaml", *FAST]) == 0
     path, d2t, t2d = standin.run_config_mapping("run.yaml")
     k, V = standin.draft_sizes("configs/draft.json")
@@ -100,11 +112,8 @@ def test_prepare_installs_the_mapping_for_the_template(tmp_path, monkeypatch, fa
 @pytest.mark.parametrize("template", list(CASES))
 def test_pre_step_installs_the_mapping_for_the_template(tmp_path, monkeypatch, family_tokenizer, template):
     monkeypatch.chdir(tmp_path)
-    config_name, data = CASES[template]
-    tok_dir = tokenizer_for(template, family_tokenizer)
-    make_run(tmp_path, template, tok_dir, config_name, data)
-    flags = ["--target-model-path", tok_dir, "--draft-model-config", "configs/draft.json"]
-    flags += ["--train-data-path", "data/train.jsonl", "--max-length", str(MAX_LENGTH), "--chat-template", template]
+    tok_dir, config_name, data = run_for(tmp_path, template, family_tokenizer)
+    flags = train_flags(tok_dir, template)
     assert main(["-q", "pre-step", *FAST, "--", *flags]) == 0
     _, d2t, _ = standin.train_eagle3_mapping(flags)
     assert d2t.numel() == standin.draft_sizes("configs/draft.json")[0]
@@ -116,14 +125,13 @@ def test_gpt_oss_records_with_extra_columns_work_with_the_older_reader_only(tmp_
     """SpecForge's harmony parser takes no extra arguments: `specforge train` (datasets passes every column)
     fails on such a file, the older train_eagle3.py (it keeps only conversations and tools) does not."""
     monkeypatch.chdir(tmp_path)
-    tok_dir = tokenizer_for("gpt-oss", family_tokenizer)
+    tok_dir = e2e_tokenizer_dir("gpt-oss", family_tokenizer)
     rows = [dict(r, source="mine") for r in read_jsonl(DATA / "harmony_conversations.jsonl")]
     data = write_jsonl(tmp_path / "harmony_with_source.jsonl", rows)
     make_run(tmp_path / "run", "gpt-oss", tok_dir, "gpt-oss-20B-eagle3.json", data)
     with pytest.raises(InputError, match=r"train\.jsonl, line 1: the column\(s\) 'source' are passed to SpecForge's "):
         before_training("run.yaml", search=FAST_SEARCH)
-    flags = ["--target-model-path", tok_dir, "--draft-model-config", "configs/draft.json"]
-    flags += ["--train-data-path", "data/train.jsonl", "--max-length", str(MAX_LENGTH), "--chat-template", "gpt-oss"]
+    flags = train_flags(tok_dir, "gpt-oss")
     result = before_training(train_eagle3_args=flags, search=FAST_SEARCH)
     plain = read_jsonl(DATA / "harmony_conversations.jsonl")
     V = json.loads((CONFIGS / "gpt-oss-20B-eagle3.json").read_text())["vocab_size"]
@@ -136,7 +144,7 @@ def test_prepare_and_pre_step_with_a_custom_template_file(tmp_path, monkeypatch,
     counted with them (like SpecForge's own qwen3-thinking here), recounted when the file changes."""
     monkeypatch.chdir(tmp_path)
     config_name, data = CASES["qwen3-thinking"]
-    tok_dir = tokenizer_for("qwen3-thinking", family_tokenizer)
+    tok_dir = e2e_tokenizer_dir("qwen3-thinking", family_tokenizer)
     make_run(tmp_path, "my-reasoner", tok_dir, config_name, data)
     assert main(["prepare", "--config", "run.yaml", *FAST]) == 2
     err = capsys.readouterr().err
@@ -156,15 +164,7 @@ def test_prepare_and_pre_step_with_a_custom_template_file(tmp_path, monkeypatch,
     think = hf_tokenizer(tok_dir).convert_tokens_to_ids("</think>")
     assert counts[think] > 0 and stored_counts(result)[think] == 0
     # pre-step: the same file for train_eagle3.py's --chat-template.
-    flags = ["--target-model-path", tok_dir, "--draft-model-config", "configs/draft.json"]
-    flags += [
-        "--train-data-path",
-        "data/train.jsonl",
-        "--max-length",
-        str(MAX_LENGTH),
-        "--chat-template",
-        "my-reasoner",
-    ]
+    flags = train_flags(tok_dir, "my-reasoner")
     argv = ["-q", "pre-step", "--chat-template-file", "my_template.yaml", *FAST, "--", *flags]
     assert main(argv) == 0
     standin.train_eagle3_mapping(flags)
@@ -181,7 +181,7 @@ def test_prepare_and_pre_step_with_a_custom_template_file(tmp_path, monkeypatch,
 
 def test_chat_template_file_is_refused_for_pre_tokenized_data(tmp_path, monkeypatch, family_tokenizer):
     monkeypatch.chdir(tmp_path)
-    tok_dir = tokenizer_for("qwen3-thinking", family_tokenizer)
+    tok_dir = e2e_tokenizer_dir("qwen3-thinking", family_tokenizer)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"input_ids": [1, 2, 3], "loss_mask": [0, 1, 1]}])
     make_run(tmp_path / "run", "qwen3-thinking", tok_dir, "qwen3-8b-eagle3.json", prompts)
     Path("run.yaml").write_text(Path("run.yaml").read_text().replace("train_data_path", "prompts_path"))
