@@ -267,8 +267,7 @@ def render_messages(
         return render_fallback(messages, template, bos)
     if not getattr(tokenizer, "chat_template", None) and variables.get("chat_template") is None:
         return render_fallback(messages, template, bos)  # transformers raises ValueError: nothing to render with
-    clash = [name for name in variables if name in own or name == "tools"]
-    if clash:  # the same keyword twice: TypeError in SpecForge's call, caught there
+    if any(name in own for name in variables):  # the same keyword twice: TypeError in SpecForge's call, caught there
         return render_fallback(messages, template, bos)
     try:
         return tokenizer.apply_chat_template(messages, tools=tools if tools else None, **own, **variables)

@@ -163,7 +163,7 @@ TRAINED_MARKERS: Dict[str, Tuple[str, ...]] = {
 }
 
 
-#: For templates read from a file: the markers of their parser type.
+#: For other templates (a file's, or a registered name with other fields): the markers of their parser type.
 PARSER_MARKERS = {"thinking": ("<think>", "</think>"), "glm": GLM_MARKERS, "openai-harmony": HARMONY_MARKERS}
 
 
@@ -173,7 +173,8 @@ def trained_markers(template: ChatTemplate) -> Tuple[str, ...]:
     >>> trained_markers(get_template("qwen3.5"))
     ('</think>', '<tool_call>', '</tool_call>')
     """
-    if template.origin == f"--chat-template {template.name}" and template.name in TRAINED_MARKERS:
+    registered = _registry().get(template.name)
+    if registered is not None and registered.fields() == template.fields() and template.name in TRAINED_MARKERS:
         return TRAINED_MARKERS[template.name]
     return PARSER_MARKERS.get(template.parser_type, ())
 

@@ -175,7 +175,8 @@ def test_trained_markers_of_registered_and_custom_templates(tmp_path):
     assert "<think>" not in trained_markers(get_template("qwen3-next-thinking"))  # part of its header
     assert trained_markers(get_template("gpt-oss")) == ("<|start|>", "<|channel|>", "<|message|>", "<|end|>")
     assert trained_markers(get_template("llama3")) == ()
-    custom = load_template_file(
-        write_template(tmp_path / "c.json", {**get_template("qwen3-thinking").fields()}), name="qwen3-thinking"
-    )
-    assert trained_markers(custom) == ("<think>", "</think>")  # a file: the markers of its parser type
+    fields = get_template("qwen3-thinking").fields()
+    same = load_template_file(write_template(tmp_path / "same.json", fields), name="qwen3-thinking")
+    assert trained_markers(same) == trained_markers(get_template("qwen3-thinking"))
+    other = load_template_file(write_template(tmp_path / "c.json", dict(fields, system_prompt="Hi")), name="mine")
+    assert trained_markers(other) == ("<think>", "</think>")  # another template: the markers of its parser type
