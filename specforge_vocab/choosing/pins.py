@@ -7,7 +7,9 @@ a counts file without a tokenizer path is at hand, only explicit ids are pinned 
 summary says so). Only a single token of the tokenizer is pinned: the end-of-turn string
 without its surrounding whitespace (Qwen's ``<|im_end|>\\n`` pins ``<|im_end|>``); when it, or a
 header's special token, is not one token of this tokenizer, the template was made for another
-model, and a warning names a template that fits.
+model, and a warning names a template that fits. The structural tokens the template trains on
+(``<think>``, ``</think>``, tool-call markers, harmony's ``<|channel|>`` ...; counting/templates.py
+TRAINED_MARKERS) are pinned too, each only when it is one token of the tokenizer.
 
 Pinning changes nothing when the pinned ids are already among the most frequent: the usual
 case for an end-of-turn token, which closes every assistant turn.
@@ -17,9 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from specforge_vocab.counting.templates import get_template, likely_templates, single_token_id, unfit_markers
+from specforge_vocab.counting.templates import (
+    ChatTemplate,
+    get_template,
+    likely_templates,
+    single_token_id,
+    trained_markers,
+    unfit_markers,
+)
 from specforge_vocab.errors import InputError, ValidatedSettings
 
 logger = logging.getLogger(__name__)
@@ -67,7 +76,7 @@ def resolve_pinned_tokens(
     *,
     vocab_size: int,
     tokenizer=None,
-    chat_template: Optional[str] = None,
+    chat_template=None,
 ) -> (List[PinnedToken], List[str]):
     """The pinned tokens (sorted by id, each once) and notes on what could not be pinned."""
     notes: List[str] = []
@@ -98,9 +107,12 @@ def resolve_pinned_tokens(
             )
         else:
             if chat_template:
-                eot = single_token_id(tokenizer, get_template(chat_template).end_of_turn_token.strip())
+                template = as_template(chat_template)
+                eot = single_token_id(tokenizer, (template.end_of_turn_token or "").strip())
                 if eot is not None:
-                    add(eot, f"end-of-turn ({chat_template})")
+                    add(eot, f"end-of-turn ({template.name})")
+                for marker, marker_id in template_marker_ids(template, tokenizer):
+                    add(marker_id, f"trained marker {marker!r} ({template.name})")
             eos = getattr(tokenizer, "eos_token_id", None)
             if isinstance(eos, int):
                 add(eos, "eos_token")
@@ -129,12 +141,19 @@ def resolve_pinned_tokens(
     return [found[i] for i in sorted(found)], notes
 
 
-def check_template_fits(chat_template: str, tokenizer) -> Optional[str]:
+def as_template(chat_template: Union[str, ChatTemplate]) -> ChatTemplate:
+    """A registered template by name, or the template itself (one read from --chat-template-file)."""
+    return get_template(chat_template) if isinstance(chat_template, str) else chat_template
+
+
+def check_template_fits(chat_template: Union[str, ChatTemplate], tokenizer) -> Optional[str]:
     """Warn (and return the warning) when the template's end-of-turn string or headers are not single
     tokens of the tokenizer: the template was made for another model (e.g. llama3 on a DeepSeek tokenizer)."""
-    unfit = unfit_markers(get_template(chat_template), tokenizer)
+    template = as_template(chat_template)
+    unfit = unfit_markers(template, tokenizer)
     if not unfit:
         return None
+    chat_template = template.name
     likely = [name for name in likely_templates(tokenizer) if name != chat_template]
     hint = (
         f"a template that fits it: --chat-template {likely[0]}"
@@ -148,6 +167,17 @@ def check_template_fits(chat_template: str, tokenizer) -> Optional[str]:
     )
     logger.warning("%s.", message)
     return message
+
+
+def template_marker_ids(template: ChatTemplate, tokenizer) -> List[Tuple[str, int]]:
+    """(string, id) of each structural string ``template``'s training puts loss on (<think>, tool-call
+    markers, harmony's channel markers) that is one token of ``tokenizer``; the others are left out."""
+    found = []
+    for marker in trained_markers(template):
+        marker_id = single_token_id(tokenizer, marker)
+        if marker_id is not None:
+            found.append((marker, marker_id))
+    return found
 
 
 def pinned_ids(tokens: Sequence[PinnedToken]) -> List[int]:

@@ -220,6 +220,7 @@ def add_count_flags(parser: argparse.ArgumentParser, *, shard: bool = True) -> N
         metavar="NAME",
         help=f"the SpecForge chat template the target is trained with: {', '.join(template_names())}",
     )
+    add_chat_template_file_flag(tok)
     tok.add_argument(
         "--max-length",
         type=positive_int,
@@ -290,6 +291,19 @@ def add_count_source_flags(parser: argparse.ArgumentParser, *, head_flags: bool)
         choices=DEVICES,
         default=CountSettings.device,
         help="where the target's logits are computed (auto: CUDA when present, else every CPU core)",
+    )
+
+
+def add_chat_template_file_flag(group) -> None:
+    """``--chat-template-file`` (count, optimize, trim, prepare, pre-step, scripts/train_eagle3.py)."""
+    group.add_argument(
+        "--chat-template-file",
+        default=CountSettings.chat_template_file,
+        metavar="FILE",
+        help="a chat template you registered in SpecForge yourself (TEMPLATE_REGISTRY.register): its "
+        "ChatTemplate fields (assistant_header, user_header, system_prompt, end_of_turn_token, parser_type, "
+        "assistant_pattern_type, enable_thinking, ignore_token) as JSON or YAML; used instead of SpecForge's "
+        "own template of that name",
     )
 
 
@@ -561,7 +575,8 @@ def add_pin_flags(parser: argparse.ArgumentParser) -> None:
         dest="pin_special_tokens",
         action="store_false",
         default=PinSettings.pin_special_tokens,
-        help="do not pin the template's end-of-turn token and the tokenizer's EOS (pinned by default)",
+        help="do not pin the template's end-of-turn token, the structural tokens it trains on (<think>, "
+        "tool-call and harmony markers, when single tokens) and the tokenizer's EOS (pinned by default)",
     )
 
 

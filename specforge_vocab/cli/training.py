@@ -16,6 +16,7 @@ from specforge_vocab.choosing.search import SearchSettings
 from specforge_vocab.cli.console import say
 from specforge_vocab.cli.flags import (
     Parser,
+    add_chat_template_file_flag,
     add_count_source_flags,
     add_lock_timeout_flag,
     add_remap_flag,
@@ -49,6 +50,7 @@ def add_prepare_flags(parser: argparse.ArgumentParser) -> None:
     )
     add_lock_timeout_flag(group)
     add_remap_flag(group)
+    add_chat_template_file_flag(parser.add_argument_group("chat template"))
     add_search_flags(parser)
 
 
@@ -107,6 +109,7 @@ def run_prepare_command(args: argparse.Namespace) -> int:
         lock_timeout=args.lock_timeout,
         progress=not args.quiet,
         remap=args.remap,
+        chat_template_file=args.chat_template_file,
     )
     _say_result(args, result)
     return 0
@@ -174,6 +177,7 @@ def run_pre_step_command(args: argparse.Namespace) -> int:
         lock_timeout=args.lock_timeout,
         progress=not args.quiet,
         remap=args.remap,
+        chat_template_file=args.chat_template_file,
     )
     _say_result(args, result)
     return 0
@@ -225,6 +229,7 @@ def handover_parser() -> argparse.ArgumentParser:
         help="do not keep a .bak of the draft config",
     )
     add_remap_flag(parser, name=HANDOVER_PREFIX + "remap")
+    add_chat_template_file_flag(parser)
     add_search_flags(parser, prefix=HANDOVER_PREFIX)
     return parser
 
@@ -317,6 +322,7 @@ def train_eagle3_main(argv: Optional[Sequence[str]] = None) -> int:
             backup=args.backup,
             progress=True,
             remap=args.remap,
+            chat_template_file=args.chat_template_file,
         )
         if result.warm_start:
             flags = replace_flag_value(flags, "--ckpt-dir", result.warm_start)

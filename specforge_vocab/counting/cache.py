@@ -9,8 +9,8 @@ The fingerprint is everything that decides the counts, by content, not by name o
   see :data:`~specforge_vocab.counting.TOKENIZER_FILES`; its .py files under trust_remote_code),
   hashed together; where the tokenizer lives does not matter;
 * each file's --dataset-weight, when any differs from 1;
-* the chat template (name and strings), max_length, is_preformatted, train_only_last_turn,
-  sample_size, target_vocab_size, skip_invalid and shard;
+* the chat template (name and SpecForge's eight fields, from --chat-template-file when given), max_length,
+  is_preformatted, train_only_last_turn, legacy_reader, sample_size, target_vocab_size, skip_invalid and shard;
 * the counting version and the tokenizers / transformers versions (an upgrade recounts).
 
 ``cached_count`` stores ``<cache_dir>/counts/<fingerprint hash>.safetensors`` (the counts file of
@@ -38,7 +38,6 @@ from specforge_vocab.counting.count import CountResult, count_dataset, file_info
 from specforge_vocab.counting.counts_file import load_counts, save_counts
 from specforge_vocab.counting.data import dataset_files
 from specforge_vocab.counting.engine import COUNTING_VERSION, CountSettings, Tally
-from specforge_vocab.counting.templates import get_template
 from specforge_vocab.counting.tokenizer import tokenizer_sha256
 from specforge_vocab.errors import InputError
 from specforge_vocab.fileio import atomic_write, json_text, sha256_file
@@ -112,7 +111,7 @@ def counting_fingerprint(settings: CountSettings, *, memo: Optional[HashMemo] = 
     settings.validate()
     memo = memo if memo is not None else HashMemo(None)
     files = dataset_files(settings.dataset_paths)
-    template = get_template(settings.chat_template)
+    template = settings.template()
     shard = settings.shard_spec()
     weights = settings.file_weights()
     infos = [{"size": os.path.getsize(p), "sha256": memo.sha256(p)} for p in files]
@@ -130,18 +129,11 @@ def counting_fingerprint(settings: CountSettings, *, memo: Optional[HashMemo] = 
             ),
             "trust_remote_code": bool(settings.trust_remote_code),
         },
-        "chat_template": {
-            "name": template.name,
-            "assistant_header": template.assistant_header,
-            "user_header": template.user_header,
-            "end_of_turn_token": template.end_of_turn_token,
-            "system_prompt": template.system_prompt,
-            "assistant_pattern_type": template.assistant_pattern_type,
-            "ignore_tokens": list(template.ignore_tokens),
-        },
+        "chat_template": {"name": template.name, **template.fields()},
         "max_length": int(settings.max_length),
         "is_preformatted": bool(settings.is_preformatted),
         "train_only_last_turn": bool(settings.train_only_last_turn),
+        "legacy_reader": bool(settings.legacy_reader),
         "sample_size": settings.sample_size,
         "target_vocab_size": settings.target_vocab_size,
         "skip_invalid": bool(settings.skip_invalid),

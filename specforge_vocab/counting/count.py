@@ -12,11 +12,12 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm import tqdm
 
+from specforge_vocab.counting.columns import columns_to_fill
 from specforge_vocab.counting.counts_file import FORMAT_VERSION, settings_from_metadata
 from specforge_vocab.counting.data import ReadStats, Record, Shard, dataset_files, iter_raw_records
 from specforge_vocab.counting.engine import CountAborted, Counter, CountSettings, Tally, Totals, resolve_vocab_size
@@ -55,6 +56,7 @@ class CountResult:
     invalid_example_indices: List[int] = field(default_factory=list)
     tokenizer_sha256: str = ""
     sources: List[Dict[str, object]] = field(default_factory=list)  # per --dataset-path of a weighted count
+    template_fields: Optional[Dict[str, object]] = None  # SpecForge's eight fields of the template counted with
 
     @property
     def vocab_size(self) -> int:
@@ -79,9 +81,14 @@ class CountResult:
             "tokenizer_length": str(self.tokenizer_length),
             "vocab_size": str(self.vocab_size),
             "chat_template": s.chat_template,
+            "chat_template_file": os.path.abspath(s.chat_template_file) if s.chat_template_file else "",
+            "chat_template_fields": json.dumps(
+                self.template_fields if self.template_fields is not None else s.template().fields(), ensure_ascii=False
+            ),
             "max_length": str(s.max_length),
             "is_preformatted": json.dumps(s.is_preformatted),
             "train_only_last_turn": json.dumps(s.train_only_last_turn),
+            "legacy_reader": json.dumps(s.legacy_reader),
             "sample_size": json.dumps(s.sample_size),
             "skip_invalid": json.dumps(s.skip_invalid),
             "shard": "" if s.shard in (None, "") else str(Shard.parse(s.shard)),
@@ -125,6 +132,9 @@ class CountResult:
                 tokens_counted=int(metadata["tokens_counted"]),
                 files=json.loads(metadata["files"]),
                 tokenizer_sha256=metadata.get("tokenizer_sha256", ""),
+                template_fields=json.loads(metadata["chat_template_fields"])
+                if metadata.get("chat_template_fields")
+                else None,
             )
         except KeyError as exc:
             raise InputError(
@@ -266,18 +276,36 @@ def count_records(
     further by rank, with ``check_empty`` and ``report`` off: it checks and reports the sum); the
     result carries ``settings`` as given."""
     files = dataset_files(settings.dataset_paths)
+    template_fields = settings.template().fields()
     stats = ReadStats()
     workers = 1 if records is not None else resolve_num_workers(settings, files, shard)
     bar = _progress_bar(progress, files, settings.sample_size, shard)
     tallies = list(tallies)
+    fill = fill_columns(settings, files) if records is None else ()
     try:
         if workers > 1:
             totals = count_in_workers(
-                settings, files, workers=workers, shard=shard, tallies=tallies, stats=stats, bar=bar, stop=stop
+                settings,
+                files,
+                workers=workers,
+                shard=shard,
+                tallies=tallies,
+                stats=stats,
+                bar=bar,
+                stop=stop,
+                fill_columns=fill,
             )
         else:
             totals = _count_in_process(
-                settings, files, shard=shard, tallies=tallies, stats=stats, records=records, bar=bar, stop=stop
+                settings,
+                files,
+                shard=shard,
+                tallies=tallies,
+                stats=stats,
+                records=records,
+                bar=bar,
+                stop=stop,
+                fill_columns=fill,
             )
     finally:
         if bar is not None:
@@ -304,10 +332,23 @@ def count_records(
         tokenizer_sha256=tokenizer_sha256(
             settings.tokenizer_path, trust_remote_code=settings.trust_remote_code, sha256=sha256
         ),
+        template_fields=template_fields,
     )
     if report:
         report_skipped(result)
     return result
+
+
+def fill_columns(settings: CountSettings, files: Sequence[str]) -> Tuple[str, ...]:
+    """The columns SpecForge gives every record as None where it lacks them (counting/columns.py);
+    none for preformatted text and for the older train_eagle3.py's reader (it passes no column)."""
+    if settings.is_preformatted or settings.legacy_reader:
+        return ()
+    tokenizer = load_tokenizer(settings.tokenizer_path, trust_remote_code=settings.trust_remote_code)
+    fill = columns_to_fill(files, settings.template(), tokenizer)
+    if fill:
+        logger.info("columns passed to the chat template (None where a record lacks them): %s", ", ".join(fill))
+    return fill
 
 
 def check_not_empty(files: Sequence[str], records_read: int, records_counted: int, invalid_skipped: int) -> None:
@@ -329,10 +370,15 @@ def _count_in_process(
     records: Optional[Iterable[Record]],
     bar,
     stop: Optional[Callable[[], bool]],
+    fill_columns: Sequence[str] = (),
 ) -> Totals:
     tokenizer = load_tokenizer(settings.tokenizer_path, trust_remote_code=settings.trust_remote_code)
     counter = Counter(
-        tokenizer, settings, vocab_size=resolve_vocab_size(tokenizer, settings.target_vocab_size), tallies=tallies
+        tokenizer,
+        settings,
+        vocab_size=resolve_vocab_size(tokenizer, settings.target_vocab_size),
+        tallies=tallies,
+        fill_columns=fill_columns,
     )
     if records is not None:
         add, items = counter.add, (r for r in records if shard is None or shard.contains(r.index))
@@ -417,11 +463,13 @@ def count_tokens(
     train_only_last_turn: bool = False,
     sample_size: Optional[int] = None,
     target_vocab_size: Optional[int] = None,
+    chat_template_file: Optional[str] = None,
 ) -> np.ndarray:
     """Loss-masked token counts of a SpecForge dataset: int64 array of length V.
 
     ``dataset_paths`` is a path or a list of files/directories, read in order. An argument of the
     wrong type is refused with a message naming it (``max_length=True`` is not a length).
+    ``chat_template_file``: the fields of a template registered in code (JSON or YAML), named ``chat_template``.
     """
     if isinstance(dataset_paths, (str, os.PathLike)):
         dataset_paths = [os.fspath(dataset_paths)]
@@ -431,6 +479,7 @@ def count_tokens(
         dataset_paths=dataset_paths,
         tokenizer_path=os.fspath(tokenizer_path) if isinstance(tokenizer_path, os.PathLike) else tokenizer_path,
         chat_template=chat_template,
+        chat_template_file=chat_template_file,
         max_length=max_length,
         is_preformatted=is_preformatted,
         train_only_last_turn=train_only_last_turn,

@@ -8,6 +8,7 @@ the trained positions), so the coverage of each can be reported whichever one k 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,7 +19,14 @@ from safetensors import SafetensorError, safe_open
 
 from specforge_vocab.counting.data import dataset_files
 from specforge_vocab.counting.engine import CountSettings
-from specforge_vocab.counting.templates import canonical_template_name
+from specforge_vocab.counting.templates import (
+    ChatTemplate,
+    canonical_template_name,
+    field_problems,
+    get_template,
+    load_template_file,
+    template_from_fields,
+)
 from specforge_vocab.counting.tokenizer import tokenizer_sha256
 from specforge_vocab.errors import InputError
 from specforge_vocab.fileio import atomic_write, safetensors_bytes
@@ -47,9 +55,11 @@ def settings_from_metadata(metadata: Dict[str, str], *, source: str = "counts fi
             dataset_weights=[int(f.get("weight", 1)) for f in files] if weighted else [],
             tokenizer_path=metadata["tokenizer_path"],
             chat_template=metadata["chat_template"],
+            chat_template_file=metadata.get("chat_template_file") or None,
             max_length=int(metadata["max_length"]),
             is_preformatted=bool(json.loads(metadata["is_preformatted"])),
             train_only_last_turn=bool(json.loads(metadata["train_only_last_turn"])),
+            legacy_reader=bool(json.loads(metadata.get("legacy_reader") or "false")),
             sample_size=json.loads(metadata.get("sample_size") or "null"),
             skip_invalid=bool(json.loads(metadata.get("skip_invalid") or "false")),
             shard=metadata.get("shard") or None,
@@ -61,6 +71,22 @@ def settings_from_metadata(metadata: Dict[str, str], *, source: str = "counts fi
         ) from None
     except (ValueError, TypeError) as exc:
         raise InputError(f"{source}: the metadata is malformed ({exc}); the file is corrupt. Recount it.") from None
+
+
+def template_from_metadata(metadata: Dict[str, str], default_name: str) -> Optional[ChatTemplate]:
+    """The chat template a counts file was made with: its recorded fields, else the registered template of
+    its name (or ``default_name``); None when neither is known."""
+    name = metadata.get("chat_template") or default_name
+    fields = metadata.get("chat_template_fields")
+    if fields:
+        with contextlib.suppress(ValueError, TypeError):
+            raw = json.loads(fields)
+            if isinstance(raw, dict) and not field_problems(raw, "counts metadata"):
+                return template_from_fields(name, raw, origin="the counts file's metadata")
+    try:
+        return get_template(name)
+    except InputError:
+        return None
 
 
 def save_counts(
@@ -131,6 +157,7 @@ COUNTED_WITH = {
     "dataset_paths": "--dataset-path",
     "tokenizer_path": "--tokenizer-path",
     "chat_template": "--chat-template",
+    "chat_template_file": "--chat-template-file",
     "max_length": "--max-length",
     "is_preformatted": "--is-preformatted",
     "train_only_last_turn": "--train-only-last-turn",
@@ -158,6 +185,8 @@ def _recorded(field: str, metadata: Dict[str, str]):
         return metadata["tokenizer_path"]
     if field == "chat_template":
         return canonical_template_name(metadata["chat_template"])
+    if field == "chat_template_file":  # the fields the file held, wherever it lives now
+        return json.loads(metadata["chat_template_fields"])
     if field in ("max_length", "target_vocab_size"):
         return int(metadata["max_length" if field == "max_length" else "vocab_size"])
     return json.loads(metadata[field])
@@ -176,6 +205,11 @@ def _same(field: str, given, recorded, metadata: Dict[str, str]) -> bool:
         return bool(metadata.get("tokenizer_sha256")) and tokenizer_sha256(given) == metadata["tokenizer_sha256"]
     if field == "chat_template":
         return canonical_template_name(given) == recorded
+    if field == "chat_template_file":
+        try:
+            return load_template_file(given, name=metadata.get("chat_template", "")).fields() == recorded
+        except InputError:
+            return False
     return given == recorded
 
 

@@ -400,4 +400,5 @@ def _sum_over_ranks(
         files=files,
         tallies=local.tallies,
         tokenizer_sha256=local.tokenizer_sha256,
+        template_fields=local.template_fields,
     )

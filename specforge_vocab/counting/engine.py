@@ -24,8 +24,9 @@ import numpy as np
 
 from specforge_vocab.counting.data import RawRecord, ReadStats, Record, Shard, dataset_files
 from specforge_vocab.counting.masking import MaskEngine, render_record
+from specforge_vocab.counting.parsers import DatasetError
 from specforge_vocab.counting.pretokenized import prompts_file_kind
-from specforge_vocab.counting.templates import canonical_template_name, get_template, template_names
+from specforge_vocab.counting.templates import ChatTemplate, resolve_template, template_names
 from specforge_vocab.counting.tokenizer import tokenizer_path_problem
 from specforge_vocab.errors import InputError, SpecForgeVocabError, ValidatedSettings, is_int, must
 
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 
 # Bumped whenever a change to counting changes what is counted: cached counts then miss.
-COUNTING_VERSION = "1"
+COUNTING_VERSION = "2"
 
 
 # What to check when nothing was counted (optimize, trim, count).
@@ -90,10 +91,18 @@ class CountSettings(ValidatedSettings):
     target_model_path: Optional[str] = None
     lm_head_key: str = "lm_head.weight"
     device: str = "auto"
+    chat_template_file: Optional[str] = None  # a template registered in code: SpecForge's fields, JSON or YAML
+    # Read records as the older scripts/train_eagle3.py did (no flag: pre-step sets it): only conversations
+    # and tools reach the parser, messages that are not objects are dropped.
+    legacy_reader: bool = False
 
     def shard_spec(self) -> Optional[Shard]:
         """The parsed ``shard`` ("i/n"), or None when counting every record."""
         return None if self.shard in (None, "") else Shard.parse(self.shard)
+
+    def template(self) -> ChatTemplate:
+        """The chat template: ``chat_template_file``'s when set, else SpecForge's ``chat_template``."""
+        return resolve_template(self.chat_template, self.chat_template_file)
 
     @property
     def source_flag(self) -> str:
@@ -125,11 +134,7 @@ class CountSettings(ValidatedSettings):
         if self.count_source not in COUNT_SOURCES:
             out.append(must("--count-source", f"one of {', '.join(COUNT_SOURCES)}", self.count_source))
         out += self._target_problems(vocab_size_known)
-        if (
-            not isinstance(self.chat_template, str)
-            or canonical_template_name(self.chat_template) not in template_names()
-        ):
-            out.append(must("--chat-template", f"one of {', '.join(template_names())}", self.chat_template))
+        out += self._template_problems()
         for flag, value in (("--max-length", self.max_length), ("--batch-size", self.batch_size)):
             if not is_int(value) or value < 1:
                 out.append(must(flag, "a positive integer", value))
@@ -177,6 +182,16 @@ class CountSettings(ValidatedSettings):
                 out.append(f"{flag} {path} does not exist; check the path (relative to {os.getcwd()}).")
         return out
 
+    def _template_problems(self) -> List[str]:
+        if not isinstance(self.chat_template, str):
+            return [must("--chat-template", f"one of {', '.join(template_names())}", self.chat_template)]
+        if self.chat_template_file is not None and not isinstance(self.chat_template_file, (str, os.PathLike)):
+            return [must("--chat-template-file", "a path to a JSON or YAML file", self.chat_template_file)]
+        try:
+            return self.template().problems()
+        except InputError as exc:
+            return [str(exc)]
+
     def _sources(self):
         return (self.dataset_paths, self.prompts_path, self.hidden_states_path)
 
@@ -204,6 +219,7 @@ class CountSettings(ValidatedSettings):
             ("--train-only-last-turn", "train_only_last_turn"),
             ("--skip-invalid", "skip_invalid"),
             ("--num-workers", "num_workers"),
+            ("--chat-template-file", "chat_template_file"),
         ]
         given = [flag for flag, name in raw_only if getattr(self, name) != getattr(defaults, name)]
         if not given:
@@ -377,10 +393,19 @@ class Counter:
     in file order is always the one reported, however the records are batched.
     """
 
-    def __init__(self, tokenizer, settings: CountSettings, *, vocab_size: int, tallies: Sequence[Tally] = ()):
+    def __init__(
+        self,
+        tokenizer,
+        settings: CountSettings,
+        *,
+        vocab_size: int,
+        tallies: Sequence[Tally] = (),
+        fill_columns: Sequence[str] = (),
+    ):
         self.tokenizer = tokenizer
+        self.fill_columns = tuple(fill_columns)
         self.settings = settings
-        self.template = get_template(settings.chat_template)
+        self.template = settings.template()
         self.engine = MaskEngine(
             tokenizer,
             max_length=settings.max_length,
@@ -398,7 +423,7 @@ class Counter:
         self._records: List[Record] = []
 
     def _invalid(self, exc: InputError, index: int, stats: ReadStats) -> None:
-        if not self.settings.skip_invalid:
+        if not self.settings.skip_invalid or isinstance(exc, DatasetError):
             self.flush()  # an earlier record of the batch may be bad too: it goes first
             raise exc
         stats.skip(str(exc), index)
@@ -420,6 +445,8 @@ class Counter:
                 template=self.template,
                 tokenizer=self.tokenizer,
                 is_preformatted=self.settings.is_preformatted,
+                fill=self.fill_columns,
+                legacy_reader=self.settings.legacy_reader,
                 source=record.source,
                 line=record.line,
             )

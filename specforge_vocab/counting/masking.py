@@ -1,12 +1,12 @@
 """Render a record as SpecForge does and find the tokens it puts loss on.
 
-This is SpecForge's GeneralParser rule (docs/SPECFORGE.md section 3), made fast:
+Rendering is per parser type: general, thinking and glm in parsers.py, openai-harmony in harmony.py.
+The loss mask is SpecForge's (docs/SPECFORGE.md sections 3 and 3b), made fast:
 
-* messages are normalised, given the system prompt, cut at the first role that
-  breaks the order, and rendered through the tokenizer's chat template or the
-  template fallback;
-* assistant replies are the regex spans ``header([\\s\\S]*?(?:end_of_turn|$))``;
-* a span covers tokens ``[len(encode(text[:start])), len(encode(text[:end])))``.
+* general / thinking / glm: the spans of the template's assistant pattern
+  (``header([\\s\\S]*?(?:end_of_turn|$))`` and its glm, inkling and longcat variants), then the
+  ignore strings; a span covers tokens ``[len(encode(text[:start])), len(encode(text[:end])))``;
+* openai-harmony: a token is trained when its character offsets lie inside a span.
 
 SpecForge re-encodes every prefix (quadratic). We encode each text once and
 get the same prefix lengths exactly: added (special) tokens are split off before
@@ -15,139 +15,22 @@ last added token that ends at or before ``c`` plus ``encode(text[p:c])``, where
 ``p`` is where that added token starts. The window ``text[p:c]`` is short (an
 added token and the tail of a header) and repeats, so its length is cached.
 With no added token before ``c`` the whole prefix is encoded, as SpecForge does.
+Harmony's offsets come from the same single encoding.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from specforge_vocab.counting.harmony import contained_tokens, harmony_char_spans, harmony_text
+from specforge_vocab.counting.parsers import conversation_of, render_conversation, template_columns
 from specforge_vocab.counting.templates import ChatTemplate
 from specforge_vocab.errors import InputError, short, where
 
 logger = logging.getLogger(__name__)
-
-
-ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
-
-
-KNOWN_ROLES = ("system", "user", "assistant", "tool")
-
-
-def normalize_messages(raw: Any, *, source: str = "input", line: Optional[int] = None) -> List[Dict[str, Any]]:
-    """Validate a record's ``conversations`` and normalise each message to role/content.
-
-    >>> normalize_messages([{"from": "human", "value": "hi"}, {"role": "gpt", "content": None}])
-    [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': ''}]
-    """
-    if not isinstance(raw, list):
-        raise InputError(
-            f"{where(source, line, 'conversations')}: must be a list of messages, but got "
-            f"{type(raw).__name__} {short(raw)}. Write conversations as "
-            '[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}].'
-        )
-    messages = []
-    for i, message in enumerate(raw):
-        field = f"conversations[{i}]"
-        if not isinstance(message, dict):
-            raise InputError(
-                f"{where(source, line, field)}: each message must be an object with role/content "
-                f"(or ShareGPT from/value), but got {type(message).__name__} {short(message)}."
-            )
-        role_key = "role" if "role" in message else "from"
-        role = message.get(role_key)
-        if not isinstance(role, str) or ROLE_ALIASES.get(role, role) not in KNOWN_ROLES:
-            raise InputError(
-                f"{where(source, line, field + '.' + role_key)}: unknown role {short(role)}; expected one of "
-                f"{', '.join(KNOWN_ROLES)} (or ShareGPT's human, gpt). Rename the role or drop the message."
-            )
-        for key in ("content", "value"):
-            value = message.get(key)
-            if value is not None and not isinstance(value, str):
-                raise InputError(
-                    f"{where(source, line, field + '.' + key)}: content must be a string or null, but got "
-                    f"{type(value).__name__} {short(value)}. Flatten multimodal or structured content to text."
-                )
-        # SpecForge: content, else value, else "" (an empty content falls through to value).
-        normalized = {
-            "role": ROLE_ALIASES.get(role, role),
-            "content": message.get("content") or message.get("value") or "",
-        }
-        if isinstance(message.get("tool_calls"), (list, str)):
-            normalized["tool_calls"] = _tool_calls(message["tool_calls"])
-        messages.append(normalized)
-    return messages
-
-
-def _tool_calls(value):
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return []
-    calls = []
-    for call in value if isinstance(value, list) else []:
-        if not isinstance(call, dict):
-            continue
-        function = call.get("function", {})
-        clean = {"id": call.get("id", ""), "type": call.get("type", "function")}
-        if isinstance(function, dict):
-            arguments = function.get("arguments", {})
-            if isinstance(arguments, str):
-                try:
-                    arguments = json.loads(arguments)
-                except json.JSONDecodeError:
-                    arguments = {}
-            clean["function"] = {"name": function.get("name", ""), "arguments": arguments}
-        calls.append(clean)
-    return calls
-
-
-def build_messages(conversation: List[Dict[str, Any]], template: ChatTemplate) -> List[Dict[str, Any]]:
-    """Steps 2-4 of the rule: system prompt, drop leading non-user turns, cut at a broken order.
-
-    >>> from .templates import get_template
-    >>> msgs = build_messages([{"role": "assistant", "content": "x"}, {"role": "user", "content": "q"},
-    ...                        {"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}],
-    ...                       get_template("lfm"))
-    >>> [m["role"] for m in msgs]
-    ['user', 'assistant']
-    """
-    messages: List[Dict[str, Any]] = []
-    rest = conversation
-    if rest and rest[0]["role"] == "system":
-        messages.append({"role": "system", "content": rest[0]["content"]})
-        rest = rest[1:]
-    elif template.system_prompt:
-        messages.append({"role": "system", "content": template.system_prompt})
-    while rest and rest[0]["role"] != "user":
-        rest = rest[1:]
-    for j, message in enumerate(rest):
-        if j > 0:
-            previous = rest[j - 1]["role"]
-            if message["role"] == "tool" and previous not in ("assistant", "tool"):
-                break
-            if message["role"] == "assistant" and previous not in ("user", "tool"):
-                break
-        messages.append(message)
-    return messages
-
-
-def render_fallback(messages: Sequence[Dict[str, Any]], template: ChatTemplate, bos_token: Optional[str]) -> str:
-    """The template rendering SpecForge uses when the tokenizer has no chat template."""
-    parts = [bos_token] if bos_token else []
-    for message in messages:
-        role, content = message["role"], message["content"]
-        if role == "system":
-            parts.append(content)
-        elif role == "user":
-            parts.append(template.user_header + content)
-        elif role == "assistant":
-            parts.append(template.assistant_header + content + template.end_of_turn_token)
-    return "".join(parts)
 
 
 def render_record(
@@ -156,10 +39,16 @@ def render_record(
     template: ChatTemplate,
     tokenizer,
     is_preformatted: bool,
+    fill: Sequence[str] = (),
+    legacy_reader: bool = False,
     source: str = "input",
     line: Optional[int] = None,
 ) -> Optional[str]:
-    """The text SpecForge tokenizes for one record, or None for a record it skips (empty)."""
+    """The text SpecForge tokenizes for one record, or None for a record it skips (empty).
+
+    ``fill`` names columns other records of the data have: SpecForge passes them as None here.
+    ``legacy_reader``: read as the older train_eagle3.py did (only conversations and tools reach the parser).
+    """
     if not isinstance(data, dict):
         raise InputError(
             f"{where(source, line)}: each record must be a JSON object, but got {type(data).__name__} {short(data)}."
@@ -181,27 +70,16 @@ def render_record(
         raise InputError(
             f"{where(source, line)}: every record needs a 'conversations' field, but this one has {sorted(data)}.{hint}"
         )
-    raw = data["conversations"]
-    if not raw:
-        return None  # SpecForge skips empty conversations.
-    conversation = normalize_messages(raw, source=source, line=line)
-    messages = build_messages(conversation, template)
-    if getattr(tokenizer, "chat_template", None):
-        tools = _record_tools(data.get("tools"))
-        try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, tools=tools)
-        except (ValueError, TypeError):
-            pass  # SpecForge falls back to the template rendering on these errors too.
-    return render_fallback(messages, template, getattr(tokenizer, "bos_token", None))
-
-
-def _record_tools(value):
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return []
-    return value if isinstance(value, list) else []
+    if template.is_harmony:
+        conversation = conversation_of(data, legacy_reader=legacy_reader, source=source, line=line)
+        if conversation is None:
+            return None  # SpecForge skips empty conversations.
+        if not legacy_reader:
+            template_columns(data, template, fill=fill, source=source, line=line)  # refuses extra columns
+        return harmony_text(conversation, source=source, line=line)
+    return render_conversation(
+        data, template=template, tokenizer=tokenizer, fill=fill, legacy_reader=legacy_reader, source=source, line=line
+    )
 
 
 def assistant_char_spans(
@@ -211,7 +89,7 @@ def assistant_char_spans(
 
     >>> from .templates import get_template
     >>> assistant_char_spans("<｜User｜>q<｜Assistant｜>a<｜end▁of▁sentence｜>", get_template("deepseek-v3"))
-    [(19, 40)]
+    [(22, 42)]
     """
     spans = [(m.start(1), m.end(1)) for m in template.assistant_pattern.finditer(text)]
     if train_only_last_turn and spans:
@@ -318,10 +196,20 @@ class MaskEngine:
         n = min(len(full), self.max_length)
         return full[len(full) - n :] if self.left_truncation else full[:n]
 
+    def harmony_mask(self, text: str, encoding) -> np.ndarray:
+        """openai-harmony: which of the kept (truncated) tokens lie inside an assistant span, by their offsets."""
+        spans = harmony_char_spans(text, train_only_last_turn=self.train_only_last_turn)
+        if not spans or not len(encoding.ids):
+            return np.zeros(min(len(encoding.ids), self.max_length), dtype=bool)
+        offsets = self._truncate(np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2))
+        return contained_tokens(offsets, spans)
+
     def loss_mask(self, text: str, encoding) -> Tuple[np.ndarray, np.ndarray]:
         """(ids, mask) exactly as SpecForge computes them: ids truncated to max_length, mask int8."""
         full = np.asarray(encoding.ids, dtype=np.int64)
         ids = self._truncate(full)
+        if self.template.is_harmony:
+            return ids, self.harmony_mask(text, encoding).astype(np.int8)
         mask = np.zeros(len(ids), dtype=np.int8)
         for start, end, value in self.token_ranges(text, encoding, len(full), full):
             mask[start:end] = value
@@ -330,6 +218,8 @@ class MaskEngine:
     def masked_ids(self, text: str, encoding) -> np.ndarray:
         """The ids of the loss-masked tokens of one text (slices of the ids; no per-token work)."""
         full = np.asarray(encoding.ids, dtype=np.int64)
+        if self.template.is_harmony:
+            return self._truncate(full)[self.harmony_mask(text, encoding)]
         ranges = self.token_ranges(text, encoding, len(full), full)
         if not ranges:
             return full[:0]

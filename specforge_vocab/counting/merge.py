@@ -42,9 +42,11 @@ SAME_FIELDS = [
     ("tokenizer_length", "tokenizer length"),
     ("vocab_size", "vocabulary size V"),
     ("chat_template", "chat_template"),
+    ("chat_template_fields", "chat template fields"),
     ("max_length", "max_length"),
     ("is_preformatted", "mask option is_preformatted"),
     ("train_only_last_turn", "mask option train_only_last_turn"),
+    ("legacy_reader", "record reader (legacy_reader)"),
     ("sample_size", "sample_size"),
     ("skip_invalid", "skip_invalid"),
 ]
@@ -206,6 +208,7 @@ def merge_counts(paths: Sequence[str]) -> "CountResult":
         tokens_counted=sum(p.tokens_counted for p in parts),
         files=first.files,
         tokenizer_sha256=first.tokenizer_sha256,
+        template_fields=first.template_fields,
     )
     check_not_empty(
         [str(f["path"]) for f in first.files],

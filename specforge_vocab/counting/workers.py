@@ -114,6 +114,9 @@ _TALLIES: List[Tally] = []
 _COUNTER: Optional[Counter] = None
 
 
+_FILL: Tuple[str, ...] = ()
+
+
 # Linux prctl option: the signal this process gets when its parent dies.
 _PR_SET_PDEATHSIG = 1
 
@@ -148,15 +151,17 @@ def exit_with_parent(starter_pid: int) -> None:
     threading.Thread(target=watch, name="specforge-vocab-parent-watch", daemon=True).start()
 
 
-def _init_worker(settings: CountSettings, tallies: List[Tally], starter_pid: int) -> None:
+def _init_worker(
+    settings: CountSettings, tallies: List[Tally], starter_pid: int, fill_columns: Sequence[str] = ()
+) -> None:
     """Pool initializer: end with the starting process, and remember the settings; the tokenizer is
     loaded by the first chunk (so a tokenizer error comes back as that chunk's error message, not a
     broken pool)."""
     exit_with_parent(starter_pid)
-    global _SETTINGS, _TALLIES
+    global _SETTINGS, _TALLIES, _FILL
     # One single-threaded tokenizer per worker; workers are the parallelism.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _SETTINGS, _TALLIES = settings, list(tallies)
+    _SETTINGS, _TALLIES, _FILL = settings, list(tallies), tuple(fill_columns)
 
 
 def _counter() -> Counter:
@@ -164,7 +169,12 @@ def _counter() -> Counter:
     if _COUNTER is None:
         settings = _SETTINGS
         tokenizer = load_tokenizer(settings.tokenizer_path, trust_remote_code=settings.trust_remote_code)
-        _COUNTER = Counter(tokenizer, settings, vocab_size=resolve_vocab_size(tokenizer, settings.target_vocab_size))
+        _COUNTER = Counter(
+            tokenizer,
+            settings,
+            vocab_size=resolve_vocab_size(tokenizer, settings.target_vocab_size),
+            fill_columns=_FILL,
+        )
     return _COUNTER
 
 
@@ -238,8 +248,11 @@ def count_in_workers(
     stats: ReadStats,
     bar=None,
     stop: Optional[Callable[[], bool]] = None,
+    fill_columns: Sequence[str] = (),
 ) -> Totals:
-    """Count ``files`` with ``workers`` processes; see the module docstring for the guarantees."""
+    """Count ``files`` with ``workers`` processes; see the module docstring for the guarantees.
+
+    ``fill_columns``: columns each record lacking them gets as None (counting/columns.py)."""
     totals = Totals(tallies=list(tallies))
     templates = [t.fresh() for t in tallies]
     chunks = iter_chunks(iter_raw_records(files, sample_size=settings.sample_size, shard=shard, stats=stats))
@@ -253,7 +266,7 @@ def count_in_workers(
         max_workers=workers,
         mp_context=worker_context(),
         initializer=_init_worker,
-        initargs=(settings, templates, os.getpid()),
+        initargs=(settings, templates, os.getpid(), tuple(fill_columns)),
     )
     try:
         while True:

@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 from specforge_vocab.choosing.search import SearchSettings
 from specforge_vocab.counting.engine import CountSettings
 from specforge_vocab.counting.pretokenized import prompts_file_kind
+from specforge_vocab.counting.templates import usable_template
 from specforge_vocab.drafts.target_head import read_target_config, target_vocab_size
 from specforge_vocab.errors import InputError, SettingsError, where
 from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT, replaceable_file_problem
@@ -82,6 +83,9 @@ class DataSpec:
     max_length: int
     tokenizer_path: str = ""  # local tokenizer directory (raw conversations only)
     chat_template: str = DEFAULT_CHAT_TEMPLATE
+    chat_template_file: Optional[str] = (
+        None  # absolute; SpecForge's ChatTemplate fields of a template registered in code
+    )
     is_preformatted: bool = False
     train_only_last_turn: bool = False
     trust_remote_code: bool = False
@@ -90,6 +94,7 @@ class DataSpec:
     target_model_path: Optional[str] = None  # with target-argmax: where the target's LM head is read
     lm_head_key: str = CountSettings.lm_head_key
     device: str = CountSettings.device
+    legacy_reader: bool = False  # train_eagle3.py passes only conversations and tools to the parser
 
     def count_settings(self) -> CountSettings:
         """The settings that count this data through counting/sources.py's obtain_counts."""
@@ -109,12 +114,14 @@ class DataSpec:
             dataset_paths=[self.path],
             tokenizer_path=self.tokenizer_path,
             chat_template=self.chat_template,
+            chat_template_file=self.chat_template_file,
             max_length=self.max_length,
             is_preformatted=self.is_preformatted,
             train_only_last_turn=self.train_only_last_turn,
             target_vocab_size=self.vocab_size,
             trust_remote_code=self.trust_remote_code,
             skip_invalid=self.skip_invalid,
+            legacy_reader=self.legacy_reader,
         )
 
 
@@ -307,6 +314,14 @@ def _check_continuing_config(
         )
 
 
+def _template_file(template_file: Optional[str], name: str, *, field: str, cwd: str) -> Optional[str]:
+    """The absolute --chat-template-file (None without one), after checking that the template it names
+    (or SpecForge's ``name`` from ``field``) is one SpecForge can train with."""
+    path = resolve_path(template_file, cwd=cwd) if template_file else None
+    usable_template(name, path, flag=field)
+    return path
+
+
 def _existing(path: str, *, raw: str, field: str, source: str, cwd: str) -> str:
     if not os.path.exists(path):
         raise InputError(
@@ -353,6 +368,7 @@ def plan_from_run_config(
     output_dir: Optional[str] = None,
     backup: bool = True,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    chat_template_file: Optional[str] = None,
     cwd: Optional[str] = None,
     remap: bool = False,
 ) -> Plan:
@@ -399,6 +415,9 @@ def plan_from_run_config(
             source,
             **common,
             chat_template=run.chat_template,
+            chat_template_file=_template_file(
+                chat_template_file, run.chat_template, field=f"{config_path}: data.chat_template", cwd=cwd
+            ),
             is_preformatted=run.is_preformatted,
             train_only_last_turn=run.train_only_last_turn,
             tokenizer_path=resolve_tokenizer_dir(
@@ -409,6 +428,11 @@ def plan_from_run_config(
             ),
         )
     else:
+        if chat_template_file:
+            raise InputError(
+                f"--chat-template-file applies to raw conversations, but {where(config_path, field=field)} holds "
+                f"{SOURCE_NAMES[source]}, whose loss mask SpecForge takes as it is. Drop --chat-template-file."
+            )
         data = DataSpec(source, **common, **argmax_options)
     search = search if search is not None else SearchSettings()
     keep_reason = "--keep-draft-vocab-size" if keep_draft_vocab_size else ""
@@ -456,6 +480,7 @@ def plan_from_train_eagle3_args(
     output_dir: Optional[str] = None,
     backup: bool = True,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    chat_template_file: Optional[str] = None,
     cwd: Optional[str] = None,
     remap: bool = False,
 ) -> Plan:
@@ -507,12 +532,14 @@ def plan_from_train_eagle3_args(
             args.target_model_path, cwd=cwd, field="--target-model-path", source=source
         ),
         chat_template=args.chat_template,
+        chat_template_file=_template_file(chat_template_file, args.chat_template, field="--chat-template", cwd=cwd),
         is_preformatted=args.is_preformatted,
         train_only_last_turn=args.train_only_last_turn,
         trust_remote_code=args.trust_remote_code,
         # train_eagle3.py reads --train-data-path with safe_conversations_generator, which skips (and logs) lines
         # that are not valid JSON; count the same records.
         skip_invalid=True,
+        legacy_reader=True,
     )
     if args.is_vlm:
         logger.warning(

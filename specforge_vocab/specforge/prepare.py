@@ -154,6 +154,7 @@ def before_training(
     progress: bool = False,
     cwd: Optional[str] = None,
     remap: bool = False,
+    chat_template_file: Optional[str] = None,
 ) -> PrepareResult:
     """Prepare the draft vocabulary for a SpecForge run; call it on every rank.
 
@@ -164,7 +165,9 @@ def before_training(
     mapping is handed over; ``remap`` moves the draft onto a fresh choice instead
     (specforge/continuing.py). ``count_source="target-argmax"`` (run configs with
     ``data.hidden_states_path``) chooses by the target's own predictions, read with
-    ``model.target_model_path`` and ``model.lm_head_key`` on ``device``.
+    ``model.target_model_path`` and ``model.lm_head_key`` on ``device``. ``chat_template_file`` holds
+    the fields of a chat template registered in code (``TEMPLATE_REGISTRY.register``) under the name
+    the run uses.
 
     >>> result = before_training("configs/llama3-8b-eagle3-run.yaml")  # doctest: +SKIP
     >>> result.k, result.mapping_path, result.reused  # doctest: +SKIP
@@ -205,6 +208,7 @@ def before_training(
         lock_timeout=lock_timeout,
         cwd=cwd,
         remap=remap,
+        chat_template_file=chat_template_file,
     )
 
     def make_plan() -> Plan:

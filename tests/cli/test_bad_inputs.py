@@ -245,16 +245,40 @@ CASES: List[Case] = [
         r"content must be a string or null, but got int 7",
     ),
     Case(
-        "unknown-role",
-        "count",
-        lambda e: count_args(e, data=bad_data(e, '{"conversations": [{"role": "narrator", "content": "x"}]}')),
-        r"field 'conversations\[0\]\.role': unknown role 'narrator'",
-    ),
-    Case(
         "role-wrong-type",
         "count",
         lambda e: count_args(e, data=bad_data(e, '{"conversations": [{"role": 5, "content": "x"}]}')),
-        r"unknown role 5",
+        r"field 'conversations\[0\]\.role': the role must be a string .*but got int 5",
+    ),
+    Case(
+        "template-file-bad-fields",
+        "count",
+        lambda e: count_args(e, "--chat-template-file", e.write("t.yaml", "assistant_header: 3\nparser_typ: x\n")),
+        r"t\.yaml, field 'parser_typ': not a ChatTemplate field.*t\.yaml, field 'assistant_header': must be a string",
+    ),
+    Case(
+        "template-specforge-cannot-use",
+        "count",
+        lambda e: count_args(e, "--chat-template", "deepseek-r1-distill"),
+        r"--chat-template deepseek-r1-distill: end_of_turn_token must be a string .*SpecForge fails for every record",
+    ),
+    Case(
+        "harmony-extra-column",
+        "count",
+        lambda e: count_args(
+            e,
+            "--chat-template",
+            "gpt-oss",
+            "--skip-invalid",
+            data=e.lines("h.jsonl", json.dumps({"conversations": [{"role": "user", "content": "q"}], "source": "web"})),
+        ),
+        r"h\.jsonl, line 1: the column\(s\) 'source' are passed to SpecForge's openai-harmony parser",
+    ),
+    Case(
+        "column-named-like-a-parser-argument",
+        "count",
+        lambda e: count_args(e, "--chat-template", "qwen3-thinking", data=bad_data(e, json.dumps(dict(GOOD, tool=1)))),
+        r"bad\.jsonl, line 2: the column\(s\) 'tool' have the names of parameters of SpecForge's parser",
     ),
     Case(
         "preformatted-without-text",
@@ -585,6 +609,15 @@ CASES: List[Case] = [
         r"--chat-template must be one of .*but got 'chatml-9'",
     ),
     Case(
+        "template-file-missing-optimize",
+        "optimize",
+        lambda e: (
+            ["--dataset-path", e.data, "--tokenizer-path", LLAMA3_DIR, "--output-dir", e.out]
+            + ["--config-path", e.config, "--chat-template-file", e.path("absent.yaml")]
+        ),
+        r"--chat-template-file .*absent\.yaml does not exist",
+    ),
+    Case(
         "no-data-and-no-counts",
         "optimize",
         lambda e: ["--tokenizer-path", LLAMA3_DIR, "--output-dir", e.out],
@@ -802,6 +835,23 @@ CASES: List[Case] = [
         lambda e: ["--config", run_yaml(e), "--min-vocab-size", "900", "--max-vocab-size", "100"],
         r"--min-vocab-size must be at most --max-vocab-size \(100\), but got 900",
     ),
+    Case(
+        "prepare_unregistered_template",
+        "prepare",
+        lambda e: ["--config", run_yaml(e, template="my-model")],
+        r"run\.yaml: data\.chat_template must be one of llama3, .*but got 'my-model'.*--chat-template-file",
+    ),
+    Case(
+        "prepare_bad_template_file",
+        "prepare",
+        lambda e: [
+            "--config",
+            run_yaml(e, template="my-model"),
+            "--chat-template-file",
+            e.write("t.json", json.dumps({"assistant_header": "<a>", "parser_type": "thinkng"})),
+        ],
+        r"t\.json: parser_type must be one of general, thinking, glm, openai-harmony, but got 'thinkng'",
+    ),
     # ---------------------------------------------------------------- pre-step (train_eagle3.py flags)
     Case(
         "pre_step_no_draft_config",
@@ -880,16 +930,22 @@ CASES: List[Case] = [
         r"bad\.jsonl, line 2: malformed JSON",
     ),
     Case(
-        "api-unknown-role",
+        "api-role-not-a-string",
         "api:count_tokens",
-        lambda e: dict(dataset_paths=bad_data(e, '{"conversations": [{"role": "bot", "content": "x"}]}')),
-        r"unknown role 'bot'",
+        lambda e: dict(dataset_paths=bad_data(e, '{"conversations": [{"role": null, "content": "x"}]}')),
+        r"the role must be a string",
     ),
     Case(
         "api-unknown-template",
         "api:count_tokens",
         lambda e: dict(chat_template="nope"),
         r"count_tokens: chat_template \(--chat-template\) must be one of",
+    ),
+    Case(
+        "api-template-file",
+        "api:count_tokens",
+        lambda e: dict(chat_template="mine", chat_template_file=e.write("t.json", "{")),
+        r"chat_template_file \(--chat-template-file\) .*t\.json is not valid JSON",
     ),
     Case(
         "api-missing-file",
@@ -1031,9 +1087,11 @@ def draft_checkpoint(env: Env, *, weights: bool = True) -> None:
         save_file({"lm_head.weight": torch.randn(64, 64)}, str(folder / "model.safetensors"))
 
 
-def run_yaml(env: Env, *, draft: Optional[str] = "config", data: Optional[str] = None, extra=(), training=()) -> str:
+def run_yaml(
+    env: Env, *, draft: Optional[str] = "config", data: Optional[str] = None, extra=(), training=(), template: str = ""
+) -> str:
     """A `specforge train` run config over the work folder's data and draft config (absolute paths);
-    ``extra`` model lines, ``training`` lines."""
+    ``extra`` model lines, ``training`` lines, ``template`` the data section's chat_template."""
     lines = ["model:", f"  target_model_path: {LLAMA3_DIR}"]
     if draft is not None:
         lines.append(f"  draft_model_config: {env.config if draft == 'config' else draft}")
@@ -1044,6 +1102,8 @@ def run_yaml(env: Env, *, draft: Optional[str] = "config", data: Optional[str] =
         "  max_length: 256",
         f"  cache_dir: {env.path('cache')}",
     ]
+    if template:
+        lines.append(f"  chat_template: {template}")
     if training:
         lines += ["training:", *training]
     return env.write("run.yaml", "\n".join(lines) + "\n")

@@ -63,9 +63,9 @@ BAD_LINES = [
         r"bad.jsonl, line 2, field 'conversations\[0\].content': content must be a string or null",
     ),
     (
-        "unknown_role",
-        json.dumps({"conversations": [{"role": "narrator", "content": "x"}]}),
-        r"bad.jsonl, line 2, field 'conversations\[0\].role': unknown role 'narrator'",
+        "role_not_a_string",
+        json.dumps({"conversations": [{"role": ["narrator"], "content": "x"}]}),
+        r"bad.jsonl, line 2, field 'conversations\[0\].role': the role must be a string",
     ),
     ("not_an_object", json.dumps(["user", "hi"]), r"bad.jsonl, line 2: each record must be a JSON object"),
 ]

@@ -4,46 +4,53 @@ from __future__ import annotations
 
 import pytest
 
-from specforge_vocab.counting.masking import (
-    assistant_char_spans,
-    build_messages,
-    ignore_char_spans,
-    normalize_messages,
-    render_fallback,
-    render_record,
-)
+from specforge_vocab.counting.masking import assistant_char_spans, ignore_char_spans, render_record
+from specforge_vocab.counting.parsers import message_list, normalize_message, render_fallback
 from specforge_vocab.counting.templates import get_template, template_names
 from specforge_vocab.errors import InputError
 
 
 def test_sharegpt_and_null_content_normalise():
-    msgs = normalize_messages([{"from": "human", "value": "q"}, {"from": "gpt", "value": None, "content": ""}])
+    msgs = [
+        normalize_message(m) for m in ({"from": "human", "value": "q"}, {"from": "gpt", "value": None, "content": ""})
+    ]
     assert msgs == [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]
 
 
 @pytest.mark.parametrize(
     "bad,field,what",
     [
-        ([{"role": "bot", "content": "x"}], "conversations[0].role", "unknown role 'bot'"),
-        ([{"role": "user", "content": ["a"]}], "conversations[0].content", "content must be a string or null"),
-        ([{"role": "user", "content": 3}], "conversations[0].content", "content must be a string or null"),
-        (["hello"], "conversations[0]'", "must be an object"),
-        ({"role": "user"}, "conversations'", "must be a list of messages"),
+        ({"role": 5, "content": "x"}, "conversations[0].role", "the role must be a string"),
+        ({"role": "user", "content": ["a"]}, "conversations[0].content", "content must be a string or null"),
+        ({"role": "user", "content": 3}, "conversations[0].content", "content must be a string or null"),
+        ("hello", "conversations[0]'", "must be an object"),
     ],
 )
 def test_bad_messages_name_the_field(bad, field, what):
     with pytest.raises(InputError) as info:
-        normalize_messages(bad, source="d.jsonl", line=7)
+        normalize_message(bad, source="d.jsonl", line=7)
     assert "d.jsonl, line 7" in str(info.value) and field in str(info.value) and what in str(info.value)
+
+
+def test_conversations_must_be_a_list():
+    with pytest.raises(InputError, match=r"d.jsonl, line 7, field 'conversations': must be a list of messages"):
+        render_record(
+            {"conversations": {"role": "user"}},
+            template=get_template("llama3"),
+            tokenizer=None,
+            is_preformatted=False,
+            source="d.jsonl",
+            line=7,
+        )
 
 
 def test_system_prompt_rules():
     t = get_template("llama3")
     conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    assert build_messages(conv, t)[0] == {"role": "system", "content": t.system_prompt}
+    assert message_list(conv, t)[0] == {"role": "system", "content": t.system_prompt}
     own = [{"role": "system", "content": "mine"}] + conv
-    assert build_messages(own, t)[0] == {"role": "system", "content": "mine"}
-    assert build_messages(conv, get_template("lfm"))[0]["role"] == "user"  # empty system prompt: none added
+    assert message_list(own, t)[0] == {"role": "system", "content": "mine"}
+    assert message_list(conv, get_template("lfm"))[0]["role"] == "user"  # empty system prompt: none added
 
 
 def test_fallback_has_no_end_of_turn_after_user_turns():
@@ -85,5 +92,5 @@ def test_empty_conversation_is_skipped_and_wrong_record_shapes_are_errors():
 def test_unknown_template_lists_valid_names():
     with pytest.raises(InputError) as info:
         get_template("llama-3")
-    assert "llama3" in str(info.value) and "deepseek-v3" in str(info.value)
-    assert len(template_names()) >= 15
+    assert "llama3" in str(info.value) and "deepseek-v3" in str(info.value) and "gpt-oss" in str(info.value)
+    assert len(template_names()) == 26

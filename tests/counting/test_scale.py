@@ -277,7 +277,7 @@ def bad_dataset(tmp_path):
     good = read_jsonl(DATA / "gsm8k_test_sample.jsonl")
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a_lines = [json.dumps(r) for r in good[:40]] + [json.dumps(r) for r in good[:30]]
-    a_lines[49] = json.dumps({"conversations": [{"role": "narrator", "content": "x"}]})
+    a_lines[49] = json.dumps({"conversations": [{"role": 7, "content": "x"}]})
     b_lines = [json.dumps(GOOD)] * 30
     b_lines[19] = '{"conversations": ['
     a.write_text("\n".join(a_lines) + "\n", encoding="utf-8")
@@ -296,7 +296,7 @@ def test_workers_report_the_first_bad_record_and_skip_the_same(tmp_path, llama3_
         messages.append(str(info.value))
         assert no_workers_left()
     assert messages[0] == messages[1]
-    assert re.match(r".*a.jsonl, line 50, field 'conversations\[0\].role': unknown role 'narrator'", messages[0])
+    assert re.match(r".*a.jsonl, line 50, field 'conversations\[0\].role': the role must be a string", messages[0])
     results = []
     for workers in (1, 2):
         caplog.clear()

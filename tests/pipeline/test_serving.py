@@ -8,13 +8,14 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import DATA, llama3_arch, optimize_summary, shipped_config
+from conftest import DATA, llama3_arch, optimize_summary, shipped_config, template_tokenizer_dir
 
 from specforge_vocab.choosing.cost import bytes_latency_reduction
 from specforge_vocab.choosing.pins import PinSettings, resolve_pinned_tokens
 from specforge_vocab.choosing.search import SearchSettings, search
 from specforge_vocab.counting.count import count_tokens
 from specforge_vocab.counting.counts_file import save_counts
+from specforge_vocab.counting.templates import get_template
 from specforge_vocab.counting.tokenizer import load_tokenizer
 from specforge_vocab.errors import InputError
 from specforge_vocab.writing.mapping import kept_token_ids
@@ -213,3 +214,27 @@ def test_only_single_tokens_are_pinned_from_the_end_of_turn_string(llama3_dir, c
     )
     assert [(t.id, t.token) for t in pinned] == [(im_end, "<|im_end|>")]
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_the_markers_a_template_trains_on_are_pinned_when_single_tokens(family_tokenizer, llama3_dir):
+    qwen = load_tokenizer(template_tokenizer_dir("qwen3-thinking", family_tokenizer))
+    pinned, _ = resolve_pinned_tokens(
+        PinSettings(), vocab_size=len(qwen), tokenizer=qwen, chat_template="qwen3-thinking"
+    )
+    markers = {t.token for t in pinned if t.source.startswith("trained marker")}
+    assert markers == {"<think>", "</think>", "<tool_call>", "</tool_call>"}
+    llama = load_tokenizer(llama3_dir)  # none of them is one token here: none is pinned
+    pinned, _ = resolve_pinned_tokens(
+        PinSettings(), vocab_size=len(llama), tokenizer=llama, chat_template="qwen3-thinking"
+    )
+    assert not [t for t in pinned if t.source.startswith("trained marker")]
+    oss = load_tokenizer(template_tokenizer_dir("gpt-oss", family_tokenizer))
+    pinned, _ = resolve_pinned_tokens(
+        PinSettings(), vocab_size=len(oss), tokenizer=oss, chat_template=get_template("gpt-oss")
+    )
+    # EOS <|return|>; gpt-oss has no end-of-turn token (SpecForge renders harmony itself)
+    assert {t.token for t in pinned} == {"<|return|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>"}
+    off, _ = resolve_pinned_tokens(
+        PinSettings(pin_special_tokens=False), vocab_size=len(qwen), tokenizer=qwen, chat_template="qwen3-thinking"
+    )
+    assert off == []
