@@ -13,7 +13,6 @@ The CLI, the scripts and the training hook only build settings and call :func:`o
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -35,15 +34,15 @@ from specforge_vocab.choosing.serving import (
     analyse,
     choose_objective,
 )
-from specforge_vocab.counting.count import CountResult, count_dataset
+from specforge_vocab.counting.count import CountResult
 from specforge_vocab.counting.counts_file import (
     counts_file_bytes,
     counts_file_conflicts,
     save_counts,
     template_from_metadata,
 )
-from specforge_vocab.counting.data import dataset_files
 from specforge_vocab.counting.engine import NO_TOKENS, CountSettings, Tally, resolve_vocab_size
+from specforge_vocab.counting.eval_sets import count_domains, count_eval_sets, domains_in_pass
 from specforge_vocab.counting.file_tally import (
     FileGroupTally,
     dataset_path_tally,
@@ -378,7 +377,7 @@ def gather_inputs(
     tallies = _tallies(count, serving, search_settings, tokenizer, counting=counting)
     domain_paths = serving.evaluation.domain_paths
     vocab_guess = count.target_vocab_size or (len(tokenizer) if tokenizer is not None else 0)
-    in_pass = _domains_in_pass(count, domain_paths) if counting else {}
+    in_pass = domains_in_pass(count, domain_paths) if counting else {}
     if in_pass:
         tallies.append(FileGroupTally(in_pass, vocab_guess, flag="--domain"))
     path_tally = dataset_path_tally(count, vocab_guess) if counting else None
@@ -419,26 +418,13 @@ def gather_inputs(
         count_lines=counted.summary_lines(),
         holdout=next((t for t in tallies if isinstance(t, HoldoutTally)), None),
         bootstrap=next((t for t in tallies if isinstance(t, BootstrapTally)), None),
-        eval_counts=_count_eval_sets(serving.evaluation.eval_dataset_paths, count, metadata, V, counting=counting),
+        eval_counts=count_eval_sets(serving.evaluation.eval_dataset_paths, count, metadata, V, counting=counting),
         tokenizer=tokenizer,
         chat_template=chat_template,
         domains=_domain_counts(domain_paths, groups.get("--domain"), count, metadata, V, counting=counting),
         sources=weighted_sources(count, groups["--dataset-path"]) if "--dataset-path" in groups else [],
         cache_hit=cache_hit,
     )
-
-
-def _domains_in_pass(count: CountSettings, domain_paths: Dict[str, List[str]]) -> Dict[str, List[str]]:
-    """The domains whose files are all training files, counted in the training pass (not with
-    --sample-size, so a domain's counts never depend on where it is counted)."""
-    if not domain_paths or count.sample_size is not None:
-        return {}
-    training = {os.path.realpath(f) for f in dataset_files(count.dataset_paths)}
-    return {
-        name: paths
-        for name, paths in domain_paths.items()
-        if {os.path.realpath(f) for f in dataset_files(paths, flag="--domain")} <= training
-    }
 
 
 def _domain_counts(
@@ -450,15 +436,11 @@ def _domain_counts(
     *,
     counting: bool,
 ) -> Optional[DomainCounts]:
-    """Each domain's counts: from the training pass's tally, else counted on their own (same settings)."""
+    """Each --domain's counts, from the training pass's tally where it has them (None without --domain)."""
     if not domain_paths:
         return None
-    counts: Dict[str, np.ndarray] = {}
-    for name, paths in domain_paths.items():
-        if tally is not None and name in tally.names:
-            counts[name] = tally.counts_of(name)
-        else:
-            counts[name] = count_dataset(_eval_count_settings(paths, count, meta, vocab_size, counting=counting)).counts
+    in_pass = {name: tally.counts_of(name) for name in tally.names} if tally is not None else {}
+    counts = count_domains(domain_paths, in_pass, count, meta, vocab_size, counting=counting)
     return DomainCounts(counts, dict(domain_paths), list(tally.names) if tally is not None else [])
 
 
@@ -488,68 +470,6 @@ def _tallies(
             )
         )
     return tallies
-
-
-def _eval_count_settings(
-    paths: List[str], count: CountSettings, meta: Dict[str, str], vocab_size: int, *, counting: bool
-) -> CountSettings:
-    """Settings to count ``paths`` as the training data was counted (every record once, no sample): with
-    --counts, as the counts file records (a counting flag given with it equals that); a flag fills in what
-    an older file does not record."""
-    if counting:
-        return replace(
-            count,
-            dataset_paths=list(paths),
-            dataset_weights=[],
-            prompts_path=None,
-            hidden_states_path=None,
-            count_source=CountSettings.count_source,
-            target_model_path=None,
-            lm_head_key=CountSettings.lm_head_key,
-            device=CountSettings.device,
-            sample_size=None,
-            target_vocab_size=vocab_size,
-        )
-    missing = [key for key in ("tokenizer_path", "chat_template", "max_length") if not meta.get(key)]
-    if missing and not count.tokenizer_path:
-        raise SettingsError(
-            [
-                f"--eval-dataset-path and --domain need the tokenizer and template the counts were made with, but "
-                f"the counts metadata lacks {', '.join(missing)}. Pass --tokenizer-path and "
-                "--chat-template (and --max-length) with --counts."
-            ]
-        )
-
-    def recorded_flag(key: str, default: bool) -> bool:
-        return bool(json.loads(meta[key])) if key in meta else default
-
-    return CountSettings(
-        dataset_paths=list(paths),
-        tokenizer_path=meta.get("tokenizer_path") or count.tokenizer_path,
-        chat_template=meta.get("chat_template") or count.chat_template,
-        max_length=int(meta["max_length"]) if meta.get("max_length") else count.max_length,
-        is_preformatted=recorded_flag("is_preformatted", count.is_preformatted),
-        train_only_last_turn=recorded_flag("train_only_last_turn", count.train_only_last_turn),
-        chat_template_file=meta.get("chat_template_file") or count.chat_template_file,
-        target_vocab_size=vocab_size,
-        trust_remote_code=count.trust_remote_code,
-    )
-
-
-def _count_eval_sets(
-    paths, count: CountSettings, meta: Dict[str, str], vocab_size: int, *, counting: bool
-) -> Dict[str, np.ndarray]:
-    """Counts of each evaluation set (same tokenizer, template and mask as the training data), by name."""
-    out: Dict[str, np.ndarray] = {}
-    for path in paths:
-        name = os.path.basename(os.path.normpath(path))
-        for suffix in (".gz", ".jsonl", ".json"):
-            name = name[: -len(suffix)] if name.endswith(suffix) else name
-        if name in out:
-            name = path
-        settings = _eval_count_settings([path], count, meta, vocab_size, counting=counting)
-        out[name] = count_dataset(settings).counts
-    return out
 
 
 def _int_or_none(value) -> Optional[int]:

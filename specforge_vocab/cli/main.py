@@ -15,19 +15,16 @@ from typing import Callable, List, Optional, Sequence
 
 from specforge_vocab.choosing.search import SearchSettings
 from specforge_vocab.cli.console import configure_logging, say
+from specforge_vocab.cli.draft_flags import add_trim_flags, add_verify_flags, trim_settings, verify_settings
 from specforge_vocab.cli.flags import (
     Parser,
     add_count_flags,
     add_output_flags,
     add_search_flags,
     add_serving_flags,
-    add_trim_flags,
-    add_verify_flags,
     flags_given,
     serving_settings,
     settings_from,
-    trim_settings,
-    verify_settings,
 )
 from specforge_vocab.cli.training import add_pre_step_parser, add_prepare_parser
 from specforge_vocab.counting.engine import CountSettings

@@ -14,12 +14,12 @@ from typing import List, Optional, Sequence, Tuple
 
 from specforge_vocab.choosing.search import SearchSettings
 from specforge_vocab.cli.console import say
+from specforge_vocab.cli.draft_flags import add_remap_flag
 from specforge_vocab.cli.flags import (
     Parser,
     add_chat_template_file_flag,
     add_count_source_flags,
     add_lock_timeout_flag,
-    add_remap_flag,
     add_search_flags,
     settings_from,
 )

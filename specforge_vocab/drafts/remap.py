@@ -31,6 +31,7 @@ from safetensors import safe_open
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: `specforge-vocab --help` stays fast
     import torch
+from specforge_vocab.counting.target_head import DEFAULT_LM_HEAD_KEY, read_lm_head_rows
 from specforge_vocab.drafts.checkpoint import (
     CONFIG_NAME,
     SAFE_SINGLE,
@@ -41,7 +42,6 @@ from specforge_vocab.drafts.checkpoint import (
     write_safetensors,
 )
 from specforge_vocab.drafts.runtime_checkpoint import RuntimeCheckpoint, local_path
-from specforge_vocab.drafts.target_head import DEFAULT_LM_HEAD_KEY, read_lm_head_rows
 from specforge_vocab.drafts.verify import draft_problems
 from specforge_vocab.errors import InputError, short
 from specforge_vocab.fileio import atomic_write_many, file_lock, json_text

@@ -32,9 +32,9 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: `specforge-vocab 
     import torch
 from specforge_vocab.counting.engine import CountSettings
 from specforge_vocab.counting.sources import obtain_counts
+from specforge_vocab.counting.target_head import read_target_config, target_hidden_size, target_vocab_size
 from specforge_vocab.drafts.checkpoint import TensorInfo, find_head_names
 from specforge_vocab.drafts.runtime_checkpoint import RuntimeCheckpoint, open_draft
-from specforge_vocab.drafts.target_head import read_target_config, target_hidden_size, target_vocab_size
 from specforge_vocab.errors import InputError, SettingsError, ValidatedSettings
 from specforge_vocab.writing.mapping import kept_ids_from_d2t, load_mapping, mapping_fingerprint
 

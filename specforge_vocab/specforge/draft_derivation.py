@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict, Mapping
 
-from specforge_vocab.drafts.target_head import target_text_config
+from specforge_vocab.counting.target_head import target_text_config
 from specforge_vocab.errors import InputError
 
 #: the target fields SpecForge copies into the draft config (``_TARGET_ARCHITECTURE_FIELDS``)

@@ -20,8 +20,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 from specforge_vocab.choosing.search import SearchSettings
 from specforge_vocab.counting.engine import CountSettings
 from specforge_vocab.counting.pretokenized import prompts_file_kind
+from specforge_vocab.counting.target_head import read_target_config, target_vocab_size
 from specforge_vocab.counting.templates import usable_template
-from specforge_vocab.drafts.target_head import read_target_config, target_vocab_size
 from specforge_vocab.errors import InputError, SettingsError, where
 from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT, replaceable_file_problem
 from specforge_vocab.specforge.continuing import (

@@ -46,10 +46,10 @@ from specforge_vocab.choosing.serving import ServingSettings
 from specforge_vocab.counting.distributed import distributed_session
 from specforge_vocab.counting.engine import COUNT_SOURCES, DEVICES, CountSettings
 from specforge_vocab.counting.sources import Counted, obtain_counts
+from specforge_vocab.counting.target_head import DEFAULT_LM_HEAD_KEY
 from specforge_vocab.drafts.checkpoint import CONFIG_NAME
 from specforge_vocab.drafts.remap import RemapResult, write_warm_start
 from specforge_vocab.drafts.runtime_checkpoint import STATE_FILE, open_draft
-from specforge_vocab.drafts.target_head import DEFAULT_LM_HEAD_KEY
 from specforge_vocab.errors import InputError, SettingsError, must
 from specforge_vocab.fileio import DEFAULT_LOCK_TIMEOUT, atomic_write, file_lock, json_text, sha256_file
 from specforge_vocab.pipeline import OutputSettings, check_settings, choose, gather_inputs, optimize

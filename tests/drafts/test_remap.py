@@ -22,6 +22,7 @@ from conftest import (
 )
 from safetensors.torch import load_file, save_file
 
+from specforge_vocab.counting.target_head import read_lm_head_rows
 from specforge_vocab.drafts.remap import remap_rows, write_warm_start
 from specforge_vocab.drafts.runtime_checkpoint import (
     RuntimeCheckpoint,
@@ -30,7 +31,6 @@ from specforge_vocab.drafts.runtime_checkpoint import (
     resolve_checkpoint_dir,
     runtime_state_file,
 )
-from specforge_vocab.drafts.target_head import read_lm_head_rows
 from specforge_vocab.errors import InputError
 
 # ---------------------------------------------------------------- rows
