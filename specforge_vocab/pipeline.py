@@ -50,7 +50,7 @@ from specforge_vocab.counting.file_tally import (
     weighted_sources,
 )
 from specforge_vocab.counting.sources import Counted, obtain_counts
-from specforge_vocab.counting.templates import ChatTemplate
+from specforge_vocab.counting.templates import ChatTemplate, check_template_fits
 from specforge_vocab.counting.tokenizer import load_tokenizer
 from specforge_vocab.errors import InputError, SettingsError, must
 from specforge_vocab.fileio import (
@@ -84,9 +84,11 @@ def count_to_file(settings: CountSettings, *, output: str, progress: bool = Fals
     problems = settings.problems() + [p for p in [output_file_problem(output)] if p]
     if problems:  # all of them, before counting
         raise SettingsError(problems)
-    tally = None
-    if settings.file_weights() is not None:
+    tally = tokenizer = None
+    if settings.reads_conversations:  # loaded once (cached) for the fit check and V; a wrong template warns now
         tokenizer = load_tokenizer(settings.tokenizer_path, trust_remote_code=settings.trust_remote_code)
+        check_template_fits(settings.template(), tokenizer)
+    if settings.file_weights() is not None:
         tally = dataset_path_tally(settings, resolve_vocab_size(tokenizer, settings.target_vocab_size))
     counted = obtain_counts(settings, progress=progress, tallies=[tally] if tally else [])
     if tally is not None:

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from specforge_vocab.counting.templates import (
     ChatTemplate,
-    get_template,
-    likely_templates,
+    as_template,
+    check_template_fits,
     single_token_id,
     trained_markers,
-    unfit_markers,
 )
 from specforge_vocab.errors import InputError, ValidatedSettings
 
@@ -139,34 +138,6 @@ def resolve_pinned_tokens(
     if tokenizer is not None and chat_template:
         check_template_fits(chat_template, tokenizer)
     return [found[i] for i in sorted(found)], notes
-
-
-def as_template(chat_template: Union[str, ChatTemplate]) -> ChatTemplate:
-    """A registered template by name, or the template itself (one read from --chat-template-file)."""
-    return get_template(chat_template) if isinstance(chat_template, str) else chat_template
-
-
-def check_template_fits(chat_template: Union[str, ChatTemplate], tokenizer) -> Optional[str]:
-    """Warn (and return the warning) when the template's end-of-turn string or headers are not single
-    tokens of the tokenizer: the template was made for another model (e.g. llama3 on a DeepSeek tokenizer)."""
-    template = as_template(chat_template)
-    unfit = unfit_markers(template, tokenizer)
-    if not unfit:
-        return None
-    chat_template = template.name
-    likely = [name for name in likely_templates(tokenizer) if name != chat_template]
-    hint = (
-        f"a template that fits it: --chat-template {likely[0]}"
-        if likely
-        else "no template of SpecForge's registry fits it; check --tokenizer-path"
-    )
-    message = (
-        f"--chat-template {chat_template} does not fit this tokenizer: {', '.join(map(repr, unfit))} "
-        f"{'is' if len(unfit) == 1 else 'are'} not a single token of it, so SpecForge's mask would not find the "
-        f"assistant replies as this template describes them ({hint})"
-    )
-    logger.warning("%s.", message)
-    return message
 
 
 def template_marker_ids(template: ChatTemplate, tokenizer) -> List[Tuple[str, int]]:

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
@@ -271,15 +271,18 @@ def single_token_id(tokenizer: Any, text: str) -> Optional[int]:
 
 
 def template_markers(template: ChatTemplate) -> List[str]:
-    """The special-token-like pieces of the template's end-of-turn string and headers, once each.
+    """The special-token-like pieces of the template's end-of-turn string and headers, once each; a
+    template without those strings (harmony renders its own) has its trained markers.
 
     >>> template_markers(get_template("llama3"))
     ['<|eot_id|>', '<|start_header_id|>', '<|end_header_id|>']
+    >>> template_markers(get_template("gpt-oss"))
+    ['<|start|>', '<|channel|>', '<|message|>', '<|end|>']
     """
     out: List[str] = []
     for text in (template.end_of_turn_token, template.assistant_header, template.user_header):
         out += [m for m in _MARKER.findall(text or "") if m not in out]
-    return out
+    return out or list(trained_markers(template))
 
 
 def unfit_markers(template: ChatTemplate, tokenizer: Any) -> List[str]:
@@ -298,6 +301,35 @@ def likely_templates(tokenizer: Any) -> List[str]:
         if markers and not unfit_markers(template, tokenizer):
             scored.append((-len(markers), (template.end_of_turn_token or "").strip() != eos, position, name))
     return [name for *_, name in sorted(scored)]
+
+
+def as_template(chat_template: Union[str, ChatTemplate]) -> ChatTemplate:
+    """A registered template by name, or the template itself (one read from --chat-template-file)."""
+    return get_template(chat_template) if isinstance(chat_template, str) else chat_template
+
+
+def check_template_fits(chat_template: Union[str, ChatTemplate], tokenizer) -> Optional[str]:
+    """Warn (and return the warning) when the template's end-of-turn string or headers are not single
+    tokens of the tokenizer: the template was made for another model (e.g. llama3 on a DeepSeek tokenizer)."""
+    template = as_template(chat_template)
+    unfit = unfit_markers(template, tokenizer)
+    if not unfit:
+        return None
+    chat_template = template.name
+    likely = [name for name in likely_templates(tokenizer) if name != chat_template]
+    if not likely:
+        hint = "no template of SpecForge's registry fits it; check --tokenizer-path"
+    else:  # several can fit one tokenizer (Qwen3's fits qwen and the qwen3-* templates): pick the model's own
+        hint = f"a template that fits it: --chat-template {likely[0]}"
+        if len(likely) > 1:
+            hint += f"; others that fit: {', '.join(likely[1:6])}" + (", ..." if len(likely) > 6 else "")
+    message = (
+        f"--chat-template {chat_template} does not fit this tokenizer: {', '.join(map(repr, unfit))} "
+        f"{'is' if len(unfit) == 1 else 'are'} not a single token of it, so SpecForge's mask would not find the "
+        f"assistant replies as this template describes them ({hint})"
+    )
+    logger.warning("%s.", message)
+    return message
 
 
 def resolve_template(name: str, template_file: Optional[str] = None, *, flag: str = "--chat-template") -> ChatTemplate:

@@ -169,3 +169,20 @@ def test_skip_invalid_reports_the_first_few_then_a_count(tmp_path, capsys, caplo
     assert warnings[0].startswith("--skip-invalid skipped 10 invalid records, the first 3: ")
     assert "many_bad.jsonl, line 2:" in warnings[0] and "line 4:" in warnings[0] and "line 5:" not in warnings[0]
     assert warnings[0].endswith("and 7 more (-v lists every one)")
+
+
+def test_count_warns_once_when_the_template_does_not_fit_the_tokenizer(tmp_path, capsys, caplog, deepseek_dir):
+    """The default llama3 template on a DeepSeek tokenizer counts nothing; `count` says why before counting
+    and names the template that fits, once, and still writes the (empty) counts."""
+    caplog.set_level(logging.WARNING, logger="specforge_vocab")
+    out = tmp_path / "counts.safetensors"
+    argv = ["count", "--dataset-path", str(DATA / "gsm8k_test_sample.jsonl"), "--tokenizer-path", deepseek_dir]
+    code, _, _ = run_cli([*argv, "--output", str(out)], capsys)
+    assert code == 0 and out.exists()
+    unfit = [r.getMessage() for r in caplog.records if "does not fit this tokenizer" in r.getMessage()]
+    assert len(unfit) == 1, unfit
+    assert unfit[0].startswith("--chat-template llama3 does not fit this tokenizer: '<|eot_id|>'")
+    assert "a template that fits it: --chat-template deepseek-v3" in unfit[0]
+    caplog.clear()
+    code, _, _ = run_cli([*argv, "--chat-template", "deepseek-v3", "--output", str(out)], capsys)
+    assert code == 0 and not [r for r in caplog.records if "does not fit" in r.getMessage()]
