@@ -28,7 +28,7 @@ from specforge_vocab.counting.templates import (
     template_from_fields,
 )
 from specforge_vocab.counting.tokenizer import tokenizer_sha256
-from specforge_vocab.errors import InputError
+from specforge_vocab.errors import InputError, short
 from specforge_vocab.fileio import atomic_write, safetensors_bytes
 
 logger = logging.getLogger(__name__)
@@ -213,6 +213,20 @@ def _same(field: str, given, recorded, metadata: Dict[str, str]) -> bool:
     return given == recorded
 
 
+def _template_difference(path: str, recorded: Dict[str, object], metadata: Dict[str, str]) -> str:
+    """How the template in ``path`` differs from the fields the counts file recorded, field by field."""
+    try:
+        given = load_template_file(path, name=metadata.get("chat_template", "")).fields()
+    except InputError as exc:
+        return f"a template it cannot be compared with ({exc})"
+    differ = [
+        f"{key} {short(recorded.get(key), 60)} there, {short(given.get(key), 60)} here"
+        for key in sorted(set(given) | set(recorded))
+        if given.get(key) != recorded.get(key)
+    ]
+    return "a template whose fields differ: " + "; ".join(differ)
+
+
 def counts_file_conflicts(
     settings: CountSettings, counts_path: str, given: Optional[Collection[str]] = None, *, flag: str = "--counts"
 ) -> List[str]:
@@ -241,6 +255,8 @@ def counts_file_conflicts(
             continue
         if field == "dataset_paths":
             said = json.dumps([path for path, _ in recorded]) if recorded else "no data files"
+        elif field == "chat_template_file":
+            said = _template_difference(value, recorded, metadata)
         else:
             said = "nothing" if recorded is None else repr(recorded)
         problems.append(

@@ -25,6 +25,7 @@ from conftest import DATA, DEEPSEEK_DIR, LLAMA3_CONFIG, LLAMA3_DIR, remote_code_
 from reliability_helpers import leftovers, snapshot_tree
 
 from specforge_vocab import fileio
+from specforge_vocab.counting.templates import get_template
 from specforge_vocab.errors import InputError
 from specforge_vocab.fileio import atomic
 
@@ -661,6 +662,17 @@ CASES: List[Case] = [
         r"2 settings are invalid.*--tokenizer-path .* conflicts with --counts.*--chat-template 'qwen' conflicts "
         r"with --counts .*which was counted with 'llama3'",
         setup=lambda e: real_counts(e),
+    ),
+    Case(
+        "counts-and-another-template-file",
+        "optimize",
+        lambda e: optimize_args(e, "--chat-template-file", e.path("terse.json"), counts=e.path("real.safetensors")),
+        r"--chat-template-file '.*terse\.json' conflicts with --counts .*real\.safetensors, which was counted with "
+        r"a template whose fields differ: system_prompt .You are a helpful, respectful.*\.\.\. there, 'Be terse\.' here",
+        setup=lambda e: (
+            real_counts(e),
+            e.write("terse.json", json.dumps({**get_template("llama3").fields(), "system_prompt": "Be terse."})),
+        ),
     ),
     # ---------------------------------------------------------------- optimize: where outputs go
     Case("output-dir-is-a-file", "optimize", lambda e: optimize_args(e, out=e.write("plain_file", "x")), OUT_NOT_A_DIR),
