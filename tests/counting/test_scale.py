@@ -473,8 +473,11 @@ def test_torchrun_two_ranks_equal_one_process_byte_for_byte(tmp_path, llama3_dir
 
 
 def test_torchrun_bad_line_stops_every_rank_with_the_same_message(tmp_path, llama3_dir):
-    """Rank 1 meets a bad record first thing; rank 0, with thousands to count, stops early too."""
-    good = [json.dumps(r) for p in FIXTURES for r in read_jsonl(p)] * 12
+    """Rank 1 meets a bad record first thing; rank 0, with thousands to count, stops early too.
+
+    Rank 0's share takes seconds to count, well beyond the ranks' start-up skew on a loaded machine
+    and the abort poll interval, so it is still counting when rank 1 fails."""
+    good = [json.dumps(r) for p in FIXTURES for r in read_jsonl(p)] * 48
     good[1] = json.dumps({"conversations": [{"role": "user", "content": {"text": "hi"}}]})
     data = tmp_path / "bad.jsonl"
     data.write_text("\n".join(good) + "\n", encoding="utf-8")
