@@ -53,6 +53,7 @@ from specforge_vocab.drafts.checkpoint import (
     side_files,
     write_safetensors,
 )
+from specforge_vocab.drafts.runtime_checkpoint import runtime_state_file
 from specforge_vocab.drafts.verify import draft_problems
 from specforge_vocab.errors import InputError, SettingsError, must, short
 from specforge_vocab.fileio import atomic_write_many, file_lock, json_text
@@ -177,6 +178,25 @@ def choose_kept_ids(counts: np.ndarray, old_kept: np.ndarray, k: int) -> np.ndar
     return old_kept[rows]
 
 
+def _runtime_checkpoint_problems(checkpoint: str) -> List[str]:
+    """A SpecForge runtime checkpoint (training_state.pt: no config.json, no safetensors) is refused with the
+    export that turns it into a draft trim reads; the empty list for anything else."""
+    try:
+        state = runtime_state_file(checkpoint, field="--checkpoint")
+    except InputError as exc:
+        return [str(exc)]
+    if state is None:
+        return []
+    return [
+        f"--checkpoint {checkpoint} is a SpecForge runtime checkpoint ({state}): training state without config.json "
+        "or safetensors, which trim does not read. Export it first with `specforge export --to hf --checkpoint "
+        f"{os.path.dirname(state)} --draft-config <the run's draft config> --embedding-source <the target model> "
+        "--output-dir <dir>` (without "
+        "--vocab-mapping, which would replace the trained d2t/t2d), then trim that directory; `specforge-vocab "
+        "verify` reads the runtime checkpoint as it is."
+    ]
+
+
 @dataclasses.dataclass
 class TrimSettings:
     """What to trim and how; one field per `specforge-vocab trim` flag.
@@ -201,6 +221,8 @@ class TrimSettings:
             out.append("--checkpoint must name the trained draft's directory, but got nothing.")
         if not self.output:
             out.append("--output must name the directory to write the trimmed draft to, but got nothing.")
+        if self.checkpoint:
+            out += _runtime_checkpoint_problems(self.checkpoint)
         if self.checkpoint and self.output and os.path.realpath(self.checkpoint) == os.path.realpath(self.output):
             out.append(
                 must("--output", "a directory other than --checkpoint (the input is never overwritten)", self.output)

@@ -21,7 +21,16 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import pytest
-from conftest import DATA, DEEPSEEK_DIR, LLAMA3_CONFIG, LLAMA3_DIR, remote_code_tokenizer, run_cli, shipped_config
+from conftest import (
+    DATA,
+    DEEPSEEK_DIR,
+    LLAMA3_CONFIG,
+    LLAMA3_DIR,
+    remote_code_tokenizer,
+    run_cli,
+    shipped_config,
+    write_runtime_checkpoint,
+)
 from reliability_helpers import leftovers, snapshot_tree
 
 from specforge_vocab import fileio
@@ -756,6 +765,14 @@ CASES: List[Case] = [
         setup=lambda e: draft_checkpoint(e),
     ),
     Case(
+        "trim_runtime_checkpoint",
+        "trim",
+        lambda e: ["--checkpoint", e.path("run"), "--counts", e.counts, "--output", e.path("trimmed")],
+        r"--checkpoint .*run is a SpecForge runtime checkpoint \(.*specforge-run-step100/training_state\.pt\).*Export "
+        r"it first with `specforge export --to hf --checkpoint .*specforge-run-step100 .*without --vocab-mapping",
+        setup=lambda e: runtime_checkpoint(e),
+    ),
+    Case(
         "trim_output_is_input",
         "trim",
         lambda e: ["--checkpoint", e.path("ckpt"), "--counts", e.counts, "--output", e.path("ckpt")],
@@ -1127,7 +1144,7 @@ def runtime_checkpoint(env: Env, *, unsafe: bool = False) -> None:
     import argparse
 
     import torch
-    from conftest import LLAMA3_V, eagle3_config, eagle3_tensors, write_runtime_checkpoint
+    from conftest import LLAMA3_V, eagle3_config, eagle3_tensors
 
     env.write("tiny_draft.json", json.dumps(eagle3_config(LLAMA3_V, 64)))
     tensors = eagle3_tensors(np.arange(0, 640, 10), vocab_size=LLAMA3_V, embed=False)
