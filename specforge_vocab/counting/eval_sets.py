@@ -62,6 +62,16 @@ def eval_count_settings(
                 "--chat-template (and --max-length) with --counts."
             ]
         )
+    # The template file: the one given (checked equal to the recorded fields), else the one the counts recorded.
+    template_file = count.chat_template_file or meta.get("chat_template_file") or None
+    if template_file and not os.path.isfile(template_file):
+        raise SettingsError(
+            [
+                f"--eval-dataset-path and --domain are counted with the chat template the counts were made with, "
+                f"read from --chat-template-file {template_file} (recorded in the counts metadata), which no longer "
+                "exists. Pass --chat-template-file with that template's fields."
+            ]
+        )
 
     def recorded_flag(key: str, default: bool) -> bool:
         return bool(json.loads(meta[key])) if key in meta else default
@@ -73,7 +83,7 @@ def eval_count_settings(
         max_length=int(meta["max_length"]) if meta.get("max_length") else count.max_length,
         is_preformatted=recorded_flag("is_preformatted", count.is_preformatted),
         train_only_last_turn=recorded_flag("train_only_last_turn", count.train_only_last_turn),
-        chat_template_file=meta.get("chat_template_file") or count.chat_template_file,
+        chat_template_file=template_file,
         legacy_reader=recorded_flag("legacy_reader", count.legacy_reader),
         target_vocab_size=vocab_size,
         trust_remote_code=count.trust_remote_code,

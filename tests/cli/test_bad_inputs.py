@@ -683,6 +683,14 @@ CASES: List[Case] = [
             e.write("terse.json", json.dumps({**get_template("llama3").fields(), "system_prompt": "Be terse."})),
         ),
     ),
+    Case(
+        "counts-template-file-gone",
+        "optimize",
+        lambda e: optimize_args(e, "--eval-dataset-path", e.data, counts=e.path("templated.safetensors")),
+        r"--eval-dataset-path and --domain are counted with the chat template the counts were made with, read from "
+        r"--chat-template-file .*mine\.json \(recorded in the counts metadata\), which no longer exists",
+        setup=lambda e: templated_counts_without_their_file(e),
+    ),
     # ---------------------------------------------------------------- optimize: where outputs go
     Case("output-dir-is-a-file", "optimize", lambda e: optimize_args(e, out=e.write("plain_file", "x")), OUT_NOT_A_DIR),
     Case(
@@ -1099,6 +1107,18 @@ def real_counts(env: Env) -> None:
 
     argv = ["-q", "count", "--dataset-path", env.data, "--tokenizer-path", LLAMA3_DIR, "--max-length", "256"]
     assert main([*argv, "--num-workers", "1", "--output", env.path("real.safetensors")]) == 0
+
+
+def templated_counts_without_their_file(env: Env) -> None:
+    """templated.safetensors: the work folder's data counted with --chat-template-file mine.json, which is
+    then deleted."""
+    from specforge_vocab.cli.main import main
+
+    template = env.write("mine.json", json.dumps(get_template("llama3").fields()))
+    argv = ["-q", "count", "--dataset-path", env.data, "--tokenizer-path", LLAMA3_DIR, "--max-length", "256"]
+    argv += ["--chat-template", "mine", "--chat-template-file", template, "--num-workers", "1"]
+    assert main([*argv, "--output", env.path("templated.safetensors")]) == 0
+    os.remove(template)
 
 
 def draft_checkpoint(env: Env, *, weights: bool = True) -> None:
