@@ -12,7 +12,7 @@ floors: its floor, not the objective, moved k up (to k_needed, for the exact sea
 
 >>> parse_domains([["code=a.jsonl", "b.jsonl"], ["math=c.jsonl"]])
 {'code': ['a.jsonl', 'b.jsonl'], 'math': ['c.jsonl']}
->>> curve = domain_curve(np.array([2, 0, 1]), np.array([1, 1, 2]))  # order: id 2, then 0, then 1
+>>> curve = coverage_curve_in_order(np.array([2, 0, 1]), np.array([1, 1, 2]))  # order: id 2, then 0, then 1
 >>> curve.tolist()
 [0.0, 0.5, 0.75, 1.0]
 """
@@ -91,26 +91,23 @@ def parse_domains(values: Sequence[Sequence[str]]) -> Dict[str, List[str]]:
     return out
 
 
-def domain_curve(order: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Coverage of ``counts`` by the first k ids of ``order``, for every k in [0, V] (float64, V + 1)."""
+def coverage_curve_in_order(order: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Coverage of the first k ids of ``order`` on ``counts``, for every k in [0, V] (length V + 1)."""
     prefix = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64)[order])])
     total = int(prefix[-1])
-    if total == 0:
-        raise InputError("A domain's coverage is undefined: no loss-masked tokens were counted in its files.")
-    return prefix / total
+    return prefix / total if total else np.full(prefix.shape, np.nan)
 
 
 def domain_curves(order: np.ndarray, domain_counts: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """:func:`domain_curve` of every domain, by name."""
+    """:func:`coverage_curve_in_order` of every domain, by name; a domain with no tokens is refused."""
     out = {}
     for name, counts in domain_counts.items():
-        try:
-            out[name] = domain_curve(order, counts)
-        except InputError:
+        if int(np.sum(counts)) == 0:
             raise InputError(
                 f"--domain {name}: no loss-masked tokens were counted in its files, so its coverage is undefined. "
                 "Check that its records have assistant replies and that --chat-template matches them."
-            ) from None
+            )
+        out[name] = coverage_curve_in_order(order, counts)
     return out
 
 

@@ -197,13 +197,6 @@ def coverage_of(kept_ids: np.ndarray, counts: np.ndarray) -> float:
     return float(np.sum(counts[kept_ids])) / total if total else float("nan")
 
 
-def coverage_curve_in_order(order: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Coverage of the first k ids of ``order`` on ``counts``, for every k in [0, V] (length V + 1)."""
-    prefix = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64)[order])])
-    total = int(prefix[-1])
-    return prefix / total if total else np.full(prefix.shape, np.nan)
-
-
 #: weight of the out-of-bag estimate in Efron's .632 estimator (1 - e**-1: the share of distinct records in a replicate)
 WEIGHT_632 = 1.0 - math.exp(-1.0)
 

@@ -12,6 +12,7 @@ to the full vocabulary and the predicted chain speed-up (choosing/objectives.py)
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import numbers
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
@@ -19,16 +20,18 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from specforge_vocab.choosing.holdout import coverage_of, pinned_frequency_order
-from specforge_vocab.errors import InputError
+from specforge_vocab.errors import InputError, must
 
 
 def ladder_problems(sizes: Sequence[Any]) -> List[str]:
     """Every problem with the ``--ladder`` sizes (their upper bound V is checked by :func:`check_ladder`)."""
-    out = []
-    for k in sizes:
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            out.append(f"--ladder must be positive integers, but got {k!r}.")
-    repeated = sorted({int(k) for k in sizes if isinstance(k, numbers.Integral) and list(sizes).count(k) > 1})
+    out = [
+        must("--ladder", "positive integers", k)
+        for k in sizes
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1
+    ]
+    times = collections.Counter(int(k) for k in sizes if isinstance(k, numbers.Integral))
+    repeated = sorted(k for k, n in times.items() if n > 1)
     if repeated:
         out.append(f"--ladder must list each size once, but got {', '.join(map(str, repeated))} more than once.")
     return out

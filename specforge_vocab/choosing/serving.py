@@ -19,6 +19,7 @@ from specforge_vocab.choosing.cost import DraftArchitecture
 from specforge_vocab.choosing.domains import (
     DomainCounts,
     DomainCoverage,
+    coverage_curve_in_order,
     domain_curves,
     domain_lines,
     domain_report,
@@ -30,7 +31,6 @@ from specforge_vocab.choosing.holdout import (
     EvaluationSettings,
     HoldoutTally,
     bootstrap_analysis,
-    coverage_curve_in_order,
     coverage_of,
     pinned_frequency_order,
 )

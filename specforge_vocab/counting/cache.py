@@ -114,10 +114,12 @@ def counting_fingerprint(settings: CountSettings, *, memo: Optional[HashMemo] = 
     template = settings.template()
     shard = settings.shard_spec()
     weights = settings.file_weights()
-    infos = [{"size": os.path.getsize(p), "sha256": memo.sha256(p)} for p in files]
-    if weights is not None:  # only then, so unweighted entries keep their fingerprint
-        for info, path in zip(infos, files):
-            info["weight"] = weights.get(path, 1)
+    # Size, sha256 and (only when weighted, so unweighted entries keep their fingerprint) the weight; not
+    # the path: where the data lives does not matter.
+    infos = [
+        {key: value for key, value in info.items() if key != "path"}
+        for info in file_infos(files, sha256=memo.sha256, weights=weights)
+    ]
     return {
         "kind": "specforge-vocab-counting",
         "counting_version": COUNTING_VERSION,

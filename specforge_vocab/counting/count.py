@@ -22,6 +22,7 @@ from specforge_vocab.counting.counts_file import FORMAT_VERSION, settings_from_m
 from specforge_vocab.counting.data import ReadStats, Record, Shard, dataset_files, iter_raw_records
 from specforge_vocab.counting.engine import CountAborted, Counter, CountSettings, Tally, Totals, resolve_vocab_size
 from specforge_vocab.counting.file_tally import weighted_source_lines
+from specforge_vocab.counting.templates import ChatTemplate
 from specforge_vocab.counting.tokenizer import load_tokenizer, tokenizer_sha256
 from specforge_vocab.counting.workers import count_in_workers
 from specforge_vocab.errors import InputError, SettingsError
@@ -276,12 +277,13 @@ def count_records(
     further by rank, with ``check_empty`` and ``report`` off: it checks and reports the sum); the
     result carries ``settings`` as given."""
     files = dataset_files(settings.dataset_paths)
-    template_fields = settings.template().fields()
+    template = settings.template()
+    template_fields = template.fields()
     stats = ReadStats()
     workers = 1 if records is not None else resolve_num_workers(settings, files, shard)
     bar = _progress_bar(progress, files, settings.sample_size, shard)
     tallies = list(tallies)
-    fill = fill_columns(settings, files) if records is None else ()
+    fill = fill_columns(settings, files, template) if records is None else ()
     try:
         if workers > 1:
             totals = count_in_workers(
@@ -339,13 +341,13 @@ def count_records(
     return result
 
 
-def fill_columns(settings: CountSettings, files: Sequence[str]) -> Tuple[str, ...]:
+def fill_columns(settings: CountSettings, files: Sequence[str], template: ChatTemplate) -> Tuple[str, ...]:
     """The columns SpecForge gives every record as None where it lacks them (counting/columns.py);
     none for preformatted text and for the older train_eagle3.py's reader (it passes no column)."""
     if settings.is_preformatted or settings.legacy_reader:
         return ()
     tokenizer = load_tokenizer(settings.tokenizer_path, trust_remote_code=settings.trust_remote_code)
-    fill = columns_to_fill(files, settings.template(), tokenizer)
+    fill = columns_to_fill(files, template, tokenizer)
     if fill:
         logger.info("columns passed to the chat template (None where a record lacks them): %s", ", ".join(fill))
     return fill

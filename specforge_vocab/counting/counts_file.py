@@ -103,7 +103,7 @@ def counts_file_bytes(
     """The bytes :func:`save_counts` writes (companions only when there are two sources to compare)."""
     companions = companions if companions and len(companions) > 1 else {}
     tensors = {COUNTS_TENSOR: counts}
-    tensors.update({COMPANION_TENSORS[name]: value for name, value in (companions or {}).items()})
+    tensors.update({COMPANION_TENSORS[name]: value for name, value in companions.items()})
     for name, value in tensors.items():
         tensors[name] = np.ascontiguousarray(value, dtype=np.int64)
         if tensors[name].ndim != 1 or tensors[name].shape != tensors[COUNTS_TENSOR].shape:

@@ -133,7 +133,7 @@ class CountSettings(ValidatedSettings):
             out += self._raw_only_problems()
         if self.count_source not in COUNT_SOURCES:
             out.append(must("--count-source", f"one of {', '.join(COUNT_SOURCES)}", self.count_source))
-        out += self._target_problems(vocab_size_known)
+        out += self._target_problems(vocab_size_known, raw)
         out += self._template_problems()
         for flag, value in (("--max-length", self.max_length), ("--batch-size", self.batch_size)):
             if not is_int(value) or value < 1:
@@ -156,7 +156,7 @@ class CountSettings(ValidatedSettings):
                 Shard.parse(self.shard)
             except InputError as exc:
                 out.append(str(exc))
-            if not self.reads_conversations:
+            if not raw:
                 out.append(f"--shard splits the records of --dataset-path; it cannot be used with {self.source_flag}.")
         return out
 
@@ -237,7 +237,7 @@ class CountSettings(ValidatedSettings):
         problem = tokenizer_path_problem(self.tokenizer_path)
         return [problem] if problem else []
 
-    def _target_problems(self, vocab_size_known: bool) -> List[str]:
+    def _target_problems(self, vocab_size_known: bool, reads_conversations: bool) -> List[str]:
         out = []
         if self.count_source == "target-argmax":
             if not self.hidden_states_path:
@@ -278,7 +278,7 @@ class CountSettings(ValidatedSettings):
                 )
         needs_vocab = not (
             vocab_size_known
-            or self.reads_conversations
+            or reads_conversations
             or self.target_vocab_size
             or self.tokenizer_path
             or self.target_model_path
@@ -350,10 +350,11 @@ def is_whole_weight(value) -> bool:
     return float(value) >= 1 and float(value).is_integer()
 
 
-def add_ids(counts: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Add a histogram of ``ids`` to ``counts`` in place (and return it)."""
+def add_ids(counts: np.ndarray, ids: np.ndarray, weight: int = 1) -> np.ndarray:
+    """Add ``weight`` times a histogram of ``ids`` to ``counts`` in place (and return it)."""
     if ids.size:
-        counts += np.bincount(ids, minlength=counts.shape[0])[: counts.shape[0]]
+        histogram = np.bincount(ids, minlength=counts.shape[0])[: counts.shape[0]]
+        counts += histogram if weight == 1 else weight * histogram
     return counts
 
 
@@ -489,10 +490,7 @@ class Counter:
         for weight, group in pieces.items():
             joined = np.concatenate(group)
             self.tokens_counted += weight * int(joined.size)  # = counts.sum(): weighted
-            if weight == 1:
-                add_ids(self.counts, joined)
-            elif joined.size:
-                self.counts += weight * np.bincount(joined, minlength=V)[:V]
+            add_ids(self.counts, joined, weight)
 
 
 def resolve_vocab_size(tokenizer, target_vocab_size: Optional[int]) -> int:

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 from safetensors import safe_open
@@ -41,7 +41,7 @@ from specforge_vocab.drafts.checkpoint import (
     safetensors_dtype,
     write_safetensors,
 )
-from specforge_vocab.drafts.runtime_checkpoint import RuntimeCheckpoint, local_path
+from specforge_vocab.drafts.runtime_checkpoint import RuntimeCheckpoint, local_path, weight_file_identity
 from specforge_vocab.drafts.verify import draft_problems
 from specforge_vocab.errors import InputError, short
 from specforge_vocab.fileio import atomic_write_many, file_lock, json_text
@@ -128,12 +128,6 @@ class RemapResult:
             f"{self.new_draft_vocab_size:,}; {self.retained:,} rows trained (byte for byte from {self.source}), "
             f"{self.added:,} new from {self.added_rows_from}"
         )
-
-
-def _source_identity(draft) -> List[List[Any]]:
-    """Path, size and mtime of every weight file the warm start was made from."""
-    paths = [draft.state_path] if isinstance(draft, RuntimeCheckpoint) else [draft.path(f) for f in draft.files]
-    return [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
 
 
 def _already_written(output: str, config_text: str, metadata: Dict[str, str]) -> bool:
@@ -242,7 +236,10 @@ def write_warm_start(
         "format": "pt",
         "mapping_fingerprint": fingerprint,
         "remapped_from": json.dumps(
-            {"weights": _source_identity(draft), "old_mapping_fingerprint": mapping_fingerprint(old_kept, vocab_size)},
+            {
+                "weights": weight_file_identity(draft),
+                "old_mapping_fingerprint": mapping_fingerprint(old_kept, vocab_size),
+            },
             separators=(",", ":"),
         ),
         "added_rows_from": "target lm_head" if fresh is not None else "zeros",

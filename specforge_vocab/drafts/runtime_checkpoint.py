@@ -257,3 +257,10 @@ def open_draft(source: str, *, field: str = "DRAFT") -> Union[DraftCheckpoint, R
     if os.path.isfile(path):
         path = os.path.dirname(path)
     return read_checkpoint(path, flag=field)
+
+
+def weight_file_identity(draft: Union[DraftCheckpoint, RuntimeCheckpoint]) -> Tuple[Tuple[str, int, int], ...]:
+    """(path, size, mtime_ns) of every file holding the draft's weights: what a reuse check compares."""
+    paths = [draft.state_path] if isinstance(draft, RuntimeCheckpoint) else [draft.path(f) for f in draft.files]
+    stats = [(os.path.abspath(p), os.stat(p)) for p in paths]
+    return tuple((path, stat.st_size, stat.st_mtime_ns) for path, stat in stats)

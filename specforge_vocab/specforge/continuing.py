@@ -30,6 +30,7 @@ from specforge_vocab.drafts.runtime_checkpoint import (
     checkpoint_config_file,
     open_draft,
     resolve_checkpoint_dir,
+    weight_file_identity,
 )
 from specforge_vocab.drafts.verify import TOP_TOKENS, data_coverage, draft_problems, kept_ids_of
 from specforge_vocab.errors import InputError, where
@@ -37,7 +38,13 @@ from specforge_vocab.fileio import json_text, safetensors_bytes
 from specforge_vocab.pipeline import LATENCY_LABELS, Choice, Inputs
 from specforge_vocab.specforge.run_config import RunConfig, resolve_path
 from specforge_vocab.specforge.train_eagle3 import last_epoch_checkpoint
-from specforge_vocab.writing.mapping import build_mapping, load_mapping, mapping_fingerprint, mapping_payloads
+from specforge_vocab.writing.mapping import (
+    build_mapping,
+    kept_ids_from_d2t,
+    load_mapping,
+    mapping_fingerprint,
+    mapping_payloads,
+)
 from specforge_vocab.writing.outputs import OUTPUT_FILES
 from specforge_vocab.writing.report import full_results, render_coverage_curves, render_optimization_results
 
@@ -94,15 +101,10 @@ class Continuation:
         return f"{self.field} {self.source} ({what} {self.checkpoint}, k {self.k:,})"
 
 
-def _weights(draft) -> tuple:
-    paths = [draft.state_path] if isinstance(draft, RuntimeCheckpoint) else [draft.path(f) for f in draft.files]
-    return tuple((os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths)
-
-
 def _read(kind: str, field: str, source: str, path: str, remap: bool) -> Continuation:
     draft = open_draft(path, field=field)
     kept, _k, V = kept_ids_of(draft, field=f"{field} {source}")
-    directory = os.path.dirname(draft.state_path) if isinstance(draft, RuntimeCheckpoint) else draft.directory
+    directory = draft.directory
     return Continuation(
         kind=kind,
         field=field,
@@ -112,7 +114,7 @@ def _read(kind: str, field: str, source: str, path: str, remap: bool) -> Continu
         kept=kept,
         vocab_size=V,
         config_path=draft.config_path,
-        weights=_weights(draft),
+        weights=weight_file_identity(draft),
         remap=remap,
     )
 
@@ -190,7 +192,7 @@ def configured_mapping_equals(run: RunConfig, continuation: Continuation) -> Opt
     d2t, t2d = load_mapping(path)
     if d2t.dtype.is_floating_point or t2d.shape[0] != continuation.vocab_size:
         return False
-    kept = np.arange(d2t.shape[0], dtype=np.int64) + d2t.numpy().astype(np.int64)
+    kept = kept_ids_from_d2t(d2t)
     return bool(kept.size == continuation.k and np.array_equal(kept, continuation.kept))
 
 

@@ -342,11 +342,7 @@ def _target_argmax_options(run: RunConfig, count_source: str, device: str, *, co
             f"{config_path} trains from data.{run.data_source}. Use data.hidden_states_path, or drop the flag."
         )
     local = resolve_path(run.target_model_path, cwd=cwd)
-    lm_head_key = run.raw["model"].get("lm_head_key") or CountSettings.lm_head_key
-    if not isinstance(lm_head_key, str):
-        raise InputError(
-            f"{where(config_path, field='model.lm_head_key')} must be a tensor name, but got {lm_head_key!r}."
-        )
+    lm_head_key = run.lm_head_key or CountSettings.lm_head_key  # a type: checked when the run config was read
     return dict(
         count_source=count_source,
         target_model_path=local if os.path.exists(local) else run.target_model_path,

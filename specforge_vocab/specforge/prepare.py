@@ -430,7 +430,7 @@ def _remap(plan: Plan, mapping: str) -> RemapResult:
         cont.kept,
         kept_ids_from_d2t(d2t),
         output=plan.output_dir.rstrip("/\\") + WARM_START_SUFFIX,
-        config=dict(plan.draft_config_dict(), draft_vocab_size=cont.k),
+        config=plan.draft_config_dict(),
         config_text=text,
         vocab_size=cont.vocab_size,
         target_model_path=resolve_path(target, cwd=plan.cwd),

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
+from specforge_vocab.counting.target_head import DEFAULT_LM_HEAD_KEY
 from specforge_vocab.errors import InputError, short, where
 
 logger = logging.getLogger(__name__)
@@ -31,9 +32,6 @@ DEFAULT_CHAT_TEMPLATE = "llama3"
 
 
 DEFAULT_CACHE_DIR = "./cache"
-
-
-DEFAULT_LM_HEAD_KEY = "lm_head.weight"
 
 
 DATA_SOURCES = ("train_data_path", "prompts_path", "hidden_states_path")
